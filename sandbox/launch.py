@@ -1,0 +1,342 @@
+"""Start and stop the processes of a local pipeline: Redis, the sandbox and Celery workers.
+
+Shared by the demo, the test fixtures and the benchmark. Every process gets its own
+process group, so stopping one also reaches its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import redis
+
+from sandbox.callbacks import is_local_url
+from sandbox.control import SandboxControl
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_REDIS_PORT = 6379
+PROBE_TIMEOUT_S = 0.5
+REDIS_START_TIMEOUT_S = 10.0
+SANDBOX_START_TIMEOUT_S = 15.0
+WORKER_START_TIMEOUT_S = 60.0
+INSPECT_INTERVAL_S = 3.0
+INSPECT_TIMEOUT_S = 10.0
+POLL_S = 0.1
+STOP_TIMEOUT_S = 10.0
+KILL_WAIT_S = 5.0
+LOG_TAIL_CHARS = 2000
+WORKER_READY_MARK = " ready."
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_Check = Callable[[], bool]
+
+
+class LaunchError(RuntimeError):
+    """A process could not be started or did not become ready."""
+
+
+@dataclass
+class ManagedProcess:
+    """A started process and how to reach and stop it.
+
+    :param popen: the process (leader of its own process group).
+    :param url: the base URL it serves, for the sandbox.
+    :param name: the Celery node name, for a worker.
+    :param log_path: the file its stdout and stderr go to.
+    """
+
+    popen: subprocess.Popen[bytes]
+    url: str | None = None
+    name: str | None = None
+    log_path: Path | None = None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM the leader (a Celery warm shutdown), then SIGKILL the group after ``timeout``.
+
+        The pool children of a Celery worker die at once on SIGTERM, so the TERM goes to the
+        leader only, which then stops them after the running tasks end.
+
+        :param timeout: seconds to wait for a clean exit.
+        :returns: the exit status.
+        """
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group (like ``kill -9``) and reap the leader.
+
+        :returns: the exit status.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        try:
+            return self.popen.wait(KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        """The end of the process's log, or "" when there is none.
+
+        :param chars: how many characters to return at most.
+        """
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def redis_ping(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``.
+
+    :param url: a ``redis://`` URL.
+    """
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
+    )
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def ensure_redis(
+    url: str, timeout: float = REDIS_START_TIMEOUT_S
+) -> subprocess.Popen[bytes] | None:
+    """Make sure Redis answers at ``url``, starting a throwaway ``redis-server`` if needed.
+
+    The server started listens on 127.0.0.1 at the URL's port and keeps nothing on disk.
+
+    :param url: a ``redis://`` URL; only a local one can be started.
+    :param timeout: seconds to wait for a started server to answer.
+    :returns: the started server (the caller stops it), or None when one was running.
+    :raises LaunchError: when Redis is not installed, the URL is not local, the port is
+        taken by something else, or the server does not answer in time.
+    """
+    if redis_ping(url):
+        return None
+    port = urlsplit(url).port or DEFAULT_REDIS_PORT
+    if not is_local_url(url):
+        raise LaunchError(f"no Redis answers at {url}, and only a local one can be started")
+    if _port_open(port):
+        raise LaunchError(f"port {port} is in use, but no Redis answers PING at {url}")
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise LaunchError(
+            "redis-server is not installed: install Redis (e.g. apt-get install redis-server) "
+            "or set REDIS_URL to a running server"
+        )
+    command = [executable, "--port", str(port), "--bind", LOOPBACK]
+    command += ["--save", "", "--appendonly", "no"]
+    server = _spawn(command, os.environ, None, "remixq-redis-")
+    _await_ready(server, lambda: redis_ping(url), timeout, f"redis-server on port {port}")
+    return server.popen
+
+
+def start_sandbox(
+    port: int | None = None,
+    *,
+    args: Sequence[str] = (),
+    log_path: str | Path | None = None,
+    timeout: float = SANDBOX_START_TIMEOUT_S,
+) -> ManagedProcess:
+    """Run ``python -m sandbox`` in its own process and wait until ``/healthz`` answers.
+
+    :param port: the port to listen on; a free one when None.
+    :param args: further command-line options, e.g. ``["--fault", "429=0.1"]``.
+    :param log_path: where its output goes; a temporary file when None.
+    :param timeout: seconds to wait for it to answer.
+    :raises LaunchError: when it exits or does not answer in time (with its log's end).
+    """
+    if port is not None and _port_open(port):
+        raise LaunchError(f"port {port} is already in use; stop what listens there or pick another")
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "sandbox", "--port", str(port), *args]
+    process = _spawn(command, os.environ, log_path, "remixq-sandbox-")
+    process.url = f"http://{LOOPBACK}:{port}"
+    control = SandboxControl(process.url)
+    try:
+        _await_ready(process, control.is_ready, timeout, "sandbox")
+    finally:
+        control.close()
+    return process
+
+
+def start_worker(
+    env: Mapping[str, str],
+    *,
+    concurrency: int = 2,
+    pool: str | None = None,
+    queues: Sequence[str] | None = None,
+    hostname: str | None = None,
+    log_path: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = WORKER_START_TIMEOUT_S,
+) -> ManagedProcess:
+    """Run a Celery worker of ``worker.app`` in its own process group and wait until it is ready.
+
+    :param env: variables added to this process's environment (``REDIS_URL``, ...).
+    :param concurrency: the pool size (``-c``).
+    :param pool: the pool implementation (``-P``), e.g. ``prefork`` or ``threads``.
+    :param queues: the queues to consume (``-Q``); every queue when None.
+    :param hostname: the node name (``-n``); a unique ``remixq-<hex>@%h`` when None.
+    :param log_path: where its output goes; a temporary file when None.
+    :param extra_args: further worker options.
+    :param timeout: seconds to wait for the worker to be ready.
+    :raises LaunchError: when it exits or is not ready in time (with its log's end).
+    """
+    name = hostname or f"remixq-{uuid.uuid4().hex[:8]}@%h"
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
+    command += ["--loglevel", "INFO", "-c", str(concurrency), "-n", name]
+    command += ["-P", pool] if pool else []
+    command += ["-Q", ",".join(queues)] if queues else []
+    command += list(extra_args)
+    full_env = {**os.environ, **env}
+    log_offset = _size(log_path)
+    process = _spawn(command, full_env, log_path, "remixq-worker-")
+    process.name = name.replace("%h", socket.gethostname())
+    ready = _WorkerReadiness(process, log_offset, full_env)
+    _await_ready(process, ready.check, timeout, f"worker {process.name}")
+    return process
+
+
+class _WorkerReadiness:
+    """Whether a worker is ready: its log says so, or ``celery inspect ping`` reaches it."""
+
+    def __init__(self, process: ManagedProcess, log_offset: int, env: Mapping[str, str]) -> None:
+        self._process = process
+        self._log_offset = log_offset
+        self._env = dict(env)
+        self._next_inspect = time.monotonic() + INSPECT_INTERVAL_S
+
+    def check(self) -> bool:
+        """One look at the log, and now and then one ``inspect ping``."""
+        if self._log_says_ready():
+            return True
+        if time.monotonic() < self._next_inspect:
+            return False
+        self._next_inspect = time.monotonic() + INSPECT_INTERVAL_S
+        return self._inspect_ping()
+
+    def _log_says_ready(self) -> bool:
+        path = self._process.log_path
+        if path is None or not path.exists():
+            return False
+        with path.open("rb") as log:
+            log.seek(self._log_offset)
+            return WORKER_READY_MARK.encode() in log.read()
+
+    def _inspect_ping(self) -> bool:
+        command = [sys.executable, "-m", "celery", "-A", "worker.app", "inspect", "ping"]
+        command += ["-d", self._process.name or "", "--timeout", "1"]
+        try:
+            result = subprocess.run(
+                command,
+                cwd=_working_dir(),
+                env=self._env,
+                capture_output=True,
+                timeout=INSPECT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return result.returncode == 0
+
+
+def _working_dir() -> Path:
+    """The repository root when this file sits in one, else the current directory."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
+
+
+def _spawn(
+    command: list[str], env: Mapping[str, str], log_path: str | Path | None, prefix: str
+) -> ManagedProcess:
+    """Start ``command`` in a new process group with its output appended to a log file."""
+    path = Path(log_path) if log_path is not None else _temporary_log(prefix)
+    with path.open("ab") as log:
+        popen = subprocess.Popen(
+            command,
+            cwd=_working_dir(),
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return ManagedProcess(popen, log_path=path)
+
+
+def _size(path: str | Path | None) -> int:
+    """The size of the file at ``path`` in bytes; 0 when there is none."""
+    return Path(path).stat().st_size if path is not None and Path(path).exists() else 0
+
+
+def _temporary_log(prefix: str) -> Path:
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
+def _await_ready(process: ManagedProcess, ready: _Check, timeout: float, what: str) -> None:
+    """Wait until ``ready()``; kill the process and raise with its log when it exits or is late."""
+    if _wait_for(lambda: ready() or process.popen.poll() is not None, timeout) and (
+        process.popen.poll() is None
+    ):
+        return
+    status = process.popen.poll()
+    process.kill()
+    reason = f"exited with status {status}" if status is not None else f"not ready in {timeout:g} s"
+    raise LaunchError(f"{what} {reason}; log {process.log_path}:\n{process.log_tail()}")
+
+
+def _wait_for(condition: _Check, timeout: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT_S)
+        return probe.connect_ex((LOOPBACK, port)) == 0

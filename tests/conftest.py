@@ -1,0 +1,181 @@
+"""Fixtures for the integration tests: real Redis, real workers, the sandbox over HTTP.
+
+A session-wide sandbox and a pair of worker processes (``celery -A worker.app
+worker`` subprocesses with fast poll/retry settings) serve most tests; tests
+that need other settings, or that kill workers, start their own with
+``start_workers``. Jobs of different tests never collide: every test uses its
+own prompts, and the sandbox counts createTask requests per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sandbox.control import SandboxControl
+from sandbox.launch import ManagedProcess, redis_ping, start_sandbox, start_worker
+
+TEST_REDIS_URL = os.environ.get("REMIXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+#: A distinctive key, so that a leak into a log line or a Redis value is found.
+SECRET_API_KEY = f"sk-test-SECRET-{uuid.uuid4().hex}"
+SANDBOX_GENERATION_S = 1.0
+FAST_SETTINGS = {
+    "REMIX_POLL_INITIAL_S": "0.3",
+    "REMIX_POLL_MAX_S": "1",
+    "REMIX_RETRY_BASE_S": "0.05",
+    "REMIX_RETRY_MAX_S": "0.5",
+    "REMIX_MAX_RETRIES": "8",
+    "REMIX_DEADLINE_S": "120",
+}
+SANDBOX_DEFAULTS: dict[str, Any] = {
+    "api_key": SECRET_API_KEY,
+    "faults": {},
+    "fault_style": "http",
+    "fault_endpoints": ["createTask", "recordInfo"],
+    "reset_rate": 0.0,
+    "html_rate": 0.0,
+    "slow_rate": 0.0,
+    "rate_limit": None,
+    "credits": None,
+    "maintenance": False,
+    "generation_seconds": SANDBOX_GENERATION_S,
+}
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    if not redis_ping(TEST_REDIS_URL):
+        pytest.fail(f"integration tests need Redis at {TEST_REDIS_URL} (see README)")
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox(log_dir: Path) -> Iterator[ManagedProcess]:
+    process = start_sandbox(
+        args=["--api-key", SECRET_API_KEY, "--generation-seconds", str(SANDBOX_GENERATION_S)],
+        log_path=log_dir / "sandbox.log",
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def control(sandbox: ManagedProcess) -> Iterator[SandboxControl]:
+    """The sandbox's control endpoint; its faults are reset after each test."""
+    ctl = SandboxControl(sandbox.url)
+    ctl.configure(**SANDBOX_DEFAULTS)
+    yield ctl
+    ctl.configure(**SANDBOX_DEFAULTS)
+
+
+def worker_env(sandbox_url: str, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=TEST_REDIS_URL,
+        RESULT_BACKEND_URL=TEST_REDIS_URL,
+        KIE_API_KEY=SECRET_API_KEY,
+        KIE_BASE_URL=sandbox_url,
+        **FAST_SETTINGS,
+    )
+    env.pop("KIE_CALLBACK_URL", None)
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def producer_env(redis_client: redis.Redis) -> Iterator[None]:
+    """Point this process (the producer side) at the test Redis."""
+    from worker.settings import get_settings
+
+    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "RESULT_BACKEND_URL")}
+    os.environ["REDIS_URL"] = os.environ["RESULT_BACKEND_URL"] = TEST_REDIS_URL
+    get_settings.cache_clear()
+    from worker.app import app
+
+    app.conf.broker_url = app.conf.result_backend = TEST_REDIS_URL
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+StartWorkers = Callable[..., list[ManagedProcess]]
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    request: pytest.FixtureRequest, sandbox: ManagedProcess, log_dir: Path
+) -> Iterator[list[ManagedProcess]]:
+    """Worker processes for one test module.
+
+    A module sets ``WORKER_SETTINGS`` (env overrides) and ``WORKER_COUNT`` to
+    change them; workers of different modules never run at the same time.
+    """
+    overrides = getattr(request.module, "WORKER_SETTINGS", {})
+    count = getattr(request.module, "WORKER_COUNT", 2)
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    workers: list[ManagedProcess] = []
+    try:
+        for i in range(count):
+            name = f"{module}-{i}-{uuid.uuid4().hex[:6]}"
+            workers.append(
+                start_worker(
+                    worker_env(sandbox.url, **overrides),
+                    concurrency=2,
+                    hostname=f"{name}@%h",
+                    log_path=log_dir / f"{name}.log",
+                )
+            )
+        yield workers
+    finally:
+        for process in workers:
+            process.stop()
+
+
+@pytest.fixture
+def start_workers(sandbox: ManagedProcess, log_dir: Path) -> Iterator[StartWorkers]:
+    """Start extra worker processes with other settings; stopped after the test."""
+    started: list[ManagedProcess] = []
+
+    def start(count: int = 1, concurrency: int = 2, **overrides: str) -> list[ManagedProcess]:
+        for _ in range(count):
+            name = f"extra-{uuid.uuid4().hex[:8]}"
+            started.append(
+                start_worker(
+                    worker_env(sandbox.url, **overrides),
+                    concurrency=concurrency,
+                    hostname=f"{name}@%h",
+                    log_path=log_dir / f"{name}.log",
+                )
+            )
+        return started[-count:]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def unique_prompt(label: str) -> str:
+    return f"{label} {uuid.uuid4().hex[:10]}"
+
+
+REMIX_INPUT = {
+    "image_url": "https://example.test/base.png",
+    "reference_image_urls": ["https://example.test/ref.png"],
+}

@@ -1,0 +1,235 @@
+"""The pipeline end to end: real Redis, real celery workers, the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import redis
+import requests
+from celery.result import AsyncResult
+from PIL import Image
+
+from producers import enqueue_remix, get_job, wait_for_job
+from sandbox.control import SandboxControl
+from sandbox.launch import ManagedProcess
+from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt
+from tests.helpers import accepted, create_requests, wait_until
+from worker.app import app
+from worker.errors import JobFailed
+from worker.models import JobState
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
+JOB_TIMEOUT_S = 60
+
+
+def _enqueue(prompt: str, **fields: object) -> str:
+    return enqueue_remix(prompt=prompt, **REMIX_INPUT, **fields)  # type: ignore[arg-type]
+
+
+def test_happy_path_produces_images_and_celery_result(control: SandboxControl) -> None:
+    prompt = unique_prompt("happy")
+    job_id = _enqueue(prompt, num_images=2, strength=0.5)
+    assert get_job(job_id) is not None
+
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.SUCCEEDED
+    assert record.upstream_task_id and record.fail_code is None
+    assert record.submit_attempts == 1 and record.polls >= 1
+    assert record.created_at <= record.submitted_at <= record.finished_at  # type: ignore[operator]
+    assert len(record.result_urls) == 2
+    for url in record.result_urls:
+        image = Image.open(io.BytesIO(requests.get(url, timeout=5).content))
+        assert image.format == "PNG" and image.width > 0
+    assert accepted(control, prompt) == 1
+    result = AsyncResult(job_id, app=app).get(timeout=5)
+    assert result == record.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("code", [429, 455, 500])
+@pytest.mark.parametrize("style", ["http", "body"])
+def test_retryable_codes_are_retried_to_success(
+    control: SandboxControl, code: int, style: str
+) -> None:
+    control.configure(faults={code: 1.0}, fault_style=style, fault_endpoints=["createTask"])
+    prompt = unique_prompt(f"retry-{code}-{style}")
+    job_id = _enqueue(prompt)
+    wait_until(lambda: create_requests(control, prompt) >= 3, timeout=20)
+    control.configure(faults={})
+
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.SUCCEEDED
+    assert record.submit_attempts == create_requests(control, prompt) >= 4
+    assert accepted(control, prompt) == 1
+
+
+def test_connection_resets_are_retried_to_success(control: SandboxControl) -> None:
+    control.configure(reset_rate=1.0, fault_endpoints=["createTask"])
+    prompt = unique_prompt("reset")
+    job_id = _enqueue(prompt)
+    wait_until(lambda: create_requests(control, prompt) >= 2, timeout=20)
+    control.configure(reset_rate=0.0)
+
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.SUCCEEDED
+    assert record.submit_attempts >= 3
+    assert accepted(control, prompt) == 1
+
+
+def test_html_proxy_pages_are_retried(control: SandboxControl) -> None:
+    control.configure(html_rate=1.0, fault_endpoints=["createTask"])
+    prompt = unique_prompt("html")
+    job_id = _enqueue(prompt)
+    wait_until(lambda: create_requests(control, prompt) >= 2, timeout=20)
+    control.configure(html_rate=0.0)
+    assert wait_for_job(job_id, timeout=JOB_TIMEOUT_S).state is JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("code", [402, 404, 422, 501, 505])
+def test_permanent_codes_fail_after_exactly_one_request(control: SandboxControl, code: int) -> None:
+    prompt = unique_prompt(f"[sandbox:create={code}]")
+    job_id = _enqueue(prompt)
+
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.FAILED
+    assert record.fail_code == str(code)
+    assert record.submit_attempts == 1
+    assert create_requests(control, prompt) == 1
+    assert accepted(control, prompt) == 0
+    with pytest.raises(JobFailed, match=str(code)):
+        AsyncResult(job_id, app=app).get(timeout=5)
+
+
+def test_wrong_key_fails_with_401_after_one_request(control: SandboxControl) -> None:
+    control.configure(api_key="sk-some-other-key")
+    prompt = unique_prompt("unauthorized")
+    record = wait_for_job(_enqueue(prompt), timeout=JOB_TIMEOUT_S)
+    assert (record.state, record.fail_code) == (JobState.FAILED, "401")
+    assert create_requests(control, prompt) == 1
+
+
+def test_upstream_generation_failure_is_reported(control: SandboxControl) -> None:
+    prompt = unique_prompt("[sandbox:fail]")
+    record = wait_for_job(_enqueue(prompt), timeout=JOB_TIMEOUT_S)
+    assert record.state is JobState.FAILED
+    assert record.fail_code == "501" and record.fail_msg
+    assert record.upstream_task_id and record.polls >= 1
+    assert accepted(control, prompt) == 1
+
+
+def test_transient_record_info_errors_do_not_fail_the_job(control: SandboxControl) -> None:
+    control.configure(faults={500: 1.0}, fault_endpoints=["recordInfo"])
+    prompt = unique_prompt("poll-errors")
+    job_id = _enqueue(prompt)
+    wait_until(lambda: (get_job(job_id) or get_job(job_id)).polls >= 3, timeout=30)  # type: ignore[union-attr]
+    assert get_job(job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
+    control.configure(faults={})
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+    assert record.state is JobState.SUCCEEDED
+    assert record.polls >= 4
+
+
+def test_same_idempotency_key_returns_same_job(
+    control: SandboxControl, redis_client: redis.Redis
+) -> None:
+    prompt = unique_prompt("idempotent")
+    key = f"order-{prompt}"
+    first = _enqueue(prompt, idempotency_key=key)
+    second = _enqueue(prompt, idempotency_key=key)
+    assert first == second
+    assert wait_for_job(first, timeout=JOB_TIMEOUT_S).state is JobState.SUCCEEDED
+    assert _enqueue(prompt, idempotency_key=key) == first
+    assert create_requests(control, prompt) == 1
+
+
+def test_foreign_producer_sends_remix_submit_by_name(control: SandboxControl) -> None:
+    prompt = unique_prompt("foreign")
+    request = {"prompt": prompt, **REMIX_INPUT, "num_images": 1}
+    sent = app.send_task("remix.submit", kwargs={"request": request}, queue="submit")
+
+    record = wait_until(lambda: get_job(sent.id), timeout=10)
+    record = wait_for_job(record.job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.job_id == sent.id and record.state is JobState.SUCCEEDED
+    assert accepted(control, prompt) == 1
+
+
+def test_foreign_producer_invalid_request_fails_without_upstream_call(
+    control: SandboxControl,
+) -> None:
+    prompt = unique_prompt("foreign-bad")
+    request = {"prompt": prompt, **REMIX_INPUT, "strength": 0.35}
+    sent = app.send_task("remix.submit", kwargs={"request": request, "job_id": f"j-{prompt[-10:]}"})
+
+    record = wait_for_job(wait_until(lambda: get_job(f"j-{prompt[-10:]}"), 10).job_id, timeout=20)
+
+    assert sent.id
+    assert record.state is JobState.FAILED and record.fail_code == "invalid_request"
+    assert "strength" in (record.fail_msg or "")
+    assert create_requests(control, prompt) == 0
+
+
+def test_bad_input_enqueues_nothing(redis_client: redis.Redis) -> None:
+    before_jobs = len(list(redis_client.scan_iter("remixq:job:*")))
+    before_queue = redis_client.llen("submit")
+    with pytest.raises(ValueError, match="image_url"):
+        enqueue_remix(prompt="x", image_url="nope", reference_image_urls=["https://e.test/r"])
+    assert len(list(redis_client.scan_iter("remixq:job:*"))) == before_jobs
+    assert redis_client.llen("submit") == before_queue
+
+
+def _dump_value(client: redis.Redis, key: bytes) -> bytes:
+    readers = {
+        b"string": client.get,
+        b"hash": client.hgetall,
+        b"list": lambda k: client.lrange(k, 0, -1),
+        b"set": client.smembers,
+        b"zset": lambda k: client.zrange(k, 0, -1),
+    }
+    reader = readers.get(client.type(key))
+    return repr(reader(key)).encode() if reader else b""
+
+
+def test_api_key_never_stored_in_redis_or_logged(
+    control: SandboxControl,
+    redis_client: redis.Redis,
+    fleet: list[ManagedProcess],
+) -> None:
+    control.configure(faults={429: 1.0}, fault_endpoints=["createTask"])
+    prompt = unique_prompt("secret-check")
+    job_id = _enqueue(prompt)
+    wait_until(lambda: create_requests(control, prompt) >= 2, timeout=20)
+    control.configure(faults={})
+    wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    secret = SECRET_API_KEY.encode()
+    for key in redis_client.scan_iter("*"):
+        value = _dump_value(redis_client, key)
+        assert secret not in value and secret not in key, key
+    for worker in fleet:
+        assert worker.log_path is not None
+        log = worker.log_path.read_bytes()
+        assert b"remix.submit" in log  # the log is really the worker's
+        assert secret not in log
+
+
+def test_watchdog_resends_a_job_whose_message_was_lost(control: SandboxControl) -> None:
+    """A submit message lost by the broker (taken, then the worker died) is re-sent."""
+    from worker.jobstore import REQUEST_FIELD
+    from worker.runtime import job_store
+
+    prompt = unique_prompt("lost-message")
+    store = job_store()
+    job_id, created = store.create(f"lost-{prompt[-10:]}")
+    assert created
+    store.set_internal(job_id, REQUEST_FIELD, {"prompt": prompt, **REMIX_INPUT})
+    store.expect_progress(job_id, -1)  # overdue, and no message exists for it
+
+    record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.SUCCEEDED
+    assert accepted(control, prompt) == 1

@@ -1,0 +1,49 @@
+"""Deadlines and retry budgets, with workers whose limits are short."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from producers import enqueue_remix, wait_for_job
+from sandbox.control import SandboxControl
+from tests.conftest import REMIX_INPUT, unique_prompt
+from tests.helpers import accepted, create_requests
+from worker.models import JobState
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
+WORKER_COUNT = 1
+DEADLINE_S = 3
+MAX_RETRIES = 2
+WORKER_SETTINGS = {"REMIX_DEADLINE_S": str(DEADLINE_S), "REMIX_MAX_RETRIES": str(MAX_RETRIES)}
+
+
+def test_job_unfinished_upstream_past_deadline_fails_with_timeout(
+    control: SandboxControl,
+) -> None:
+    prompt = unique_prompt("[sandbox:seconds=60] slow")
+    job_id = enqueue_remix(prompt=prompt, **REMIX_INPUT)  # type: ignore[arg-type]
+
+    record = wait_for_job(job_id, timeout=30)
+
+    assert record.state is JobState.FAILED and record.fail_code == "timeout"
+    assert record.finished_at is not None and record.submitted_at is not None
+    elapsed = record.finished_at - record.submitted_at
+    assert DEADLINE_S <= elapsed < DEADLINE_S + 3
+    assert accepted(control, prompt) == 1
+
+
+@pytest.mark.parametrize("code", [429, 500])
+def test_retries_run_out_and_the_job_fails_with_the_last_code(
+    control: SandboxControl, code: int
+) -> None:
+    control.configure(faults={code: 1.0}, fault_endpoints=["createTask"])
+    prompt = unique_prompt(f"exhaust-{code}")
+    started = time.monotonic()
+
+    record = wait_for_job(enqueue_remix(prompt=prompt, **REMIX_INPUT), timeout=30)  # type: ignore[arg-type]
+
+    assert record.state is JobState.FAILED and record.fail_code == str(code)
+    assert record.submit_attempts == MAX_RETRIES + 1 == create_requests(control, prompt)
+    assert time.monotonic() - started < 20

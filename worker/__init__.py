@@ -1,0 +1,1 @@
+"""remixq worker: Celery app, settings, upstream clients, tasks, job store."""

@@ -1,0 +1,158 @@
+"""The request a producer sends and the job record everyone reads.
+
+``RemixRequest`` enforces every constraint of the kie.ai ``character-remix``
+input, so a bad request is refused before anything is enqueued (producers) and
+again before anything is sent upstream (the worker, for producers that speak
+the Celery protocol directly).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+)
+
+PROVIDER = "kie"
+MAX_PROMPT_CHARS = 5000
+MAX_NEGATIVE_PROMPT_CHARS = 500
+STRENGTH_STEP = 0.1
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+        raise ValueError("must be an http(s) URL")
+    return value
+
+
+def _num_images(value: Any) -> Any:
+    # The upstream enum is a string ("1".."4"); an int is accepted and converted.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _strength_step(value: float) -> float:
+    tenths = value / STRENGTH_STEP
+    if not math.isclose(tenths, round(tenths), abs_tol=1e-9):
+        raise ValueError("must be a multiple of 0.1")
+    return round(value, 1)
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+class RemixRequest(BaseModel):
+    """The ``input`` object of a createTask call for ``ideogram/character-remix``."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    image_url: HttpUrl
+    reference_image_urls: list[HttpUrl] = Field(min_length=1)
+    rendering_speed: Literal["TURBO", "BALANCED", "QUALITY"] | None = None
+    style: Literal["AUTO", "REALISTIC", "FICTION"] | None = None
+    expand_prompt: StrictBool | None = None
+    image_size: (
+        Literal[
+            "square",
+            "square_hd",
+            "portrait_4_3",
+            "portrait_16_9",
+            "landscape_4_3",
+            "landscape_16_9",
+        ]
+        | None
+    ) = None
+    num_images: Annotated[Literal["1", "2", "3", "4"], BeforeValidator(_num_images)] | None = None
+    seed: StrictInt | None = None
+    strength: Annotated[float, Field(ge=0.1, le=1.0), AfterValidator(_strength_step)] | None = None
+    negative_prompt: str | None = Field(None, max_length=MAX_NEGATIVE_PROMPT_CHARS)
+    image_urls: list[HttpUrl] | None = None
+    reference_mask_urls: str | None = None
+
+    def upstream_input(self) -> dict[str, Any]:
+        """The createTask ``input``: only the fields that were given."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class InvalidRequestError(ValueError):
+    """A request that breaks a documented constraint; ``str()`` is one line."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        self.errors = errors or []
+        super().__init__(message)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad field: ``strength: must be a multiple of 0.1; ...``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "request"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "is not a known input field"
+        parts.append(f"{where}: {message}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def validate_request(data: Any) -> RemixRequest:
+    """Validate a request dict, raising :class:`InvalidRequestError` (a ``ValueError``)."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError("invalid request: expected a JSON object of input fields")
+    try:
+        return RemixRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            describe_validation_error(exc), list(map(dict, exc.errors()))
+        ) from None
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobRecord(BaseModel):
+    """One job as producers see it (the public record of the design document)."""
+
+    job_id: str
+    state: JobState
+    provider: str = PROVIDER
+    model: str = "ideogram/character-remix"
+    upstream_task_id: str | None = None
+    result_urls: list[str] = Field(default_factory=list)
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    submit_attempts: int = 0
+    polls: int = 0
+    created_at: float
+    submitted_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
