@@ -32,6 +32,9 @@ FAST_SETTINGS = {
     "REMIX_RETRY_MAX_S": "0.5",
     "REMIX_MAX_RETRIES": "8",
     "REMIX_DEADLINE_S": "120",
+    "REMIX_PAUSE_PROBE_S": "1",
+    # Tests of other behaviour should not wait for the key's budget.
+    "KIE_RATE_LIMIT": "1000/1s",
 }
 SANDBOX_DEFAULTS: dict[str, Any] = {
     "api_key": SECRET_API_KEY,

@@ -81,3 +81,6 @@ def _require_api_key(**_: Any) -> None:
     """A worker without an upstream key could only fail jobs: refuse to start."""
     if get_settings().kie_api_key is None:
         raise SystemExit("remixq worker: KIE_API_KEY is not set; refusing to start")
+    from worker.runtime import register_api_key
+
+    register_api_key()

@@ -33,6 +33,7 @@ LAST_ERROR_FIELD = "_last_error"
 TASK_SENT_FIELD = "_task_sent"
 POLL_DONE_FIELD = "_poll_done"
 REQUEST_FIELD = "_request"
+RETRIES_FIELD = "_retries"
 
 # Ranks of the states; a write may keep or raise the rank, never lower it, and
 # nothing changes once the rank is 3 (finished).

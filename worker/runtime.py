@@ -6,6 +6,7 @@ recreated if the process id changes, so no socket is shared across a fork.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 
@@ -13,7 +14,9 @@ import redis
 
 from worker.jobstore import JobStore
 from worker.kie import KieClient
-from worker.settings import get_settings
+from worker.pause import FleetPause
+from worker.ratelimit import SharedRateLimiter
+from worker.settings import get_settings, parse_rate_limit
 
 
 @lru_cache(maxsize=4)
@@ -50,3 +53,68 @@ def job_store() -> JobStore:
 
 def kie_client() -> KieClient:
     return _kie_client(os.getpid())
+
+
+#: The ids of the API keys workers use, with their budgets, so operators can
+#: address them without holding the secret.
+KNOWN_KEYS_KEY = "remixq:keys"
+
+
+def register_api_key() -> None:
+    """Make this worker's key known to ``remixq status``/``pause``/``resume``."""
+    broker_redis().hset(KNOWN_KEYS_KEY, api_key_id(), get_settings().kie_rate_limit)
+
+
+def known_api_keys() -> dict[str, str]:
+    """Key id -> its ``KIE_RATE_LIMIT``, for every key a worker registered (and our own)."""
+    keys = {_text(k): _text(v) for k, v in broker_redis().hgetall(KNOWN_KEYS_KEY).items()}
+    if get_settings().kie_api_key is not None:
+        keys.setdefault(api_key_id(), get_settings().kie_rate_limit)
+    return keys
+
+
+def limiter_for(key_id: str, rate_limit: str | None = None) -> SharedRateLimiter:
+    limit, window = parse_rate_limit(rate_limit or get_settings().kie_rate_limit)
+    return SharedRateLimiter(broker_redis(), key_id, limit, window)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pause_for(key_id: str) -> FleetPause:
+    return FleetPause(broker_redis(), key_id, get_settings().remix_pause_probe_s)
+
+
+def api_key_id() -> str:
+    """A short, non-secret name for the configured API key (shared state is per key)."""
+    key = get_settings().kie_api_key
+    raw = key.get_secret_value() if key else ""
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=4)
+def _broker_redis(pid: int) -> redis.Redis:
+    return redis.Redis.from_url(get_settings().redis_url)
+
+
+@lru_cache(maxsize=4)
+def _rate_limiter(pid: int) -> SharedRateLimiter:
+    return limiter_for(api_key_id())
+
+
+@lru_cache(maxsize=4)
+def _fleet_pause(pid: int) -> FleetPause:
+    return pause_for(api_key_id())
+
+
+def broker_redis() -> redis.Redis:
+    return _broker_redis(os.getpid())
+
+
+def rate_limiter() -> SharedRateLimiter:
+    return _rate_limiter(os.getpid())
+
+
+def fleet_pause() -> FleetPause:
+    return _fleet_pause(os.getpid())

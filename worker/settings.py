@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     remix_retry_max_s: float = Field(30.0, gt=0)
     remix_max_retries: int = Field(8, ge=0)
     remix_submit_deadline_s: float = Field(86400.0, gt=0)
+    remix_pause_probe_s: float = Field(5.0, gt=0)
     remix_job_ttl_s: int = Field(7 * 86400, gt=0)
 
     ideogram_base_url: str | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -32,13 +33,17 @@ from celery.utils.log import get_task_logger
 from worker.app import SUBMIT_QUEUE, app
 from worker.backoff import full_jitter, poll_delay
 from worker.errors import (
+    InsufficientCreditsError,
     JobFailed,
+    MaintenanceError,
     PermanentUpstreamError,
+    RateLimitedError,
     RetryableUpstreamError,
     UpstreamError,
     redact,
 )
-from worker.jobstore import LAST_ERROR_FIELD, REQUEST_FIELD
+from worker.gates import Defer, budget_gate, hold_after_rate_limited, pause_gate, trip_pause
+from worker.jobstore import KEY_PREFIX, LAST_ERROR_FIELD, REQUEST_FIELD, RETRIES_FIELD
 from worker.kie import TaskInfo
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
 from worker.runtime import job_store, kie_client
@@ -53,6 +58,8 @@ logger = get_task_logger(__name__)
 POLL_HOP_LEASE_S = 60
 #: Wait after a Redis error before the task tries again.
 STORE_RETRY_DELAY_S = 5.0
+POLL_LATENESS_KEY = KEY_PREFIX + "stats:poll_lateness"
+POLL_LATENESS_SAMPLES = 10_000
 #: Upstream states that map onto job states while the job is still pending.
 PENDING_JOB_STATES = {
     "waiting": JobState.SUBMITTED,
@@ -133,11 +140,14 @@ def schedule_poll(job_id: str, hop: int, countdown: float) -> None:
     autoretry_for=(redis.ConnectionError, redis.TimeoutError),
     default_retry_delay=STORE_RETRY_DELAY_S,
 )
-def remix_submit(self: Task, request: dict[str, Any], job_id: str | None = None) -> None:
+def remix_submit(
+    self: Task, request: dict[str, Any], job_id: str | None = None, slot: float | None = None
+) -> None:
     """Submit one job upstream. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may
-    send ``remix.submit`` with only ``request``.
+    send ``remix.submit`` with only ``request``. ``slot`` is internal: the
+    moment the shared budget reserved for this send.
     """
     job_id = job_id or self.request.id
     store = job_store()
@@ -150,18 +160,19 @@ def remix_submit(self: Task, request: dict[str, Any], job_id: str | None = None)
         fail_job(job_id, "invalid_request", str(exc))
         return
     try:
-        delay = _submit_once(job_id, remix_request)
+        defer = _submit_once(job_id, remix_request, slot)
     except (redis.ConnectionError, redis.TimeoutError):
         raise
     except Exception as exc:
         _fail_on_bug(job_id, exc)
         raise
-    if delay is not None:
-        raise self.retry(countdown=delay)
+    if defer is not None:
+        kwargs = {"request": request, "job_id": job_id, "slot": defer.slot}
+        raise self.retry(countdown=min(defer.countdown, MAX_COUNTDOWN_S), kwargs=kwargs)
 
 
-def _submit_once(job_id: str, request: RemixRequest) -> float | None:
-    """One pass of the submit policy; returns a countdown when it must run again."""
+def _submit_once(job_id: str, request: RemixRequest, slot: float | None) -> Defer | None:
+    """One pass of the submit policy; returns a deferral when it must run again."""
     settings = get_settings()
     store = job_store()
     record = store.get(job_id)
@@ -173,28 +184,40 @@ def _submit_once(job_id: str, request: RemixRequest) -> float | None:
         schedule_poll(job_id, 1, settings.remix_poll_initial_s)
         return None
     if time.time() - record.created_at > settings.remix_submit_deadline_s:
-        last = store.get_internal(job_id, LAST_ERROR_FIELD) or {}
-        fail_job(
-            job_id,
-            last.get("code", "submit_timeout"),
-            f"not accepted upstream within {settings.remix_submit_deadline_s:g}s"
-            + (f"; last error: {last['msg']}" if last.get("msg") else ""),
-        )
+        _fail_past_submit_deadline(job_id, settings)
         return None
+    held = pause_gate(job_id)
+    if held is not None:
+        return held
     lease_s = math.ceil(settings.kie_connect_timeout_s + settings.kie_read_timeout_s + 10)
     if not store.claim_submit(job_id, lease_s):
-        return float(max(1, store.submit_claim_ttl(job_id)))
+        return Defer(float(max(1, store.submit_claim_ttl(job_id))))
     try:
-        return _create_upstream_task(job_id, request, settings)
+        return budget_gate(slot) or _create_upstream_task(job_id, request, settings)
     finally:
         store.release_submit(job_id)
 
 
-def _create_upstream_task(job_id: str, request: RemixRequest, settings: Settings) -> float | None:
+def _fail_past_submit_deadline(job_id: str, settings: Settings) -> None:
+    last = job_store().get_internal(job_id, LAST_ERROR_FIELD) or {}
+    fail_job(
+        job_id,
+        last.get("code", "submit_timeout"),
+        f"not accepted upstream within {settings.remix_submit_deadline_s:g}s"
+        + (f"; last error: {last['msg']}" if last.get("msg") else ""),
+    )
+
+
+def _create_upstream_task(job_id: str, request: RemixRequest, settings: Settings) -> Defer | None:
     store = job_store()
     attempts = store.increment(job_id, "submit_attempts") or 1
     try:
         task_id = kie_client().create_task(request.upstream_input(), settings.kie_callback_url)
+    except (MaintenanceError, InsufficientCreditsError) as exc:
+        # The whole key is unusable: hold every job, spend no job's retries.
+        _remember_error(job_id, exc, settings)
+        trip_pause(exc.code, exc.message)
+        return pause_gate(job_id) or Defer(MAX_COUNTDOWN_S / 2)
     except RetryableUpstreamError as exc:
         return _after_retryable_error(job_id, exc, attempts, settings)
     except PermanentUpstreamError as exc:
@@ -206,12 +229,17 @@ def _create_upstream_task(job_id: str, request: RemixRequest, settings: Settings
     return None
 
 
-def _after_retryable_error(
-    job_id: str, exc: UpstreamError, attempts: int, settings: Settings
-) -> float | None:
+def _remember_error(job_id: str, exc: UpstreamError, settings: Settings) -> str:
     message = redact(exc.message or type(exc).__name__, _secrets(settings))
     job_store().set_internal(job_id, LAST_ERROR_FIELD, {"code": exc.fail_code, "msg": message})
-    retries_used = attempts - 1
+    return message
+
+
+def _after_retryable_error(
+    job_id: str, exc: UpstreamError, attempts: int, settings: Settings
+) -> Defer | None:
+    message = _remember_error(job_id, exc, settings)
+    retries_used = (job_store().increment(job_id, RETRIES_FIELD) or 1) - 1
     if retries_used >= settings.remix_max_retries:
         fail_job(job_id, exc.fail_code, f"{message} (gave up after {attempts} attempts)")
         return None
@@ -221,10 +249,12 @@ def _after_retryable_error(
         cap=settings.remix_retry_max_s,
         floor=exc.retry_after or 0.0,
     )
+    if isinstance(exc, RateLimitedError):
+        hold_after_rate_limited(exc.retry_after, delay)
     logger.warning(
         "job %s: createTask %s (attempt %d), retrying in %.1fs", job_id, exc, attempts, delay
     )
-    return delay
+    return Defer(delay)
 
 
 # ------------------------------------------------------------------ remix.poll
@@ -243,6 +273,7 @@ def remix_poll(self: Task, job_id: str, hop: int = 1) -> None:
         if not store.begin_poll_hop(job_id, hop, POLL_HOP_LEASE_S):
             return  # done before, or running elsewhere, or the job finished
         store.expect_progress(job_id, STALL_S)
+        _record_lateness(self.request.eta)
         _poll_once(job_id, hop)
         store.end_poll_hop(job_id, hop)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -258,6 +289,17 @@ def _fail_on_bug(job_id: str, exc: Exception) -> None:
     message = redact(f"{type(exc).__name__}: {exc}", _secrets(get_settings()))
     logger.exception("job %s: unexpected error", job_id)
     fail_job(job_id, "internal_error", message)
+
+
+def _record_lateness(eta: str | None) -> None:
+    """Keep a sample of how late polls start after their countdown (for the benchmark)."""
+    if not eta:
+        return
+    late_by = time.time() - datetime.fromisoformat(eta).timestamp()
+    pipe = job_store().redis.pipeline(transaction=False)
+    pipe.lpush(POLL_LATENESS_KEY, f"{late_by:.4f}")
+    pipe.ltrim(POLL_LATENESS_KEY, 0, POLL_LATENESS_SAMPLES - 1)
+    pipe.execute()
 
 
 def _poll_once(job_id: str, hop: int) -> None:
