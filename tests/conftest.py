@@ -156,13 +156,16 @@ def start_workers(sandbox: ManagedProcess, log_dir: Path) -> Iterator[StartWorke
     """Start extra worker processes with other settings; stopped after the test."""
     started: list[ManagedProcess] = []
 
-    def start(count: int = 1, concurrency: int = 2, **overrides: str) -> list[ManagedProcess]:
+    def start(
+        count: int = 1, concurrency: int = 2, pool: str | None = None, **overrides: str
+    ) -> list[ManagedProcess]:
         for _ in range(count):
             name = f"extra-{uuid.uuid4().hex[:8]}"
             started.append(
                 start_worker(
                     worker_env(sandbox.url, **overrides),
                     concurrency=concurrency,
+                    pool=pool,
                     hostname=f"{name}@%h",
                     log_path=log_dir / f"{name}.log",
                 )

@@ -30,9 +30,7 @@ def _enqueue_many(label: str, count: int) -> tuple[list[str], list[str]]:
 
 def _max_in_any_window(stamps: list[float], window: float) -> int:
     stamps = sorted(stamps)
-    return max(
-        sum(1 for t in stamps[i:] if t - start < window) for i, start in enumerate(stamps)
-    )
+    return max(sum(1 for t in stamps[i:] if t - start < window) for i, start in enumerate(stamps))
 
 
 def _paused_reason() -> str | None:

@@ -16,7 +16,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 WORKER_COUNT = 1
 DEADLINE_S = 3
 MAX_RETRIES = 2
-WORKER_SETTINGS = {"REMIX_DEADLINE_S": str(DEADLINE_S), "REMIX_MAX_RETRIES": str(MAX_RETRIES)}
+SUBMIT_DEADLINE_S = 4
+WORKER_SETTINGS = {
+    "REMIX_DEADLINE_S": str(DEADLINE_S),
+    "REMIX_MAX_RETRIES": str(MAX_RETRIES),
+    "REMIX_SUBMIT_DEADLINE_S": str(SUBMIT_DEADLINE_S),
+}
 
 
 def test_job_unfinished_upstream_past_deadline_fails_with_timeout(
@@ -47,3 +52,22 @@ def test_retries_run_out_and_the_job_fails_with_the_last_code(
     assert record.state is JobState.FAILED and record.fail_code == str(code)
     assert record.submit_attempts == MAX_RETRIES + 1 == create_requests(control, prompt)
     assert time.monotonic() - started < 20
+
+
+def test_job_held_by_a_pause_past_its_submit_deadline_fails_with_the_last_code(
+    control: SandboxControl,
+) -> None:
+    control.configure(credits=0)
+    prompt = unique_prompt("no-credits")
+    try:
+        record = wait_for_job(enqueue_remix(prompt=prompt, **REMIX_INPUT), timeout=30)  # type: ignore[arg-type]
+    finally:
+        from producers.fleet import resume_submissions
+
+        control.configure(credits=None)
+        resume_submissions()
+
+    assert record.state is JobState.FAILED and record.fail_code == "402"
+    assert record.finished_at is not None
+    assert SUBMIT_DEADLINE_S <= record.finished_at - record.created_at < SUBMIT_DEADLINE_S + 8
+    assert accepted(control, prompt) == 0

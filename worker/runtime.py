@@ -1,13 +1,16 @@
-"""Per-process singletons: the Redis client, the job store and the upstream client.
+"""Per-process singletons: the Redis clients, the job store and the upstream client.
 
 They are created lazily, after Celery has forked its pool processes, and
 recreated if the process id changes, so no socket is shared across a fork.
+Redis clients are thread-safe; the HTTP session is kept per thread (per
+greenlet under ``-P gevent``), so the ``threads`` and ``gevent`` pools work too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from functools import lru_cache
 
 import redis
@@ -30,8 +33,10 @@ def _job_store(pid: int) -> JobStore:
     return JobStore(_backend_redis(pid), ttl_s=settings.remix_job_ttl_s)
 
 
-@lru_cache(maxsize=4)
-def _kie_client(pid: int) -> KieClient:
+_local = threading.local()
+
+
+def _new_kie_client() -> KieClient:
     settings = get_settings()
     if settings.kie_api_key is None:
         raise RuntimeError("KIE_API_KEY is not set")
@@ -52,7 +57,12 @@ def job_store() -> JobStore:
 
 
 def kie_client() -> KieClient:
-    return _kie_client(os.getpid())
+    """One client (one HTTP session) per thread, or per greenlet under ``-P gevent``."""
+    client: KieClient | None = getattr(_local, "client", None)
+    if client is None or getattr(_local, "pid", None) != os.getpid():
+        client = _local.client = _new_kie_client()
+        _local.pid = os.getpid()
+    return client
 
 
 #: The ids of the API keys workers use, with their budgets, so operators can
