@@ -44,7 +44,7 @@ def test_workers_share_one_budget_and_get_no_429(control: SandboxControl) -> Non
     before = control.stats()
     jobs = 4 * LIMIT
 
-    prompts, job_ids = _enqueue_many("budget", jobs)
+    _, job_ids = _enqueue_many("budget", jobs)
     records = [wait_for_job(j, timeout=JOB_TIMEOUT_S) for j in job_ids]
 
     stats = control.stats()
