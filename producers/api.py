@@ -45,7 +45,7 @@ def enqueue_remix(
             **other_input_fields,
         }
     )
-    _check_idempotency_key(idempotency_key)
+    check_idempotency_key(idempotency_key)
     store = job_store()
     job_id, created = store.create(uuid.uuid4().hex, idempotency_key=idempotency_key)
     if not created and store.get_internal(job_id, TASK_SENT_FIELD):
@@ -62,7 +62,7 @@ def enqueue_remix(
     return job_id
 
 
-def _check_idempotency_key(key: str | None) -> None:
+def check_idempotency_key(key: str | None) -> None:
     if key is None:
         return
     if not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:

@@ -315,9 +315,12 @@ def _temporary_log(prefix: str) -> Path:
 
 def _await_ready(process: ManagedProcess, ready: _Check, timeout: float, what: str) -> None:
     """Wait until ``ready()``; kill the process and raise with its log when it exits or is late."""
-    if _wait_for(lambda: ready() or process.popen.poll() is not None, timeout) and (
-        process.popen.poll() is None
-    ):
+    try:
+        started = _wait_for(lambda: ready() or process.popen.poll() is not None, timeout)
+    except BaseException:  # Ctrl-C while waiting: leave nothing running
+        process.kill()
+        raise
+    if started and process.popen.poll() is None:
         return
     status = process.popen.poll()
     process.kill()

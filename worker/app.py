@@ -40,9 +40,10 @@ POLL_QUEUE = "poll"
 RESTORE_INTERVAL_S = 5
 
 
-def _configure(app: Celery) -> None:
+def celery_config() -> dict[str, Any]:
+    """The Celery configuration, built from the settings when Celery first needs it."""
     settings = get_settings()
-    app.conf.update(
+    return dict(
         broker_url=settings.redis_url,
         result_backend=settings.backend_url,
         task_serializer="json",
@@ -72,7 +73,9 @@ def _configure(app: Celery) -> None:
 
 
 app = Celery("remixq", include=["worker.tasks"])
-_configure(app)
+# Lazy, so that importing the package never fails on a bad setting: the error
+# surfaces (as one line) where the configuration is first used.
+app.add_defaults(celery_config)
 app.steps["worker"].add(WatchdogStep)
 
 

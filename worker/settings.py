@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -100,7 +100,23 @@ VISIBILITY_TIMEOUT_S = 90
 MAX_COUNTDOWN_S = VISIBILITY_TIMEOUT_S / 2
 
 
+class ConfigurationError(ValueError):
+    """A setting from the environment is invalid; ``str()`` is one line."""
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "invalid configuration: " + "; ".join(parts)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings, read once; raises :class:`ConfigurationError`."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None

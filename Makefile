@@ -1,0 +1,42 @@
+# make demo: the whole pipeline on this machine; make test: the test suite (needs Redis).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -q
+
+.PHONY: venv demo test lint bench clean distclean
+
+venv: $(STAMP)
+
+# Reinstalled whenever pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/remixq demo
+
+# pytest exits 5 when it collects no tests; that fails the target like any other error.
+test: venv
+	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
+	exit $$status
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy worker producers sandbox
+
+bench: venv
+	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench; \
+	else echo "make bench: no benchmark yet (bench/__main__.py is missing)"; fi
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

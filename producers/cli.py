@@ -1,0 +1,550 @@
+"""The ``remixq`` command: submit jobs, read their records, run the sandbox and the demo.
+
+Exit codes: 0 done; 1 a job failed (with ``--wait``) or Redis could not be reached;
+2 bad input. Every error is one line on stderr (``error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, NoReturn
+
+import click
+import kombu.exceptions
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producers.api import check_idempotency_key, enqueue_remix, get_job
+from producers.fleet import fleet_status, pause_submissions, resume_submissions
+from sandbox.cli import sandbox_command
+from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
+from worker.settings import ConfigurationError
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+DEFAULT_TIMEOUT_S = 900.0
+#: Pause between two reads of the records of the jobs being watched.
+WATCH_INTERVAL_S = 0.5
+#: Input fields that have their own option and cannot be given with ``--set``.
+OPTION_FIELDS = {
+    "prompt": "--prompt",
+    "image_url": "--image-url",
+    "reference_image_urls": "--reference-image-url",
+    "idempotency_key": "--idempotency-key",
+}
+IDEMPOTENCY_FIELD = "idempotency_key"
+#: Kombu's hash of messages delivered to a worker and not yet acknowledged.
+TIMEOUT_TYPE = click.FloatRange(min=0, min_open=True)
+
+
+class CliError(click.ClickException):
+    """An error shown as one ``error: ...`` line on stderr (exit 1).
+
+    :param message: the reason; newlines are folded into spaces.
+    """
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file or sys.stderr)
+
+
+class BadInput(CliError):
+    """Bad input, shown like :class:`CliError` (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+#: Usage errors that click answers with the help text, left as they are.
+_HELP_ERRORS: tuple[type[click.UsageError], ...] = tuple(
+    getattr(click.exceptions, name)
+    for name in ("NoArgsIsHelpError",)
+    if hasattr(click.exceptions, name)
+)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Turn click's own errors (usage errors, bad parameters) into one-line ``CliError``s."""
+    try:
+        yield
+    except CliError:
+        raise
+    except ConfigurationError as exc:
+        raise BadInput(str(exc)) from None
+    except click.UsageError as exc:
+        if isinstance(exc, _HELP_ERRORS):
+            raise
+        message = exc.format_message().rstrip(".")
+        hint = f". Try '{exc.ctx.command_path} --help'." if exc.ctx else "."
+        raise BadInput(message + hint) from None
+    except click.ClickException as exc:
+        raise CliError(exc.format_message()) from None
+
+
+class RemixqGroup(click.Group):
+    """A command group whose every error is one line on stderr."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Report an unreachable or failing Redis as one line (exit 1)."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+        raise CliError(f"cannot reach Redis: {exc}") from None
+    except redis.RedisError as exc:
+        raise CliError(f"Redis error: {exc}") from None
+
+
+# ------------------------------------------------------------------ input parsing
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Split one ``--set`` value: ``"strength=0.5"`` -> ``("strength", 0.5)``.
+
+    The value is read as JSON when it parses (numbers, ``true``/``false``, lists,
+    quoted strings) and kept as the plain text otherwise.
+
+    :param text: ``KEY=VALUE``.
+    :raises BadInput: when there is no ``=`` or no key.
+    """
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise BadInput(f"invalid --set {text!r}: expected KEY=VALUE (e.g. strength=0.5)")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def parse_assignments(texts: Iterable[str]) -> dict[str, Any]:
+    """The optional input fields given with ``--set``.
+
+    :param texts: the ``KEY=VALUE`` strings, in order.
+    :raises BadInput: for a malformed one, a repeated key or a field that has its own option.
+    """
+    fields: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_assignment(text)
+        if key in OPTION_FIELDS:
+            raise BadInput(f"invalid --set {key}: use {OPTION_FIELDS[key]}")
+        if key in fields:
+            raise BadInput(f"invalid --set {key}: given more than once")
+        fields[key] = value
+    return fields
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch file.
+
+    :param line: its 1-based line number in the file.
+    :param fields: the input fields, validated.
+    :param idempotency_key: the line's ``idempotency_key``, if any.
+    """
+
+    line: int
+    fields: dict[str, Any]
+    idempotency_key: str | None
+
+
+def parse_batch_line(line: int, text: str) -> BatchItem:
+    """Parse and validate one line of a batch file.
+
+    :param line: the line number, for the item.
+    :param text: the line: a JSON object with ``enqueue_remix``'s keyword arguments.
+    :raises ValueError: with the reason (one line) when the line is bad.
+    """
+    try:
+        data = json.loads(text.strip())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
+    key = data.pop(IDEMPOTENCY_FIELD, None)
+    validate_request(data)
+    check_idempotency_key(key)
+    return BatchItem(line, data, key)
+
+
+def parse_batch(lines: Iterable[str]) -> list[BatchItem]:
+    """Validate every non-blank line of a batch file.
+
+    :param lines: the file's lines.
+    :raises BatchError: naming every bad line, when any is bad.
+    """
+    items: list[BatchItem] = []
+    errors: list[str] = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            items.append(parse_batch_line(number, text))
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+    if errors:
+        raise BatchError(errors)
+    return items
+
+
+class BatchError(ValueError):
+    """Bad lines in a batch file.
+
+    :param errors: one reason per bad line, ``line N: ...``.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+# ------------------------------------------------------------------ output
+
+
+def record_json(record: JobRecord, indent: int | None = 2) -> str:
+    """The public record as JSON text.
+
+    :param record: the job record.
+    :param indent: JSON indentation; None for one line.
+    """
+    return json.dumps(record.model_dump(mode="json"), indent=indent)
+
+
+def job_seconds(record: JobRecord) -> float | None:
+    """Seconds from enqueueing to the end of a finished job (None while it runs).
+
+    :param record: the job record.
+    """
+    if record.finished_at is None:
+        return None
+    return record.finished_at - record.created_at
+
+
+def _state_counts(records: Iterable[JobRecord | None]) -> str:
+    counts = Counter("missing" if r is None else r.state.value for r in records)
+    return " · ".join(f"{state} {count}" for state, count in sorted(counts.items()))
+
+
+def watch_jobs(
+    job_ids: Sequence[str], timeout: float, console: Console
+) -> dict[str, JobRecord | None]:
+    """Show a progress bar of finished jobs until all finish or ``timeout`` passes.
+
+    :param job_ids: the jobs to watch.
+    :param timeout: seconds to wait at most.
+    :param console: where the progress bar is drawn.
+    :returns: the last record read of every job (None for a job that does not exist).
+    """
+    records: dict[str, JobRecord | None] = dict.fromkeys(job_ids)
+    pending = list(records)
+    deadline = time.monotonic() + timeout
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("waiting", total=len(records))
+        while True:
+            for job_id in pending:
+                records[job_id] = get_job(job_id)
+            pending = [j for j in pending if (r := records[j]) is not None and not r.finished]
+            description = _state_counts(records.values())
+            progress.update(bar, completed=len(records) - len(pending), description=description)
+            if not pending or time.monotonic() >= deadline:
+                return records
+            time.sleep(WATCH_INTERVAL_S)
+
+
+def _succeeded(record: JobRecord | None) -> bool:
+    return record is not None and record.state is JobState.SUCCEEDED
+
+
+def _fail_text(record: JobRecord) -> str:
+    if record.fail_code is None:
+        return ""
+    return f"{record.fail_code}: {record.fail_msg}" if record.fail_msg else record.fail_code
+
+
+def batch_table(
+    items: Sequence[BatchItem], job_ids: Sequence[str], records: dict[str, JobRecord | None]
+) -> Table:
+    """The summary of a batch: one row per request.
+
+    :param items: the batch's requests, in file order.
+    :param job_ids: the job id of each request (the same id for a repeated idempotency key).
+    :param records: job id to last record.
+    """
+    table = Table(title="remixq batch")
+    table.add_column("line", justify="right")
+    table.add_column("job id", no_wrap=True)
+    for name in ("state", "fail", "seconds", "result URLs"):
+        table.add_column(name, overflow="fold")
+    for item, job_id in zip(items, job_ids, strict=True):
+        record = records.get(job_id)
+        if record is None:
+            table.add_row(str(item.line), job_id, "missing", "", "", "")
+            continue
+        seconds = job_seconds(record)
+        table.add_row(
+            str(item.line),
+            job_id,
+            record.state.value,
+            _fail_text(record),
+            "" if seconds is None else f"{seconds:.1f}",
+            "\n".join(record.result_urls),
+        )
+    return table
+
+
+def _exit(code: int) -> NoReturn:
+    raise click.exceptions.Exit(code)
+
+
+# ------------------------------------------------------------------ commands
+
+
+@click.group(cls=RemixqGroup)
+@click.version_option(package_name="remixq", prog_name="remixq")
+def main() -> None:
+    """Enqueue image remix jobs for the remixq worker fleet and read their outcome.
+
+    Exit codes: 0 done, 1 a job failed (with --wait) or Redis is unreachable, 2 bad input.
+    """
+
+
+@main.command()
+@click.option("--prompt", required=True, help="What the remix should show (1..5000 characters).")
+@click.option("--image-url", required=True, help="http(s) URL of the source image.")
+@click.option(
+    "--reference-image-url",
+    "reference_image_urls",
+    multiple=True,
+    required=True,
+    help="http(s) URL of the character reference image (repeatable; the first is used).",
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Another input field, e.g. strength=0.5, expand_prompt=false, "
+    'image_urls=["https://..."]; VALUE is read as JSON when it parses (repeatable).',
+)
+@click.option("--idempotency-key", help="The same key returns the same job and enqueues nothing.")
+@click.option("--wait", is_flag=True, help="Wait until the job finishes; exit 1 if it failed.")
+@click.option(
+    "--timeout",
+    type=TIMEOUT_TYPE,
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds --wait waits at most.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON.")
+def submit(
+    prompt: str,
+    image_url: str,
+    reference_image_urls: tuple[str, ...],
+    assignments: tuple[str, ...],
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Validate and enqueue one remix job; print its id (or its record with --json)."""
+    fields = parse_assignments(assignments)
+    with redis_errors():
+        try:
+            job_id = enqueue_remix(
+                prompt,
+                image_url,
+                list(reference_image_urls),
+                idempotency_key=idempotency_key,
+                **fields,
+            )
+        except InvalidRequestError as exc:
+            raise BadInput(str(exc)) from None
+        if not as_json:
+            click.echo(job_id)
+        if wait:
+            _wait_and_report(job_id, timeout, as_json)
+        elif as_json:
+            click.echo(record_json(_existing(job_id)))
+
+
+def _existing(job_id: str) -> JobRecord:
+    record = get_job(job_id)
+    if record is None:
+        raise CliError(f"job {job_id} vanished from Redis (expired?)")
+    return record
+
+
+def _wait_and_report(job_id: str, timeout: float, as_json: bool) -> None:
+    """Wait for one job, print its outcome and exit 1 unless it succeeded."""
+    deadline = time.monotonic() + timeout
+    record = _existing(job_id)
+    while not record.finished and time.monotonic() < deadline:
+        time.sleep(min(WATCH_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        record = _existing(job_id)
+    if as_json:
+        click.echo(record_json(record))
+    elif record.state is JobState.SUCCEEDED:
+        for url in record.result_urls:
+            click.echo(url)
+    if not record.finished:
+        raise CliError(f"job {job_id} still {record.state.value} after {timeout:g}s")
+    if record.state is not JobState.SUCCEEDED:
+        raise CliError(f"job {job_id} {record.state.value}: {_fail_text(record)}")
+
+
+@main.command()
+@click.argument("job_id", required=False)
+def status(job_id: str | None) -> None:
+    """Print a job's record as JSON; without JOB_ID, the fleet view.
+
+    The fleet view: queue depths, messages held by workers, jobs by state, jobs in
+    flight upstream, and for each API key its budget and whether submissions are paused.
+    """
+    with redis_errors():
+        if job_id is None:
+            click.echo(json.dumps(fleet_status(), indent=2))
+            return
+        record = get_job(job_id)
+    if record is None:
+        raise BadInput(f"no job {job_id!r} (unknown, or expired)")
+    click.echo(record_json(record))
+
+
+@main.command()
+@click.option("--message", default="paused by an operator", show_default=True)
+def pause(message: str) -> None:
+    """Hold every submission (jobs stay queued) until `remixq resume`."""
+    with redis_errors():
+        key_ids = pause_submissions(message)
+    if not key_ids:
+        raise CliError("no API key is known yet: start a worker (or set KIE_API_KEY) first")
+    click.echo(f"paused submissions for key(s) {', '.join(key_ids)}")
+
+
+@main.command()
+def resume() -> None:
+    """Clear any pause (an operator's, or one for 455/402), so submissions go on."""
+    with redis_errors():
+        key_ids = resume_submissions()
+    click.echo(f"resumed key(s) {', '.join(key_ids)}" if key_ids else "nothing was paused")
+
+
+@main.command("submit-batch")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--wait", is_flag=True, help="Wait for every job; exit 1 if any failed.")
+@click.option(
+    "--timeout",
+    type=TIMEOUT_TYPE,
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds --wait waits at most, for the whole batch.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one job record per line as JSON.")
+def submit_batch(file: IO[str], wait: bool, timeout: float, as_json: bool) -> None:
+    """Enqueue one job per line of FILE (a JSON object of enqueue_remix's keyword arguments).
+
+    Every line is validated first; if any is bad nothing is enqueued. Prints the job ids
+    in file order (with --wait a summary table; with --json the records).
+    """
+    try:
+        items = parse_batch(file)
+    except BatchError as exc:
+        for reason in exc.errors:
+            click.echo(f"error: {reason}", err=True)
+        _exit(EXIT_BAD_INPUT)
+    if not items:
+        raise BadInput(f"{file.name} holds no requests")
+    console = Console(stderr=True)
+    with redis_errors():
+        job_ids = _enqueue_batch(items, console)
+        if wait:
+            records = watch_jobs(job_ids, timeout, console)
+        else:
+            records = {job_id: get_job(job_id) for job_id in job_ids} if as_json else {}
+    _print_batch(items, job_ids, records, as_json=as_json, table=wait)
+    if wait and not all(_succeeded(record) for record in records.values()):
+        _exit(EXIT_FAILED)
+
+
+def _enqueue_batch(items: Sequence[BatchItem], console: Console) -> list[str]:
+    """Enqueue validated requests with a progress bar; returns their job ids in order."""
+    job_ids: list[str] = []
+    columns = (TextColumn("enqueueing"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as progress:
+        for item in progress.track(items):
+            job_ids.append(enqueue_remix(idempotency_key=item.idempotency_key, **item.fields))
+    return job_ids
+
+
+def _print_batch(
+    items: Sequence[BatchItem],
+    job_ids: Sequence[str],
+    records: dict[str, JobRecord | None],
+    *,
+    as_json: bool,
+    table: bool,
+) -> None:
+    """Print a batch's outcome: JSON lines, the summary table, or the job ids (file order)."""
+    if as_json:
+        for job_id in job_ids:
+            record = records.get(job_id)
+            click.echo(record_json(record, None) if record else json.dumps({"job_id": job_id}))
+    elif table:
+        Console().print(batch_table(items, job_ids, records))
+    else:
+        for job_id in job_ids:
+            click.echo(job_id)
+
+
+@main.command("demo")
+@click.option(
+    "--redis-url",
+    help="Redis for the demo (started when a local one does not answer); default: a private "
+    "redis-server on a free port, or database 15 of REDIS_URL when redis-server is missing.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, writable=True),
+    default="demo-output",
+    show_default=True,
+    help="Where the result images are saved.",
+)
+def demo(redis_url: str | None, output_dir: str) -> None:
+    """Run the whole pipeline on this machine: Redis, the sandbox, a worker, a few jobs."""
+    from producers.demo import run_demo
+
+    with redis_errors():
+        code = run_demo(redis_url, output_dir)
+    _exit(code)
+
+
+main.add_command(sandbox_command)

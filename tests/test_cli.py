@@ -1,0 +1,355 @@
+"""The ``remixq`` command's input handling, run as a subprocess against Redis with no worker.
+
+Every bad input must exit 2 with exactly one line on stderr and enqueue nothing; a
+good one enqueues exactly one ``remix.submit`` message. The commands use their own
+Redis database (``REMIXQ_TEST_CLI_REDIS_URL``, default database 13), emptied around
+each test.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producers.cli import BadInput, parse_assignment, parse_assignments, parse_batch
+from sandbox.launch import free_port, redis_ping
+
+CLI_REDIS_URL = os.environ.get("REMIXQ_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/13")
+REMIXQ = Path(sys.executable).with_name("remixq")
+CLI_TIMEOUT_S = 60
+JOB_KEYS = "remixq:job:*"
+IMAGE = "https://example.test/base.png"
+REFERENCE = "https://example.test/ref.png"
+REQUIRED = ["--prompt", "a knight", "--image-url", IMAGE, "--reference-image-url", REFERENCE]
+GOOD_LINE = {"prompt": "a knight", "image_url": IMAGE, "reference_image_urls": [REFERENCE]}
+
+
+@pytest.fixture
+def cli_redis() -> Iterator[redis.Redis]:
+    """The commands' Redis database, empty at the start and the end of the test."""
+    if not redis_ping(CLI_REDIS_URL):
+        pytest.fail(f"the CLI tests need Redis at {CLI_REDIS_URL} (see README)")
+    client = redis.Redis.from_url(CLI_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def remixq(*args: str, redis_url: str = CLI_REDIS_URL) -> subprocess.CompletedProcess[str]:
+    """Run ``remixq ARGS`` with its broker and result backend at ``redis_url``.
+
+    :param args: the command line after ``remixq``.
+    :param redis_url: REDIS_URL and RESULT_BACKEND_URL of the command.
+    """
+    env = {**os.environ, "REDIS_URL": redis_url, "RESULT_BACKEND_URL": redis_url}
+    env.pop("KIE_API_KEY", None)
+    return subprocess.run(
+        [str(REMIXQ), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+def enqueued(client: redis.Redis) -> tuple[int, set[bytes]]:
+    """What producers have written: the length of the ``submit`` queue and the job keys."""
+    return client.llen("submit"), set(client.scan_iter(match=JOB_KEYS))
+
+
+def submit_messages(client: redis.Redis) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The messages waiting on the ``submit`` queue: ``(headers, kwargs)`` each."""
+    messages = []
+    for raw in client.lrange("submit", 0, -1):
+        message = json.loads(raw)
+        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        messages.append((message["headers"], kwargs))
+    return messages
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """Exit 2, nothing on stdout, one ``error: ...`` line on stderr holding ``expected``."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0]
+
+
+def write_batch(path: Path, *lines: dict[str, Any] | str) -> Path:
+    """Write a batch file: dicts as JSON objects, strings as they are."""
+    path.write_text(
+        "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--prompt", "x", "--image-url", "ftp://example.test/a.png"],
+            ["image_url: must be an http(s) URL"],
+        ),
+        (["--prompt", "x", "--image-url", "not a url"], ["image_url: must be an http(s) URL"]),
+        (["--prompt", "", "--image-url", IMAGE], ["prompt:"]),
+        (
+            ["--prompt", "x", "--image-url", IMAGE, "--set", "strength=0.55"],
+            ["invalid request: strength: must be a multiple of 0.1"],
+        ),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "strength=2"], ["strength:"]),
+        (
+            ["--prompt", "x", "--image-url", IMAGE, "--set", "colour=red"],
+            ["colour: is not a known input field"],
+        ),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "num_images=7"], ["num_images:"]),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "seed=abc"], ["seed:"]),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "expand_prompt=yes"], ["expand_prompt"]),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "strength"], ["KEY=VALUE"]),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "=0.5"], ["KEY=VALUE"]),
+        (["--prompt", "x", "--image-url", IMAGE, "--set", "prompt=y"], ["use --prompt"]),
+        (
+            ["--prompt", "x", "--image-url", IMAGE, "--set", "seed=1", "--set", "seed=2"],
+            ["more than once"],
+        ),
+        (["--prompt", "x", "--image-url", IMAGE, "--idempotency-key", ""], ["idempotency_key"]),
+    ],
+)
+def test_bad_submit_exits_2_with_one_line_and_enqueues_nothing(
+    cli_redis: redis.Redis, args: list[str], expected: list[str]
+) -> None:
+    before = enqueued(cli_redis)
+    result = remixq("submit", *args, "--reference-image-url", REFERENCE)
+    assert_refused(result, *expected)
+    assert "Traceback" not in result.stderr
+    assert enqueued(cli_redis) == before == (0, set())
+
+
+def test_missing_option_is_one_line_too(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", "--prompt", "x", "--image-url", IMAGE)
+    assert_refused(result, "--reference-image-url")
+    assert enqueued(cli_redis) == (0, set())
+
+
+def test_valid_submit_enqueues_exactly_one_message(cli_redis: redis.Redis) -> None:
+    result = remixq(
+        "submit",
+        *REQUIRED,
+        "--set",
+        "strength=0.5",
+        "--set",
+        "num_images=2",
+        "--set",
+        "expand_prompt=false",
+        "--set",
+        f'image_urls=["{IMAGE}"]',
+        "--set",
+        "negative_prompt=blurry, dark",
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    assert len(job_id) == 32 and result.stdout == job_id + "\n"
+    assert enqueued(cli_redis) == (1, {f"remixq:job:{job_id}".encode()})
+    [(headers, kwargs)] = submit_messages(cli_redis)
+    assert headers["task"] == "remix.submit" and headers["id"] == job_id
+    assert kwargs["job_id"] == job_id
+    assert kwargs["request"] == {
+        "prompt": "a knight",
+        "image_url": IMAGE,
+        "reference_image_urls": [REFERENCE],
+        "strength": 0.5,
+        "num_images": "2",
+        "expand_prompt": False,
+        "image_urls": [IMAGE],
+        "negative_prompt": "blurry, dark",
+    }
+    status = remixq("status", job_id)
+    assert status.returncode == 0, status.stderr
+    record = json.loads(status.stdout)
+    assert record["job_id"] == job_id and record["state"] == "queued"
+    assert record["submit_attempts"] == 0 and record["upstream_task_id"] is None
+
+
+def test_submit_json_prints_the_queued_record(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", *REQUIRED, "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["state"] == "queued" and record["result_urls"] == []
+    assert submit_messages(cli_redis)[0][0]["id"] == record["job_id"]
+
+
+def test_same_idempotency_key_gives_the_same_job_and_one_message(cli_redis: redis.Redis) -> None:
+    first = remixq("submit", *REQUIRED, "--idempotency-key", "order-17")
+    second = remixq("submit", *REQUIRED, "--idempotency-key", "order-17")
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout
+    assert cli_redis.llen("submit") == 1
+
+
+def test_wait_without_workers_times_out_with_exit_1(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", *REQUIRED, "--wait", "--timeout", "0.5")
+    assert result.returncode == 1
+    job_id = result.stdout.strip()
+    assert result.stderr.splitlines() == [f"error: job {job_id} still queued after 0.5s"]
+
+
+def test_batch_with_one_bad_line_enqueues_nothing(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    remixq("submit", *REQUIRED)
+    before = enqueued(cli_redis)
+    batch = write_batch(
+        tmp_path / "jobs.jsonl",
+        GOOD_LINE,
+        {**GOOD_LINE, "strength": 0.55},
+        {**GOOD_LINE, "idempotency_key": "k-1"},
+    )
+    result = remixq("submit-batch", str(batch))
+    assert_refused(result, "line 2: invalid request: strength: must be a multiple of 0.1")
+    assert enqueued(cli_redis) == before
+    assert before[0] == 1
+
+
+def test_batch_reports_every_bad_line(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    batch = write_batch(
+        tmp_path / "jobs.jsonl",
+        GOOD_LINE,
+        "",
+        "[1, 2]",
+        '{"prompt": "unterminated"',
+        {**GOOD_LINE, "colour": "red"},
+        {"prompt": "no images"},
+        {**GOOD_LINE, "idempotency_key": ""},
+    )
+    result = remixq("submit-batch", str(batch), "--wait")
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert [line.split(":", 2)[1].strip() for line in lines] == [
+        "line 3",
+        "line 4",
+        "line 5",
+        "line 6",
+        "line 7",
+    ]
+    assert all(line.startswith("error: line ") for line in lines)
+    assert "colour: is not a known input field" in lines[2]
+    assert "image_url: Field required" in lines[3]
+    assert enqueued(cli_redis) == (0, set())
+
+
+def test_good_batch_enqueues_one_message_per_job(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    batch = write_batch(
+        tmp_path / "jobs.jsonl",
+        {**GOOD_LINE, "idempotency_key": "dup"},
+        {**GOOD_LINE, "prompt": "a wizard", "num_images": 3},
+        {**GOOD_LINE, "idempotency_key": "dup"},
+    )
+    result = remixq("submit-batch", str(batch))
+    assert result.returncode == 0, result.stderr
+    job_ids = result.stdout.split()
+    assert len(job_ids) == 3 and job_ids[0] == job_ids[2] != job_ids[1]
+    messages = submit_messages(cli_redis)
+    assert sorted(headers["id"] for headers, _ in messages) == sorted(set(job_ids))
+    assert {kwargs["request"]["prompt"] for _, kwargs in messages} == {"a knight", "a wizard"}
+
+
+def test_batch_json_prints_one_record_per_line(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    batch = write_batch(tmp_path / "jobs.jsonl", GOOD_LINE, GOOD_LINE)
+    result = remixq("submit-batch", str(batch), "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["state"] for r in records] == ["queued", "queued"]
+    assert cli_redis.llen("submit") == 2
+
+
+def test_empty_batch_is_bad_input(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    result = remixq("submit-batch", str(write_batch(tmp_path / "empty.jsonl", "")))
+    assert_refused(result, "holds no requests")
+
+
+def test_missing_batch_file_is_bad_input(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    assert_refused(remixq("submit-batch", str(tmp_path / "nope.jsonl")), "nope.jsonl")
+
+
+def test_status_of_unknown_job_exits_2(cli_redis: redis.Redis) -> None:
+    assert_refused(remixq("status", "0" * 32), "no job")
+
+
+def test_status_without_id_summarises_jobs_and_queues(cli_redis: redis.Redis) -> None:
+    remixq("submit", *REQUIRED)
+    remixq("submit", *REQUIRED)
+    result = remixq("status")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["jobs_by_state"] == {"queued": 2}
+    assert summary["queues"] == {"submit": 2, "poll": 0}
+    assert summary["held_by_workers"] == 0 and summary["in_flight_upstream"] == 0
+
+
+def test_pause_and_resume_switch_the_known_key(cli_redis: redis.Redis) -> None:
+    cli_redis.hset("remixq:keys", "k1", "20/10s")
+    assert remixq("resume").stdout.strip() == "nothing was paused"
+
+    paused = remixq("pause", "--message", "deploy")
+    assert paused.returncode == 0, paused.stderr
+    keys = json.loads(remixq("status").stdout)["keys"]
+    assert keys[0]["paused"]["reason"] == "operator"
+    assert keys[0]["paused"]["message"] == "deploy"
+
+    assert "k1" in remixq("resume").stdout
+    assert json.loads(remixq("status").stdout)["keys"][0]["paused"] is None
+
+
+def test_pause_without_any_known_key_is_refused(cli_redis: redis.Redis) -> None:
+    result = remixq("pause")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "no API key" in result.stderr
+
+
+def test_unreachable_redis_is_one_line_and_exit_1() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    result = remixq("submit", *REQUIRED, redis_url=dead)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: cannot reach Redis")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("strength=0.5", ("strength", 0.5)),
+        ("expand_prompt=false", ("expand_prompt", False)),
+        ("seed=42", ("seed", 42)),
+        ('image_urls=["https://a.test/x.png"]', ("image_urls", ["https://a.test/x.png"])),
+        ("negative_prompt=blurry", ("negative_prompt", "blurry")),
+        ('negative_prompt="42"', ("negative_prompt", "42")),
+        ("style=", ("style", "")),
+        ("negative_prompt=a=b", ("negative_prompt", "a=b")),
+    ],
+)
+def test_set_values_are_json_when_they_parse(text: str, expected: tuple[str, Any]) -> None:
+    assert parse_assignment(text) == expected
+
+
+def test_set_rejects_malformed_and_reserved_keys() -> None:
+    for bad in (["novalue"], ["=1"], ["image_url=https://a.test/x.png"], ["seed=1", "seed=2"]):
+        with pytest.raises(BadInput):
+            parse_assignments(bad)
+
+
+def test_parse_batch_skips_blank_lines_and_keeps_line_numbers() -> None:
+    items = parse_batch(["\n", json.dumps({**GOOD_LINE, "idempotency_key": "k"}) + "\n"])
+    assert [(item.line, item.idempotency_key) for item in items] == [(2, "k")]
+    assert items[0].fields == GOOD_LINE
