@@ -31,7 +31,7 @@ lint: venv
 	$(BIN)/mypy worker producers sandbox
 
 bench: venv
-	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench; \
+	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench --write-docs; \
 	else echo "make bench: no benchmark yet (bench/__main__.py is missing)"; fi
 
 clean:

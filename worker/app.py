@@ -66,8 +66,10 @@ def celery_config() -> dict[str, Any]:
             "remix.poll": {"queue": POLL_QUEUE},
         },
         result_expires=settings.remix_job_ttl_s,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost several Redis messages per task; Flower switches them
+        # on in the workers it watches (its --enable_events, on by default).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         worker_hijack_root_logger=True,
     )
 

@@ -25,13 +25,14 @@ KEY_PREFIX = "remixq:"
 JOB_KEY = KEY_PREFIX + "job:{}"
 IDEMPOTENCY_KEY = KEY_PREFIX + "idem:{}"
 SUBMIT_CLAIM_KEY = KEY_PREFIX + "claim:submit:{}"
-POLL_LEASE_KEY = KEY_PREFIX + "lease:poll:{}:{}"
+POLL_BATCH_KEY = KEY_PREFIX + "pollbatch:"
+POLL_BATCH_COUNTER_KEY = KEY_PREFIX + "pollbatch-n:{}"
 #: Unfinished jobs, scored by the time by which they must show progress.
 WATCH_KEY = KEY_PREFIX + "watch"
 
 LAST_ERROR_FIELD = "_last_error"
 TASK_SENT_FIELD = "_task_sent"
-POLL_DONE_FIELD = "_poll_done"
+NEXT_POLL_FIELD = "_next_poll"
 REQUEST_FIELD = "_request"
 RETRIES_FIELD = "_retries"
 
@@ -71,24 +72,32 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {ARGV[1], 1}
 """
 
-#: KEYS: job, hop lease. ARGV: hop, lease seconds -> 1 when this hop may run now.
-_BEGIN_POLL_HOP = f"""
-local rank = {_STATE_RANKS}
-local raw = redis.call('HGET', KEYS[1], 'state')
-if not raw or rank[cjson.decode(raw)] == 3 then return 0 end
-local done = tonumber(redis.call('HGET', KEYS[1], '{POLL_DONE_FIELD}') or '0')
-if tonumber(ARGV[1]) <= done then return 0 end
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-return 1
+#: KEYS: job, batch counter. ARGV: batch id prefix ("<due>"), batch size, ttl
+#: -> {batch id, 1 when the caller must send the batch's message}.
+#: Jobs due in the same slot share a batch of at most ``batch size`` jobs; the
+#: job remembers its batch, so it is polled by that batch only (a stale copy of
+#: an older batch skips it). The batch set's key is derived from the id here:
+#: fine on one Redis server, which is what the broker is.
+_ADD_TO_POLL_BATCH = f"""
+local n = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+local batch = ARGV[1] .. ':' .. math.floor((n - 1) / tonumber(ARGV[2]))
+local members = '{POLL_BATCH_KEY}' .. batch
+redis.call('SADD', members, ARGV[4])
+redis.call('EXPIRE', members, ARGV[3])
+redis.call('HSET', KEYS[1], '{NEXT_POLL_FIELD}', cjson.encode(batch))
+if (n - 1) % tonumber(ARGV[2]) == 0 then return {{batch, 1}} end
+return {{batch, 0}}
 """
 
-#: KEYS: job, hop lease. ARGV: hop -> marks the hop done (never lowers it).
-_END_POLL_HOP = f"""
-local done = tonumber(redis.call('HGET', KEYS[1], '{POLL_DONE_FIELD}') or '0')
-if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(ARGV[1]) > done then
-  redis.call('HSET', KEYS[1], '{POLL_DONE_FIELD}', ARGV[1])
-end
-redis.call('DEL', KEYS[2])
+#: A slot's counter is raised to this once its first batch runs; the next job
+#: added starts a new batch (this number is a multiple of any batch size used).
+CLOSED_SLOT = 1_000_000_000
+
+#: KEYS: batch counter. ARGV: ttl.
+_CLOSE_POLL_SLOT = f"""
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n < {CLOSED_SLOT} then redis.call('SET', KEYS[1], {CLOSED_SLOT}, 'EX', ARGV[1]) end
 return 1
 """
 
@@ -99,6 +108,8 @@ return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 """
 
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
+#: A poll batch's keys outlive its due time by far; they are deleted once polled.
+POLL_BATCH_TTL_S = 3600
 
 
 def _encode(fields: dict[str, Any]) -> list[str]:
@@ -125,8 +136,8 @@ class JobStore:
         self.ttl_s = ttl_s
         self._update = client.register_script(_UPDATE)
         self._create = client.register_script(_CREATE)
-        self._begin_hop = client.register_script(_BEGIN_POLL_HOP)
-        self._end_hop = client.register_script(_END_POLL_HOP)
+        self._add_to_poll_batch = client.register_script(_ADD_TO_POLL_BATCH)
+        self._close_poll_slot = client.register_script(_CLOSE_POLL_SLOT)
         self._increment = client.register_script(_INCREMENT)
 
     def create(self, job_id: str, *, idempotency_key: str | None = None) -> tuple[str, bool]:
@@ -175,9 +186,11 @@ class JobStore:
         value = self._increment(keys=[JOB_KEY.format(job_id)], args=[field, amount])
         return None if value is None else int(value)
 
-    def expect_progress(self, job_id: str, within_s: float) -> None:
-        """Note that the job must show progress within ``within_s`` seconds (see watchdog)."""
-        self.redis.zadd(WATCH_KEY, {job_id: time.time() + within_s})
+    def expect_progress(self, job_ids: str | list[str], within_s: float) -> None:
+        """Note that the jobs must show progress within ``within_s`` seconds (see watchdog)."""
+        ids = [job_ids] if isinstance(job_ids, str) else job_ids
+        if ids:
+            self.redis.zadd(WATCH_KEY, dict.fromkeys(ids, time.time() + within_s))
 
     def forget_progress(self, job_id: str) -> None:
         """The job finished: the watchdog no longer looks after it."""
@@ -199,12 +212,36 @@ class JobStore:
     def release_submit(self, job_id: str) -> None:
         self.redis.delete(SUBMIT_CLAIM_KEY.format(job_id))
 
-    def begin_poll_hop(self, job_id: str, hop: int, lease_s: int) -> bool:
-        """True when poll ``hop`` should run: not done before, not running elsewhere."""
-        keys = [JOB_KEY.format(job_id), POLL_LEASE_KEY.format(job_id, hop)]
-        return int(self._begin_hop(keys=keys, args=[hop, lease_s])) == 1
+    def add_to_poll_batch(self, job_id: str, slot: str, batch_size: int) -> tuple[str, bool]:
+        """Put the job in a poll batch of time ``slot``; ``(batch id, send its message)``."""
+        keys = [JOB_KEY.format(job_id), POLL_BATCH_COUNTER_KEY.format(slot)]
+        ttl = POLL_BATCH_TTL_S
+        batch, first = self._add_to_poll_batch(keys=keys, args=[slot, batch_size, ttl, job_id])
+        return _text(batch), bool(first)
 
-    def end_poll_hop(self, job_id: str, hop: int) -> None:
-        """Mark ``hop`` done once its successor is scheduled (or the job finished)."""
-        keys = [JOB_KEY.format(job_id), POLL_LEASE_KEY.format(job_id, hop)]
-        self._end_hop(keys=keys, args=[hop])
+    def close_poll_slot(self, slot: str) -> None:
+        """Jobs added to ``slot`` from now on go to a new batch (and send its message)."""
+        self._close_poll_slot(keys=[POLL_BATCH_COUNTER_KEY.format(slot)], args=[POLL_BATCH_TTL_S])
+
+    def poll_batch(self, batch: str) -> list[JobRecord]:
+        """The unfinished jobs of a batch that still belong to it, read in one round trip."""
+        members = sorted(_text(m) for m in self.redis.smembers(POLL_BATCH_KEY + batch))
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in members:
+            pipe.hgetall(JOB_KEY.format(job_id))
+        jobs = []
+        for raw in pipe.execute():
+            if not raw:
+                continue
+            fields = {_text(k): json.loads(v) for k, v in raw.items()}
+            if fields.get(NEXT_POLL_FIELD) != batch:
+                continue  # moved on to a later batch, or re-sent by the watchdog
+            record = JobRecord.model_validate(
+                {k: v for k, v in fields.items() if k in _RECORD_FIELDS}
+            )
+            if not record.finished:
+                jobs.append(record)
+        return jobs
+
+    def drop_poll_batch(self, batch: str) -> None:
+        self.redis.delete(POLL_BATCH_KEY + batch)

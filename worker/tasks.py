@@ -5,9 +5,12 @@ submit claim, calls createTask once, and on success records the upstream task
 and schedules the first poll. Retryable upstream errors are retried with
 exponential backoff and full jitter; permanent ones fail the job.
 
-``remix.poll`` (queue ``poll``) asks recordInfo once and either finishes the
-job or schedules the next hop of the chain with a growing countdown. No task
-ever sleeps: between polls a job costs one message in Redis, no worker slot.
+``remix.poll`` (queue ``poll``) asks recordInfo once for each job of a poll
+batch and either finishes the job or puts it in a later batch, with a growing
+delay. Jobs due within the same quarter second share a batch (of at most
+``POLL_BATCH_SIZE``), whose message is sent with a countdown by the first job
+to join it. No task ever sleeps: between polls a job costs a set member and a
+share of one message in Redis, no worker slot.
 
 Never paying twice: createTask is only called by the holder of the job's
 submit claim (an atomic ``SET NX EX`` in Redis) and only while the record has
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime
 from typing import Any
 
 import redis
@@ -45,17 +47,17 @@ from worker.errors import (
 from worker.gates import Defer, budget_gate, hold_after_rate_limited, pause_gate, trip_pause
 from worker.jobstore import KEY_PREFIX, LAST_ERROR_FIELD, REQUEST_FIELD, RETRIES_FIELD
 from worker.kie import TaskInfo
-from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
+from worker.models import InvalidRequestError, JobRecord, JobState, RemixRequest, validate_request
 from worker.runtime import job_store, kie_client
 from worker.settings import MAX_COUNTDOWN_S, Settings, get_settings
 from worker.watchdog import STALL_S
 
 logger = get_task_logger(__name__)
 
-#: A poll hop being run elsewhere is left alone for this long (it must be
-#: shorter than the broker's visibility timeout, after which a dead worker's
-#: hop is redelivered and must be able to run).
-POLL_HOP_LEASE_S = 60
+#: Polls due within the same slot of this many seconds share one task.
+POLL_SLOT_S = 0.25
+#: At most this many jobs per poll task, so that one batch takes well under a second.
+POLL_BATCH_SIZE = 25
 #: Wait after a Redis error before the task tries again.
 STORE_RETRY_DELAY_S = 5.0
 POLL_LATENESS_KEY = KEY_PREFIX + "stats:poll_lateness"
@@ -99,8 +101,11 @@ def fail_job(job_id: str, fail_code: str, fail_msg: str) -> bool:
     return finish_job(job_id, JobState.FAILED, fail_code=fail_code, fail_msg=fail_msg)
 
 
-def apply_task_info(job_id: str, info: TaskInfo) -> bool:
-    """Record what the upstream says about a job's task; True when the job finished."""
+def apply_task_info(job_id: str, info: TaskInfo, current: JobState | None = None) -> bool:
+    """Record what the upstream says about a job's task; True when the job finished.
+
+    ``current`` is the state the caller last read; an unchanged state is not rewritten.
+    """
     if info.state == "success":
         finish_job(job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
         return True
@@ -110,7 +115,7 @@ def apply_task_info(job_id: str, info: TaskInfo) -> bool:
     pending = PENDING_JOB_STATES.get(info.state)
     if pending is None:
         logger.warning("job %s: unknown upstream state %r, still polling", job_id, info.state)
-    else:
+    elif pending is not current:
         job_store().update(job_id, pending)
     return False
 
@@ -122,11 +127,17 @@ def send_submit(job_id: str, request: dict[str, Any]) -> None:
     )
 
 
-def schedule_poll(job_id: str, hop: int, countdown: float) -> None:
-    """Send hop ``hop`` of a job's poll chain, due in ``countdown`` seconds."""
-    remix_poll.apply_async(
-        kwargs={"job_id": job_id, "hop": hop}, countdown=min(countdown, MAX_COUNTDOWN_S)
-    )
+def schedule_poll(job_id: str, countdown: float) -> None:
+    """Poll the job again in ``countdown`` seconds, in the batch of that moment's slot.
+
+    The slot is rounded up, so a poll never comes early; the first job of a
+    batch sends the batch's ``remix.poll`` message.
+    """
+    due = time.time() + min(max(countdown, 0.0), MAX_COUNTDOWN_S)
+    slot_at = math.ceil(due / POLL_SLOT_S) * POLL_SLOT_S
+    batch, first = job_store().add_to_poll_batch(job_id, f"{slot_at:.2f}", POLL_BATCH_SIZE)
+    if first:
+        remix_poll.apply_async(kwargs={"batch": batch}, countdown=max(0.0, slot_at - time.time()))
 
 
 # ---------------------------------------------------------------- remix.submit
@@ -179,9 +190,9 @@ def _submit_once(job_id: str, request: RemixRequest, slot: float | None) -> Defe
     if record is None or record.finished:
         return None
     if record.upstream_task_id:
-        # Redelivered after createTask succeeded: make sure the chain exists.
-        # A duplicate first hop is dropped by the poll lease.
-        schedule_poll(job_id, 1, settings.remix_poll_initial_s)
+        # Redelivered after createTask succeeded: make sure the job is polled.
+        # The job belongs to its latest batch only; an earlier one skips it.
+        schedule_poll(job_id, settings.remix_poll_initial_s)
         return None
     if time.time() - record.created_at > settings.remix_submit_deadline_s:
         _fail_past_submit_deadline(job_id, settings)
@@ -224,7 +235,7 @@ def _create_upstream_task(job_id: str, request: RemixRequest, settings: Settings
         fail_job(job_id, exc.fail_code, exc.message or type(exc).__name__)
         return None
     store.update(job_id, JobState.SUBMITTED, upstream_task_id=task_id, submitted_at=time.time())
-    schedule_poll(job_id, 1, settings.remix_poll_initial_s)
+    schedule_poll(job_id, settings.remix_poll_initial_s)
     logger.info("job %s accepted upstream as %s (attempt %d)", job_id, task_id, attempts)
     return None
 
@@ -266,22 +277,37 @@ def _after_retryable_error(
     max_retries=None,
     ignore_result=True,
 )
-def remix_poll(self: Task, job_id: str, hop: int = 1) -> None:
-    """Hop ``hop`` of a job's poll chain: one recordInfo, then finish or reschedule."""
+def remix_poll(self: Task, batch: str) -> None:
+    """Poll every job of ``batch`` once (recordInfo), then finish or reschedule each.
+
+    Jobs due in the same short slot share one task, so a poll costs one HTTP
+    request and a few Redis commands rather than a whole task; thousands of
+    jobs in flight stay cheap.
+    """
     store = job_store()
     try:
-        if not store.begin_poll_hop(job_id, hop, POLL_HOP_LEASE_S):
-            return  # done before, or running elsewhere, or the job finished
-        store.expect_progress(job_id, STALL_S)
-        _record_lateness(self.request.eta)
-        _poll_once(job_id, hop)
-        store.end_poll_hop(job_id, hop)
+        store.close_poll_slot(batch.split(":", 1)[0])
+        records = store.poll_batch(batch)
+        store.expect_progress([r.job_id for r in records], STALL_S)
+        late_by = []
+        due_at = float(batch.split(":", 1)[0])
+        for record in records:
+            late_by.append(time.time() - due_at)
+            _poll_job(record)
+        store.drop_poll_batch(batch)
+        _record_lateness(late_by)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # The lease expires by itself; the same hop runs again.
+        # Jobs already polled have moved to later batches and are skipped.
         raise self.retry(countdown=STORE_RETRY_DELAY_S, exc=exc) from None
-    except Exception as exc:
-        _fail_on_bug(job_id, exc)
+
+
+def _poll_job(record: JobRecord) -> None:
+    try:
+        _poll_once(record)
+    except (redis.ConnectionError, redis.TimeoutError):
         raise
+    except Exception as exc:
+        _fail_on_bug(record.job_id, exc)
 
 
 def _fail_on_bug(job_id: str, exc: Exception) -> None:
@@ -291,31 +317,30 @@ def _fail_on_bug(job_id: str, exc: Exception) -> None:
     fail_job(job_id, "internal_error", message)
 
 
-def _record_lateness(eta: str | None) -> None:
-    """Keep a sample of how late polls start after their countdown (for the benchmark)."""
-    if not eta:
+def _record_lateness(late_by: list[float]) -> None:
+    """Keep a sample of how late polls start after they were due (for the benchmark)."""
+    if not late_by:
         return
-    late_by = time.time() - datetime.fromisoformat(eta).timestamp()
     pipe = job_store().redis.pipeline(transaction=False)
-    pipe.lpush(POLL_LATENESS_KEY, f"{late_by:.4f}")
+    pipe.lpush(POLL_LATENESS_KEY, *(f"{seconds:.4f}" for seconds in late_by))
     pipe.ltrim(POLL_LATENESS_KEY, 0, POLL_LATENESS_SAMPLES - 1)
     pipe.execute()
 
 
-def _poll_once(job_id: str, hop: int) -> None:
+def _poll_once(record: JobRecord) -> None:
     settings = get_settings()
     store = job_store()
-    record = store.get(job_id)
-    if record is None or record.finished or not record.upstream_task_id:
+    job_id = record.job_id
+    if not record.upstream_task_id:
         return
     now = time.time()
     deadline_at = (record.submitted_at or record.created_at) + settings.remix_deadline_s
     if now >= deadline_at:
         fail_job(job_id, "timeout", f"not finished upstream within {settings.remix_deadline_s:g}s")
         return
-    store.increment(job_id, "polls")
+    polls = store.increment(job_id, "polls") or record.polls + 1
     next_delay = poll_delay(
-        hop + 1, initial=settings.remix_poll_initial_s, maximum=settings.remix_poll_max_s
+        polls + 1, initial=settings.remix_poll_initial_s, maximum=settings.remix_poll_max_s
     )
     try:
         info = kie_client().record_info(record.upstream_task_id)
@@ -326,7 +351,7 @@ def _poll_once(job_id: str, hop: int) -> None:
         fail_job(job_id, exc.fail_code, exc.message or type(exc).__name__)
         return
     else:
-        if apply_task_info(job_id, info):
+        if apply_task_info(job_id, info, record.state):
             return
     # Wake up no later than just past the deadline, so a timeout is reported on time.
-    schedule_poll(job_id, hop + 1, min(next_delay, deadline_at - now + 0.05))
+    schedule_poll(job_id, min(next_delay, deadline_at - now + 0.05))

@@ -7,7 +7,8 @@ Celery cannot close that gap, so the pipeline does not rely on it: every
 unfinished job carries a deadline for its next sign of progress (a submit or a
 poll running), and a sweep running in every worker re-sends the missing
 message for any job past it. Duplicates this may create are harmless: the
-submit claim and the poll-hop lease drop them.
+submit claim drops a second submit, and a job is polled only by its latest
+batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 from celery import bootsteps
 from celery.utils.log import get_logger
 
-from worker.jobstore import KEY_PREFIX, POLL_DONE_FIELD, REQUEST_FIELD
+from worker.jobstore import KEY_PREFIX, REQUEST_FIELD
 from worker.runtime import job_store
 from worker.settings import MAX_COUNTDOWN_S, VISIBILITY_TIMEOUT_S
 
@@ -50,8 +51,7 @@ def sweep() -> int:
             continue
         store.expect_progress(job_id, STALL_S)
         if record.upstream_task_id:
-            hop = int(store.get_internal(job_id, POLL_DONE_FIELD) or 0) + 1
-            schedule_poll(job_id, hop, 0)
+            schedule_poll(job_id, 0)
         else:
             request = store.get_internal(job_id, REQUEST_FIELD)
             if request is None:
