@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ class Saved:
     error: str | None = None
 
 
+#: Columns of the output when it goes to a file or a pipe.
+WIDE_OUTPUT = 200
+
+
 def demo_redis_url(redis_url: str, database: int = DEMO_DATABASE) -> str:
     """The URL of database ``database`` on the server of ``redis_url``.
 
@@ -132,7 +137,8 @@ def run_demo(redis_url: str | None, output_dir: str | Path) -> int:
     :param output_dir: where the result images are saved (created when missing).
     :returns: the exit status: 0 when every job succeeded and every image was saved, else 1.
     """
-    console = Console()
+    # Wide enough for the results table even when the output is not a terminal.
+    console = Console(width=None if sys.stdout.isatty() else WIDE_OUTPUT)
     url = choose_redis_url(redis_url)
     log_dir = Path(tempfile.mkdtemp(prefix="remixq-demo-"))
     console.print(f"[bold]remixq demo[/] - logs in {log_dir}")
