@@ -31,6 +31,7 @@ from celery import Celery
 from celery.signals import worker_init
 from kombu import Queue
 
+from worker import broker_guard
 from worker.settings import VISIBILITY_TIMEOUT_S, get_settings
 from worker.watchdog import WatchdogStep
 
@@ -74,6 +75,7 @@ def celery_config() -> dict[str, Any]:
     )
 
 
+broker_guard.install()
 app = Celery("remixq", include=["worker.tasks"])
 # Lazy, so that importing the package never fails on a bad setting: the error
 # surfaces (as one line) where the configuration is first used.
