@@ -1,0 +1,431 @@
+"""Crash and restart safety with real processes: workers killed or stopped, Redis restarted.
+
+Every test gets a redis-server of its own (a free port, every write in an append-only file)
+so that it can be shut down and restarted without touching the shared test Redis, and a
+fleet of ``celery -A worker.app worker`` processes pointed at it. The module shares one
+sandbox upstream, which counts createTask requests and accepted tasks per prompt.
+
+The producer side runs ``enqueue_remix`` in a short-lived process of its own (configured by
+``REDIS_URL`` like any producer service) and reads job records through a ``JobStore`` bound to
+the private Redis. Pointing this pytest process at the private Redis instead would mean
+resetting Celery's cached producer pool and result backend (private attributes that moved
+between Celery minor versions) and every per-process singleton of ``worker.runtime``, then
+restoring all of it for the modules that run later; a miss would silently send jobs to the
+wrong Redis. The subprocess shares no state with this process, so nothing can leak.
+
+Recovery times follow from ``worker.app``: a killed worker's messages come back after the
+broker's visibility timeout (90 s), lost ones after the watchdog's stall limit (100 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sandbox.control import SandboxControl
+from sandbox.launch import (
+    LOOPBACK,
+    REPO_ROOT,
+    ManagedProcess,
+    free_port,
+    redis_ping,
+    start_sandbox,
+    start_worker,
+)
+from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
+from tests.helpers import accepted, create_requests, wait_until
+from worker.jobstore import SUBMIT_CLAIM_KEY, JobStore
+from worker.models import JobRecord, JobState
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+API_KEY = f"sk-resilience-{uuid.uuid4().hex}"
+GENERATION_S = 3
+#: Visibility timeout (90 s) or watchdog (100 s) + a sweep + the job itself; as in
+#: test_pipeline_crash.
+RECOVERY_BUDGET_S = 170
+JOB_TIMEOUT_S = 60
+REDIS_START_TIMEOUT_S = 10.0
+REDIS_DOWN_S = 3.0
+#: The throttle that keeps jobs waiting for their createTask while others already poll:
+#: the upstream accepts 4 per second, and the fleet is told the same budget.
+THROTTLE = "4/1s"
+#: Upstream 429s are retried; the retry budget must not be what the throttle tests.
+THROTTLED_MAX_RETRIES = "60"
+#: How long Redis writes may stay paused while a worker is killed or Redis is stopped.
+WRITE_PAUSE_MS = 3000
+CLAIM_PATTERN = SUBMIT_CLAIM_KEY.format("*")
+SANDBOX_RESET = {
+    "faults": {},
+    "fault_endpoints": ["createTask", "recordInfo"],
+    "slow_rate": 0.0,
+    "rate_limit": None,
+    "generation_seconds": float(GENERATION_S),
+}
+BROKER_CONNECTED = "] Connected to redis://"
+RECONNECT_TIMEOUT_S = 30
+SUBMIT_RECEIVED = re.compile(r"Task remix\.submit\[([0-9a-f]+)\] received")
+#: A producer service in a few lines: the public API, configured by the environment.
+PRODUCER = """
+import json, sys
+from producers import enqueue_remix
+job = json.load(sys.stdin)
+print(json.dumps([enqueue_remix(prompt=p, **job["input"]) for p in job["prompts"]]))
+"""
+
+
+class PrivateRedis:
+    """A redis-server for one test, on a free port, that keeps every write in an AOF."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://{LOOPBACK}:{self.port}/0"
+        self.log_path = directory / "redis.log"
+        self.process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        """Start the server (again, on the same port and directory) and wait for PING."""
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail("these tests need redis-server on PATH")
+        command = [executable, "--port", str(self.port), "--bind", LOOPBACK]
+        command += ["--appendonly", "yes", "--appendfsync", "always"]
+        command += ["--dir", str(self.directory), "--save", ""]
+        with self.log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.process = ManagedProcess(popen, log_path=self.log_path)
+        wait_until(lambda: popen.poll() is not None or redis_ping(self.url), REDIS_START_TIMEOUT_S)
+        assert popen.poll() is None, f"redis-server exited:\n{self.process.log_tail()}"
+
+    def admin(self) -> redis.Redis:
+        """A client that fails at once instead of reconnecting (for PAUSE and SHUTDOWN)."""
+        return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0))
+
+    def wait_exit(self) -> int:
+        """Wait for the server to exit after a SHUTDOWN; returns its exit status."""
+        assert self.process is not None
+        return self.process.popen.wait(REDIS_START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@pytest.fixture(scope="module")
+def producer_env() -> None:
+    """Replaces the suite's fixture of that name for this module.
+
+    The suite's version points this process at the shared test Redis and empties it; the
+    producer here runs in subprocesses against a private Redis and needs neither.
+    """
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    log_path = tmp_path_factory.mktemp("resilience") / "sandbox.log"
+    process = start_sandbox(
+        args=["--api-key", API_KEY, "--generation-seconds", str(GENERATION_S)],
+        log_path=log_path,
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def upstream_control(upstream: ManagedProcess) -> Iterator[SandboxControl]:
+    """The sandbox's control endpoint; its faults and limits are reset after each test."""
+    assert upstream.url is not None
+    control = SandboxControl(upstream.url)
+    control.configure(**SANDBOX_RESET)
+    try:
+        yield control
+    finally:
+        control.configure(**SANDBOX_RESET)
+        control.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store(private_redis: PrivateRedis) -> Iterator[JobStore]:
+    """Job records in the private Redis, read as a producer reads them."""
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        yield JobStore(client, ttl_s=3600)
+    finally:
+        client.close()
+
+
+class Fleet:
+    """Worker processes on the private Redis and the module's sandbox; all stopped at the end."""
+
+    def __init__(self, redis_url: str, sandbox_url: str, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.sandbox_url = sandbox_url
+        self.log_dir = log_dir
+        self.workers: list[ManagedProcess] = []
+
+    def start(self, count: int, **overrides: str) -> list[ManagedProcess]:
+        env = {
+            "REDIS_URL": self.redis_url,
+            "RESULT_BACKEND_URL": self.redis_url,
+            "KIE_API_KEY": API_KEY,
+            "KIE_BASE_URL": self.sandbox_url,
+            **FAST_SETTINGS,
+            **overrides,
+        }
+        started = []
+        for _ in range(count):
+            name = f"resilience-{uuid.uuid4().hex[:8]}"
+            process = start_worker(
+                env, concurrency=2, hostname=f"{name}@%h", log_path=self.log_dir / f"{name}.log"
+            )
+            self.workers.append(process)
+            started.append(process)
+        return started
+
+    def logs(self) -> str:
+        return ", ".join(str(w.log_path) for w in self.workers)
+
+    def stop_all(self) -> None:
+        for process in self.workers:
+            process.stop()
+
+
+@pytest.fixture
+def fleet(private_redis: PrivateRedis, upstream: ManagedProcess, tmp_path: Path) -> Iterator[Fleet]:
+    assert upstream.url is not None
+    workers = Fleet(private_redis.url, upstream.url, tmp_path)
+    try:
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+def enqueue(redis_url: str, prompts: Sequence[str]) -> list[str]:
+    """Enqueue one job per prompt with ``enqueue_remix``, from a producer process of its own."""
+    env = {**os.environ, "REDIS_URL": redis_url, "RESULT_BACKEND_URL": redis_url}
+    result = subprocess.run(
+        [sys.executable, "-c", PRODUCER],
+        input=json.dumps({"prompts": list(prompts), "input": REMIX_INPUT}),
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    job_ids: list[str] = json.loads(result.stdout.splitlines()[-1])
+    assert len(job_ids) == len(prompts)
+    return job_ids
+
+
+def records(store: JobStore, job_ids: Sequence[str]) -> list[JobRecord]:
+    found = [store.get(job_id) for job_id in job_ids]
+    missing = [j for j, r in zip(job_ids, found, strict=True) if r is None]
+    assert not missing, f"job records lost: {missing}"
+    return [r for r in found if r is not None]
+
+
+def wait_finished(
+    store: JobStore, job_ids: Sequence[str], timeout: float, logs: str
+) -> list[JobRecord]:
+    """Wait until every job has finished; on timeout say which are stuck, and where to look."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = records(store, job_ids)
+        if all(r.finished for r in current):
+            return current
+        if time.monotonic() > deadline:
+            stuck = {r.job_id: r.state.value for r in current if not r.finished}
+            raise AssertionError(f"unfinished after {timeout:g}s: {stuck}; worker logs: {logs}")
+        time.sleep(0.5)
+
+
+def split_by_acceptance(store: JobStore, job_ids: Sequence[str]) -> tuple[int, int]:
+    """How many jobs have an upstream task, and how many have none yet."""
+    current = records(store, job_ids)
+    with_task = sum(1 for r in current if r.upstream_task_id)
+    return with_task, len(current) - with_task
+
+
+@contextlib.contextmanager
+def between_create_tasks(server: PrivateRedis) -> Iterator[redis.Redis]:
+    """Pause every Redis write of the fleet at a moment when no createTask answer is outstanding.
+
+    A worker holds the job's submit claim from just before its createTask until the answer
+    is recorded (``worker.tasks``). While writes are paused nobody can take a claim, so when
+    none exists no worker is between an upstream acceptance and its record. A worker killed
+    (or Redis stopped) in this block tests recovery without landing in the one window the
+    design admits may charge a job twice: an answer lost with the process that received it.
+    Yields the admin client, so the block can also shut the server down.
+    """
+    admin = server.admin()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        admin.client_pause(WRITE_PAUSE_MS, all=False)
+        if next(admin.scan_iter(match=CLAIM_PATTERN), None) is None:
+            break
+        admin.client_unpause()
+        assert time.monotonic() < deadline, "a submit claim was held the whole time"
+        time.sleep(0.005)
+    try:
+        yield admin
+    finally:
+        with contextlib.suppress(redis.ConnectionError):
+            admin.client_unpause()
+        admin.close()
+
+
+def submits_received(worker: ManagedProcess) -> set[str]:
+    """Job ids whose ``remix.submit`` the worker received (its task id is the job id)."""
+    assert worker.log_path is not None
+    return set(SUBMIT_RECEIVED.findall(worker.log_path.read_text(errors="replace")))
+
+
+def reconnected(worker: ManagedProcess) -> bool:
+    """Whether the worker has connected to the broker more than once (it reconnected)."""
+    assert worker.log_path is not None
+    return worker.log_path.read_text(errors="replace").count(BROKER_CONNECTED) > 1
+
+
+def assert_each_accepted_once(control: SandboxControl, prompts: Sequence[str]) -> None:
+    counts = {p: accepted(control, p) for p in prompts}
+    assert counts == dict.fromkeys(prompts, 1), {p: n for p, n in counts.items() if n != 1}
+
+
+def test_sigkill_one_of_three_workers_mid_run_loses_no_job_and_pays_once(
+    upstream_control: SandboxControl, fleet: Fleet, store: JobStore, private_redis: PrivateRedis
+) -> None:
+    upstream_control.configure(rate_limit=THROTTLE)
+    victim, *survivors = fleet.start(
+        3, KIE_RATE_LIMIT=THROTTLE, REMIX_MAX_RETRIES=THROTTLED_MAX_RETRIES
+    )
+    prompts = [unique_prompt(f"sigkill-{i}") for i in range(20)]
+    job_ids = enqueue(private_redis.url, prompts)
+
+    # Kill mid-run: some jobs accepted upstream and polling, some still waiting to submit.
+    wait_until(
+        lambda: min(split_by_acceptance(store, job_ids)) >= 5 and submits_received(victim),
+        timeout=JOB_TIMEOUT_S,
+        interval=0.05,
+    )
+    with between_create_tasks(private_redis):
+        with_task, without_task = split_by_acceptance(store, job_ids)
+        victim.kill()
+    assert with_task >= 5 and without_task >= 5
+    killed_at = time.monotonic()
+
+    final = wait_finished(store, job_ids, RECOVERY_BUDGET_S, fleet.logs())
+
+    assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
+    assert all(r.result_urls for r in final)
+    assert_each_accepted_once(upstream_control, prompts)
+    assert len({r.upstream_task_id for r in final}) == len(job_ids)
+    assert time.monotonic() - killed_at < RECOVERY_BUDGET_S
+    assert all(w.popen.poll() is None for w in survivors)
+
+
+def test_redis_restart_with_aof_mid_run_every_job_finishes_once(
+    upstream_control: SandboxControl, fleet: Fleet, store: JobStore, private_redis: PrivateRedis
+) -> None:
+    upstream_control.configure(rate_limit=THROTTLE)
+    workers = fleet.start(2, KIE_RATE_LIMIT=THROTTLE, REMIX_MAX_RETRIES=THROTTLED_MAX_RETRIES)
+    prompts = [unique_prompt(f"redis-restart-{i}") for i in range(15)]
+    job_ids = enqueue(private_redis.url, prompts)
+
+    wait_until(lambda: min(split_by_acceptance(store, job_ids)) >= 4, JOB_TIMEOUT_S, 0.05)
+    with between_create_tasks(private_redis) as admin:
+        with_task, without_task = split_by_acceptance(store, job_ids)
+        admin.shutdown()
+    assert private_redis.wait_exit() == 0
+    assert with_task >= 4 and without_task >= 4
+    time.sleep(REDIS_DOWN_S)  # the outage itself, not a wait for a result
+    private_redis.start()
+
+    # Nothing was lost with the server: the records are back from the AOF.
+    after_restart = records(store, job_ids)
+    assert sum(1 for r in after_restart if r.upstream_task_id) >= with_task
+    # Every worker reconnects rather than exiting. With Celery/kombu 5.7 a worker that held
+    # unacknowledged messages could die here ("Unrecoverable error: AttributeError ...
+    # 'hostname'" while restoring them); worker.broker_guard keeps it alive.
+    wait_until(
+        lambda: all(w.popen.poll() is not None or reconnected(w) for w in workers),
+        timeout=RECONNECT_TIMEOUT_S,
+    )
+    statuses = [w.popen.poll() for w in workers]
+    assert statuses == [None] * len(workers), f"exit statuses {statuses}; logs: {fleet.logs()}"
+
+    # Held messages come back after the visibility timeout; a submit whose retry could not be
+    # published during the outage is re-sent by the watchdog.
+    final = wait_finished(store, job_ids, RECOVERY_BUDGET_S, fleet.logs())
+
+    assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
+    assert_each_accepted_once(upstream_control, prompts)
+
+
+def test_sigterm_warm_shutdown_finishes_the_in_flight_submit(
+    upstream_control: SandboxControl, fleet: Fleet, store: JobStore, private_redis: PrivateRedis
+) -> None:
+    upstream_control.configure(slow_rate=1.0, slow_seconds=3.0, fault_endpoints=["createTask"])
+    (first,) = fleet.start(1)
+    prompts = [unique_prompt(f"sigterm-{i}") for i in range(4)]
+    job_ids = enqueue(private_redis.url, prompts)
+    by_prompt: Mapping[str, str] = dict(zip(prompts, job_ids, strict=True))
+
+    def in_flight() -> list[str]:
+        """Jobs whose createTask the upstream has received but not answered yet."""
+        return [
+            p
+            for p in prompts
+            if create_requests(upstream_control, p)
+            and not records(store, [by_prompt[p]])[0].upstream_task_id
+        ]
+
+    pending = wait_until(in_flight, timeout=JOB_TIMEOUT_S, interval=0.05)
+    status = first.stop(timeout=30)
+
+    assert status == 0, first.log_tail()
+    for prompt in pending:  # the answer arrived before the worker exited, and was recorded
+        record = records(store, [by_prompt[prompt]])[0]
+        assert record.upstream_task_id and record.submit_attempts == 1, record
+
+    fleet.start(1)
+    final = wait_finished(store, job_ids, JOB_TIMEOUT_S, fleet.logs())
+
+    assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
+    assert_each_accepted_once(upstream_control, prompts)
+    assert [create_requests(upstream_control, p) for p in prompts] == [1] * len(prompts)
