@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from rich.console import Console
 
@@ -20,7 +17,7 @@ from bench.procfs import machine_busy_seconds, own_cpu_seconds
 from bench.report import Figure, Report, duration, machine_info, now_utc, rich_table, write_docs
 from bench.sections import DEPENDS_ON, SECTIONS, Plan, Run
 from bench.stack import Stack
-from sandbox.launch import REPO_ROOT, LaunchError
+from sandbox.launch import REPO_ROOT, LaunchError, sigterm_as_interrupt
 
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 #: Console width when the output is not a terminal (a log file, ``make`` in CI).
@@ -80,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = Stack(log_dir)
     failed = False
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             stack.start_redis()
             console.print(f"private Redis at {stack.redis_url}")
             run = Run(stack, Plan.make(args.quick))
@@ -137,17 +134,3 @@ def _run_section(console: Console, run: Run, name: str, report: Report) -> bool:
     report.figures += figures
     console.print(f"  {name} took {duration(seconds)}")
     return True
-
-
-def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so that every started process is stopped."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -12,14 +12,13 @@ on the same database would take the demo's jobs and send them to its own upstrea
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -40,6 +39,7 @@ from sandbox.launch import (
     ManagedProcess,
     ensure_redis,
     free_port,
+    sigterm_as_interrupt,
     start_sandbox,
     start_worker,
 )
@@ -144,7 +144,7 @@ def run_demo(redis_url: str | None, output_dir: str | Path) -> int:
     console.print(f"[bold]remixq demo[/] - logs in {log_dir}")
     started: list[ManagedProcess] = []
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return _run(console, url, log_dir, Path(output_dir), started)
     except LaunchError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -355,20 +355,6 @@ def _all_good(records: dict[str, JobRecord | None], saved: dict[str, list[Saved]
     succeeded = all(r is not None and r.state is JobState.SUCCEEDED for r in records.values())
     downloaded = all(item.path is not None for items in saved.values() for item in items)
     return succeeded and downloaded
-
-
-def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so that the cleanup runs."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_all(started: list[ManagedProcess], console: Console) -> None:
