@@ -29,8 +29,9 @@ from sandbox.control import SandboxControl
 from sandbox.launch import ManagedProcess
 from worker.backoff import poll_delay
 from worker.jobstore import JOB_KEY
-from worker.models import JobRecord
+from worker.models import FINISHED_STATES, JobRecord
 from worker.settings import parse_rate_limit
+from worker.tasks import POLL_LATENESS_KEY
 
 MB = 1_000_000
 KB = 1_000
@@ -41,10 +42,7 @@ RATE_LIMIT = "20/10s"
 #: A budget so large that it never holds a submit back ("no rate limit").
 NO_RATE_LIMIT = "100000/1s"
 CONCURRENCY = 2
-FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 IN_FLIGHT_STATES = frozenset({"submitted", "running"})
-#: The list of poll lateness samples the workers keep (seconds late per poll), if any.
-POLL_LATENESS_KEY = "remixq:stats:poll_lateness"
 STATE_BATCH = 2000
 WAIT_POLL_S = 0.5
 STATS_POLL_S = 1.0
