@@ -48,10 +48,7 @@ def enqueue_remix(
     check_idempotency_key(idempotency_key)
     store = job_store()
     job_id, created = store.create(uuid.uuid4().hex, idempotency_key=idempotency_key)
-    if not created and store.get_internal(job_id, TASK_SENT_FIELD):
-        return job_id
-    record = store.get(job_id)
-    if record is None or record.state is not JobState.QUEUED:
+    if not created and not _needs_sending(job_id):
         return job_id
     # A new job, or one whose producer died between writing it and sending it.
     payload = request.upstream_input()
@@ -60,6 +57,15 @@ def enqueue_remix(
     send_submit(job_id, payload)
     store.set_internal(job_id, TASK_SENT_FIELD, True)
     return job_id
+
+
+def _needs_sending(job_id: str) -> bool:
+    """An earlier job with this key whose producer died before sending it."""
+    store = job_store()
+    if store.get_internal(job_id, TASK_SENT_FIELD):
+        return False
+    record = store.get(job_id)
+    return record is not None and record.state is JobState.QUEUED
 
 
 def check_idempotency_key(key: str | None) -> None:

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from worker.app import POLL_QUEUE, SUBMIT_QUEUE
-from worker.jobstore import JOB_KEY
+from worker.jobstore import JOB_KEY, decode_text
 from worker.pause import METRICS_KEY
 from worker.runtime import broker_redis, job_store, known_api_keys, limiter_for, pause_for
 
@@ -71,7 +71,7 @@ def fleet_status() -> dict[str, Any]:
         "jobs_by_state": dict(sorted(by_state.items())),
         "in_flight_upstream": by_state["submitted"] + by_state["running"],
         "keys": [_key_status(k, limit) for k, limit in sorted(known_api_keys().items())],
-        "metrics": {_text(k): int(v) for k, v in broker.hgetall(METRICS_KEY).items()},
+        "metrics": {decode_text(k): int(v) for k, v in broker.hgetall(METRICS_KEY).items()},
     }
 
 
@@ -86,7 +86,3 @@ def pause_submissions(message: str) -> list[str]:
 def resume_submissions() -> list[str]:
     """Clear every pause (an operator's or an automatic one); returns the key ids resumed."""
     return [key_id for key_id in sorted(known_api_keys()) if pause_for(key_id).resume()]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -43,8 +43,6 @@ class UpstreamError(Exception):
 
     code: ClassVar[str] = "unknown"
     retryable: ClassVar[bool] = False
-    #: True when the condition concerns the whole API key, not one job.
-    whole_key: ClassVar[bool] = False
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         self.message = message
@@ -77,7 +75,6 @@ class MaintenanceError(RetryableUpstreamError):
     """455: the service is under maintenance."""
 
     code = "455"
-    whole_key = True
 
 
 class ServerError(RetryableUpstreamError):
@@ -99,26 +96,19 @@ class ServerError(RetryableUpstreamError):
 class NetworkError(RetryableUpstreamError):
     """The request did not get an answer: refused, reset or timed out.
 
-    ``maybe_accepted`` is True when the request may have reached the upstream
-    (a read timeout or a reset after sending): the upstream may have created
-    the task even though we never learnt its id.
+    After a read timeout or a reset the upstream may still have created the
+    task (see the never-paying-twice note in :mod:`worker.tasks`).
     """
 
     code = "network"
 
-    def __init__(self, message: str = "", *, maybe_accepted: bool = False) -> None:
-        self.maybe_accepted = maybe_accepted
-        super().__init__(message)
-
 
 class UnauthorizedError(PermanentUpstreamError):
     code = "401"
-    whole_key = True
 
 
 class InsufficientCreditsError(PermanentUpstreamError):
     code = "402"
-    whole_key = True
 
 
 class NotFoundError(PermanentUpstreamError):

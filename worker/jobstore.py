@@ -119,8 +119,17 @@ def _encode(fields: dict[str, Any]) -> list[str]:
     return flat
 
 
-def _text(value: Any) -> str:
+def decode_text(value: Any) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_fields(raw: dict[Any, Any]) -> dict[str, Any]:
+    return {decode_text(k): json.loads(v) for k, v in raw.items()}
+
+
+def _record_from(fields: dict[str, Any]) -> JobRecord:
+    return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
 
 
 class JobStore:
@@ -153,15 +162,14 @@ class JobStore:
             keys.append(IDEMPOTENCY_KEY.format(idempotency_key))
         args: list[str | int] = [job_id, self.ttl_s, *_encode(record.model_dump(mode="json"))]
         owner, created = self._create(keys=keys, args=args)
-        return _text(owner), bool(created)
+        return decode_text(owner), bool(created)
 
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""
         raw = self.redis.hgetall(JOB_KEY.format(job_id))
         if not raw:
             return None
-        fields = {_text(k): json.loads(v) for k, v in raw.items()}
-        return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
+        return _record_from(_decode_fields(raw))
 
     def get_internal(self, job_id: str, name: str) -> Any:
         """One internal field (``_last_error`` ...), decoded; None when absent."""
@@ -199,7 +207,7 @@ class JobStore:
     def stalled(self, limit: int) -> list[str]:
         """Up to ``limit`` unfinished jobs whose progress is overdue."""
         ids = self.redis.zrangebyscore(WATCH_KEY, "-inf", time.time(), start=0, num=limit)
-        return [_text(i) for i in ids]
+        return [decode_text(i) for i in ids]
 
     def claim_submit(self, job_id: str, lease_s: int) -> bool:
         """Take the right to call createTask for this job for ``lease_s`` seconds."""
@@ -217,7 +225,7 @@ class JobStore:
         keys = [JOB_KEY.format(job_id), POLL_BATCH_COUNTER_KEY.format(slot)]
         ttl = POLL_BATCH_TTL_S
         batch, first = self._add_to_poll_batch(keys=keys, args=[slot, batch_size, ttl, job_id])
-        return _text(batch), bool(first)
+        return decode_text(batch), bool(first)
 
     def close_poll_slot(self, slot: str) -> None:
         """Jobs added to ``slot`` from now on go to a new batch (and send its message)."""
@@ -225,7 +233,7 @@ class JobStore:
 
     def poll_batch(self, batch: str) -> list[JobRecord]:
         """The unfinished jobs of a batch that still belong to it, read in one round trip."""
-        members = sorted(_text(m) for m in self.redis.smembers(POLL_BATCH_KEY + batch))
+        members = sorted(decode_text(m) for m in self.redis.smembers(POLL_BATCH_KEY + batch))
         pipe = self.redis.pipeline(transaction=False)
         for job_id in members:
             pipe.hgetall(JOB_KEY.format(job_id))
@@ -233,12 +241,10 @@ class JobStore:
         for raw in pipe.execute():
             if not raw:
                 continue
-            fields = {_text(k): json.loads(v) for k, v in raw.items()}
+            fields = _decode_fields(raw)
             if fields.get(NEXT_POLL_FIELD) != batch:
                 continue  # moved on to a later batch, or re-sent by the watchdog
-            record = JobRecord.model_validate(
-                {k: v for k, v in fields.items() if k in _RECORD_FIELDS}
-            )
+            record = _record_from(fields)
             if not record.finished:
                 jobs.append(record)
         return jobs

@@ -197,13 +197,11 @@ class KieClient:
             raise NetworkError(f"connect timeout to {self.base_url}") from None
         except requests.ReadTimeout:
             raise NetworkError(
-                f"no answer from {self.base_url}{path} within {self._timeout[1]:g}s",
-                maybe_accepted=True,
+                f"no answer from {self.base_url}{path} within {self._timeout[1]:g}s"
             ) from None
         except requests.ConnectionError as exc:
             raise NetworkError(
-                f"connection to {self.base_url} failed ({type(exc).__name__})",
-                maybe_accepted=_was_sent(exc),
+                f"connection to {self.base_url} failed ({type(exc).__name__})"
             ) from None
         error, data = error_from_response(
             response.status_code, response.text, response.headers, self._secrets
@@ -211,9 +209,3 @@ class KieClient:
         if error is not None:
             raise error
         return data
-
-
-def _was_sent(exc: requests.ConnectionError) -> bool:
-    """A reset after the request went out may have been accepted upstream."""
-    text = str(exc)
-    return "refused" not in text.lower() and "NewConnectionError" not in text

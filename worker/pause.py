@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.jobstore import KEY_PREFIX
+from worker.jobstore import KEY_PREFIX, decode_text
 
 OPERATOR = "operator"
 #: Each failed probe doubles the delay before the next one, up to this.
@@ -82,7 +82,7 @@ class FleetPause:
         raw = self.redis.hgetall(self.key)
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {decode_text(k): decode_text(v) for k, v in raw.items()}
         return PauseState(
             reason=fields.get("reason", ""),
             message=fields.get("message", ""),
@@ -122,7 +122,3 @@ class FleetPause:
     def _now(self) -> float:
         seconds, micros = self.redis.time()
         return seconds + micros / 1e6
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

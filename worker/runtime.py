@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import redis
 
-from worker.jobstore import JobStore
+from worker.jobstore import JobStore, decode_text
 from worker.kie import KieClient
 from worker.pause import FleetPause
 from worker.ratelimit import SharedRateLimiter
@@ -48,10 +48,6 @@ def _new_kie_client() -> KieClient:
     )
 
 
-def backend_redis() -> redis.Redis:
-    return _backend_redis(os.getpid())
-
-
 def job_store() -> JobStore:
     return _job_store(os.getpid())
 
@@ -77,7 +73,9 @@ def register_api_key() -> None:
 
 def known_api_keys() -> dict[str, str]:
     """Key id -> its ``KIE_RATE_LIMIT``, for every key a worker registered (and our own)."""
-    keys = {_text(k): _text(v) for k, v in broker_redis().hgetall(KNOWN_KEYS_KEY).items()}
+    keys = {
+        decode_text(k): decode_text(v) for k, v in broker_redis().hgetall(KNOWN_KEYS_KEY).items()
+    }
     if get_settings().kie_api_key is not None:
         keys.setdefault(api_key_id(), get_settings().kie_rate_limit)
     return keys
@@ -86,10 +84,6 @@ def known_api_keys() -> dict[str, str]:
 def limiter_for(key_id: str, rate_limit: str | None = None) -> SharedRateLimiter:
     limit, window = parse_rate_limit(rate_limit or get_settings().kie_rate_limit)
     return SharedRateLimiter(broker_redis(), key_id, limit, window)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def pause_for(key_id: str) -> FleetPause:
