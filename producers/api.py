@@ -1,26 +1,38 @@
 """The Python API other services use: ``enqueue_remix``, ``get_job``, ``wait_for_job``.
 
-A request is validated completely before anything is written or enqueued;
-bad input raises :class:`~worker.models.InvalidRequestError`, a ``ValueError``
-whose message is one line naming every bad field.
+A request is validated completely before anything is written or enqueued; bad input
+raises :class:`~worker.models.InvalidRequestError`, a ``ValueError`` whose message is one
+line naming every bad field.
+
+Enqueueing is one atomic write: the job's record, its request and its place in the
+schedule. From then on the job *will* be sent, by the schedule if by nothing else; the
+``remix.submit`` message published right after is only the fast path. So
+``enqueue_remix`` either returns (the job is durably queued) or raises with nothing
+written. (If Redis accepted the write but its answer was lost, the call raises although
+the job exists: the same ``idempotency_key`` on the retry finds it.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import uuid
 from typing import Any
 
-from worker.jobstore import REQUEST_FIELD, TASK_SENT_FIELD
-from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
-from worker.runtime import job_store
-from worker.tasks import send_submit
-from worker.watchdog import STALL_S
+import kombu.exceptions
+import redis
+
+from worker.models import InvalidRequestError, JobRecord, validate_request
+from worker.runtime import services
+
+logger = logging.getLogger("producers")
 
 #: wait_for_job's first and longest pause between reads of the record.
 WAIT_POLL_INITIAL_S = 0.2
 WAIT_POLL_MAX_S = 2.0
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+_PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
 
 
 def enqueue_remix(
@@ -46,26 +58,31 @@ def enqueue_remix(
         }
     )
     check_idempotency_key(idempotency_key)
-    store = job_store()
-    job_id, created = store.create(uuid.uuid4().hex, idempotency_key=idempotency_key)
-    if not created and not _needs_sending(job_id):
-        return job_id
-    # A new job, or one whose producer died between writing it and sending it.
+    svc = services()
     payload = request.upstream_input()
-    store.set_internal(job_id, REQUEST_FIELD, payload)
-    store.expect_progress(job_id, STALL_S)
-    send_submit(job_id, payload)
-    store.set_internal(job_id, TASK_SENT_FIELD, True)
+    job_id, created = svc.store.create(
+        uuid.uuid4().hex,
+        payload,
+        due_in=svc.settings.lease_s,
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        _send_first_step(job_id, payload)
     return job_id
 
 
-def _needs_sending(job_id: str) -> bool:
-    """An earlier job with this key whose producer died before sending it."""
-    store = job_store()
-    if store.get_internal(job_id, TASK_SENT_FIELD):
-        return False
-    record = store.get(job_id)
-    return record is not None and record.state is JobState.QUEUED
+def _send_first_step(job_id: str, payload: dict[str, Any]) -> None:
+    """Publish the first submit; if the broker is away, the schedule sends it instead."""
+    svc = services()
+    try:
+        svc.publisher.submit(job_id, payload, 0, retry=False)
+    except _PUBLISH_ERRORS as exc:
+        logger.warning(
+            "job %s queued; the broker is unavailable (%s), it is sent later", job_id, exc
+        )
+        # Still scheduled if this fails too: then it is sent after its lease.
+        with contextlib.suppress(redis.RedisError):
+            svc.store.due_now([job_id])
 
 
 def check_idempotency_key(key: str | None) -> None:
@@ -80,7 +97,7 @@ def check_idempotency_key(key: str | None) -> None:
 
 def get_job(job_id: str) -> JobRecord | None:
     """The job's record, or None when there is no such job (or it expired)."""
-    return job_store().get(job_id)
+    return services().store.get(job_id)
 
 
 def wait_for_job(job_id: str, timeout: float = 60) -> JobRecord:

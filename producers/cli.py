@@ -10,7 +10,6 @@ import contextlib
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn
@@ -19,10 +18,17 @@ import click
 import kombu.exceptions
 import redis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from producers.api import check_idempotency_key, enqueue_remix, get_job
+from producers.display import (
+    WATCH_INTERVAL_S,
+    batch_table,
+    fail_text,
+    record_json,
+    succeeded,
+    watch_jobs,
+)
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from sandbox.cli import sandbox_command
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
@@ -31,8 +37,6 @@ from worker.settings import ConfigurationError
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 DEFAULT_TIMEOUT_S = 900.0
-#: Pause between two reads of the records of the jobs being watched.
-WATCH_INTERVAL_S = 0.5
 #: Input fields that have their own option and cannot be given with ``--set``.
 OPTION_FIELDS = {
     "prompt": "--prompt",
@@ -176,17 +180,23 @@ class BatchItem:
     idempotency_key: str | None
 
 
-def parse_batch_line(line: int, text: str) -> BatchItem:
+def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
     """Parse and validate one line of a batch file.
 
     :param line: the line number, for the item.
-    :param text: the line: a JSON object with ``enqueue_remix``'s keyword arguments.
+    :param raw: the line: a JSON object with ``enqueue_remix``'s keyword arguments.
     :raises ValueError: with the reason (one line) when the line is bad.
     """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start + 1})") from None
     try:
         data = json.loads(text.strip())
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to be a request") from None
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
     key = data.pop(IDEMPOTENCY_FIELD, None)
@@ -195,7 +205,7 @@ def parse_batch_line(line: int, text: str) -> BatchItem:
     return BatchItem(line, data, key)
 
 
-def parse_batch(lines: Iterable[str]) -> list[BatchItem]:
+def parse_batch(lines: Iterable[str | bytes]) -> list[BatchItem]:
     """Validate every non-blank line of a batch file.
 
     :param lines: the file's lines.
@@ -208,8 +218,9 @@ def parse_batch(lines: Iterable[str]) -> list[BatchItem]:
             continue
         try:
             items.append(parse_batch_line(number, text))
-        except ValueError as exc:
-            errors.append(f"line {number}: {exc}")
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deeply to be a request" if isinstance(exc, RecursionError) else exc
+            errors.append(f"line {number}: {reason}")
     if errors:
         raise BatchError(errors)
     return items
@@ -224,101 +235,6 @@ class BatchError(ValueError):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("; ".join(errors))
-
-
-# ------------------------------------------------------------------ output
-
-
-def record_json(record: JobRecord, indent: int | None = 2) -> str:
-    """The public record as JSON text.
-
-    :param record: the job record.
-    :param indent: JSON indentation; None for one line.
-    """
-    return json.dumps(record.model_dump(mode="json"), indent=indent)
-
-
-def job_seconds(record: JobRecord) -> float | None:
-    """Seconds from enqueueing to the end of a finished job (None while it runs).
-
-    :param record: the job record.
-    """
-    if record.finished_at is None:
-        return None
-    return record.finished_at - record.created_at
-
-
-def _state_counts(records: Iterable[JobRecord | None]) -> str:
-    counts = Counter("missing" if r is None else r.state.value for r in records)
-    return " · ".join(f"{state} {count}" for state, count in sorted(counts.items()))
-
-
-def watch_jobs(
-    job_ids: Sequence[str], timeout: float, console: Console
-) -> dict[str, JobRecord | None]:
-    """Show a progress bar of finished jobs until all finish or ``timeout`` passes.
-
-    :param job_ids: the jobs to watch.
-    :param timeout: seconds to wait at most.
-    :param console: where the progress bar is drawn.
-    :returns: the last record read of every job (None for a job that does not exist).
-    """
-    records: dict[str, JobRecord | None] = dict.fromkeys(job_ids)
-    pending = list(records)
-    deadline = time.monotonic() + timeout
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("waiting", total=len(records))
-        while True:
-            for job_id in pending:
-                records[job_id] = get_job(job_id)
-            pending = [j for j in pending if (r := records[j]) is not None and not r.finished]
-            description = _state_counts(records.values())
-            progress.update(bar, completed=len(records) - len(pending), description=description)
-            if not pending or time.monotonic() >= deadline:
-                return records
-            time.sleep(WATCH_INTERVAL_S)
-
-
-def _succeeded(record: JobRecord | None) -> bool:
-    return record is not None and record.state is JobState.SUCCEEDED
-
-
-def _fail_text(record: JobRecord) -> str:
-    if record.fail_code is None:
-        return ""
-    return f"{record.fail_code}: {record.fail_msg}" if record.fail_msg else record.fail_code
-
-
-def batch_table(
-    items: Sequence[BatchItem], job_ids: Sequence[str], records: dict[str, JobRecord | None]
-) -> Table:
-    """The summary of a batch: one row per request.
-
-    :param items: the batch's requests, in file order.
-    :param job_ids: the job id of each request (the same id for a repeated idempotency key).
-    :param records: job id to last record.
-    """
-    table = Table(title="remixq batch")
-    table.add_column("line", justify="right")
-    table.add_column("job id", no_wrap=True)
-    for name in ("state", "fail", "seconds", "result URLs"):
-        table.add_column(name, overflow="fold")
-    for item, job_id in zip(items, job_ids, strict=True):
-        record = records.get(job_id)
-        if record is None:
-            table.add_row(str(item.line), job_id, "missing", "", "", "")
-            continue
-        seconds = job_seconds(record)
-        table.add_row(
-            str(item.line),
-            job_id,
-            record.state.value,
-            _fail_text(record),
-            "" if seconds is None else f"{seconds:.1f}",
-            "\n".join(record.result_urls),
-        )
-    return table
 
 
 def _exit(code: int) -> NoReturn:
@@ -418,7 +334,7 @@ def _wait_and_report(job_id: str, timeout: float, as_json: bool) -> None:
     if not record.finished:
         raise CliError(f"job {job_id} still {record.state.value} after {timeout:g}s")
     if record.state is not JobState.SUCCEEDED:
-        raise CliError(f"job {job_id} {record.state.value}: {_fail_text(record)}")
+        raise CliError(f"job {job_id} {record.state.value}: {fail_text(record)}")
 
 
 @main.command()
@@ -459,7 +375,7 @@ def resume() -> None:
 
 
 @main.command("submit-batch")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--wait", is_flag=True, help="Wait for every job; exit 1 if any failed.")
 @click.option(
     "--timeout",
@@ -469,7 +385,7 @@ def resume() -> None:
     help="Seconds --wait waits at most, for the whole batch.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one job record per line as JSON.")
-def submit_batch(file: IO[str], wait: bool, timeout: float, as_json: bool) -> None:
+def submit_batch(file: IO[bytes], wait: bool, timeout: float, as_json: bool) -> None:
     """Enqueue one job per line of FILE (a JSON object of enqueue_remix's keyword arguments).
 
     Every line is validated first; if any is bad nothing is enqueued. Prints the job ids
@@ -491,7 +407,7 @@ def submit_batch(file: IO[str], wait: bool, timeout: float, as_json: bool) -> No
         else:
             records = {job_id: get_job(job_id) for job_id in job_ids} if as_json else {}
     _print_batch(items, job_ids, records, as_json=as_json, table=wait)
-    if wait and not all(_succeeded(record) for record in records.values()):
+    if wait and not all(succeeded(record) for record in records.values()):
         _exit(EXIT_FAILED)
 
 

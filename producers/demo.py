@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers.api import enqueue_remix
-from producers.cli import job_seconds, watch_jobs
+from producers.display import job_seconds, watch_jobs
 from sandbox.config import DEFAULT_API_KEY
 from sandbox.control import SandboxControl
 from sandbox.launch import (
@@ -43,8 +43,8 @@ from sandbox.launch import (
     start_sandbox,
     start_worker,
 )
-from worker.app import app
 from worker.models import JobRecord, JobState
+from worker.runtime import configure
 from worker.settings import get_settings
 
 DEMO_DATABASE = 15
@@ -228,10 +228,7 @@ def _holder(received: list[int]) -> Callable[[int, FrameType | None], None]:
 
 def _use_redis(redis_url: str) -> None:
     """Point this process (the producer side) at the demo's Redis."""
-    os.environ["REDIS_URL"] = os.environ["RESULT_BACKEND_URL"] = redis_url
-    os.environ.pop("KIE_CALLBACK_URL", None)
-    get_settings.cache_clear()
-    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    configure(redis_url=redis_url, result_backend_url=redis_url, kie_callback_url=None)
 
 
 def _sandbox_args() -> list[str]:

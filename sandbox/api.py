@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox.callbacks import Callback, Outcome
-from sandbox.config import Endpoint, SandboxConfig, describe_error
+from sandbox.config import Endpoint, FaultStyle, SandboxConfig, describe_error
 from sandbox.images import render_png
+from sandbox.pages import TOO_MANY_REQUESTS, html_page, is_html_page, text_page
 from sandbox.state import SUCCESS, SlidingWindow, Stats, Task
 from sandbox.validation import (
     DEFAULT_IMAGE_SIZE,
@@ -52,6 +53,8 @@ INTERNAL_ERROR = 500
 BAD_GATEWAY = 502
 UNLIMITED_CREDITS = 999999
 TASK_ID_RANDOM_BYTES = 4
+RETRY_AFTER = "Retry-After"
+MIXED_STYLES: tuple[FaultStyle, ...] = ("http", "body", "page")
 CODE_MESSAGES: dict[int, str] = {
     401: "Unauthorized: authentication credentials are missing or invalid",
     402: "Insufficient credits",
@@ -63,11 +66,6 @@ CODE_MESSAGES: dict[int, str] = {
     501: "Generation failed",
     505: "Feature disabled",
 }
-BAD_GATEWAY_PAGE = (
-    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    b"</body>\r\n</html>\r\n"
-)
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,10 @@ class Reply:
     :param code: the code counted in the stats (the body's ``code``, or the HTTP status).
     :param delay: seconds to wait before answering.
     :param reset: reset the connection instead of answering.
+    :param cut: send the headers with the full ``Content-Length``, then only the first half
+        of the body, then close the connection.
+    :param trickle: seconds to wait before each byte of the body (0: the body at once).
+    :param created: the task this answer reports as created (createTask), for the stats.
     """
 
     status: int
@@ -108,10 +110,13 @@ class Reply:
     code: int | None = None
     delay: float = 0.0
     reset: bool = False
+    cut: bool = False
+    trickle: float = 0.0
+    created: Task | None = None
 
 
 RESET = Reply(status=0, reset=True)
-HTML_ERROR = Reply(BAD_GATEWAY, BAD_GATEWAY_PAGE, HTML_TYPE, code=BAD_GATEWAY)
+HTML_ERROR = Reply(BAD_GATEWAY, html_page(BAD_GATEWAY), HTML_TYPE, code=BAD_GATEWAY)
 HEALTHY = Reply(OK, b"ok", TEXT_TYPE, code=OK)
 
 
@@ -127,6 +132,18 @@ def json_reply(
     """
     body = json.dumps(payload, ensure_ascii=False).encode()
     return Reply(status, body, JSON_TYPE, headers, status if code is None else code)
+
+
+def page_reply(status: int, msg: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    """A non-JSON error: an HTML page for 5xx and 429, a line of plain text otherwise.
+
+    :param status: the HTTP status, also the code counted in the stats.
+    :param msg: the error message (only the text form shows it).
+    :param headers: further headers.
+    """
+    if is_html_page(status):
+        return Reply(status, html_page(status), HTML_TYPE, headers, status)
+    return Reply(status, text_page(status, msg), TEXT_TYPE, headers, status)
 
 
 def _parse_json(body: bytes) -> tuple[bool, Any]:
@@ -303,7 +320,12 @@ class SandboxApi:
         return Reply(OK, render_png(task.task_id, index, task.prompt, task.image_size), PNG_TYPE)
 
     def _guarded(self, endpoint: Endpoint, request: Request, answer: Callable[[], Reply]) -> Reply:
-        """Injected faults and maintenance first, then authentication, then ``answer``."""
+        """Injected faults and maintenance first, then authentication, then ``answer``.
+
+        The answer found may then be dropped, cut or trickled. Random draws, each made only
+        when its rate is above 0: reset, HTML page, slow, fault code, mixed style, drop, cut,
+        trickle.
+        """
         transport_fault = self._transport_fault(endpoint)
         if transport_fault is not None:
             return transport_fault
@@ -314,6 +336,7 @@ class SandboxApi:
             or self._auth_error(request)
             or answer()
         )
+        reply = self._delivery_fault(endpoint, reply)
         return replace(reply, delay=delay) if delay else reply
 
     def _transport_fault(self, endpoint: Endpoint) -> Reply | None:
@@ -328,6 +351,33 @@ class SandboxApi:
             self._stats.html_errors += 1
             return HTML_ERROR
         return None
+
+    def _delivery_fault(self, endpoint: Endpoint, reply: Reply) -> Reply:
+        """``reply`` dropped (a created task's answer only), or cut and/or trickled, at random.
+
+        A created task whose answer is dropped or cut is counted as ambiguous: the client
+        cannot know it was created.
+        """
+        config = self._config
+        if reply.created is not None and self._draw(config.drop_rate):
+            self._stats.dropped += 1
+            self._count_ambiguous(reply.created)
+            return RESET
+        if endpoint not in config.fault_endpoints:
+            return reply
+        cut = self._draw(config.cut_rate)
+        trickle = self._draw(config.trickle_rate)
+        if cut:
+            self._stats.cut_bodies += 1
+            if reply.created is not None:
+                self._count_ambiguous(reply.created)
+        if trickle:
+            self._stats.trickled += 1
+        return replace(reply, cut=cut, trickle=config.trickle_seconds if trickle else 0.0)
+
+    def _count_ambiguous(self, task: Task) -> None:
+        self._stats.ambiguous += 1
+        self._stats.ambiguous_by_prompt[task.prompt] += 1
 
     def _slow_delay(self, endpoint: Endpoint) -> float:
         config = self._config
@@ -387,7 +437,7 @@ class SandboxApi:
         if wait <= 0:
             return None
         self._stats.rate_limited += 1
-        headers = (("Retry-After", str(max(1, math.ceil(wait)))),)
+        headers = ((RETRY_AFTER, str(max(1, math.ceil(wait)))),)
         return self._error(429, headers=headers if config.retry_after_header else ())
 
     def _accept(
@@ -417,7 +467,7 @@ class SandboxApi:
         self._stats.create_accepted += 1
         self._stats.accepted_at.append(now)
         self._stats.accepted_by_prompt[task.prompt] += 1
-        return _success({"taskId": task.task_id})
+        return replace(_success({"taskId": task.task_id}), created=task)
 
     def _lookup(self, request: Request) -> Reply:
         task_id = (request.query.get("taskId") or [""])[0]
@@ -442,10 +492,32 @@ class SandboxApi:
     def _error(
         self, code: int, msg: str | None = None, headers: tuple[tuple[str, str], ...] = ()
     ) -> Reply:
-        """A ``{"code", "msg"}`` answer; its HTTP status follows the configured fault style."""
+        """An error answer in the configured fault style, counted as ``code`` in the stats.
+
+        ``http``: JSON ``{"code", "msg"}`` with the HTTP status ``code``; ``body``: the same
+        JSON with HTTP 200; ``page``: HTTP status ``code`` with an HTML or text page;
+        ``mixed``: one of these three, drawn at random.
+
+        :param code: the error code.
+        :param msg: the message; the code's usual one when None.
+        :param headers: further headers (a 429's ``Retry-After`` may be replaced).
+        """
         style = self._config.fault_style
         if style == "mixed":
-            style = self._rng.choice(("http", "body"))
+            style = self._rng.choice(MIXED_STYLES)
+        text = msg or CODE_MESSAGES[code]
+        headers = self._retry_after(code, headers)
+        if style == "page":
+            return page_reply(code, text, headers)
         status = code if style == "http" else OK
-        payload = {"code": code, "msg": msg or CODE_MESSAGES[code]}
-        return json_reply(status, payload, code=code, headers=headers)
+        return json_reply(status, {"code": code, "msg": text}, code=code, headers=headers)
+
+    def _retry_after(
+        self, code: int, headers: tuple[tuple[str, str], ...]
+    ) -> tuple[tuple[str, str], ...]:
+        """``headers``, with the configured ``retry_after`` as the header of a 429."""
+        value = self._config.retry_after
+        if code != TOO_MANY_REQUESTS or value is None:
+            return headers
+        others = tuple((name, text) for name, text in headers if name != RETRY_AFTER)
+        return (*others, (RETRY_AFTER, value))

@@ -94,7 +94,8 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     type=click.Choice(get_args(FaultStyle)),
     default=DEFAULTS.fault_style,
     show_default=True,
-    help="http: HTTP status = code; body: HTTP 200 with the code; mixed: either.",
+    help="http: HTTP status = code; body: HTTP 200 with the code; page: HTTP status = code "
+    "with an HTML or text page; mixed: any of these.",
 )
 @click.option(
     "--reset-rate",
@@ -119,9 +120,42 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 )
 @click.option("--slow-seconds", type=SECONDS, default=DEFAULTS.slow_seconds, show_default=True)
 @click.option(
+    "--cut-rate",
+    type=PROBABILITY,
+    default=DEFAULTS.cut_rate,
+    show_default=True,
+    help="Probability of sending the headers and half the body, then closing.",
+)
+@click.option(
+    "--drop-rate",
+    type=PROBABILITY,
+    default=DEFAULTS.drop_rate,
+    show_default=True,
+    help="Probability of creating a task, then resetting the connection instead of answering.",
+)
+@click.option(
+    "--trickle-rate",
+    type=PROBABILITY,
+    default=DEFAULTS.trickle_rate,
+    show_default=True,
+    help="Probability of sending the body one byte at a time.",
+)
+@click.option(
+    "--trickle-seconds",
+    type=SECONDS,
+    default=DEFAULTS.trickle_seconds,
+    show_default=True,
+    help="Wait before each byte of a trickled body.",
+)
+@click.option(
     "--rate-limit",
     metavar="N/Ss",
     help="createTask budget per key, e.g. 20/10s; excess is answered 429 and dropped.",
+)
+@click.option(
+    "--retry-after",
+    metavar="VALUE",
+    help="Retry-After header of every 429, sent verbatim (e.g. 86400, inf, an HTTP date).",
 )
 @click.option(
     "--credits",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -9,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from worker.settings import parse_rate_limit
 
 FaultCode = Literal[429, 455, 500]
-FaultStyle = Literal["http", "body", "mixed"]
+FaultStyle = Literal["http", "body", "page", "mixed"]
 Endpoint = Literal["createTask", "recordInfo"]
 ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo")
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -17,14 +18,19 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 DEFAULT_API_KEY = "sk-sandbox"
 VALUE_ERROR_PREFIX = "Value error, "
 PYDANTIC_KEY_MARK = "[key]"
+#: What a header value may hold: tab, printable ASCII and Latin-1 bytes (RFC 9110 obs-text).
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 class SandboxConfig(BaseModel):
     """Behaviour of the sandbox; every field can be changed while it runs.
 
-    Random faults (``faults``, ``reset_rate``, ``html_rate``, ``slow_rate``) hit only the
-    endpoints named in ``fault_endpoints``; ``maintenance`` hits createTask, recordInfo
-    and the credit endpoint.
+    Random faults (``faults``, ``reset_rate``, ``html_rate``, ``slow_rate``, ``cut_rate``,
+    ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate``
+    hits accepted createTask requests whatever ``fault_endpoints`` says; ``maintenance``
+    hits createTask, recordInfo and the credit endpoint. ``retry_after``, when set, is the
+    ``Retry-After`` header of every 429 answer, sent verbatim (it overrides
+    ``retry_after_header``).
     """
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")
@@ -38,8 +44,13 @@ class SandboxConfig(BaseModel):
     html_rate: Probability = 0.0
     slow_rate: Probability = 0.0
     slow_seconds: float = Field(default=2.0, ge=0.0)
+    cut_rate: Probability = 0.0
+    drop_rate: Probability = 0.0
+    trickle_rate: Probability = 0.0
+    trickle_seconds: float = Field(default=1.0, ge=0.0)
     rate_limit: str | None = None
     retry_after_header: bool = True
+    retry_after: str | None = None
     credits: int | None = Field(default=None, ge=0)
     maintenance: bool = False
     webhook_hmac_key: str | None = None
@@ -65,6 +76,13 @@ class SandboxConfig(BaseModel):
     def _check_rate_limit(cls, value: str | None) -> str | None:
         if value is not None:
             parse_rate_limit(value)
+        return value
+
+    @field_validator("retry_after")
+    @classmethod
+    def _check_header_value(cls, value: str | None) -> str | None:
+        if value is not None and HEADER_VALUE.fullmatch(value) is None:
+            raise ValueError("must be a header value: Latin-1 text without control characters")
         return value
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import struct
 import threading
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 from sandbox.api import INTERNAL_ERROR, Reply, Request, SandboxApi, json_reply
 from sandbox.callbacks import CallbackDispatcher
 from sandbox.config import SandboxConfig
+from sandbox.pages import REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,6 @@ LOCALHOST = "localhost"
 IDLE_TIMEOUT_S = 60.0
 SHUTDOWN_POLL_S = 0.05
 STOP_JOIN_TIMEOUT_S = 5.0
-REASONS = {455: "Service Unavailable", 501: "Generation Failed", 505: "Feature Disabled"}
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -87,13 +88,60 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.reset:
             self._reset_connection()
             return
+        self._send_head(reply)
+        self._send_body(reply)
+
+    def _send_head(self, reply: Reply) -> None:
+        """The status line and headers; ``Content-Length`` is always the whole body's."""
         self.send_response(reply.status, REASONS.get(reply.status))
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
         for name, value in reply.headers:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(reply.body)
+
+    def _send_body(self, reply: Reply) -> None:
+        """The body at once or trickled; for a cut, only its first half, then a close."""
+        body = reply.body[: len(reply.body) // 2] if reply.cut else reply.body
+        if reply.trickle:
+            self._trickle(body, reply.trickle)
+        else:
+            self.wfile.write(body)
+        if reply.cut:
+            self.close_connection = True
+
+    def _trickle(self, body: bytes, seconds: float) -> None:
+        """Write ``body`` a byte at a time, ``seconds`` before each; stop when the client goes."""
+        for index in range(len(body)):
+            if self._client_gone(seconds):
+                self.close_connection = True
+                return
+            try:
+                self.wfile.write(body[index : index + 1])
+            except OSError:
+                self.close_connection = True
+                return
+
+    def _client_gone(self, wait: float) -> bool:
+        """Wait ``wait`` seconds, or less when the client closes or resets the connection.
+
+        :returns: whether the client is gone.
+        """
+        deadline = time.monotonic() + wait
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if readable and self._peer_closed():
+            return True
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        return False
+
+    def _peer_closed(self) -> bool:
+        """Whether the readable connection is at its end (or reset), without consuming data."""
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _reset_connection(self) -> None:
         """Close with SO_LINGER (1, 0): the peer gets a TCP RST and no answer."""

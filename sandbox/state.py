@@ -101,7 +101,11 @@ class Task:
 
 @dataclass
 class Stats:
-    """Counters served at ``/_sandbox/stats``; see :meth:`as_json` for the keys."""
+    """Counters served at ``/_sandbox/stats``; see :meth:`as_json` for the keys.
+
+    ``ambiguous`` counts createTask requests that created a task whose answer the client
+    did not get whole (dropped, or a cut body); ``ambiguous_by_prompt`` splits them by prompt.
+    """
 
     create_requests: int = 0
     create_accepted: int = 0
@@ -112,6 +116,10 @@ class Stats:
     resets: int = 0
     html_errors: int = 0
     slow_answers: int = 0
+    cut_bodies: int = 0
+    dropped: int = 0
+    trickled: int = 0
+    ambiguous: int = 0
     callbacks_sent: int = 0
     callbacks_failed: int = 0
     callbacks_refused: int = 0
@@ -119,6 +127,7 @@ class Stats:
     accepted_at: list[float] = field(default_factory=list)
     create_requests_by_prompt: Counter[str] = field(default_factory=Counter)
     accepted_by_prompt: Counter[str] = field(default_factory=Counter)
+    ambiguous_by_prompt: Counter[str] = field(default_factory=Counter)
 
     def as_json(self, tasks: int) -> dict[str, Any]:
         """The counters as a JSON-ready dict, with ``tasks`` (the number of tasks held)."""

@@ -19,7 +19,10 @@ import pytest
 import redis
 
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess, redis_ping, start_sandbox, start_worker
+from sandbox.launch import ManagedProcess, start_sandbox, start_worker
+from tests.helpers import empty_database
+
+pytest_plugins = ["tests.policy_kit"]
 
 TEST_REDIS_URL = os.environ.get("REMIXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 #: A distinctive key, so that a leak into a log line or a Redis value is found.
@@ -33,6 +36,8 @@ FAST_SETTINGS = {
     "REMIX_MAX_RETRIES": "8",
     "REMIX_DEADLINE_S": "120",
     "REMIX_PAUSE_PROBE_S": "1",
+    # A short request deadline makes a short lease: a lost job is sent again within 25 s.
+    "KIE_REQUEST_DEADLINE_S": "10",
     # Tests of other behaviour should not wait for the key's budget.
     "KIE_RATE_LIMIT": "1000/1s",
 }
@@ -48,6 +53,11 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
     "credits": None,
     "maintenance": False,
     "generation_seconds": SANDBOX_GENERATION_S,
+    "cut_rate": 0.0,
+    "drop_rate": 0.0,
+    "trickle_rate": 0.0,
+    "trickle_seconds": 1.0,
+    "retry_after": None,
 }
 
 
@@ -58,12 +68,8 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_client() -> Iterator[redis.Redis]:
-    if not redis_ping(TEST_REDIS_URL):
-        pytest.fail(f"integration tests need Redis at {TEST_REDIS_URL} (see README)")
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    yield client
-    client.close()
+    with empty_database(TEST_REDIS_URL, "integration tests", empty_after=False) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
@@ -102,20 +108,11 @@ def worker_env(sandbox_url: str, **overrides: str) -> dict[str, str]:
 @pytest.fixture(scope="session", autouse=True)
 def producer_env(redis_client: redis.Redis) -> Iterator[None]:
     """Point this process (the producer side) at the test Redis."""
-    from worker.settings import get_settings
+    from worker.runtime import configure
 
-    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "RESULT_BACKEND_URL")}
-    os.environ["REDIS_URL"] = os.environ["RESULT_BACKEND_URL"] = TEST_REDIS_URL
-    get_settings.cache_clear()
-    from worker.app import app
-
-    app.conf.broker_url = app.conf.result_backend = TEST_REDIS_URL
+    configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    configure()
 
 
 StartWorkers = Callable[..., list[ManagedProcess]]

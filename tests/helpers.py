@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import pytest
+import redis
+
 from sandbox.control import SandboxControl
+from sandbox.launch import redis_ping
 
 T = TypeVar("T")
 
@@ -31,3 +36,21 @@ def create_requests(control: SandboxControl, prompt: str) -> int:
 def accepted(control: SandboxControl, prompt: str) -> int:
     """Upstream tasks the sandbox created (and would charge) for ``prompt``."""
     return int(control.stats()["accepted_by_prompt"].get(prompt, 0))
+
+
+@contextlib.contextmanager
+def empty_database(url: str, who: str, *, empty_after: bool = True) -> Iterator[redis.Redis]:
+    """A client of the Redis database at ``url``, emptied first (and after, by default).
+
+    Fails the test with a clear reason when no Redis answers there.
+    """
+    if not redis_ping(url):
+        pytest.fail(f"{who} need Redis at {url} (see README)")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        if empty_after:
+            client.flushdb()
+        client.close()

@@ -21,7 +21,8 @@ import pytest
 import redis
 
 from producers.cli import BadInput, parse_assignment, parse_assignments, parse_batch
-from sandbox.launch import free_port, redis_ping
+from sandbox.launch import free_port
+from tests.helpers import empty_database
 
 CLI_REDIS_URL = os.environ.get("REMIXQ_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/13")
 REMIXQ = Path(sys.executable).with_name("remixq")
@@ -36,13 +37,8 @@ GOOD_LINE = {"prompt": "a knight", "image_url": IMAGE, "reference_image_urls": [
 @pytest.fixture
 def cli_redis() -> Iterator[redis.Redis]:
     """The commands' Redis database, empty at the start and the end of the test."""
-    if not redis_ping(CLI_REDIS_URL):
-        pytest.fail(f"the CLI tests need Redis at {CLI_REDIS_URL} (see README)")
-    client = redis.Redis.from_url(CLI_REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with empty_database(CLI_REDIS_URL, "the CLI tests") as client:
+        yield client
 
 
 def remixq(*args: str, redis_url: str = CLI_REDIS_URL) -> subprocess.CompletedProcess[str]:
@@ -271,6 +267,26 @@ def test_batch_json_prints_one_record_per_line(cli_redis: redis.Redis, tmp_path:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["state"] for r in records] == ["queued", "queued"]
     assert cli_redis.llen("submit") == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"prompt": "caf\xe9"}\n', "line 1: not valid UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 1: nested too deeply"),
+        (b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"\n", "line 1: nested too deeply"),
+    ],
+)
+def test_batch_with_undecodable_or_deeply_nested_line_is_one_line_exit_2(
+    cli_redis: redis.Redis, tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(json.dumps(GOOD_LINE).encode() + b"\n" + content)
+    expected = expected.replace("line 1", "line 2")
+    result = remixq("submit-batch", str(path))
+    assert_refused(result, expected)
+    assert "Traceback" not in result.stderr
+    assert enqueued(cli_redis) == (0, set())
 
 
 def test_empty_batch_is_bad_input(cli_redis: redis.Redis, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
 from worker.jobstore import RETRIES_FIELD
 from worker.models import JobState
-from worker.runtime import job_store
+from worker.runtime import services
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 WORKER_COUNT = 3
@@ -69,7 +69,7 @@ def test_maintenance_pauses_every_worker_and_resumes_by_probe(control: SandboxCo
     assert sum(create_requests(control, p) for p in prompts) == sent <= len(prompts)
     for job_id in job_ids:
         assert get_job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
-        assert not job_store().get_internal(job_id, RETRIES_FIELD)
+        assert not services().store.get_internal(job_id, RETRIES_FIELD)
 
     control.configure(maintenance=False)
     records = [wait_for_job(j, timeout=JOB_TIMEOUT_S) for j in job_ids]

@@ -217,19 +217,19 @@ def test_api_key_never_stored_in_redis_or_logged(
         assert secret not in log
 
 
-def test_watchdog_resends_a_job_whose_message_was_lost(control: SandboxControl) -> None:
-    """A submit message lost by the broker (taken, then the worker died) is re-sent."""
-    from worker.jobstore import REQUEST_FIELD
-    from worker.runtime import job_store
+def test_a_job_whose_message_was_lost_is_sent_by_the_schedule(control: SandboxControl) -> None:
+    """No message at all (the broker lost it, the producer died): the schedule sends the job."""
+    from worker.runtime import services
 
     prompt = unique_prompt("lost-message")
-    store = job_store()
-    job_id, created = store.create(f"lost-{prompt[-10:]}")
+    store = services().store
+    job_id, created = store.create(
+        f"lost-{prompt[-10:]}", {"prompt": prompt, **REMIX_INPUT}, due_in=0.5
+    )
     assert created
-    store.set_internal(job_id, REQUEST_FIELD, {"prompt": prompt, **REMIX_INPUT})
-    store.expect_progress(job_id, -1)  # overdue, and no message exists for it
 
     record = wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
 
     assert record.state is JobState.SUCCEEDED
     assert accepted(control, prompt) == 1
+    assert store.scheduled(job_id) is None  # a finished job leaves the schedule

@@ -13,8 +13,8 @@ between Celery minor versions) and every per-process singleton of ``worker.runti
 restoring all of it for the modules that run later; a miss would silently send jobs to the
 wrong Redis. The subprocess shares no state with this process, so nothing can leak.
 
-Recovery times follow from ``worker.app``: a killed worker's messages come back after the
-broker's visibility timeout (90 s), lost ones after the watchdog's stall limit (100 s).
+Recovery times follow from the schedule's lease (``Settings.lease_s``: the request deadline of
+10 s in these tests plus 15 s): a job whose worker died is sent again once its lease runs out.
 """
 
 from __future__ import annotations
@@ -49,16 +49,17 @@ from sandbox.launch import (
 )
 from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
-from worker.jobstore import SUBMIT_CLAIM_KEY, JobStore
+from worker import keys
+from worker.jobstore import ATTEMPT_FIELD, JobStore
 from worker.models import JobRecord, JobState
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 API_KEY = f"sk-resilience-{uuid.uuid4().hex}"
 GENERATION_S = 3
-#: Visibility timeout (90 s) or watchdog (100 s) + a sweep + the job itself; as in
-#: test_pipeline_crash.
-RECOVERY_BUDGET_S = 170
+#: The lease (25 s here) + an attempt left open by the killed worker settling (55 s) + the
+#: job itself, with room to spare.
+RECOVERY_BUDGET_S = 120
 JOB_TIMEOUT_S = 60
 REDIS_START_TIMEOUT_S = 10.0
 REDIS_DOWN_S = 3.0
@@ -69,7 +70,6 @@ THROTTLE = "4/1s"
 THROTTLED_MAX_RETRIES = "60"
 #: How long Redis writes may stay paused while a worker is killed or Redis is stopped.
 WRITE_PAUSE_MS = 3000
-CLAIM_PATTERN = SUBMIT_CLAIM_KEY.format("*")
 SANDBOX_RESET = {
     "faults": {},
     "fault_endpoints": ["createTask", "recordInfo"],
@@ -286,9 +286,9 @@ def split_by_acceptance(store: JobStore, job_ids: Sequence[str]) -> tuple[int, i
 def between_create_tasks(server: PrivateRedis) -> Iterator[redis.Redis]:
     """Pause every Redis write of the fleet at a moment when no createTask answer is outstanding.
 
-    A worker holds the job's submit claim from just before its createTask until the answer
-    is recorded (``worker.tasks``). While writes are paused nobody can take a claim, so when
-    none exists no worker is between an upstream acceptance and its record. A worker killed
+    A job's record holds an open attempt from just before its createTask until the answer is
+    recorded (``worker.submit_policy``). While writes are paused nobody can open one, so when
+    none is open no worker is between an upstream acceptance and its record. A worker killed
     (or Redis stopped) in this block tests recovery without landing in the one window the
     design admits may charge a job twice: an answer lost with the process that received it.
     Yields the admin client, so the block can also shut the server down.
@@ -297,7 +297,7 @@ def between_create_tasks(server: PrivateRedis) -> Iterator[redis.Redis]:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         admin.client_pause(WRITE_PAUSE_MS, all=False)
-        if next(admin.scan_iter(match=CLAIM_PATTERN), None) is None:
+        if not any_attempt_open(admin):
             break
         admin.client_unpause()
         assert time.monotonic() < deadline, "a submit claim was held the whole time"
@@ -308,6 +308,15 @@ def between_create_tasks(server: PrivateRedis) -> Iterator[redis.Redis]:
         with contextlib.suppress(redis.ConnectionError):
             admin.client_unpause()
         admin.close()
+
+
+def any_attempt_open(client: redis.Redis) -> bool:
+    """Whether any job's record holds an open createTask attempt."""
+    for key in client.scan_iter(match=keys.JOB_PREFIX + "*"):
+        raw = client.hget(key, ATTEMPT_FIELD)
+        if raw is not None and json.loads(raw) is not None:
+            return True
+    return False
 
 
 def submits_received(worker: ManagedProcess) -> set[str]:
@@ -389,8 +398,7 @@ def test_redis_restart_with_aof_mid_run_every_job_finishes_once(
     statuses = [w.popen.poll() for w in workers]
     assert statuses == [None] * len(workers), f"exit statuses {statuses}; logs: {fleet.logs()}"
 
-    # Held messages come back after the visibility timeout; a submit whose retry could not be
-    # published during the outage is re-sent by the watchdog.
+    # Jobs whose steps were cut off by the outage are sent again by the schedule.
     final = wait_finished(store, job_ids, RECOVERY_BUDGET_S, fleet.logs())
 
     assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}

@@ -7,8 +7,10 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import queue
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -241,6 +243,7 @@ def test_injected_429_in_both_styles(
     answer = create(http, server)
     assert answer.status_code == status
     assert answer.json()["code"] == 429
+    assert "Retry-After" not in answer.headers
     assert server.stats()["create_by_code"] == {"429": 1}
     assert server.stats()["tasks"] == 0
 
@@ -256,10 +259,102 @@ def test_fault_endpoints_limit_where_faults_hit(
     assert record(http, server, task_id).json()["code"] == 500
 
 
-def test_mixed_style_answers_both_ways(http: requests.Session, server: SandboxServer) -> None:
+def answer_style(answer: requests.Response) -> str:
+    """``http``, ``body`` or ``page``: how an error answer was written."""
+    if not answer.headers["Content-Type"].startswith("application/json"):
+        return "page"
+    return "body" if answer.status_code == 200 else "http"
+
+
+def test_mixed_style_answers_in_all_three_styles(
+    http: requests.Session, server: SandboxServer
+) -> None:
     server.configure(faults={455: 1.0}, fault_style="mixed")
-    statuses = {create(http, server).status_code for _ in range(20)}
-    assert statuses == {200, 455}
+    answers = [create(http, server) for _ in range(30)]
+    assert {answer_style(answer) for answer in answers} == {"http", "body", "page"}
+    assert {answer.status_code for answer in answers} == {200, 455}
+    assert server.stats()["create_by_code"] == {"455": 30}
+
+
+PAGE_CASES: list[tuple[int, dict[str, Any], str, str]] = [
+    (401, {}, "wrong", "text/plain"),
+    (402, {"credits": 0}, API_KEY, "text/plain"),
+    (429, {"faults": {429: 1.0}}, API_KEY, "text/html"),
+    (455, {"maintenance": True}, API_KEY, "text/plain"),
+    (500, {"faults": {500: 1.0}}, API_KEY, "text/html"),
+]
+
+
+@pytest.mark.parametrize(("code", "settings", "key", "content_type"), PAGE_CASES)
+def test_page_style_errors_are_not_json(
+    http: requests.Session,
+    server: SandboxServer,
+    code: int,
+    settings: dict[str, Any],
+    key: str,
+    content_type: str,
+) -> None:
+    server.configure(fault_style="page", **settings)
+    answer = create(http, server, key=key)
+    assert answer.status_code == code
+    assert answer.headers["Content-Type"].startswith(content_type)
+    with pytest.raises(ValueError):
+        answer.json()
+    if content_type == "text/html":
+        assert f"<title>{code} " in answer.text and "nginx" in answer.text
+    else:
+        assert answer.text.startswith(f"{code} ")
+    assert server.stats()["create_by_code"] == {str(code): 1}
+    assert server.stats()["tasks"] == 0
+
+
+def test_page_style_texts_and_pages_everywhere(
+    http: requests.Session, server: SandboxServer
+) -> None:
+    server.configure(fault_style="page", credits=0)
+    assert create(http, server).text == "402 Payment Required: Insufficient credits\n"
+    unauthorized = create(http, server, key="wrong").text
+    assert unauthorized == "401 Unauthorized: authentication credentials are missing or invalid\n"
+    missing = record(http, server, "task_ideogram_0_unknown")
+    assert missing.status_code == 404
+    assert missing.text == "404 Not Found: task task_ideogram_0_unknown not found\n"
+    server.configure(credits=None)
+    directive = create(http, server, create_body(unique_prompt("[sandbox:create=505]")))
+    assert directive.status_code == 505
+    assert "<title>505 Feature Disabled</title>" in directive.text
+    empty_prompt = create_body()
+    empty_prompt["input"]["prompt"] = ""
+    invalid = create(http, server, empty_prompt)
+    assert invalid.status_code == 422 and invalid.headers["Content-Type"].startswith("text/plain")
+    assert invalid.text.startswith("422 Unprocessable Entity: input.prompt")
+    server.configure(maintenance=True)
+    credit = http.get(server.url + CREDIT, headers=AUTH, timeout=5)
+    assert credit.status_code == 455
+    assert credit.text == "455 Service Unavailable: the system is under maintenance\n"
+    server.configure(maintenance=False, faults={500: 1.0}, fault_endpoints=["recordInfo"])
+    server_error = record(http, server, "task_ideogram_0_unknown")
+    assert server_error.status_code == 500
+    assert server_error.headers["Content-Type"].startswith("text/html")
+    assert "<title>500 Internal Server Error</title>" in server_error.text
+    assert server.stats()["record_by_code"] == {"404": 1, "500": 1}
+
+
+RETRY_AFTER_VALUES = ["inf", "nan", "86400", "1e308", "-5", "0", "Wed, 21 Oct 2015 07:28:00 GMT"]
+
+
+@pytest.mark.parametrize("value", RETRY_AFTER_VALUES)
+def test_retry_after_is_sent_verbatim_on_every_429(
+    http: requests.Session, server: SandboxServer, value: str
+) -> None:
+    server.configure(retry_after=value, faults={429: 1.0})
+    assert create(http, server).headers["Retry-After"] == value
+    server.configure(faults={}, rate_limit="1/60s")
+    assert create(http, server).status_code == 200
+    limited = create(http, server)
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == value
+    server.configure(retry_after_header=False, fault_style="page")
+    assert create(http, server).headers["Retry-After"] == value
+    assert server.stats()["rate_limited"] == 2
 
 
 def test_rate_limit_answers_429_with_retry_after_and_drops(
@@ -365,6 +460,174 @@ def test_html_error_page_is_502(http: requests.Session, server: SandboxServer) -
     assert "502 Bad Gateway" in answer.text
 
 
+def raw_create(server: SandboxServer, body: dict[str, Any]) -> bytes:
+    """Send a createTask over a bare socket; everything received until the server closes."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {CREATE} HTTP/1.1\r\nHost: {server.host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection((server.host, server.port), timeout=5) as connection:
+        connection.sendall(head.encode() + payload)
+        while chunk := connection.recv(4096):
+            received += chunk
+    return received
+
+
+def test_cut_body_sends_the_full_length_then_half_and_closes(server: SandboxServer) -> None:
+    server.configure(cut_rate=1.0)
+    head, _, body = raw_create(server, create_body()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(
+        next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Length")).split(
+            b":"
+        )[1]
+    )
+    assert 0 < len(body) == length // 2 < length
+    assert body.startswith(b'{"code": 200')
+    assert server.stats()["cut_bodies"] == 1
+
+
+Receiver = tuple[str, "queue.Queue[tuple[dict[str, str], bytes]]"]
+
+
+def delivered_task_id(receiver: Receiver) -> str:
+    """The task id of the next callback the receiver gets."""
+    _, deliveries = receiver
+    _, payload = deliveries.get(timeout=WAIT_S)
+    task_id: str = json.loads(payload)["data"]["taskId"]
+    return task_id
+
+
+def test_cut_create_answer_still_creates_the_task_and_is_ambiguous(
+    http: requests.Session, server: SandboxServer, receiver: Receiver
+) -> None:
+    server.configure(cut_rate=1.0, fault_endpoints=["createTask"])
+    prompt = unique_prompt("[sandbox:seconds=0] cut")
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        create(http, server, {**create_body(prompt), "callBackUrl": receiver[0]})
+    data = record(http, server, delivered_task_id(receiver)).json()["data"]
+    assert data["state"] == "success"
+    assert json.loads(data["param"])["input"]["prompt"] == prompt
+    stats = server.stats()
+    assert stats["cut_bodies"] == 1 and stats["create_by_code"] == {"200": 1}
+    assert stats["ambiguous"] == 1 and stats["ambiguous_by_prompt"] == {prompt: 1}
+    assert stats["tasks"] == 1
+
+
+def test_cut_of_an_answer_that_created_nothing_is_not_ambiguous(
+    http: requests.Session, server: SandboxServer
+) -> None:
+    server.configure(cut_rate=1.0)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        create(http, server, key="wrong")
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        record(http, server, "task_ideogram_0_unknown")
+    server.configure(fault_endpoints=["recordInfo"])
+    assert create(http, server).status_code == 200
+    stats = server.stats()
+    assert stats["cut_bodies"] == 2 and stats["ambiguous"] == 0
+    assert stats["ambiguous_by_prompt"] == {}
+
+
+def test_drop_creates_charges_and_calls_back_but_resets(
+    http: requests.Session, server: SandboxServer, receiver: Receiver
+) -> None:
+    server.configure(drop_rate=1.0, credits=3, fault_endpoints=["recordInfo"])
+    prompt = unique_prompt("[sandbox:seconds=0] dropped")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        create(http, server, {**create_body(prompt), "callBackUrl": receiver[0]})
+    answer = record(http, server, delivered_task_id(receiver))
+    assert answer.status_code == 200 and answer.json()["data"]["state"] == "success"
+    assert server.config.credits == 2
+    stats = server.stats()
+    assert stats["dropped"] == 1 and stats["create_accepted"] == 1
+    assert stats["ambiguous"] == 1 and stats["ambiguous_by_prompt"] == {prompt: 1}
+    assert stats["accepted_by_prompt"] == {prompt: 1}
+    assert stats["create_by_code"] == {} and stats["resets"] == 0
+
+
+def test_drop_spares_answers_that_create_nothing(
+    http: requests.Session, server: SandboxServer
+) -> None:
+    task_id = create(http, server).json()["data"]["taskId"]
+    server.configure(drop_rate=1.0)
+    assert record(http, server, task_id).status_code == 200
+    assert create(http, server, key="wrong").status_code == 401
+    server.configure(credits=0)
+    assert create(http, server).status_code == 402
+    stats = server.stats()
+    assert stats["dropped"] == 0 and stats["ambiguous"] == 0
+
+
+def fault_outcomes(seed: int) -> list[str]:
+    """What 12 createTask requests meet under cut and drop faults with this seed."""
+    config = SandboxConfig(api_key=API_KEY, seed=seed, cut_rate=0.3, drop_rate=0.3)
+    outcomes: list[str] = []
+    with SandboxServer(config) as server, requests.Session() as session:
+        session.trust_env = False
+        for _ in range(12):
+            try:
+                create(session, server)
+                outcomes.append("ok")
+            except requests.exceptions.ChunkedEncodingError:
+                outcomes.append("cut")
+            except requests.exceptions.ConnectionError:
+                outcomes.append("drop")
+    return outcomes
+
+
+def test_seeded_cuts_and_drops_repeat() -> None:
+    first = fault_outcomes(seed=11)
+    assert set(first) == {"ok", "cut", "drop"}
+    assert fault_outcomes(seed=11) == first
+
+
+def test_trickle_sends_headers_at_once_then_a_byte_per_interval(
+    http: requests.Session, server: SandboxServer
+) -> None:
+    server.configure(trickle_rate=1.0, trickle_seconds=0.01, fault_endpoints=["createTask"])
+    started = time.monotonic()
+    answer = http.post(
+        server.url + CREATE, json=create_body(), headers=AUTH, stream=True, timeout=(5, 0.5)
+    )
+    headers_after = time.monotonic() - started
+    body = answer.content
+    total = time.monotonic() - started
+    expected = len(body) * 0.01
+    assert int(answer.headers["Content-Length"]) == len(body) and expected > 0.5
+    assert json.loads(body)["code"] == 200
+    assert headers_after < expected / 2
+    assert expected * 0.95 <= total < expected + 2.0
+    stats = server.stats()
+    assert stats["trickled"] == 1 and stats["ambiguous"] == 0
+
+
+def test_trickle_stops_quietly_when_the_client_goes(
+    server: SandboxServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sandbox.server")
+    server.configure(trickle_rate=1.0, trickle_seconds=3.0)
+    before = set(threading.enumerate())
+    payload = json.dumps(create_body()).encode()
+    head = (
+        f"POST {CREATE} HTTP/1.1\r\nHost: {server.host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection((server.host, server.port), timeout=5) as connection:
+        connection.sendall(head.encode() + payload)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200 ")
+    handlers = [
+        thread for thread in set(threading.enumerate()) - before if "process_request" in thread.name
+    ]
+    assert len(handlers) == 1
+    handlers[0].join(timeout=1.0)
+    assert not handlers[0].is_alive(), "the handler kept trickling to a closed connection"
+    assert not [entry for entry in caplog.records if entry.exc_info]
+    assert server.stats()["trickled"] == 1
+
+
 def test_slow_answers_are_delayed(http: requests.Session, server: SandboxServer) -> None:
     server.configure(slow_rate=1.0, slow_seconds=0.3)
     started = time.monotonic()
@@ -459,6 +722,13 @@ def test_control_merges_config_and_refuses_invalid_patches(
         {"reset_rate": 2},
         {"rate_limit": "fast"},
         {"no_such_field": 1},
+        {"cut_rate": 1.5},
+        {"drop_rate": -0.1},
+        {"trickle_rate": 2},
+        {"trickle_seconds": -1},
+        {"retry_after": "1\r\nX-Injected: yes"},
+        {"retry_after": 5},
+        {"fault_style": "pages"},
     ):
         answer = http.post(server.url + "/_sandbox/config", json=patch, timeout=5)
         assert answer.status_code == 400, patch
@@ -466,7 +736,16 @@ def test_control_merges_config_and_refuses_invalid_patches(
     assert http.post(server.url + "/_sandbox/config", json=[1], timeout=5).status_code == 400
     with pytest.raises(ValueError, match="rate limit"):
         control.configure(rate_limit="20 per 10s")
+    with pytest.raises(ValueError, match="trickle_seconds"):
+        control.configure(trickle_seconds=-0.5)
     assert control.config() == merged
+    chaos = control.configure(
+        fault_style="page", cut_rate=0.1, drop_rate=0.2, trickle_rate=0.3, trickle_seconds=0
+    )
+    assert (chaos["cut_rate"], chaos["drop_rate"], chaos["trickle_rate"]) == (0.1, 0.2, 0.3)
+    assert chaos["fault_style"] == "page" and chaos["trickle_seconds"] == 0
+    assert control.configure(retry_after="1e308")["retry_after"] == "1e308"
+    assert control.configure(retry_after=None)["retry_after"] is None
     control.close()
 
 
@@ -513,7 +792,18 @@ def test_refuses_to_listen_beyond_loopback() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["--fault", "418=1"], ["--fault", "429"], ["--rate-limit", "fast"], ["--host", "0.0.0.0"]],
+    [
+        ["--fault", "418=1"],
+        ["--fault", "429"],
+        ["--rate-limit", "fast"],
+        ["--host", "0.0.0.0"],
+        ["--cut-rate", "1.5"],
+        ["--drop-rate", "-1"],
+        ["--trickle-rate", "2"],
+        ["--trickle-seconds", "-1"],
+        ["--retry-after", "a\x01b"],
+        ["--fault-style", "pages"],
+    ],
 )
 def test_cli_refuses_bad_options_with_exit_2(args: list[str]) -> None:
     result = CliRunner().invoke(sandbox_command, args)
@@ -522,11 +812,18 @@ def test_cli_refuses_bad_options_with_exit_2(args: list[str]) -> None:
 
 
 def test_python_m_sandbox_runs_as_a_process() -> None:
-    with start_sandbox(args=["--generation-seconds", "0.2", "--api-key", API_KEY]) as process:
+    chaos_args = ["--cut-rate", "0.1", "--drop-rate", "0.2", "--trickle-rate", "0.3"]
+    chaos_args += ["--trickle-seconds", "0.5", "--retry-after", "-5", "--fault-style", "page"]
+    args = ["--generation-seconds", "0.2", "--api-key", API_KEY, *chaos_args]
+    with start_sandbox(args=args) as process:
         assert process.url is not None
         control = SandboxControl(process.url)
         assert control.is_ready()
-        assert control.config()["generation_seconds"] == 0.2
+        config = control.config()
+        assert config["generation_seconds"] == 0.2
+        assert (config["cut_rate"], config["drop_rate"], config["trickle_rate"]) == (0.1, 0.2, 0.3)
+        assert config["trickle_seconds"] == 0.5 and config["retry_after"] == "-5"
+        assert config["fault_style"] == "page"
         control.close()
     assert process.popen.poll() == 0
 

@@ -9,16 +9,16 @@ import pytest
 from worker import errors
 from worker.kie import error_from_response, parse_retry_after, parse_task_info
 
-RETRYABLE = {429: errors.RateLimitedError, 455: errors.MaintenanceError, 500: errors.ServerError}
+RETRYABLE = {429: errors.RateLimitedError, 500: errors.ServerError}
+KEY_WIDE = {402: errors.InsufficientCreditsError, 455: errors.MaintenanceError}
 PERMANENT = {
     401: errors.UnauthorizedError,
-    402: errors.InsufficientCreditsError,
     404: errors.NotFoundError,
     422: errors.ValidationFailedError,
     501: errors.GenerationFailedError,
     505: errors.FeatureDisabledError,
 }
-ALL_CODES = {**RETRYABLE, **PERMANENT}
+ALL_CODES = {**RETRYABLE, **KEY_WIDE, **PERMANENT}
 
 
 def _body(code: int, msg: str = "upstream says no", data: object = None) -> str:
@@ -34,7 +34,14 @@ def test_every_documented_code_maps_to_its_error(code: int, style: str) -> None:
     assert data is None
     assert error.fail_code == str(code)
     assert error.message == "upstream says no"
-    assert error.retryable is (code in RETRYABLE)
+    expected = (
+        errors.Family.RETRY
+        if code in RETRYABLE
+        else errors.Family.KEY
+        if code in KEY_WIDE
+        else errors.Family.PERMANENT
+    )
+    assert error.family is expected
 
 
 def test_http_status_wins_when_body_says_success() -> None:
@@ -48,12 +55,12 @@ def test_success_returns_data() -> None:
     assert data == {"taskId": "t1"}
 
 
-@pytest.mark.parametrize("status", [502, 503, 200, 404])
+@pytest.mark.parametrize("status", [502, 503])
 def test_html_page_is_a_retryable_server_error_with_excerpt(status: int) -> None:
     page = "<html><head><title>502 Bad Gateway</title></head>\n<body>nginx</body></html>"
     error, _ = error_from_response(status, page, {})
     assert isinstance(error, errors.ServerError)
-    assert error.retryable
+    assert error.family is errors.Family.RETRY
     assert "502 Bad Gateway" in str(error)
     assert "\n" not in str(error)
 
@@ -62,7 +69,8 @@ def test_undocumented_codes() -> None:
     server, _ = error_from_response(503, _body(503), {})
     assert isinstance(server, errors.ServerError) and server.fail_code == "503"
     client, _ = error_from_response(200, _body(418), {})
-    assert isinstance(client, errors.PermanentUpstreamError) and client.fail_code == "418"
+    assert isinstance(client, errors.UnexpectedCodeError) and client.fail_code == "418"
+    assert client.family is errors.Family.PERMANENT
 
 
 def test_retry_after_seconds_and_date() -> None:
@@ -91,5 +99,5 @@ def test_parse_task_info_success_and_fail() -> None:
     assert ok.result_urls == ["http://127.0.0.1/x.png"]
     failed = parse_task_info({"task_id": "t2", "state": "fail", "failCode": 501, "failMsg": "nsfw"})
     assert (failed.task_id, failed.fail_code, failed.fail_msg) == ("t2", "501", "nsfw")
-    with pytest.raises(errors.UnexpectedResponseError):
+    with pytest.raises(errors.BadAnswerError):
         parse_task_info({"taskId": "t3", "state": "success", "resultJson": "{}"})

@@ -1,44 +1,56 @@
 """The Celery application: ``celery -A worker.app worker``.
 
-Broker timing on Redis — two facts pull against each other:
+No message of the pipeline waits inside the broker. Every wait (the next poll, a budget
+moment, a backoff, a pause) is a member of the schedule in Redis, and the dispatcher
+thread of every worker (:mod:`worker.dispatcher`) publishes a job's next step when it is
+due. So no task has a countdown, every delivered message runs at once, and:
 
-* A message the worker has taken but not acknowledged is delivered again once
-  it is older than the broker's ``visibility_timeout``. With ``task_acks_late``
-  that includes a task waiting for its ETA/countdown inside a live worker: a
-  countdown longer than the visibility timeout makes the task run twice.
-* A SIGKILLed worker never acknowledges what it held; those messages come back
-  only after the same ``visibility_timeout`` (checked every
-  ``unacked_restore_interval`` seconds by any live worker).
+* the broker's visibility timeout only has to outlast one task (a step makes at most one
+  upstream request with a total deadline, a poll batch stops starting polls after that
+  deadline), and a message a dead worker held is redelivered after it; long before that
+  the schedule's lease has sent the job again (``Settings.lease_s``), and the stale
+  message is dropped by its dispatch token;
+* a worker that loses its broker connection holds no countdown messages that would be
+  stranded until the visibility timeout.
 
-So the visibility timeout is short (90 s, swept every 5 s) so that a killed
-worker's jobs run again within about two minutes, and every countdown the
-pipeline schedules is capped at half of it (``MAX_COUNTDOWN_S``): polls wait at
-most ``REMIX_POLL_MAX_S`` and a longer wait is a chain of short countdowns.
-Task bodies are short (one HTTP request with bounded timeouts), so no running
-task approaches the timeout either.
+``worker_prefetch_multiplier = 1``: each process reserves only the message it is about to
+run. Each queue has an exchange of its own, so a message published to one exchange lands
+in one queue only.
 
-``worker_prefetch_multiplier = 1``: with late acknowledgement every prefetched
-message is stranded until the visibility timeout if the worker dies, so each
-process reserves only the message it is about to run. (Celery still fetches
-countdown messages early; those are bounded by the countdown cap above.)
+Importing this module does not take over a host application's Celery: the app is not
+made current, and the kombu guard (:mod:`worker.broker_guard`) is installed in worker
+processes only.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from celery import Celery
-from celery.signals import worker_init
-from kombu import Queue
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+from kombu import Exchange, Queue
 
-from worker import broker_guard
-from worker.settings import VISIBILITY_TIMEOUT_S, get_settings
-from worker.watchdog import WatchdogStep
+from worker.dispatcher import DispatcherStep
+from worker.publisher import POLL_QUEUE, POLL_TASK, SUBMIT_QUEUE, SUBMIT_TASK
+from worker.redaction import Redactor, install_log_redaction
+from worker.settings import get_settings
 
-SUBMIT_QUEUE = "submit"
-POLL_QUEUE = "poll"
+#: A message unacknowledged this long (its worker died) is delivered again.
+VISIBILITY_TIMEOUT_S = 120
 #: Seconds between the broker's sweeps for messages whose visibility ran out.
 RESTORE_INTERVAL_S = 5
+BROKER_SOCKET_TIMEOUT_S = 10
+BROKER_CONNECT_TIMEOUT_S = 2
+BROKER_HEALTH_CHECK_S = 10
+QUEUES = (
+    Queue(SUBMIT_QUEUE, Exchange(SUBMIT_QUEUE, type="direct"), routing_key=SUBMIT_QUEUE),
+    Queue(POLL_QUEUE, Exchange(POLL_QUEUE, type="direct"), routing_key=POLL_QUEUE),
+)
+#: How kombu's Redis transport stores bindings (``_kombu.binding.<exchange>``).
+_BINDING_KEYS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
+_BINDING_SEP = b"\x06\x16"
 
 
 def celery_config() -> dict[str, Any]:
@@ -58,36 +70,78 @@ def celery_config() -> dict[str, Any]:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "unacked_restore_interval": RESTORE_INTERVAL_S,
             "unacked_restore_throttle": 1,
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+            "health_check_interval": BROKER_HEALTH_CHECK_S,
+            "retry_on_timeout": True,
         },
+        redis_socket_timeout=BROKER_SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
+        redis_retry_on_timeout=True,
         broker_connection_retry_on_startup=True,
-        task_queues=(Queue(SUBMIT_QUEUE), Queue(POLL_QUEUE)),
+        broker_connection_max_retries=None,
+        task_queues=QUEUES,
         task_default_queue=SUBMIT_QUEUE,
+        task_default_exchange=SUBMIT_QUEUE,
+        task_default_routing_key=SUBMIT_QUEUE,
         task_routes={
-            "remix.submit": {"queue": SUBMIT_QUEUE},
-            "remix.poll": {"queue": POLL_QUEUE},
+            SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
+            POLL_TASK: {"queue": POLL_QUEUE},
         },
         result_expires=settings.remix_job_ttl_s,
-        # Task events cost several Redis messages per task; Flower switches them
-        # on in the workers it watches (its --enable_events, on by default).
+        # Task events cost several Redis messages per task; Flower switches them on in
+        # the workers it watches (its --enable_events, on by default).
         worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=True,
     )
 
 
-broker_guard.install()
-app = Celery("remixq", include=["worker.tasks"])
+app = Celery("remixq", include=["worker.tasks"], set_as_current=False)
 # Lazy, so that importing the package never fails on a bad setting: the error
 # surfaces (as one line) where the configuration is first used.
 app.add_defaults(celery_config)
-app.steps["worker"].add(WatchdogStep)
+app.steps["worker"].add(DispatcherStep)
 
 
 @worker_init.connect
-def _require_api_key(**_: Any) -> None:
-    """A worker without an upstream key could only fail jobs: refuse to start."""
-    if get_settings().kie_api_key is None:
+def _start_worker(**_: Any) -> None:
+    """Refuse to start without an upstream key; set up what only a worker needs."""
+    settings = get_settings()
+    if settings.kie_api_key is None:
         raise SystemExit("remixq worker: KIE_API_KEY is not set; refusing to start")
-    from worker.runtime import register_api_key
+    from worker import broker_guard
+    from worker.runtime import register_api_key, set_worker_role
 
+    broker_guard.install()
+    set_worker_role()
     register_api_key()
+    drop_stale_bindings(redis.Redis.from_url(settings.redis_url))
+
+
+def drop_stale_bindings(client: redis.Redis) -> int:
+    """Remove bindings that route a queue's exchange to another queue.
+
+    Versions before one exchange per queue bound both queues to the ``submit`` exchange,
+    so a message published there landed in both; such bindings outlive the upgrade in
+    Redis. Returns how many were removed.
+    """
+    removed = 0
+    for queue in QUEUES:
+        for pattern in _BINDING_KEYS:
+            key = pattern.format(queue.exchange.name)
+            for member in client.smembers(key):
+                raw = member if isinstance(member, bytes) else member.encode()
+                if raw.split(_BINDING_SEP)[-1].decode() != queue.name:
+                    removed += int(client.srem(key, member))
+    return removed
+
+
+def _redact_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Every handler Celery sets up gets a filter that removes secrets (and tracebacks' too)."""
+    redactor = Redactor(get_settings().secrets())
+    install_log_redaction(redactor, [logger] if logger is not None else [])
+
+
+after_setup_logger.connect(_redact_logs, weak=False)
+after_setup_task_logger.connect(_redact_logs, weak=False)

@@ -1,34 +1,60 @@
-"""Typed errors for every documented upstream code.
+"""Typed errors for every upstream answer and transport failure, and the one table of families.
 
-Each upstream answer that is not a success becomes one exception class. Whether
-an error is worth another attempt is decided once, here, by the family it
-belongs to (:class:`RetryableUpstreamError` or :class:`PermanentUpstreamError`),
-never by the callers.
+What the pipeline does after an error is decided here, once, by the error's
+:class:`Family` (compare openai-python's ``_should_retry``); the tasks branch on the family
+only:
 
-Messages are built from the upstream's own ``msg`` and pass through
-:func:`redact`, so an upstream (or proxy) that echoes the API key back cannot
-carry it into a log line, the job record or a traceback.
+=========  ==========================================  ======================================
+family     codes                                       what happens to the job
+=========  ==========================================  ======================================
+RETRY      429, 500 and other 5xx, network failures,   tries again after a backoff; each try
+           malformed answers                           spends one of ``REMIX_MAX_RETRIES``
+KEY        402 (insufficient credits), 455             the whole key is affected: the job
+           (maintenance)                               waits without spending a retry
+PERMANENT  401, 404, 422, 501, 505, other 4xx,         the job fails with the code
+           requests that cannot even be built
+=========  ==========================================  ======================================
+
+A job already accepted upstream is never failed by an error of ``recordInfo``: it is
+polled again until its deadline (see :mod:`worker.policy`).
+
+``ambiguous`` marks an error after which the upstream may have acted on the request (a
+read timeout, a reset or a cut body after the request was sent): for createTask the job
+may have been charged, so the attempt's outcome is recorded as unknown.
+
+Messages pass through :mod:`worker.redaction` before they are shortened, so an upstream
+or proxy that echoes the API key cannot carry it into a record, a result or a log.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import ClassVar
 
-REDACTED = "[redacted]"
+import requests
+import urllib3.exceptions
+from requests.exceptions import ChunkedEncodingError, ContentDecodingError, InvalidJSONError
+
+from worker.redaction import REDACTED, redact
+
+__all__ = ["REDACTED", "redact"]
+
 EXCERPT_CHARS = 160
+#: A ``Retry-After`` longer than this is read as this long (5 minutes).
+MAX_RETRY_AFTER_S = 300.0
 
 
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Return ``text`` with every non-empty secret replaced by ``[redacted]``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
+class Family(enum.Enum):
+    """What an error means for the job (see the module docstring)."""
+
+    RETRY = "retry"
+    KEY = "key"
+    PERMANENT = "permanent"
 
 
 def excerpt(body: str, limit: int = EXCERPT_CHARS) -> str:
-    """A one-line, bounded excerpt of a response body for error messages."""
+    """A one-line, bounded excerpt of a text (redact it first)."""
     flat = " ".join(body.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
@@ -37,17 +63,19 @@ class UpstreamError(Exception):
     """An upstream request that did not succeed.
 
     Parameters:
-        message: the upstream's explanation (already redacted by the client).
+        message: the explanation (already redacted by whoever built it).
         retry_after: seconds the upstream asked us to wait (``Retry-After``), if any.
     """
 
     code: ClassVar[str] = "unknown"
-    retryable: ClassVar[bool] = False
+    family: ClassVar[Family] = Family.PERMANENT
+    #: The upstream may have acted on the request although we got no usable answer.
+    ambiguous: bool = False
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         self.message = message
         self.retry_after = retry_after
-        super().__init__(f"{self.code}: {message}" if message else self.code)
+        super().__init__(f"{self.fail_code}: {message}" if message else self.fail_code)
 
     @property
     def fail_code(self) -> str:
@@ -55,32 +83,18 @@ class UpstreamError(Exception):
         return self.code
 
 
-class RetryableUpstreamError(UpstreamError):
-    """Worth another attempt after a backoff: 429, 455, 5xx and network failures."""
-
-    retryable = True
-
-
-class PermanentUpstreamError(UpstreamError):
-    """Another attempt would get the same answer: the job fails with the code."""
-
-
-class RateLimitedError(RetryableUpstreamError):
+class RateLimitedError(UpstreamError):
     """429: the request was dropped, not queued."""
 
     code = "429"
+    family = Family.RETRY
 
 
-class MaintenanceError(RetryableUpstreamError):
-    """455: the service is under maintenance."""
-
-    code = "455"
-
-
-class ServerError(RetryableUpstreamError):
-    """500 (or any other 5xx, or a non-JSON proxy error page)."""
+class ServerError(UpstreamError):
+    """500 (or any other 5xx)."""
 
     code = "500"
+    family = Family.RETRY
 
     def __init__(
         self, message: str = "", *, retry_after: float | None = None, status: int | None = None
@@ -93,52 +107,78 @@ class ServerError(RetryableUpstreamError):
         return str(self.status) if self.status else self.code
 
 
-class NetworkError(RetryableUpstreamError):
-    """The request did not get an answer: refused, reset or timed out.
-
-    After a read timeout or a reset the upstream may still have created the
-    task (see the never-paying-twice note in :mod:`worker.tasks`).
-    """
+class NetworkError(UpstreamError):
+    """No usable answer arrived: refused, reset, timed out, or cut off mid-body."""
 
     code = "network"
+    family = Family.RETRY
+
+    def __init__(self, message: str = "", *, ambiguous: bool) -> None:
+        self.ambiguous = ambiguous
+        super().__init__(message)
 
 
-class UnauthorizedError(PermanentUpstreamError):
+class BadAnswerError(UpstreamError):
+    """A success answer we cannot read (not JSON, no task id, no result URLs).
+
+    Ambiguous: for createTask the upstream said yes, so the task may exist.
+    """
+
+    code = "bad_response"
+    family = Family.RETRY
+    ambiguous = True
+
+
+class InsufficientCreditsError(UpstreamError):
+    code = "402"
+    family = Family.KEY
+
+
+class MaintenanceError(UpstreamError):
+    code = "455"
+    family = Family.KEY
+
+
+class UnauthorizedError(UpstreamError):
     code = "401"
 
 
-class InsufficientCreditsError(PermanentUpstreamError):
-    code = "402"
-
-
-class NotFoundError(PermanentUpstreamError):
+class NotFoundError(UpstreamError):
     code = "404"
 
 
-class ValidationFailedError(PermanentUpstreamError):
+class ValidationFailedError(UpstreamError):
     code = "422"
 
 
-class GenerationFailedError(PermanentUpstreamError):
+class GenerationFailedError(UpstreamError):
     code = "501"
 
 
-class FeatureDisabledError(PermanentUpstreamError):
+class FeatureDisabledError(UpstreamError):
     code = "505"
 
 
-class UnexpectedResponseError(PermanentUpstreamError):
-    """A 4xx code the documentation does not list, or a malformed success body."""
+class UnexpectedCodeError(UpstreamError):
+    """A 4xx code the documentation does not list: permanent."""
 
-    def __init__(self, code: str, message: str = "") -> None:
-        self._code = code
+    def __init__(self, status: int, message: str = "") -> None:
+        self.status = status
         super().__init__(message)
 
     @property
     def fail_code(self) -> str:
-        return self._code
+        return str(self.status)
 
 
+class RequestBuildError(UpstreamError):
+    """The request could not be built or sent as asked (a bad URL or header setting)."""
+
+    code = "client_error"
+
+
+#: The documented codes. An undocumented code >= 500 is a server error, any other a
+#: permanent :class:`UnexpectedCodeError`.
 ERRORS_BY_CODE: dict[int, type[UpstreamError]] = {
     401: UnauthorizedError,
     402: InsufficientCreditsError,
@@ -153,21 +193,65 @@ ERRORS_BY_CODE: dict[int, type[UpstreamError]] = {
 
 
 def error_for_code(code: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
-    """The typed error for an upstream ``code``.
-
-    Documented codes map to their class. An undocumented code >= 500 is treated
-    as a server error (retryable); any other undocumented code is permanent.
-    """
+    """The typed error for an upstream ``code`` (from the body or the HTTP status)."""
     cls = ERRORS_BY_CODE.get(code)
     if cls is ServerError or (cls is None and code >= 500):
         return ServerError(message, retry_after=retry_after, status=code)
     if cls is None:
-        return UnexpectedResponseError(str(code), message)
+        return UnexpectedCodeError(code, message)
     return cls(message, retry_after=retry_after)
 
 
+def _cause_chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        for arg in getattr(current, "args", ()):
+            if isinstance(arg, BaseException):
+                yield arg
+                reason = getattr(arg, "reason", None)
+                if isinstance(reason, BaseException):
+                    yield reason
+        current = current.__cause__ or current.__context__
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    """Whether the connection failed before any byte of the request could be sent."""
+    return any(
+        isinstance(e, urllib3.exceptions.NewConnectionError | ConnectionRefusedError)
+        for e in _cause_chain(exc)
+    )
+
+
+def error_for_exception(exc: requests.RequestException, where: str) -> UpstreamError:
+    """The typed error for a failed ``requests`` call (every subclass lands in a family).
+
+    Parameters:
+        exc: what ``requests`` raised.
+        where: the base URL, for the message (never a header or a body).
+    """
+    name = type(exc).__name__
+    if isinstance(exc, requests.ConnectTimeout):
+        return NetworkError(f"connect timeout to {where}", ambiguous=False)
+    if isinstance(exc, requests.ReadTimeout):
+        return NetworkError(f"no answer from {where} in time", ambiguous=True)
+    if isinstance(exc, requests.ConnectionError):
+        if _never_sent(exc):
+            return NetworkError(f"cannot connect to {where} ({name})", ambiguous=False)
+        return NetworkError(f"connection to {where} broke ({name})", ambiguous=True)
+    if isinstance(exc, ChunkedEncodingError | ContentDecodingError):
+        return NetworkError(f"answer from {where} cut off or garbled ({name})", ambiguous=True)
+    if isinstance(exc, InvalidJSONError):
+        return RequestBuildError(f"request body is not JSON-serialisable ({name})")
+    # InvalidHeader, InvalidURL, MissingSchema, TooManyRedirects, ... : a setting is wrong.
+    # Their text may quote a header (the key), so only the class name is kept.
+    return RequestBuildError(f"request to {where} could not be made ({name})")
+
+
 class JobFailed(Exception):
-    """Stored as the Celery result of a job that ended in ``failed``."""
+    """Stored as the Celery result of a job that ended in ``failed`` or ``cancelled``."""
 
     def __init__(self, fail_code: str, fail_msg: str = "") -> None:
         self.fail_code = fail_code

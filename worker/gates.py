@@ -1,67 +1,75 @@
-"""What a submit must pass before it may call createTask: the fleet pause and the budget.
+"""What a submit must pass before it may send createTask: the key's pause and its budget.
 
-Each gate answers ``None`` (go on) or a :class:`Defer` (run again after a
-countdown). A deferral is not a retry: it spends no retry budget and sends
-nothing upstream.
+Each gate answers ``None`` (go on) or a :class:`Wait`: park the job in the schedule for
+that long. A wait is not a retry: it spends no retry budget, sends nothing upstream and
+holds no worker slot.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from celery.utils.log import get_task_logger
-
-from worker.errors import UpstreamError
-from worker.jobstore import LAST_ERROR_FIELD
-from worker.pause import OPERATOR
+from worker.errors import RateLimitedError, UpstreamError
+from worker.jobstore import LAST_ERROR_FIELD, SLOT_FIELD, Job
+from worker.pause import MAX_PROBE_INTERVAL_S, PauseState, RecentAnswers
 from worker.ratelimit import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S
-from worker.runtime import fleet_pause, job_store, kie_client, rate_limiter
-from worker.settings import MAX_COUNTDOWN_S
+from worker.runtime import Services
 
-logger = get_task_logger(__name__)
+logger = logging.getLogger("worker.gates")
 
-#: How often a job held by an operator's pause looks again.
-OPERATOR_PAUSE_RECHECK_S = 15.0
+#: How often a job held by an operator's pause looks again (``remixq resume`` wakes
+#: held jobs at once; this is only the fallback).
+OPERATOR_PAUSE_RECHECK_S = 60.0
+#: A budget moment may be reserved this far ahead; a job further back in line waits
+#: without a reservation until it is within reach.
+RESERVE_AHEAD_S = 600.0
 #: Spread of wake-ups of jobs held by the same condition.
 WAKE_JITTER_S = 1.0
-#: A retry after a whole-key answer (455/402) waits this long at least.
-MIN_HOLD_S = 1.0
+#: Jobs released when a pause ends become due over this many seconds.
+RELEASE_SPREAD_S = 2.0
+#: Hold of the whole key per 429 in a run of 429s that came without ``Retry-After``.
+RATE_LIMITED_RUN_HOLD_S = 2.0
 
 
 @dataclass(frozen=True)
-class Defer:
-    """Run the submit again in ``countdown`` seconds (``slot``: a reserved send moment)."""
+class Wait:
+    """Park the job for ``seconds``, writing ``fields`` (its reserved slot, the reason)."""
 
-    countdown: float
-    slot: float | None = None
-
-
-def _jittered(seconds: float) -> float:
-    return min(MAX_COUNTDOWN_S, max(MIN_HOLD_S, seconds) + random.uniform(0, WAKE_JITTER_S))
+    seconds: float
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def pause_gate(job_id: str) -> Defer | None:
+def _jittered(seconds: float, spread: float = WAKE_JITTER_S) -> float:
+    return max(0.0, seconds) + random.uniform(0, spread)
+
+
+# ------------------------------------------------------------------ the pause
+
+
+def pause_gate(svc: Services, job: Job) -> Wait | None:
     """Hold the job while submissions are paused for the key; probe when it is due."""
-    pause = fleet_pause()
-    state = pause.state()
+    state = svc.pause.state()
     if state is None:
         return None
-    if not state.by_operator and pause.claim_probe() and probe_key(state.reason):
-        if pause.resume():
-            logger.warning("upstream key usable again (probe after %s): resuming", state.reason)
+    if not state.by_operator and svc.pause.claim_probe() and probe_key(svc, state.reason):
+        end_pause(svc, state)
         return None
-    code = "paused" if state.reason == OPERATOR else state.reason
-    job_store().set_internal(job_id, LAST_ERROR_FIELD, {"code": code, "msg": state.message})
+    svc.store.hold(svc.api_key_id, job.job_id)
+    code = "paused" if state.by_operator else state.reason
+    reason = {LAST_ERROR_FIELD: {"code": code, "msg": state.message}}
     if state.by_operator:
-        return Defer(_jittered(OPERATOR_PAUSE_RECHECK_S))
-    return Defer(_jittered(pause.seconds_to_probe()))
+        return Wait(_jittered(OPERATOR_PAUSE_RECHECK_S), reason)
+    until_probe = min(svc.pause.seconds_to_probe(), MAX_PROBE_INTERVAL_S)
+    return Wait(_jittered(until_probe), reason)
 
 
-def probe_key(reason: str) -> bool:
+def probe_key(svc: Services, reason: str) -> bool:
     """One cheap request that says whether the key can submit again."""
     try:
-        credits = kie_client().credit()
+        credits = svc.client().credit()
     except UpstreamError as exc:
         logger.info("probe after %s: still unavailable (%s)", reason, exc.fail_code)
         return False
@@ -71,9 +79,20 @@ def probe_key(reason: str) -> bool:
     return True
 
 
-def trip_pause(reason: str, message: str) -> None:
+def end_pause(svc: Services, state: PauseState) -> None:
+    """A probe succeeded: end that pause (only that one) and wake the jobs it held."""
+    if svc.pause.end(state):
+        released = svc.store.release_held(svc.api_key_id, RELEASE_SPREAD_S)
+        logger.warning(
+            "upstream key usable again (probe after %s): resuming %d held job(s)",
+            state.reason,
+            released,
+        )
+
+
+def trip_pause(svc: Services, reason: str, message: str) -> None:
     """Pause the fleet for the key; the worker that does so says it once, loudly."""
-    if fleet_pause().trip(reason, message):
+    if svc.pause.trip(reason, message):
         logger.error(
             "upstream answered %s (%s): every worker holds submissions for this key "
             "until a probe succeeds or an operator runs `remixq resume`",
@@ -82,23 +101,38 @@ def trip_pause(reason: str, message: str) -> None:
         )
 
 
-def budget_gate(slot: float | None) -> Defer | None:
-    """Send now if the shared budget allows; otherwise wait for a reserved moment."""
-    limiter = rate_limiter()
-    if slot is not None:
-        late_by = limiter.now() - slot
-        if late_by < -EARLINESS_TOLERANCE_S:
-            return Defer(-late_by, slot)
-        if late_by <= LATENESS_TOLERANCE_S:
-            return None
-    reservation = limiter.reserve(max_ahead=MAX_COUNTDOWN_S)
+# ------------------------------------------------------------------ the budget
+
+
+def budget_gate(svc: Services, job: Job) -> Wait | None:
+    """Send now if the job's reserved moment has come; otherwise wait for one."""
+    limiter = svc.limiter
+    if job.slot is not None:
+        now = limiter.now()
+        if limiter.blocked_until() <= job.slot:
+            late_by = now - job.slot
+            if late_by < -EARLINESS_TOLERANCE_S:
+                return Wait(-late_by, {SLOT_FIELD: job.slot})
+            if late_by <= LATENESS_TOLERANCE_S:
+                return None
+    reservation = limiter.reserve(max_ahead=RESERVE_AHEAD_S)
     if not reservation.reserved:
-        return Defer(_jittered(reservation.delay - MAX_COUNTDOWN_S))
+        # Wake once the moment is within reach; spread the crowd over the horizon.
+        wait = reservation.delay - RESERVE_AHEAD_S
+        return Wait(_jittered(wait, RESERVE_AHEAD_S / 4), {SLOT_FIELD: None})
     if reservation.delay <= EARLINESS_TOLERANCE_S:
         return None
-    return Defer(reservation.delay, reservation.at)
+    return Wait(reservation.delay, {SLOT_FIELD: reservation.at})
 
 
-def hold_after_rate_limited(retry_after: float | None, fallback: float) -> None:
-    """An upstream 429 despite the budget: every worker backs off."""
-    rate_limiter().block(retry_after if retry_after is not None else fallback)
+def hold_after_rate_limited(svc: Services, error: RateLimitedError, recent: RecentAnswers) -> None:
+    """An upstream 429 despite the budget: hold every worker when it is more than a stray.
+
+    A ``Retry-After`` is the upstream's word for the whole key and is honoured (capped).
+    Without one, a single 429 among successes only backs off its own job; a run of 429s
+    (someone else is spending the key's budget) holds the fleet for a growing while.
+    """
+    if error.retry_after is not None:
+        svc.limiter.block(error.retry_after)
+    elif recent.rate_limited_run:
+        svc.limiter.block(RATE_LIMITED_RUN_HOLD_S * recent.rate_limited)

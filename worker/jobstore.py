@@ -1,115 +1,45 @@
-"""Job records in the result backend's Redis.
+"""Job records and the schedule, in the result backend's Redis.
 
-One hash per job (``remixq:job:<id>``), each field JSON-encoded, with a TTL.
-Every write goes through a Lua script so that it is atomic and so that the
-state only moves forward: ``queued -> submitted -> running -> finished``; a
-late or duplicated update can never move a finished job. The scripts are the
-storage detail; which update to make and when is the tasks' policy.
+One hash per job (``remixq:job:<id>``), each field JSON-encoded, with a TTL; the public
+:class:`~worker.models.JobRecord` fields plus internal ones (prefixed ``_``). Every unfinished
+job is also a member of the *schedule*, a sorted set scored by when its next step is due
+(on the Redis server's clock). Every write goes through a Lua script in ``worker/lua`` so
+that it is atomic and so that:
 
-Besides the public :class:`~worker.models.JobRecord` fields a record keeps a
-few internal ones (prefixed ``_``): the last upstream error code, whether the
-submit message was sent, and the poll chain's progress.
+* the state only moves forward (``queued -> submitted -> running -> finished``) and a
+  finished job never changes its state or results;
+* only the message carrying a job's latest *dispatch token* acts on it, so a stale or
+  duplicated message is dropped (see :mod:`worker.dispatcher`);
+* a createTask *attempt* is opened before the request is sent and closed with its
+  outcome, so at most one is in flight per job and a lost answer is counted, not hidden.
+
+The scripts are the storage detail; which update to make and when is the policy's
+(:mod:`worker.policy`).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from worker.models import JobRecord, JobState
+from worker import keys
+from worker.lua import load_script
+from worker.models import PROVIDER, JobRecord, JobState
 
-KEY_PREFIX = "remixq:"
-JOB_KEY = KEY_PREFIX + "job:{}"
-IDEMPOTENCY_KEY = KEY_PREFIX + "idem:{}"
-SUBMIT_CLAIM_KEY = KEY_PREFIX + "claim:submit:{}"
-POLL_BATCH_KEY = KEY_PREFIX + "pollbatch:"
-POLL_BATCH_COUNTER_KEY = KEY_PREFIX + "pollbatch-n:{}"
-#: Unfinished jobs, scored by the time by which they must show progress.
-WATCH_KEY = KEY_PREFIX + "watch"
-
-LAST_ERROR_FIELD = "_last_error"
-TASK_SENT_FIELD = "_task_sent"
-NEXT_POLL_FIELD = "_next_poll"
 REQUEST_FIELD = "_request"
+DISPATCH_FIELD = "_dispatch"
+ATTEMPT_FIELD = "_attempt"
+SLOT_FIELD = "_slot"
 RETRIES_FIELD = "_retries"
-
-# Ranks of the states; a write may keep or raise the rank, never lower it, and
-# nothing changes once the rank is 3 (finished).
-_STATE_RANKS = "{queued=0, submitted=1, running=2, succeeded=3, failed=3, cancelled=3}"
-
-#: KEYS: job. ARGV: new state or "", ttl, field, value, ... -> 1 written, 0 refused, -1 missing.
-_UPDATE = f"""
-local rank = {_STATE_RANKS}
-local raw = redis.call('HGET', KEYS[1], 'state')
-if not raw then return -1 end
-local current = rank[cjson.decode(raw)]
-if current == 3 then return 0 end
-if ARGV[1] ~= '' then
-  local wanted = rank[ARGV[1]]
-  if wanted == nil or wanted < current then return 0 end
-  redis.call('HSET', KEYS[1], 'state', cjson.encode(ARGV[1]))
-end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-#: KEYS: job, idempotency (optional). ARGV: job id, ttl, field, value, ...
-#: -> {owner, created}: the job id that owns the idempotency key (an older one
-#: when the key was seen before) and 1 when a new record was written.
-_CREATE = """
-if KEYS[2] then
-  local owner = redis.call('GET', KEYS[2])
-  if owner then return {owner, 0} end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {ARGV[1], 1}
-"""
-
-#: KEYS: job, batch counter. ARGV: batch id prefix ("<due>"), batch size, ttl
-#: -> {batch id, 1 when the caller must send the batch's message}.
-#: Jobs due in the same slot share a batch of at most ``batch size`` jobs; the
-#: job remembers its batch, so it is polled by that batch only (a stale copy of
-#: an older batch skips it). The batch set's key is derived from the id here:
-#: fine on one Redis server, which is what the broker is.
-_ADD_TO_POLL_BATCH = f"""
-local n = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-local batch = ARGV[1] .. ':' .. math.floor((n - 1) / tonumber(ARGV[2]))
-local members = '{POLL_BATCH_KEY}' .. batch
-redis.call('SADD', members, ARGV[4])
-redis.call('EXPIRE', members, ARGV[3])
-redis.call('HSET', KEYS[1], '{NEXT_POLL_FIELD}', cjson.encode(batch))
-if (n - 1) % tonumber(ARGV[2]) == 0 then return {{batch, 1}} end
-return {{batch, 0}}
-"""
-
-#: A slot's counter is raised to this once its first batch runs; the next job
-#: added starts a new batch (this number is a multiple of any batch size used).
-CLOSED_SLOT = 1_000_000_000
-
-#: KEYS: batch counter. ARGV: ttl.
-_CLOSE_POLL_SLOT = f"""
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n < {CLOSED_SLOT} then redis.call('SET', KEYS[1], {CLOSED_SLOT}, 'EX', ARGV[1]) end
-return 1
-"""
-
-#: KEYS: job. ARGV: field, amount -> new value, or nil when the job is gone.
-_INCREMENT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
-"""
+HOLDS_FIELD = "_holds"
+LAST_ERROR_FIELD = "_last_error"
 
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
-#: A poll batch's keys outlive its due time by far; they are deleted once polled.
-POLL_BATCH_TTL_S = 3600
 
 
 def _encode(fields: dict[str, Any]) -> list[str]:
@@ -124,16 +54,77 @@ def decode_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decode_fields(raw: dict[Any, Any]) -> dict[str, Any]:
-    return {decode_text(k): json.loads(v) for k, v in raw.items()}
+def _decode_fields(raw: dict[Any, Any] | Sequence[Any]) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        pairs = list(zip(raw[0::2], raw[1::2], strict=True))
+    return {decode_text(k): json.loads(v) for k, v in pairs}
 
 
 def _record_from(fields: dict[str, Any]) -> JobRecord:
     return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
 
 
+@dataclass(frozen=True)
+class Job:
+    """A job as one step sees it: the public record and the internal fields it needs."""
+
+    record: JobRecord
+    token: int
+    request: Any
+    attempt: str | None
+    slot: float | None
+    retries: int
+    holds: int
+    last_error: dict[str, Any] | None
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Job:
+        return cls(
+            record=_record_from(fields),
+            token=int(fields.get(DISPATCH_FIELD) or 0),
+            request=fields.get(REQUEST_FIELD),
+            attempt=fields.get(ATTEMPT_FIELD),
+            slot=fields.get(SLOT_FIELD),
+            retries=int(fields.get(RETRIES_FIELD) or 0),
+            holds=int(fields.get(HOLDS_FIELD) or 0),
+            last_error=fields.get(LAST_ERROR_FIELD),
+        )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job handed out by the schedule: send its next step with this token."""
+
+    job_id: str
+    token: int
+    phase: str  # "submit" or "poll"
+    request: Any
+    due: float
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """The answer to :meth:`JobStore.begin_attempt`.
+
+    ``status``: ``ok`` (send now), ``accepted`` (the job already has its task),
+    ``open`` (another attempt may still be in flight; ``settles_in`` seconds left),
+    ``finished`` or ``missing``. ``counted_unknown``: an earlier attempt was just found
+    never to have recorded its outcome.
+    """
+
+    status: str
+    counted_unknown: bool = False
+    settles_in: float = 0.0
+
+
 class JobStore:
-    """Reads and writes job records.
+    """Reads and writes job records and the schedule.
 
     Parameters:
         client: a redis-py client for the result backend's database.
@@ -143,111 +134,199 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._update = client.register_script(_UPDATE)
-        self._create = client.register_script(_CREATE)
-        self._add_to_poll_batch = client.register_script(_ADD_TO_POLL_BATCH)
-        self._close_poll_slot = client.register_script(_CLOSE_POLL_SLOT)
-        self._increment = client.register_script(_INCREMENT)
+        self._create = load_script(client, "create")
+        self._claim_due = load_script(client, "claim_due")
+        self._begin = load_script(client, "begin")
+        self._update = load_script(client, "update")
+        self._attempt_begin = load_script(client, "attempt_begin")
+        self._attempt_end = load_script(client, "attempt_end")
+        self._accept = load_script(client, "accept")
+        self._increment = load_script(client, "increment")
+        self._release_held = load_script(client, "release_held")
 
-    def create(self, job_id: str, *, idempotency_key: str | None = None) -> tuple[str, bool]:
-        """Create a ``queued`` record. Returns ``(owner_job_id, created)``.
+    # ------------------------------------------------------------------ creating, reading
 
-        With an ``idempotency_key`` seen before, nothing is written and the
-        earlier job's id comes back; ``created`` is False whenever no new
-        record was written (also when ``job_id`` already exists).
+    def create(
+        self,
+        job_id: str,
+        request: Any,
+        *,
+        due_in: float,
+        idempotency_key: str | None = None,
+        provider: str = PROVIDER,
+    ) -> tuple[str, bool]:
+        """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
+
+        Returns ``(owner_job_id, created)``: with an ``idempotency_key`` seen before,
+        nothing is written and the earlier job's id comes back; ``created`` is False
+        whenever no new record was written (also when ``job_id`` already exists).
         """
-        record = JobRecord(job_id=job_id, state=JobState.QUEUED, created_at=time.time())
-        keys = [JOB_KEY.format(job_id)]
+        record = JobRecord(job_id=job_id, state=JobState.QUEUED, provider=provider, created_at=0)
+        fields = record.model_dump(mode="json", exclude={"created_at"})
+        fields[REQUEST_FIELD] = request
+        job_keys = [keys.job(job_id), keys.SCHEDULE]
         if idempotency_key is not None:
-            keys.append(IDEMPOTENCY_KEY.format(idempotency_key))
-        args: list[str | int] = [job_id, self.ttl_s, *_encode(record.model_dump(mode="json"))]
-        owner, created = self._create(keys=keys, args=args)
+            job_keys.append(keys.idempotency(idempotency_key))
+        args: list[Any] = [job_id, self.ttl_s, due_in, *_encode(fields)]
+        owner, created = self._create(keys=job_keys, args=args)
         return decode_text(owner), bool(created)
 
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""
-        raw = self.redis.hgetall(JOB_KEY.format(job_id))
-        if not raw:
-            return None
-        return _record_from(_decode_fields(raw))
+        raw = self.redis.hgetall(keys.job(job_id))
+        return _record_from(_decode_fields(raw)) if raw else None
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """The records of many jobs in one round trip (None for the missing ones)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [_record_from(_decode_fields(raw)) if raw else None for raw in pipe.execute()]
 
     def get_internal(self, job_id: str, name: str) -> Any:
         """One internal field (``_last_error`` ...), decoded; None when absent."""
-        raw = self.redis.hget(JOB_KEY.format(job_id), name)
+        raw = self.redis.hget(keys.job(job_id), name)
         return None if raw is None else json.loads(raw)
 
-    def update(self, job_id: str, state: JobState | None = None, **fields: Any) -> bool:
-        """Write ``fields`` (and move to ``state``) unless that would move the job back.
+    def states(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The state of each job (None when missing), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "state")
+        return [None if raw is None else json.loads(raw) for raw in pipe.execute()]
 
-        Returns True when written; False when the job is finished, the state
-        would go backwards, or the job does not exist.
+    def scan_job_ids(self, batch: int = 1000) -> Iterable[str]:
+        """Every job id with a record (a full scan: for operators, not for hot paths)."""
+        for key in self.redis.scan_iter(keys.JOB_PREFIX + "*", count=batch):
+            yield decode_text(key)[len(keys.JOB_PREFIX) :]
+
+    # ------------------------------------------------------------------ the schedule
+
+    def claim_due(self, limit: int, lease_s: float) -> list[Dispatch]:
+        """Up to ``limit`` due jobs, each with a new dispatch token and a lease."""
+        flat = self._claim_due(keys=[keys.SCHEDULE], args=[keys.JOB_PREFIX, limit, lease_s])
+        claimed = []
+        for i in range(0, len(flat), 5):
+            request = decode_text(flat[i + 3])
+            claimed.append(
+                Dispatch(
+                    job_id=decode_text(flat[i]),
+                    token=int(flat[i + 1]),
+                    phase=decode_text(flat[i + 2]),
+                    request=json.loads(request) if request else None,
+                    due=float(flat[i + 4]),
+                )
+            )
+        return claimed
+
+    def due_now(self, job_ids: Iterable[str]) -> None:
+        """Make jobs that are in the schedule due at once (a dispatch that failed to send)."""
+        ids = list(job_ids)
+        if ids:
+            now = self.redis.time()
+            self.redis.zadd(keys.SCHEDULE, dict.fromkeys(ids, now[0] + now[1] / 1e6), xx=True)
+
+    def scheduled(self, job_id: str) -> float | None:
+        """When the job's next step is due (None when it is not in the schedule)."""
+        score = self.redis.zscore(keys.SCHEDULE, job_id)
+        return None if score is None else float(score)
+
+    def schedule_size(self) -> int:
+        return int(self.redis.zcard(keys.SCHEDULE))
+
+    # ------------------------------------------------------------------ steps
+
+    def begin(self, job_id: str, token: int, lease_s: float) -> tuple[str, Job | None]:
+        """Start a step with ``token``: ``("ok", job)``, or ``(reason, None)``.
+
+        Reasons: ``missing``, ``finished``, ``stale`` (a newer message owns the job).
         """
-        args = [state.value if state else "", self.ttl_s, *_encode(fields)]
-        return int(self._update(keys=[JOB_KEY.format(job_id)], args=args)) == 1
+        reply = self._begin(
+            keys=[keys.job(job_id), keys.SCHEDULE], args=[job_id, token, lease_s, self.ttl_s]
+        )
+        status = decode_text(reply[0])
+        if status != "ok":
+            return status, None
+        return status, Job.from_fields(_decode_fields(reply[1:]))
+
+    def update(
+        self,
+        job_id: str,
+        state: JobState | None = None,
+        *,
+        token: int | None = None,
+        due_in: float | None = None,
+        **fields: Any,
+    ) -> int:
+        """Write ``fields`` (and move to ``state``); see ``update.lua`` for the answer."""
+        args: list[Any] = [
+            job_id,
+            self.ttl_s,
+            state.value if state else "",
+            "" if token is None else token,
+            "" if due_in is None else max(0.0, due_in),
+            *_encode(fields),
+        ]
+        return int(self._update(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
+
+    def park(self, job: Job, due_in: float, state: JobState | None = None, **fields: Any) -> bool:
+        """Schedule the job's next step in ``due_in`` seconds (if ``job``'s token is current)."""
+        return self.update(job.job_id, state, token=job.token, due_in=due_in, **fields) == 1
+
+    def finish(self, job_id: str, state: JobState, **fields: Any) -> bool:
+        """Move a job to a final state; False (nothing changed) when it had finished."""
+        return self.update(job_id, state, **fields) == 1
 
     def set_internal(self, job_id: str, name: str, value: Any) -> bool:
-        """Write one internal field (``_request`` ...) unless the job has finished."""
-        return self.update(job_id, None, **{name: value})
+        """Write one internal field unless the job has finished."""
+        return self.update(job_id, None, **{name: value}) == 1
 
     def increment(self, job_id: str, field: str, amount: int = 1) -> int | None:
-        """Atomically add to a counter (``submit_attempts``, ``polls``)."""
-        value = self._increment(keys=[JOB_KEY.format(job_id)], args=[field, amount])
+        """Add to a counter of an unfinished job; None when it is missing or finished."""
+        value = self._increment(keys=[keys.job(job_id)], args=[field, amount, self.ttl_s])
         return None if value is None else int(value)
 
-    def expect_progress(self, job_ids: str | list[str], within_s: float) -> None:
-        """Note that the jobs must show progress within ``within_s`` seconds (see watchdog)."""
-        ids = [job_ids] if isinstance(job_ids, str) else job_ids
-        if ids:
-            self.redis.zadd(WATCH_KEY, dict.fromkeys(ids, time.time() + within_s))
+    # ------------------------------------------------------------------ createTask attempts
 
-    def forget_progress(self, job_id: str) -> None:
-        """The job finished: the watchdog no longer looks after it."""
-        self.redis.zrem(WATCH_KEY, job_id)
+    @staticmethod
+    def new_attempt_id() -> str:
+        return uuid.uuid4().hex
 
-    def stalled(self, limit: int) -> list[str]:
-        """Up to ``limit`` unfinished jobs whose progress is overdue."""
-        ids = self.redis.zrangebyscore(WATCH_KEY, "-inf", time.time(), start=0, num=limit)
-        return [decode_text(i) for i in ids]
+    def begin_attempt(
+        self, job_id: str, attempt_id: str, settle_s: float, *, settle_only: bool = False
+    ) -> AttemptStart:
+        """Open an attempt before createTask is sent (see ``attempt_begin.lua``).
 
-    def claim_submit(self, job_id: str, lease_s: int) -> bool:
-        """Take the right to call createTask for this job for ``lease_s`` seconds."""
-        return bool(self.redis.set(SUBMIT_CLAIM_KEY.format(job_id), "1", nx=True, ex=lease_s))
+        With ``settle_only`` nothing is opened: an earlier attempt that has settled is
+        closed as unknown, and ``ok`` means that none is open any more.
+        """
+        mode = "settle" if settle_only else "open"
+        reply = self._attempt_begin(
+            keys=[keys.job(job_id)], args=[attempt_id, settle_s, self.ttl_s, mode]
+        )
+        status = decode_text(reply[0])
+        if status == "ok":
+            return AttemptStart(status, counted_unknown=int(reply[1]) == 1)
+        if status == "open":
+            return AttemptStart(status, settles_in=float(reply[1]))
+        return AttemptStart(status)
 
-    def submit_claim_ttl(self, job_id: str) -> int:
-        """Seconds left on another worker's submit claim (0 when none)."""
-        return max(0, int(self.redis.ttl(SUBMIT_CLAIM_KEY.format(job_id))))
+    def end_attempt(self, job_id: str, attempt_id: str, *, unknown: bool, **fields: Any) -> bool:
+        """Close an attempt that created no known task; True when it was open and ours."""
+        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *_encode(fields)]
+        return int(self._attempt_end(keys=[keys.job(job_id)], args=args)) == 1
 
-    def release_submit(self, job_id: str) -> None:
-        self.redis.delete(SUBMIT_CLAIM_KEY.format(job_id))
+    def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
+        """Record an accepted upstream task (see ``accept.lua`` for the answers)."""
+        args = [job_id, attempt_id, task_id, poll_in, self.ttl_s]
+        return decode_text(self._accept(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
 
-    def add_to_poll_batch(self, job_id: str, slot: str, batch_size: int) -> tuple[str, bool]:
-        """Put the job in a poll batch of time ``slot``; ``(batch id, send its message)``."""
-        keys = [JOB_KEY.format(job_id), POLL_BATCH_COUNTER_KEY.format(slot)]
-        ttl = POLL_BATCH_TTL_S
-        batch, first = self._add_to_poll_batch(keys=keys, args=[slot, batch_size, ttl, job_id])
-        return decode_text(batch), bool(first)
+    # ------------------------------------------------------------------ jobs held by a pause
 
-    def close_poll_slot(self, slot: str) -> None:
-        """Jobs added to ``slot`` from now on go to a new batch (and send its message)."""
-        self._close_poll_slot(keys=[POLL_BATCH_COUNTER_KEY.format(slot)], args=[POLL_BATCH_TTL_S])
+    def hold(self, api_key_id: str, job_id: str) -> None:
+        """Note that the job waits for the pause of ``api_key_id`` to end."""
+        self.redis.sadd(keys.held(api_key_id), job_id)
 
-    def poll_batch(self, batch: str) -> list[JobRecord]:
-        """The unfinished jobs of a batch that still belong to it, read in one round trip."""
-        members = sorted(decode_text(m) for m in self.redis.smembers(POLL_BATCH_KEY + batch))
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in members:
-            pipe.hgetall(JOB_KEY.format(job_id))
-        jobs = []
-        for raw in pipe.execute():
-            if not raw:
-                continue
-            fields = _decode_fields(raw)
-            if fields.get(NEXT_POLL_FIELD) != batch:
-                continue  # moved on to a later batch, or re-sent by the watchdog
-            record = _record_from(fields)
-            if not record.finished:
-                jobs.append(record)
-        return jobs
-
-    def drop_poll_batch(self, batch: str) -> None:
-        self.redis.delete(POLL_BATCH_KEY + batch)
+    def release_held(self, api_key_id: str, spread_s: float) -> int:
+        """The pause ended: make its held jobs due, spread over ``spread_s`` seconds."""
+        return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=[spread_s]))

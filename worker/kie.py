@@ -1,16 +1,21 @@
 """HTTP client for the kie.ai market API (``ideogram/character-remix``).
 
-One ``requests.Session`` per process with connect/read timeouts. Every answer
-is turned into either parsed data or a typed error from :mod:`worker.errors`;
-the code may come as the HTTP status or as ``code`` in a 200 body, and both
-are handled the same way. The ``Authorization`` header is only ever set on the
-session: it is never formatted into a message, and upstream text is redacted.
+Every answer becomes either parsed data or a typed error from :mod:`worker.errors`. The
+code may come as ``code`` in a JSON body or as the HTTP status; when the body is not JSON
+(a proxy's HTML page, a plain-text error) the HTTP status alone decides, so an HTML 429
+still holds the fleet and a plain-text 402 still pauses the key. Every request has a
+total deadline (:mod:`worker.http`), so no single request outlives the job's lease.
+
+The ``Authorization`` header is only ever set on the session: it is never formatted into
+a message, upstream text is redacted before it is shortened, and transport exceptions
+(whose text may quote a header) are replaced by messages of our own.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,14 +24,16 @@ import requests
 from pydantic import SecretStr
 
 from worker.errors import (
+    MAX_RETRY_AFTER_S,
+    BadAnswerError,
     NetworkError,
-    ServerError,
-    UnexpectedResponseError,
     UpstreamError,
     error_for_code,
+    error_for_exception,
     excerpt,
-    redact,
 )
+from worker.http import deadline, guarded_session
+from worker.redaction import Redactor
 
 MODEL = "ideogram/character-remix"
 CREATE_TASK_PATH = "/api/v1/jobs/createTask"
@@ -41,7 +48,7 @@ FINAL_STATES = frozenset({"success", "fail"})
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """What ``recordInfo`` says about one upstream task."""
+    """What ``recordInfo`` (or a callback) says about one upstream task."""
 
     task_id: str
     state: str
@@ -54,28 +61,35 @@ class TaskInfo:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date).
+
+    Nonsense (``inf``, ``nan``, garbage) is ignored; the result is at least 0 and at most
+    :data:`~worker.errors.MAX_RETRY_AFTER_S`, so no header can stop the fleet for a day.
+    """
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
-def parse_result_json(raw: Any) -> list[str]:
-    """``resultJson`` is a JSON *string* holding ``{"resultUrls": [...]}``."""
-    if not raw:
-        return []
-    data = json.loads(raw) if isinstance(raw, str) else raw
+def parse_result_urls(raw: Any) -> list[str]:
+    """``resultJson`` is a JSON *string* holding ``{"resultUrls": [...]}`` (at least one)."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        data = None
     urls = data.get("resultUrls") if isinstance(data, dict) else None
-    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-        raise ValueError("resultJson holds no resultUrls list")
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise BadAnswerError("success without result URLs in resultJson")
     return urls
 
 
@@ -83,28 +97,42 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _optional_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def parse_task_info(data: Any) -> TaskInfo:
     """Parse the ``data`` object of a recordInfo answer or of a callback."""
     if not isinstance(data, dict):
-        raise UnexpectedResponseError("bad_response", "recordInfo data is not an object")
+        raise BadAnswerError("recordInfo data is not an object")
     task_id = data.get("taskId") or data.get("task_id")
     state = data.get("state")
     if not task_id or not isinstance(state, str):
-        raise UnexpectedResponseError("bad_response", "recordInfo data lacks taskId or state")
-    try:
-        urls = parse_result_json(data.get("resultJson")) if state == "success" else []
-    except ValueError as exc:
-        raise UnexpectedResponseError("bad_response", f"resultJson: {exc}") from exc
+        raise BadAnswerError("recordInfo data lacks taskId or state")
+    urls = parse_result_urls(data.get("resultJson")) if state == "success" else []
     return TaskInfo(
         task_id=str(task_id),
         state=state,
         result_urls=urls,
         fail_code=_optional_str(data.get("failCode")),
         fail_msg=_optional_str(data.get("failMsg")),
-        create_time=data.get("createTime"),
-        complete_time=data.get("completeTime"),
-        cost_time=data.get("costTime"),
+        create_time=_optional_int(data.get("createTime")),
+        complete_time=_optional_int(data.get("completeTime")),
+        cost_time=_optional_int(data.get("costTime")),
     )
+
+
+def _read_code(value: Any) -> int | None:
+    """A body's ``code`` as an int: ``429``, ``"429"`` and ``429.0`` alike; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def error_from_response(
@@ -114,24 +142,25 @@ def error_from_response(
 
     Pure function of the response parts, so it is unit-tested with plain data.
     """
+    redactor = Redactor(secrets)
     retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
     try:
         body = json.loads(body_text)
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        # A proxy's HTML error page or other non-JSON answer: treat as a 5xx.
-        status_code = status if status >= 500 else 502
-        message = redact(f"non-JSON answer (HTTP {status}): {excerpt(body_text)}", secrets)
-        return ServerError(message, retry_after=retry_after, status=status_code), None
-    body_code = body.get("code")
-    code = body_code if isinstance(body_code, int) and not isinstance(body_code, bool) else None
+        shown = excerpt(redactor.redact(body_text))
+        if status == SUCCESS_CODE:
+            return BadAnswerError(f"answer is not a JSON object: {shown}"), None
+        message = f"non-JSON answer (HTTP {status}): {shown}"
+        return error_for_code(status, message, retry_after=retry_after), None
+    code = _read_code(body.get("code"))
     if status != SUCCESS_CODE and code in (None, SUCCESS_CODE):
         code = status
     if code is None:
         code = SUCCESS_CODE
     if code != SUCCESS_CODE:
-        message = redact(str(body.get("msg") or body.get("message") or ""), secrets)
+        message = excerpt(redactor.redact(str(body.get("msg") or body.get("message") or "")))
         return error_for_code(code, message, retry_after=retry_after), None
     return None, body.get("data")
 
@@ -142,7 +171,9 @@ class KieClient:
     Parameters:
         base_url: e.g. ``https://api.kie.ai`` (the sandbox in development).
         api_key: the bearer token; kept in the session headers only.
-        connect_timeout, read_timeout: seconds for each request.
+        connect_timeout, read_timeout: seconds for connecting and for each read.
+        request_deadline: seconds for one whole request, answer included.
+        secrets: every secret to redact from upstream text (the key is always included).
     """
 
     def __init__(
@@ -152,11 +183,14 @@ class KieClient:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 20.0,
+        request_deadline: float = 30.0,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._secrets: tuple[str | None, ...] = (api_key.get_secret_value(),)
+        self._secrets: tuple[str | None, ...] = (api_key.get_secret_value(), *secrets)
         self._timeout = (connect_timeout, read_timeout)
-        self._session = requests.Session()
+        self._deadline = request_deadline
+        self._session = guarded_session()
         self._session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
         self._session.headers["Accept"] = "application/json"
 
@@ -173,8 +207,8 @@ class KieClient:
             payload["callBackUrl"] = callback_url
         data = self._call("POST", CREATE_TASK_PATH, json=payload)
         task_id = data.get("taskId") if isinstance(data, dict) else None
-        if not task_id:
-            raise UnexpectedResponseError("bad_response", "createTask answer lacks data.taskId")
+        if not isinstance(task_id, str | int) or isinstance(task_id, bool) or not str(task_id):
+            raise BadAnswerError("createTask answer lacks data.taskId")
         return str(task_id)
 
     def record_info(self, task_id: str) -> TaskInfo:
@@ -185,27 +219,30 @@ class KieClient:
         """The key's remaining credits."""
         data = self._call("GET", CREDIT_PATH)
         if isinstance(data, bool) or not isinstance(data, int | float):
-            raise UnexpectedResponseError("bad_response", "credit answer is not a number")
+            raise BadAnswerError("credit answer is not a number")
         return int(data)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        where = self.base_url + path
         try:
-            response = self._session.request(
-                method, self.base_url + path, timeout=self._timeout, **kwargs
-            )
-        except requests.ConnectTimeout:
-            raise NetworkError(f"connect timeout to {self.base_url}") from None
-        except requests.ReadTimeout:
-            raise NetworkError(
-                f"no answer from {self.base_url}{path} within {self._timeout[1]:g}s"
-            ) from None
-        except requests.ConnectionError as exc:
-            raise NetworkError(
-                f"connection to {self.base_url} failed ({type(exc).__name__})"
-            ) from None
+            with deadline(self._deadline) as limit:
+                response = self._session.request(method, where, timeout=self._timeout, **kwargs)
+                content = response.content
+        except requests.RequestException as exc:
+            if limit.expired:
+                raise self._deadline_error(where) from None
+            raise error_for_exception(exc, self.base_url) from None
+        if limit.expired:
+            raise self._deadline_error(where)
+        text = content.decode(response.encoding or "utf-8", errors="replace")
         error, data = error_from_response(
-            response.status_code, response.text, response.headers, self._secrets
+            response.status_code, text, response.headers, self._secrets
         )
         if error is not None:
             raise error
         return data
+
+    def _deadline_error(self, where: str) -> NetworkError:
+        return NetworkError(
+            f"no complete answer from {where} in {self._deadline:g}s", ambiguous=True
+        )

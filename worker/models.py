@@ -152,6 +152,14 @@ class JobRecord(BaseModel):
     created_at: float
     submitted_at: float | None = None
     finished_at: float | None = None
+    #: When the createTask request now under way was started (None when none is).
+    attempt_started_at: float | None = None
+    #: createTask requests whose outcome never became known (the answer was lost).
+    unknown_outcomes: int = 0
+    #: Sent again after an attempt of unknown outcome and accepted: may have been charged twice.
+    possibly_paid_twice: bool = False
+    #: Further upstream tasks accepted for this job besides ``upstream_task_id`` (charges).
+    extra_task_ids: list[str] = Field(default_factory=list)
 
     @property
     def finished(self) -> bool:

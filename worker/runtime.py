@@ -1,43 +1,151 @@
-"""Per-process singletons: the Redis clients, the job store and the upstream client.
+"""The collaborators of the pipeline, built once per process: :class:`Services`.
 
-They are created lazily, after Celery has forked its pool processes, and
-recreated if the process id changes, so no socket is shared across a fork.
-Redis clients are thread-safe; the HTTP session is kept per thread (per
-greenlet under ``-P gevent``), so the ``threads`` and ``gevent`` pools work too.
+The policies in :mod:`worker.policy` take a :class:`Services` as their argument, so each
+path can be tested against a real Redis (and the sandbox) without starting a worker.
+Here they are built from the settings, lazily and again after a fork (no socket is
+shared across a fork). Redis clients are thread-safe; the upstream client keeps one HTTP
+session per thread (per greenlet under ``-P gevent``).
+
+Redis clients have socket timeouts and retry a failed command with a short backoff: a
+worker rides out a Redis blip of :data:`WORKER_REDIS_RETRY_S` inside the task, so its jobs
+move on as soon as Redis is back; a producer (the CLI, a web app) gives up after
+:data:`PRODUCER_REDIS_RETRY_S` with a clear error instead of hanging.
+
+:func:`configure` is the one way tests, the demo and the benchmark point a process at
+other settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
-from functools import lru_cache
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from celery import states
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
+from worker import keys
+from worker.clock import RedisClock
+from worker.errors import JobFailed
 from worker.jobstore import JobStore, decode_text
 from worker.kie import KieClient
+from worker.models import JobRecord, JobState
 from worker.pause import FleetPause
+from worker.publisher import Publisher
 from worker.ratelimit import SharedRateLimiter
-from worker.settings import get_settings, parse_rate_limit
+from worker.redaction import Redactor
+from worker.settings import Settings, get_settings, parse_rate_limit, set_overrides
+
+#: How long a worker's Redis commands keep retrying through an outage.
+WORKER_REDIS_RETRY_S = 15.0
+#: How long a producer's Redis commands keep retrying before the caller hears of it.
+PRODUCER_REDIS_RETRY_S = 2.0
+REDIS_SOCKET_TIMEOUT_S = 10.0
+REDIS_CONNECT_TIMEOUT_S = 2.0
+REDIS_HEALTH_CHECK_S = 30
+_BACKOFF_CAP_S = 1.0
+_BACKOFF_BASE_S = 0.05
+
+_role = {"worker": False}
 
 
-@lru_cache(maxsize=4)
-def _backend_redis(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(get_settings().backend_url)
+def set_worker_role() -> None:
+    """This process is a worker: Redis commands ride out longer outages."""
+    _role["worker"] = True
+    _reset()
 
 
-@lru_cache(maxsize=4)
-def _job_store(pid: int) -> JobStore:
-    settings = get_settings()
-    return JobStore(_backend_redis(pid), ttl_s=settings.remix_job_ttl_s)
+def _retries_for(budget_s: float) -> int:
+    """How many retries of the backoff add up to about ``budget_s`` seconds of waiting."""
+    total, count = 0.0, 0
+    while total < budget_s:
+        total += min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**count)
+        count += 1
+    return count
 
 
-_local = threading.local()
+def redis_client(url: str) -> redis.Redis:
+    """A client with timeouts and retries suited to this process's role."""
+    budget = WORKER_REDIS_RETRY_S if _role["worker"] else PRODUCER_REDIS_RETRY_S
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
+        retry=Retry(
+            ExponentialBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), _retries_for(budget)
+        ),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
-def _new_kie_client() -> KieClient:
-    settings = get_settings()
+def api_key_id(settings: Settings) -> str:
+    """A short, non-secret name for the configured API key (shared state is per key)."""
+    key = settings.kie_api_key
+    raw = key.get_secret_value() if key else ""
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+class Metrics:
+    """Counters in the broker's Redis, read by ``remixq status``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        self.redis.hincrby(keys.METRICS, name, amount)
+
+    def read(self) -> dict[str, int]:
+        return {decode_text(k): int(v) for k, v in self.redis.hgetall(keys.METRICS).items()}
+
+
+class CeleryResults:
+    """Stores a finished job's outcome as its Celery result (its task id is the job id)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def store(self, record: JobRecord) -> None:
+        if record.state is JobState.SUCCEEDED:
+            self.app.backend.store_result(
+                record.job_id, record.model_dump(mode="json"), states.SUCCESS
+            )
+            return
+        failure = JobFailed(record.fail_code or record.state.value, record.fail_msg or "")
+        self.app.backend.store_result(record.job_id, failure, states.FAILURE)
+
+
+@dataclass
+class Services:
+    """Everything a policy talks to; see the module docstring."""
+
+    settings: Settings
+    store: JobStore
+    clock: RedisClock
+    limiter: SharedRateLimiter
+    pause: FleetPause
+    publisher: Publisher
+    metrics: Metrics
+    results: CeleryResults
+    api_key_id: str
+    broker: redis.Redis
+    redactor: Redactor
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def client(self) -> KieClient:
+        """This thread's upstream client (one HTTP session per thread or greenlet)."""
+        client: KieClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = new_kie_client(self.settings)
+        return client
+
+
+def new_kie_client(settings: Settings) -> KieClient:
     if settings.kie_api_key is None:
         raise RuntimeError("KIE_API_KEY is not set")
     return KieClient(
@@ -45,80 +153,113 @@ def _new_kie_client() -> KieClient:
         settings.kie_api_key,
         connect_timeout=settings.kie_connect_timeout_s,
         read_timeout=settings.kie_read_timeout_s,
+        request_deadline=settings.kie_request_deadline_s,
+        secrets=tuple(settings.secrets()),
     )
 
 
-def job_store() -> JobStore:
-    return _job_store(os.getpid())
+def build_services(settings: Settings, app: Any = None) -> Services:
+    """Build every collaborator from ``settings`` (``app``: the Celery app to publish with)."""
+    if app is None:
+        from worker.app import app
+    backend = redis_client(settings.backend_url)
+    broker = (
+        backend if settings.backend_url == settings.redis_url else redis_client(settings.redis_url)
+    )
+    key_id = api_key_id(settings)
+    limit, window = parse_rate_limit(settings.kie_rate_limit)
+    return Services(
+        settings=settings,
+        store=JobStore(backend, ttl_s=settings.remix_job_ttl_s),
+        clock=RedisClock(backend),
+        limiter=SharedRateLimiter(broker, key_id, limit, window),
+        pause=FleetPause(broker, key_id, settings.remix_pause_probe_s),
+        publisher=Publisher(app),
+        metrics=Metrics(broker),
+        results=CeleryResults(app),
+        api_key_id=key_id,
+        broker=broker,
+        redactor=Redactor(settings.secrets()),
+    )
 
 
-def kie_client() -> KieClient:
-    """One client (one HTTP session) per thread, or per greenlet under ``-P gevent``."""
-    client: KieClient | None = getattr(_local, "client", None)
-    if client is None or getattr(_local, "pid", None) != os.getpid():
-        client = _local.client = _new_kie_client()
-        _local.pid = os.getpid()
-    return client
+_lock = threading.Lock()
+_cache: dict[int, Services] = {}
 
 
-#: The ids of the API keys workers use, with their budgets, so operators can
-#: address them without holding the secret.
-KNOWN_KEYS_KEY = "remixq:keys"
+def services() -> Services:
+    """This process's services (built on first use, and again in a forked child)."""
+    pid = os.getpid()
+    found = _cache.get(pid)
+    if found is None:
+        with _lock:
+            found = _cache.get(pid)
+            if found is None:
+                _cache.clear()
+                found = _cache[pid] = build_services(get_settings())
+    return found
+
+
+def _reset() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def configure(**overrides: Any) -> Settings:
+    """Point this process at other settings (tests, the demo, the benchmark).
+
+    ``overrides`` are settings fields (``redis_url=...``) that win over the environment.
+    The Celery app follows the new Redis URLs; every cached client is dropped.
+    """
+    from worker.app import app
+
+    set_overrides(**overrides)
+    _reset()
+    settings = get_settings()
+    app.conf.broker_url = settings.redis_url
+    app.conf.result_backend = settings.backend_url
+    _forget_celery_connections(app)
+    return settings
+
+
+def _forget_celery_connections(app: Any) -> None:
+    """Drop the broker pool and result backend Celery built for the previous URLs.
+
+    Celery has no public way to do this; these attributes are stable across Celery 5.
+    """
+    with contextlib.suppress(AttributeError):
+        del app._local.backend
+    if getattr(app, "_pool", None) is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    if getattr(app.amqp, "_producer_pool", None) is not None:
+        app.amqp._producer_pool = None
+
+
+# ----------------------------------------------------------------- the keys workers use
 
 
 def register_api_key() -> None:
     """Make this worker's key known to ``remixq status``/``pause``/``resume``."""
-    broker_redis().hset(KNOWN_KEYS_KEY, api_key_id(), get_settings().kie_rate_limit)
+    svc = services()
+    svc.broker.hset(keys.KNOWN_API_KEYS, svc.api_key_id, svc.settings.kie_rate_limit)
 
 
 def known_api_keys() -> dict[str, str]:
     """Key id -> its ``KIE_RATE_LIMIT``, for every key a worker registered (and our own)."""
-    keys = {
-        decode_text(k): decode_text(v) for k, v in broker_redis().hgetall(KNOWN_KEYS_KEY).items()
+    svc = services()
+    found = {
+        decode_text(k): decode_text(v) for k, v in svc.broker.hgetall(keys.KNOWN_API_KEYS).items()
     }
-    if get_settings().kie_api_key is not None:
-        keys.setdefault(api_key_id(), get_settings().kie_rate_limit)
-    return keys
+    if svc.settings.kie_api_key is not None:
+        found.setdefault(svc.api_key_id, svc.settings.kie_rate_limit)
+    return found
 
 
-def limiter_for(key_id: str, rate_limit: str | None = None) -> SharedRateLimiter:
-    limit, window = parse_rate_limit(rate_limit or get_settings().kie_rate_limit)
-    return SharedRateLimiter(broker_redis(), key_id, limit, window)
+def limiter_for(key_id: str, rate_limit: str) -> SharedRateLimiter:
+    limit, window = parse_rate_limit(rate_limit)
+    return SharedRateLimiter(services().broker, key_id, limit, window)
 
 
 def pause_for(key_id: str) -> FleetPause:
-    return FleetPause(broker_redis(), key_id, get_settings().remix_pause_probe_s)
-
-
-def api_key_id() -> str:
-    """A short, non-secret name for the configured API key (shared state is per key)."""
-    key = get_settings().kie_api_key
-    raw = key.get_secret_value() if key else ""
-    return hashlib.sha256(raw.encode()).hexdigest()[:12]
-
-
-@lru_cache(maxsize=4)
-def _broker_redis(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url)
-
-
-@lru_cache(maxsize=4)
-def _rate_limiter(pid: int) -> SharedRateLimiter:
-    return limiter_for(api_key_id())
-
-
-@lru_cache(maxsize=4)
-def _fleet_pause(pid: int) -> FleetPause:
-    return pause_for(api_key_id())
-
-
-def broker_redis() -> redis.Redis:
-    return _broker_redis(os.getpid())
-
-
-def rate_limiter() -> SharedRateLimiter:
-    return _rate_limiter(os.getpid())
-
-
-def fleet_pause() -> FleetPause:
-    return _fleet_pause(os.getpid())
+    return FleetPause(services().broker, key_id, services().settings.remix_pause_probe_s)

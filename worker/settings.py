@@ -1,28 +1,44 @@
 """Configuration read from the environment (or a ``.env`` file) with pydantic-settings.
 
-Every name here is part of the public contract in the design document. The two
-secrets (``KIE_API_KEY``, ``KIE_WEBHOOK_HMAC_KEY``) are ``SecretStr`` so that a
-``repr`` of the settings, a log line or a traceback never shows them.
+Every name here is part of the public contract (``docs/design.md``). Secrets are
+``SecretStr`` so that a ``repr`` of the settings, a log line or a traceback never shows
+them. A secret often comes from a file (a Kubernetes or Docker secret) that ends in a
+newline: surrounding whitespace is stripped, and a control character *inside* a secret is
+refused at start, because it would end up escaped in an HTTP error message.
+
+The knobs are also checked against each other, so that for example a job record cannot
+expire while its job may still run.
 """
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-RATE_LIMIT_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d+)?\s*(s|sec|m|min|h)?\s*$")
-_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+RATE_LIMIT_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d+)?\s*(s|sec|m|min|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+#: A job's lease covers one upstream request plus this much for the Redis work around it.
+LEASE_MARGIN_S = 15.0
+#: After createTask was accepted, a worker keeps trying this long to record the task id
+#: (through a Redis outage) before it gives up and the attempt's outcome counts as unknown.
+RECORD_RETRY_S = 30.0
+#: Job records outlive the longest a job can run by at least this much.
+TTL_MARGIN_S = 3600
 
 
 def parse_rate_limit(text: str) -> tuple[int, float]:
     """Parse ``"20/10s"`` into ``(20, 10.0)``: requests allowed per window of seconds.
 
-    Accepted forms: ``N/S`` plus an optional unit ``s``, ``m`` or ``h``
-    (``20/10s``, ``100/1m``, ``5/s``). Raises ``ValueError`` otherwise.
+    Accepted forms: ``N/S`` plus an optional unit ``s``, ``m``, ``h`` or ``d``
+    (``20/10s``, ``100/1m``, ``500/1d``, ``5/s``). Raises ``ValueError`` otherwise.
     """
     match = RATE_LIMIT_PATTERN.match(text)
     if not match:
@@ -34,10 +50,27 @@ def parse_rate_limit(text: str) -> tuple[int, float]:
     return int(count), window
 
 
+def clean_secret(value: Any) -> Any:
+    """Strip surrounding whitespace; empty means unset; refuse control characters inside."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if not value:
+        return None
+    if _CONTROL_CHARACTER.search(value):
+        # Never echo the value: it is a secret.
+        raise ValueError("contains a control character (a line break or similar) inside")
+    return value
+
+
 class Settings(BaseSettings):
     """All knobs of the pipeline; see the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     redis_url: str = DEFAULT_REDIS_URL
     result_backend_url: str | None = None
@@ -50,6 +83,7 @@ class Settings(BaseSettings):
     kie_rate_limit: str = "20/10s"
     kie_connect_timeout_s: float = Field(5.0, gt=0)
     kie_read_timeout_s: float = Field(20.0, gt=0)
+    kie_request_deadline_s: float = Field(30.0, gt=0)
 
     remix_poll_initial_s: float = Field(2.0, gt=0)
     remix_poll_max_s: float = Field(30.0, gt=0)
@@ -64,6 +98,11 @@ class Settings(BaseSettings):
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
 
+    @field_validator("kie_api_key", "kie_webhook_hmac_key", "ideogram_api_key", mode="before")
+    @classmethod
+    def _clean_secret(cls, value: Any) -> Any:
+        return clean_secret(value)
+
     @field_validator("kie_rate_limit")
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:
@@ -71,14 +110,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_countdowns(self) -> Settings:
-        # Every countdown the pipeline schedules must stay well under the broker's
-        # visibility timeout (see worker.app), or the message is redelivered.
-        for name in ("remix_poll_max_s", "remix_retry_max_s"):
-            if getattr(self, name) > MAX_COUNTDOWN_S:
-                raise ValueError(f"{name.upper()} must be at most {MAX_COUNTDOWN_S:g} seconds")
+    def _check_together(self) -> Settings:
         if self.remix_poll_initial_s > self.remix_poll_max_s:
             raise ValueError("REMIX_POLL_INITIAL_S must not exceed REMIX_POLL_MAX_S")
+        if self.kie_request_deadline_s >= self.remix_deadline_s:
+            raise ValueError("KIE_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
+        longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
+        if self.remix_job_ttl_s < longest_job + TTL_MARGIN_S:
+            raise ValueError(
+                f"REMIX_JOB_TTL_S must be at least {longest_job + TTL_MARGIN_S:.0f} s "
+                "(REMIX_SUBMIT_DEADLINE_S + REMIX_DEADLINE_S + one hour), so that no record "
+                "expires while its job may still run"
+            )
         return self
 
     @property
@@ -91,17 +134,37 @@ class Settings(BaseSettings):
         """``KIE_RATE_LIMIT`` as ``(requests, window_seconds)``."""
         return parse_rate_limit(self.kie_rate_limit)
 
+    @property
+    def lease_s(self) -> float:
+        """How long a dispatched job step may take before the schedule sends it again.
 
-#: The broker's visibility timeout: a message unacknowledged this long is
-#: delivered again. See the comment on the Celery configuration in worker.app.
-VISIBILITY_TIMEOUT_S = 90
-#: Longest countdown any task may schedule; half the visibility timeout leaves
-#: room for a worker that is busy when the countdown ends.
-MAX_COUNTDOWN_S = VISIBILITY_TIMEOUT_S / 2
+        A step makes at most one upstream request (``KIE_REQUEST_DEADLINE_S``) plus a
+        few Redis calls. It is also how soon a SIGKILLed worker's jobs move again.
+        """
+        return self.kie_request_deadline_s + LEASE_MARGIN_S
+
+    @property
+    def attempt_settle_s(self) -> float:
+        """How long an open createTask attempt may still record its outcome.
+
+        Until then no other worker sends createTask for the job; after it the attempt's
+        outcome counts as unknown and a new attempt may go (and may pay twice).
+        """
+        return self.lease_s + RECORD_RETRY_S
+
+    def secrets(self) -> list[str]:
+        """The values of every secret setting that is set, Redis passwords included."""
+        found = (self.kie_api_key, self.kie_webhook_hmac_key, self.ideogram_api_key)
+        values = [secret.get_secret_value() for secret in found if secret is not None]
+        for url in (self.redis_url, self.backend_url):
+            password = urlsplit(url).password
+            if password:
+                values.append(unquote(password))
+        return values
 
 
 class ConfigurationError(ValueError):
-    """A setting from the environment is invalid; ``str()`` is one line."""
+    """A setting from the environment is invalid; ``str()`` is one line and shows no secret."""
 
 
 def _describe(exc: ValidationError) -> str:
@@ -110,13 +173,28 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]).upper()
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
-    return "invalid configuration: " + "; ".join(parts)
+    return "invalid configuration: " + " ".join("; ".join(parts).split())
+
+
+_overrides: dict[str, Any] = {}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings now; raises :class:`ConfigurationError` with one line."""
+    try:
+        return Settings(**{**_overrides, **overrides})
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once; raises :class:`ConfigurationError`."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise ConfigurationError(_describe(exc)) from None
+    return load_settings()
+
+
+def set_overrides(**overrides: Any) -> None:
+    """Replace the values that win over the environment (see ``worker.runtime.configure``)."""
+    _overrides.clear()
+    _overrides.update(overrides)
+    get_settings.cache_clear()

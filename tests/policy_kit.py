@@ -1,0 +1,97 @@
+"""What the fast policy tests share: real Redis, the sandbox over real HTTP, no worker.
+
+The policies take their collaborators as an argument (:class:`worker.runtime.Services`), so a
+test builds them against a Redis database of its own (no worker consumes it) and a sandbox
+served from a thread of the test process on 127.0.0.1, then runs one step at a time and
+looks at the record, the schedule and the sandbox's counters.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from tests.helpers import empty_database
+from worker.runtime import Services, build_services
+from worker.settings import Settings
+
+POLICY_REDIS_URL = os.environ.get("REMIXQ_TEST_POLICY_REDIS_URL", "redis://127.0.0.1:6379/12")
+API_KEY = f"sk-policy-{uuid.uuid4().hex}"
+INPUT = {
+    "image_url": "https://example.test/base.png",
+    "reference_image_urls": ["https://example.test/ref.png"],
+}
+FAST = {
+    "remix_poll_initial_s": 0.2,
+    "remix_poll_max_s": 1.0,
+    "remix_retry_base_s": 0.05,
+    "remix_retry_max_s": 0.5,
+    "remix_deadline_s": 60.0,
+    "remix_pause_probe_s": 0.5,
+    "kie_request_deadline_s": 3.0,
+    "kie_read_timeout_s": 2.0,
+    "kie_rate_limit": "1000/1s",
+}
+
+
+@pytest.fixture
+def policy_redis() -> Iterator[redis.Redis]:
+    with empty_database(POLICY_REDIS_URL, "the policy tests") as client:
+        yield client
+
+
+@pytest.fixture
+def upstream() -> Iterator[SandboxServer]:
+    server = SandboxServer(SandboxConfig(api_key=API_KEY, generation_seconds=0.5)).start()
+    yield server
+    server.stop()
+
+
+def make_services(upstream_url: str, **overrides: Any) -> Services:
+    """Services against the policy database and ``upstream_url``, with fast settings."""
+    fields = {
+        "redis_url": POLICY_REDIS_URL,
+        "result_backend_url": POLICY_REDIS_URL,
+        "kie_base_url": upstream_url,
+        "kie_api_key": API_KEY,
+        **FAST,
+        **overrides,
+    }
+    settings = Settings(**fields)
+    app = Celery("policy-tests", set_as_current=False)
+    app.conf.update(broker_url=settings.redis_url, result_backend=settings.backend_url)
+    return build_services(settings, app)
+
+
+@pytest.fixture
+def svc(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
+    return make_services(upstream.url)
+
+
+def new_job(svc: Services, prompt: str | None = None, **fields: Any) -> tuple[str, str]:
+    """Create a queued job (due at once); returns ``(job_id, prompt)``."""
+    prompt = prompt or f"policy {uuid.uuid4().hex[:10]}"
+    job_id = uuid.uuid4().hex
+    svc.store.create(job_id, {"prompt": prompt, **INPUT, **fields}, due_in=0.0)
+    return job_id, prompt
+
+
+def token_of(svc: Services, job_id: str) -> int:
+    """The job's current dispatch token (what the latest message carries)."""
+    return int(svc.store.get_internal(job_id, "_dispatch") or 0)
+
+
+def accepted(upstream: SandboxServer, prompt: str) -> int:
+    return int(upstream.stats()["accepted_by_prompt"].get(prompt, 0))
+
+
+def sent(upstream: SandboxServer, prompt: str) -> int:
+    return int(upstream.stats()["create_requests_by_prompt"].get(prompt, 0))

@@ -1,0 +1,140 @@
+"""The schedule's dispatcher: sends each job's next step when it is due.
+
+Every unfinished job is a member of the schedule (a sorted set in Redis, scored by when
+its next step is due on the Redis clock). Steps never wait inside the broker: a job that
+must wait (for its next poll, a budget moment, a backoff, a pause) is *parked* in the
+schedule, and a thread in every worker process claims due jobs (``claim_due.lua``) and
+publishes their messages: ``remix.submit`` for a job without an upstream task, one
+``remix.poll`` for up to :data:`POLL_BATCH_SIZE` jobs with one.
+
+Why not Celery countdowns: a countdown message sits unacknowledged inside a worker, so
+it must stay shorter than the broker's visibility timeout, it is redelivered as a
+duplicate when it is not, and it is dropped from memory (to come back only after the
+visibility timeout) whenever the worker loses its broker connection. Parked jobs have
+none of these problems: waits of any length cost one sorted-set member, and after a
+broker outage every job moves again as soon as the broker answers.
+
+Claiming gives the job a new *dispatch token* and a *lease*. Only a message carrying the
+latest token may act on the job, so duplicates and stale copies are dropped; and a job
+whose step does not reschedule it within the lease (its message was lost, or its worker
+was killed) is due again and sent again. This is what recovers from a SIGKILL, in about
+``Settings.lease_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, ClassVar
+
+from celery import bootsteps
+
+from worker.jobstore import Dispatch
+from worker.runtime import Services, services
+
+logger = logging.getLogger("worker.dispatcher")
+
+#: At most this many jobs per ``remix.poll`` message.
+POLL_BATCH_SIZE = 25
+#: At most this many jobs claimed per round trip.
+CLAIM_LIMIT = 500
+#: Pause between two looks at the schedule when nothing was due.
+TICK_S = 0.05
+#: Pause after a failed round (Redis or the broker unreachable).
+ERROR_PAUSE_S = 1.0
+
+
+class Dispatcher:
+    """Claims due jobs and publishes their next step.
+
+    Parameters:
+        svc: the process's services (store, publisher, settings).
+    """
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def tick(self) -> int:
+        """One round: claim what is due and send it; returns how many jobs were sent."""
+        claimed = self.svc.store.claim_due(CLAIM_LIMIT, self.svc.settings.lease_s)
+        if not claimed:
+            return 0
+        unsent = {d.job_id for d in claimed}
+        try:
+            self._publish(claimed, unsent)
+        except BaseException:
+            # The broker refused: make the rest due again at once rather than after the lease.
+            self.svc.store.due_now(unsent)
+            raise
+        return len(claimed)
+
+    def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
+        publisher = self.svc.publisher
+        polls = [d for d in claimed if d.phase == "poll"]
+        with publisher.producer() as producer:
+            for item in claimed:
+                if item.phase == "submit":
+                    publisher.submit(item.job_id, item.request, item.token, producer=producer)
+                    unsent.discard(item.job_id)
+            for start in range(0, len(polls), POLL_BATCH_SIZE):
+                batch = polls[start : start + POLL_BATCH_SIZE]
+                publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
+                unsent.difference_update(d.job_id for d in batch)
+
+
+class DispatcherThread:
+    """Runs :meth:`Dispatcher.tick` in a loop until stopped."""
+
+    def __init__(self, make_dispatcher: Any = None) -> None:
+        self._make = make_dispatcher or (lambda: Dispatcher(services()))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="remixq-dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        dispatcher: Dispatcher | None = None
+        failing = False
+        while not self._stop.is_set():
+            try:
+                dispatcher = dispatcher or self._make()
+                sent = dispatcher.tick()
+                if failing:
+                    logger.warning("dispatcher: Redis and the broker answer again")
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage, not once per round
+                    logger.warning(
+                        "dispatcher: cannot dispatch (%s: %s); retrying", type(exc).__name__, exc
+                    )
+                failing = True
+                self._stop.wait(ERROR_PAUSE_S)
+                continue
+            if sent < CLAIM_LIMIT:
+                self._stop.wait(TICK_S)
+
+
+class DispatcherStep(bootsteps.StartStopStep):
+    """Runs the dispatcher in every worker process while it consumes."""
+
+    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.thread: DispatcherThread | None = None
+
+    def start(self, parent: Any) -> None:
+        self.thread = DispatcherThread()
+        self.thread.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.thread is not None:
+            self.thread.stop()
+
+    shutdown = stop

@@ -1,0 +1,47 @@
+-- Record the upstream task an attempt created. The first one becomes the job's task: the
+-- job moves to submitted and its first poll is scheduled. A different task arriving for a
+-- job that already has one (or has finished) is a further charge: it is kept in
+-- extra_task_ids and flags the job possibly_paid_twice; state and results do not change.
+--
+-- KEYS[1]  the job's hash
+-- KEYS[2]  the schedule
+-- ARGV[1]  job id
+-- ARGV[2]  attempt id ('' when the task comes from elsewhere)
+-- ARGV[3]  upstream task id
+-- ARGV[4]  seconds until the first poll
+-- ARGV[5]  time to live of the record, in seconds
+-- Returns 'accepted', 'accepted_after_unknown' (an earlier attempt's outcome is unknown:
+-- possibly paid twice), 'again' (this task was recorded before), 'extra' or 'missing'.
+local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+local task = cjson.encode(ARGV[3])
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], '_attempt') == cjson.encode(ARGV[2]) then
+  redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local current = redis.call('HGET', KEYS[1], 'upstream_task_id')
+if current == task then return 'again' end
+if (current and current ~= 'null') or finished[state] then
+  local extra = cjson.decode(redis.call('HGET', KEYS[1], 'extra_task_ids') or '[]')
+  for _, known in ipairs(extra) do
+    if known == ARGV[3] then return 'again' end
+  end
+  table.insert(extra, ARGV[3])
+  redis.call('HSET', KEYS[1], 'extra_task_ids', cjson.encode(extra))
+  if current and current ~= 'null' then
+    redis.call('HSET', KEYS[1], 'possibly_paid_twice', 'true')
+  end
+  return 'extra'
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[1], 'upstream_task_id', task, 'submitted_at',
+  string.format('%.6f', now), '_slot', 'null', '_last_error', 'null')
+if state == '"queued"' then redis.call('HSET', KEYS[1], 'state', '"submitted"') end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+if tonumber(redis.call('HGET', KEYS[1], 'unknown_outcomes') or '0') > 0 then
+  redis.call('HSET', KEYS[1], 'possibly_paid_twice', 'true')
+  return 'accepted_after_unknown'
+end
+return 'accepted'

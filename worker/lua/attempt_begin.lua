@@ -1,0 +1,38 @@
+-- Open a createTask attempt for a job, unless the job was already accepted upstream or
+-- another attempt may still be in flight. An open attempt older than the settle time
+-- never recorded its outcome: it is counted as unknown and a new one may start.
+-- The attempt id is the owner's token: opening the same id twice is harmless.
+--
+-- KEYS[1]  the job's hash
+-- ARGV[1]  attempt id
+-- ARGV[2]  settle time in seconds
+-- ARGV[3]  time to live of the record, in seconds
+-- ARGV[4]  'open' to open the attempt, 'settle' only to close a settled earlier one
+-- Returns {'ok', 1 if an earlier attempt was just counted unknown else 0},
+-- {'accepted'}, {'finished'}, {'missing'} or {'open', seconds until it settles}.
+-- With 'settle', 'ok' means no attempt is open any more (none was opened).
+local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing'} end
+if finished[state] then return {'finished'} end
+local task = redis.call('HGET', KEYS[1], 'upstream_task_id')
+if task and task ~= 'null' then return {'accepted'} end
+local mine = cjson.encode(ARGV[1])
+local open = redis.call('HGET', KEYS[1], '_attempt')
+if open == mine then return {'ok', 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local marked = 0
+if open and open ~= 'null' then
+  local started = tonumber(redis.call('HGET', KEYS[1], 'attempt_started_at')) or 0
+  local left = started + tonumber(ARGV[2]) - now
+  if left > 0 then return {'open', tostring(left)} end
+  redis.call('HINCRBY', KEYS[1], 'unknown_outcomes', 1)
+  redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null')
+  marked = 1
+end
+if ARGV[4] == 'settle' then return {'ok', marked} end
+redis.call('HSET', KEYS[1], '_attempt', mine, 'attempt_started_at', string.format('%.6f', now))
+redis.call('HINCRBY', KEYS[1], 'submit_attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {'ok', marked}

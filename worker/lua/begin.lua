@@ -1,0 +1,30 @@
+-- Start a step of a job. Only the message carrying the job's latest dispatch token may;
+-- its lease is renewed (the job is due again after it unless the step reschedules it).
+--
+-- KEYS[1]  the job's hash
+-- KEYS[2]  the schedule
+-- ARGV[1]  job id
+-- ARGV[2]  the message's dispatch token
+-- ARGV[3]  lease in seconds
+-- ARGV[4]  time to live of the record, in seconds
+-- Returns {'ok', field, value, ...} with every field of the record, or {'missing'},
+-- {'finished'} (both leave the schedule) or {'stale'} (a newer message owns the job).
+local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'missing'}
+end
+if finished[state] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'finished'}
+end
+if tonumber(redis.call('HGET', KEYS[1], '_dispatch') or '0') ~= tonumber(ARGV[2]) then
+  return {'stale'}
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local out = {'ok'}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(out, v) end
+return out

@@ -1,0 +1,44 @@
+-- Write fields of a job and move its state forward, never back: queued -> submitted ->
+-- running -> succeeded | failed | cancelled; nothing changes once it has finished.
+-- Optionally only for the holder of a dispatch token, and optionally setting when the
+-- job's next step is due. A job that finishes leaves the schedule.
+--
+-- KEYS[1]  the job's hash
+-- KEYS[2]  the schedule
+-- ARGV[1]  job id
+-- ARGV[2]  time to live of the record, in seconds
+-- ARGV[3]  new state, or '' to keep it
+-- ARGV[4]  dispatch token the caller holds, or '' to write regardless
+-- ARGV[5]  seconds until the next step is due, or '' to leave the schedule as it is
+-- ARGV[6..] field, JSON value, field, JSON value, ...
+-- Returns 1 written, 0 refused (finished, or the state would go back), -1 no such job,
+-- -2 the token is stale.
+local rank = {['"queued"'] = 0, ['"submitted"'] = 1, ['"running"'] = 2,
+  ['"succeeded"'] = 3, ['"failed"'] = 3, ['"cancelled"'] = 3}
+local raw = redis.call('HGET', KEYS[1], 'state')
+if not raw then return -1 end
+local current = rank[raw]
+if current == 3 then return 0 end
+if ARGV[4] ~= '' and
+    tonumber(redis.call('HGET', KEYS[1], '_dispatch') or '0') ~= tonumber(ARGV[4]) then
+  return -2
+end
+local wanted = current
+if ARGV[3] ~= '' then
+  local encoded = '"' .. ARGV[3] .. '"'
+  wanted = rank[encoded]
+  if wanted == nil or wanted < current then return 0 end
+  redis.call('HSET', KEYS[1], 'state', encoded)
+end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+if wanted == 3 then
+  redis.call('HSET', KEYS[1], 'finished_at', string.format('%.6f', now),
+    '_attempt', 'null', 'attempt_started_at', 'null')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+elseif ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1

@@ -1,0 +1,37 @@
+"""Ending a job: the record moves to its final state, then the outcome becomes its Celery result.
+
+Shared by both policies. A job that has already finished is left alone, so duplicated
+polls (and, later, late callbacks) are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker.models import JobState
+from worker.runtime import Services
+
+logger = logging.getLogger("worker.jobs")
+
+
+def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bool:
+    """Move a job to ``state``; False (and nothing changed) when it had already finished."""
+    if not svc.store.finish(job_id, state, **fields):
+        return False
+    record = svc.store.get(job_id)
+    if record is not None:
+        svc.results.store(record)
+    logger.info(
+        "job %s %s%s",
+        job_id,
+        state.value,
+        f" ({fields['fail_code']}: {fields.get('fail_msg') or ''})"
+        if fields.get("fail_code")
+        else "",
+    )
+    return True
+
+
+def fail_job(svc: Services, job_id: str, fail_code: str, fail_msg: str) -> bool:
+    return finish_job(svc, job_id, JobState.FAILED, fail_code=fail_code, fail_msg=fail_msg)

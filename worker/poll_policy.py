@@ -1,0 +1,107 @@
+"""The poll policy: one step of a job that has an upstream task.
+
+The step asks recordInfo once and either finishes the job with the upstream's own answer
+(``success`` or ``fail``) or parks it in the schedule until its next poll, with a
+growing delay. A job that has an upstream task is paid for, so no error of recordInfo
+fails it: not a 5xx, not a 401, 402 or 404, not a malformed answer. It is polled again
+until ``REMIX_DEADLINE_S`` after it was accepted; the poll that falls due at the deadline
+asks once more before it declares the job ``timeout``, so a job that finished in the
+last interval is reported as the success it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from worker.backoff import poll_delay
+from worker.errors import UpstreamError
+from worker.jobstore import LAST_ERROR_FIELD, Job
+from worker.kie import TaskInfo
+from worker.models import JobState
+from worker.outcome import fail_job, finish_job
+from worker.runtime import Services
+
+logger = logging.getLogger("worker.poll")
+
+#: The last poll is scheduled this long after the deadline, so it falls past it.
+DEADLINE_EPSILON_S = 0.05
+#: Upstream states that map onto job states while the job is still pending.
+PENDING_JOB_STATES = {
+    "waiting": JobState.SUBMITTED,
+    "queuing": JobState.SUBMITTED,
+    "generating": JobState.RUNNING,
+}
+_RANK = {JobState.QUEUED: 0, JobState.SUBMITTED: 1, JobState.RUNNING: 2}
+
+
+def poll_step(svc: Services, job_id: str, token: int) -> str:
+    """One step of the poll policy; returns what happened (for logs and tests)."""
+    status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    if job is None:
+        return status
+    task_id = job.record.upstream_task_id
+    if not task_id:
+        svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
+        return "no_task"
+    polls = svc.store.increment(job_id, "polls")
+    if polls is None:
+        return "finished"
+    next_delay = poll_delay(
+        polls + 1, initial=svc.settings.remix_poll_initial_s, maximum=svc.settings.remix_poll_max_s
+    )
+    try:
+        info = svc.client().record_info(task_id)
+    except UpstreamError as exc:
+        return _after_error(svc, job, exc, next_delay)
+    return apply_task_info(svc, job, info, next_delay)
+
+
+def deadline_at(svc: Services, job: Job) -> float:
+    record = job.record
+    return (record.submitted_at or record.created_at) + svc.settings.remix_deadline_s
+
+
+def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) -> str:
+    """Finish the job on a final answer; otherwise record its progress and park it."""
+    if info.state == "success":
+        finish_job(svc, job.job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
+        return "succeeded"
+    if info.state == "fail":
+        fail_job(
+            svc, job.job_id, info.fail_code or "fail", info.fail_msg or "generation failed upstream"
+        )
+        return "failed"
+    pending = PENDING_JOB_STATES.get(info.state)
+    if pending is None:
+        logger.warning("job %s: unknown upstream state %r, still polling", job.job_id, info.state)
+    moved = pending if pending and _RANK[pending] > _RANK.get(job.record.state, 3) else None
+    return _park_or_time_out(svc, job, next_delay, moved)
+
+
+def _after_error(svc: Services, job: Job, exc: UpstreamError, next_delay: float) -> str:
+    message = svc.redactor.redact(exc.message or type(exc).__name__)
+    logger.warning("job %s: recordInfo %s: %s; polling again", job.job_id, exc.fail_code, message)
+    delay = max(next_delay, min(exc.retry_after or 0.0, svc.settings.remix_poll_max_s))
+    last_error = {"code": exc.fail_code, "msg": message}
+    return _park_or_time_out(svc, job, delay, None, last_error)
+
+
+def _park_or_time_out(
+    svc: Services,
+    job: Job,
+    delay: float,
+    state: JobState | None,
+    last_error: dict[str, str] | None = None,
+) -> str:
+    now = svc.clock.now()
+    until_deadline = deadline_at(svc, job) - now
+    if until_deadline <= 0:
+        message = f"not finished upstream within {svc.settings.remix_deadline_s:g}s"
+        last = last_error or job.last_error
+        if last:
+            message += f"; last recordInfo error: {last.get('code')}: {last.get('msg')}"
+        fail_job(svc, job.job_id, "timeout", message)
+        return "timeout"
+    fields = {LAST_ERROR_FIELD: last_error} if last_error else {}
+    svc.store.park(job, min(delay, until_deadline + DEADLINE_EPSILON_S), state, **fields)
+    return "pending" if last_error is None else "poll_error"

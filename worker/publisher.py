@@ -1,0 +1,72 @@
+"""Sending the pipeline's messages by task name, so no module needs to import the tasks.
+
+``remix.submit`` carries the job's request (so Flower shows what the job is) and the
+dispatch token that entitles it to act on the job; its Celery task id is the job id.
+``remix.poll`` carries a batch of jobs, each with its token and due time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from celery import Celery
+
+SUBMIT_TASK = "remix.submit"
+POLL_TASK = "remix.poll"
+SUBMIT_QUEUE = "submit"
+POLL_QUEUE = "poll"
+#: A publish that fails is tried again this much before the caller hears of it (the
+#: schedule sends the job later in any case).
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
+
+
+class Publisher:
+    """Publishes ``remix.submit`` and ``remix.poll`` messages through ``app``'s broker."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    @contextlib.contextmanager
+    def producer(self) -> Iterator[Any]:
+        """One pooled broker producer for several messages."""
+        with self.app.producer_or_acquire() as producer:
+            yield producer
+
+    def submit(
+        self, job_id: str, request: Any, token: int, *, producer: Any = None, retry: bool = True
+    ) -> None:
+        self.app.send_task(
+            SUBMIT_TASK,
+            kwargs={"request": request, "job_id": job_id, "dispatch": token},
+            task_id=job_id,
+            queue=SUBMIT_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=_submit_repr(job_id, request, token),
+        )
+
+    def poll(
+        self, jobs: Sequence[tuple[str, int, float]], *, producer: Any = None, retry: bool = True
+    ) -> None:
+        self.app.send_task(
+            POLL_TASK,
+            kwargs={"jobs": [list(job) for job in jobs]},
+            queue=POLL_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=repr({"job_ids": [job[0] for job in jobs]}),
+        )
+
+
+#: Characters of the prompt shown with a submit in Flower.
+PROMPT_PREVIEW_CHARS = 60
+
+
+def _submit_repr(job_id: str, request: Any, token: int) -> str:
+    prompt = request.get("prompt", "") if isinstance(request, dict) else ""
+    preview = prompt if len(prompt) <= PROMPT_PREVIEW_CHARS else prompt[:PROMPT_PREVIEW_CHARS] + "…"
+    return repr({"job_id": job_id, "prompt": preview, "dispatch": token})

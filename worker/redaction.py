@@ -1,0 +1,122 @@
+"""Keep secrets out of every text remixq writes: messages, records, results and logs.
+
+A secret can reach a text in more shapes than its plain value: escaped by ``repr`` or JSON
+(a key with a newline inside a header error), cut in half by a truncation, or partly echoed
+by a proxy. So :class:`Redactor` replaces the escaped forms too, and any run of at least
+:data:`MIN_FRAGMENT` characters that also stands in a secret. Callers redact *before* they
+shorten a text, so a cut never leaves the front half of a secret behind.
+
+:class:`RedactingFilter` applies the same to log records, including the traceback text
+that ``logger.exception`` would print, so an exception message carrying a secret is
+caught on its way to any handler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+REDACTED = "[redacted]"
+#: Runs at least this long that also stand in a secret are redacted.
+MIN_FRAGMENT = 8
+
+
+def _shapes(secret: str) -> set[str]:
+    """The forms a secret may take inside a text."""
+    shapes = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+    shapes |= {s.strip() for s in shapes}
+    return {s for s in shapes if s}
+
+
+class Redactor:
+    """Replaces secrets, their escaped forms and long fragments of them with ``[redacted]``.
+
+    Parameters:
+        secrets: the secret values; empty and None entries are ignored.
+    """
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        shapes: set[str] = set()
+        for secret in secrets:
+            if secret:
+                shapes |= _shapes(secret)
+        self._shapes = sorted(shapes, key=len, reverse=True)
+        self._fragments = {
+            shape[i : i + MIN_FRAGMENT]
+            for shape in self._shapes
+            for i in range(len(shape) - MIN_FRAGMENT + 1)
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self._shapes)
+
+    def redact(self, text: str) -> str:
+        if not self._shapes or not text:
+            return text
+        for shape in self._shapes:
+            text = text.replace(shape, REDACTED)
+        return self._redact_fragments(text) if self._fragments else text
+
+    def _redact_fragments(self, text: str) -> str:
+        marked = bytearray(len(text))
+        for i in range(len(text) - MIN_FRAGMENT + 1):
+            if text[i : i + MIN_FRAGMENT] in self._fragments:
+                marked[i : i + MIN_FRAGMENT] = b"\1" * MIN_FRAGMENT
+        if not any(marked):
+            return text
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            if marked[i]:
+                while i < len(text) and marked[i]:
+                    i += 1
+                out.append(REDACTED)
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every secret (and escaped form or long fragment of one) redacted."""
+    return Redactor(secrets).redact(text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts a record's message and traceback before it is written.
+
+    The message is formatted with its arguments and the traceback rendered to text here,
+    so that what the handler writes is exactly what was redacted.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+        self._formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.redactor:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as usual
+            return True
+        record.msg, record.args = self.redactor.redact(message), None
+        if record.exc_info:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self.redactor.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.redact(record.stack_info)
+        return True
+
+
+def install_log_redaction(redactor: Redactor, loggers: Iterable[logging.Logger] = ()) -> None:
+    """Put a :class:`RedactingFilter` on every handler of the root and the given loggers."""
+    targets = [logging.getLogger(), *loggers]
+    for logger in targets:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter(redactor))

@@ -1,0 +1,253 @@
+"""The submit policy: one step of a job that has no upstream task yet.
+
+A step runs only for the message that carries the job's latest dispatch token
+(:mod:`worker.dispatcher`); it either sends createTask once, or parks the job in the
+schedule for later (a pause, the budget, a backoff), or ends it. It never sleeps.
+
+Never paying twice: before createTask is sent an *attempt* is opened in the record
+(``attempt_begin.lua``). Opening fails while the job has an upstream task or while
+another attempt may still be in flight, and the request's total deadline
+(``KIE_REQUEST_DEADLINE_S``) is shorter than the time an open attempt is respected
+(``Settings.attempt_settle_s``). So two steps of one job (a redelivered message, a stale
+copy, a duplicate publish) can never both send. The accepted task id is logged the
+moment it arrives and written with retries through a Redis outage; if it still cannot
+be written, the task hands it on in its retry's arguments.
+
+The one window left: an attempt whose answer never arrived (a read timeout, a reset or
+a cut body after sending, the worker killed mid-request). The upstream may have created
+the task; nothing we can ask tells us. Its outcome is recorded as *unknown*
+(``unknown_outcomes``), and if the job is then sent again and accepted, the record says
+``possibly_paid_twice``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import redis
+from tenacity import Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
+
+from worker.backoff import full_jitter
+from worker.errors import (
+    Family,
+    InsufficientCreditsError,
+    MaintenanceError,
+    RateLimitedError,
+    UpstreamError,
+)
+from worker.gates import budget_gate, hold_after_rate_limited, pause_gate, trip_pause
+from worker.jobstore import HOLDS_FIELD, LAST_ERROR_FIELD, RETRIES_FIELD, SLOT_FIELD, Job
+from worker.models import InvalidRequestError, validate_request
+from worker.outcome import fail_job
+from worker.runtime import WORKER_REDIS_RETRY_S, Services
+
+logger = logging.getLogger("worker.submit")
+
+#: Spread added to the wait for an open attempt to settle.
+SETTLE_JITTER_S = 1.0
+#: Margin kept between the last try to record an accepted task and the attempt's settling.
+RECORD_MARGIN_S = 5.0
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+class AcceptedButUnrecorded(Exception):
+    """createTask was accepted but the task id could not be written to the record."""
+
+    def __init__(self, job_id: str, attempt_id: str, task_id: str) -> None:
+        self.job_id = job_id
+        self.attempt_id = attempt_id
+        self.task_id = task_id
+        super().__init__(f"job {job_id}: upstream task {task_id} accepted but not recorded")
+
+
+def submit_step(svc: Services, job_id: str, token: int) -> str:
+    """One step of the submit policy; returns what happened (for logs and tests)."""
+    status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    if job is None:
+        return status
+    if job.record.upstream_task_id:
+        svc.store.park(job, 0.0)  # accepted meanwhile: the schedule polls it now
+        return "has_task"
+    try:
+        request = validate_request(job.request)
+    except InvalidRequestError as exc:
+        fail_job(svc, job_id, "invalid_request", str(exc))
+        return "failed"
+    if _past_submit_deadline(svc, job):
+        return _end_past_submit_deadline(svc, job)
+    for gate in (pause_gate, budget_gate):
+        wait = gate(svc, job)
+        if wait is not None:
+            svc.store.park(job, wait.seconds, **wait.fields)
+            return gate.__name__.removesuffix("_gate")
+    return _attempt(svc, job, request.upstream_input())
+
+
+def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
+    attempt_id = svc.store.new_attempt_id()
+    opened = svc.store.begin_attempt(job.job_id, attempt_id, svc.settings.attempt_settle_s)
+    if opened.status == "accepted":
+        svc.store.park(job, 0.0)
+        return "has_task"
+    if opened.status == "open":
+        wait = opened.settles_in + random.uniform(0, SETTLE_JITTER_S)
+        svc.store.park(job, wait, **{SLOT_FIELD: None})
+        return "attempt_open"
+    if opened.status != "ok":
+        return opened.status
+    if opened.counted_unknown:
+        _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
+    started = time.monotonic()
+    try:
+        task_id = svc.client().create_task(task_input, svc.settings.kie_callback_url)
+    except UpstreamError as exc:
+        return _after_error(svc, job, attempt_id, exc)
+    except BaseException:
+        # Whatever happened, the request may have gone out: its outcome is unknown.
+        svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
+        raise
+    return record_acceptance(svc, job.job_id, attempt_id, task_id, started)
+
+
+def record_acceptance(
+    svc: Services, job_id: str, attempt_id: str, task_id: str, started: float
+) -> str:
+    """Write the accepted task id, retrying through a Redis outage while the attempt holds.
+
+    Raises :class:`AcceptedButUnrecorded` when it could not be written in time.
+    """
+    logger.info("job %s: createTask accepted as upstream task %s", job_id, task_id)
+    give_up_at = svc.settings.attempt_settle_s - WORKER_REDIS_RETRY_S - RECORD_MARGIN_S
+    retrying = Retrying(
+        retry=retry_if_exception_type(REDIS_ERRORS),
+        stop=stop_before_delay(max(1.0, give_up_at - (time.monotonic() - started))),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        reraise=False,
+    )
+    try:
+        outcome = retrying(
+            svc.store.accept, job_id, attempt_id, task_id, svc.settings.remix_poll_initial_s
+        )
+    except Exception as exc:
+        raise AcceptedButUnrecorded(job_id, attempt_id, task_id) from exc
+    _note_answer(svc, "other")
+    if outcome in ("accepted_after_unknown", "extra"):
+        svc.metrics.incr("possibly_paid_twice_total")
+        logger.warning(
+            "job %s: upstream task %s accepted after an attempt of unknown outcome: "
+            "the job may have been charged twice",
+            job_id,
+            task_id,
+        )
+    elif outcome == "missing":
+        logger.error("job %s: record gone; upstream task %s is not tracked", job_id, task_id)
+    return "accepted"
+
+
+def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -> str:
+    """Close the attempt and act on the error's family (the one decision table)."""
+    kind = (
+        "455"
+        if isinstance(exc, MaintenanceError)
+        else "429"
+        if isinstance(exc, RateLimitedError)
+        else "other"
+    )
+    recent = _note_answer(svc, kind)
+    last_error = {
+        "code": exc.fail_code,
+        "msg": svc.redactor.redact(exc.message or type(exc).__name__),
+    }
+    svc.store.end_attempt(
+        job.job_id, attempt_id, unknown=exc.ambiguous, **{LAST_ERROR_FIELD: last_error}
+    )
+    if exc.ambiguous:
+        _note_unknown(svc, job.job_id, f"createTask {exc}")
+    if exc.family is Family.PERMANENT:
+        fail_job(svc, job.job_id, exc.fail_code, last_error["msg"])
+        return "failed"
+    if exc.family is Family.KEY:
+        if isinstance(exc, InsufficientCreditsError) or (
+            recent is not None and recent.maintenance_run
+        ):
+            trip_pause(svc, exc.code, last_error["msg"])
+        holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
+        delay = full_jitter(
+            holds, base=svc.settings.remix_retry_base_s, cap=svc.settings.remix_retry_max_s
+        )
+        svc.store.park(job, delay, **{SLOT_FIELD: None})
+        logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
+        return "held"
+    return _retry_later(svc, job, exc, recent, last_error)
+
+
+def _retry_later(
+    svc: Services, job: Job, exc: UpstreamError, recent: Any, last_error: dict[str, str]
+) -> str:
+    settings = svc.settings
+    retries = svc.store.increment(job.job_id, RETRIES_FIELD) or 1
+    if retries > settings.remix_max_retries:
+        attempts = job.record.submit_attempts + 1
+        fail_job(
+            svc,
+            job.job_id,
+            exc.fail_code,
+            f"{last_error['msg']} (gave up after {attempts} attempts)",
+        )
+        return "failed"
+    delay = full_jitter(
+        retries - 1,
+        base=settings.remix_retry_base_s,
+        cap=settings.remix_retry_max_s,
+        floor=exc.retry_after or 0.0,
+    )
+    if isinstance(exc, RateLimitedError) and recent is not None:
+        hold_after_rate_limited(svc, exc, recent)
+    svc.store.park(job, delay, **{SLOT_FIELD: None})
+    logger.warning(
+        "job %s: createTask %s (retry %d), again in %.1fs", job.job_id, exc, retries, delay
+    )
+    return "retry"
+
+
+def _past_submit_deadline(svc: Services, job: Job) -> bool:
+    return svc.clock.now() - job.record.created_at > svc.settings.remix_submit_deadline_s
+
+
+def _end_past_submit_deadline(svc: Services, job: Job) -> str:
+    """Fail a job never accepted in time; an attempt still in flight is waited for first."""
+    if job.attempt is not None:
+        settled = svc.store.begin_attempt(
+            job.job_id, "", svc.settings.attempt_settle_s, settle_only=True
+        )
+        if settled.status == "open":
+            svc.store.park(job, settled.settles_in + random.uniform(0, SETTLE_JITTER_S))
+            return "attempt_open"
+        if settled.status != "ok":
+            return settled.status
+        if settled.counted_unknown:
+            _note_unknown(svc, job.job_id, "an attempt never recorded its outcome")
+    last = job.last_error or {}
+    limit = svc.settings.remix_submit_deadline_s
+    message = f"not accepted upstream within {limit:g}s"
+    if last.get("msg"):
+        message += f"; last error: {last['msg']}"
+    fail_job(svc, job.job_id, str(last.get("code") or "submit_timeout"), message)
+    return "failed"
+
+
+def _note_answer(svc: Services, kind: str) -> Any:
+    """Count a createTask answer for the breakers; a Redis error here must not cost a job."""
+    try:
+        return svc.pause.note_answer(kind)
+    except REDIS_ERRORS:
+        logger.warning("could not count a createTask answer (Redis unavailable)")
+        return None
+
+
+def _note_unknown(svc: Services, job_id: str, why: str) -> None:
+    svc.metrics.incr("unknown_outcomes_total")
+    logger.warning("job %s: createTask outcome unknown (%s)", job_id, why)
