@@ -55,7 +55,9 @@ def upstream() -> Iterator[SandboxServer]:
     server.stop()
 
 
-def make_services(upstream_url: str, **overrides: Any) -> Services:
+def make_services(
+    upstream_url: str, redis_retry_s: float | None = None, **overrides: Any
+) -> Services:
     """Services against the policy database and ``upstream_url``, with fast settings."""
     fields = {
         "redis_url": POLICY_REDIS_URL,
@@ -68,7 +70,7 @@ def make_services(upstream_url: str, **overrides: Any) -> Services:
     settings = Settings(**fields)
     app = Celery("policy-tests", set_as_current=False)
     app.conf.update(broker_url=settings.redis_url, result_backend=settings.backend_url)
-    return build_services(settings, app)
+    return build_services(settings, app, redis_retry_s)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import redis
@@ -233,3 +234,52 @@ def test_a_job_whose_message_was_lost_is_sent_by_the_schedule(control: SandboxCo
     assert record.state is JobState.SUCCEEDED
     assert accepted(control, prompt) == 1
     assert store.scheduled(job_id) is None  # a finished job leaves the schedule
+
+
+def test_a_submit_published_through_the_exchange_is_delivered_once(
+    control: SandboxControl, fleet: list[ManagedProcess]
+) -> None:
+    """Each queue has its own exchange: a message sent to ``submit`` never lands in ``poll``.
+
+    Sent during a pause, where a deferral used to re-publish the message to both queues and
+    the deliveries doubled each time; a parked job now sends nothing while it waits.
+    """
+    from producers.fleet import pause_submissions, resume_submissions
+
+    prompt = unique_prompt("exchange")
+    job_id = f"exchange-{prompt[-10:]}"
+    request = {"prompt": prompt, **REMIX_INPUT}
+    assert pause_submissions("exchange test")
+    try:
+        app.send_task(
+            "remix.submit",
+            kwargs={"request": request, "job_id": job_id},
+            task_id=job_id,
+            exchange="submit",
+            routing_key="submit",
+        )
+        wait_until(lambda: get_job(job_id), timeout=10)
+        time.sleep(3)
+        assert _deliveries(fleet, job_id) == 1
+    finally:
+        resume_submissions()
+
+    assert wait_for_job(job_id, timeout=JOB_TIMEOUT_S).state is JobState.SUCCEEDED
+    assert accepted(control, prompt) == 1
+    assert _deliveries(fleet, job_id) == 2  # the first, and the one sent when the pause ended
+
+
+def _deliveries(fleet: list[ManagedProcess], job_id: str) -> int:
+    logs = (w.log_path.read_text(errors="replace") for w in fleet if w.log_path)
+    return sum(log.count(f"Task remix.submit[{job_id}] received") for log in logs)
+
+
+def test_stale_bindings_of_an_older_version_are_dropped(redis_client: redis.Redis) -> None:
+    from worker.app import drop_stale_bindings
+
+    stale = b"submit\x06\x16\x06\x16poll"
+    redis_client.sadd("_kombu.binding.submit", stale)
+    redis_client.sadd("_kombu.binding.submit", b"submit\x06\x16\x06\x16submit")
+
+    assert drop_stale_bindings(redis_client) >= 1
+    assert redis_client.smembers("_kombu.binding.submit") == {b"submit\x06\x16\x06\x16submit"}

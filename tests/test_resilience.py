@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -49,9 +50,12 @@ from sandbox.launch import (
 )
 from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
+from tests.policy_kit import make_services, new_job
 from worker import keys
 from worker.jobstore import ATTEMPT_FIELD, JobStore
 from worker.models import JobRecord, JobState
+from worker.runtime import WORKER_REDIS_RETRY_S, Services
+from worker.submit_policy import AcceptedButUnrecorded, record_acceptance, submit_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,6 +67,10 @@ RECOVERY_BUDGET_S = 120
 JOB_TIMEOUT_S = 60
 REDIS_START_TIMEOUT_S = 10.0
 REDIS_DOWN_S = 3.0
+BROKER_DOWN_S = 10.0
+#: After the broker returns: its reconnection (a few seconds) and the rest of the jobs' work
+#: (15 jobs at 4 per second, 3 s generation, polls), well under the 45 s lease.
+RECOVERY_AFTER_BROKER_S = 25.0
 #: The throttle that keeps jobs waiting for their createTask while others already poll:
 #: the upstream accepts 4 per second, and the fleet is told the same budget.
 THROTTLE = "4/1s"
@@ -234,9 +242,9 @@ def fleet(private_redis: PrivateRedis, upstream: ManagedProcess, tmp_path: Path)
         workers.stop_all()
 
 
-def enqueue(redis_url: str, prompts: Sequence[str]) -> list[str]:
+def enqueue(redis_url: str, prompts: Sequence[str], backend_url: str | None = None) -> list[str]:
     """Enqueue one job per prompt with ``enqueue_remix``, from a producer process of its own."""
-    env = {**os.environ, "REDIS_URL": redis_url, "RESULT_BACKEND_URL": redis_url}
+    env = {**os.environ, "REDIS_URL": redis_url, "RESULT_BACKEND_URL": backend_url or redis_url}
     result = subprocess.run(
         [sys.executable, "-c", PRODUCER],
         input=json.dumps({"prompts": list(prompts), "input": REMIX_INPUT}),
@@ -437,3 +445,124 @@ def test_sigterm_warm_shutdown_finishes_the_in_flight_submit(
     assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
     assert_each_accepted_once(upstream_control, prompts)
     assert [create_requests(upstream_control, p) for p in prompts] == [1] * len(prompts)
+
+
+def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
+    upstream_control: SandboxControl, upstream: ManagedProcess, tmp_path: Path
+) -> None:
+    """The broker (alone) is down for 10 s mid-run; jobs go on the moment it is back.
+
+    The job store is on a server of its own and stays up. The lease is made long (45 s), so
+    that jobs finishing well within it shows that nothing waited for a lease to run out (or
+    for the broker's visibility timeout): parked jobs hold no message in any worker.
+    """
+    assert upstream.url is not None
+    broker, backend = PrivateRedis(tmp_path / "broker"), PrivateRedis(tmp_path / "backend")
+    for server in (broker, backend):
+        server.directory.mkdir()
+        server.start()
+    workers = Fleet(broker.url, upstream.url, tmp_path)
+    try:
+        upstream_control.configure(rate_limit=THROTTLE)
+        workers.start(
+            2,
+            RESULT_BACKEND_URL=backend.url,
+            KIE_RATE_LIMIT=THROTTLE,
+            KIE_REQUEST_DEADLINE_S="30",
+            REMIX_MAX_RETRIES=THROTTLED_MAX_RETRIES,
+        )
+        client = redis.Redis.from_url(backend.url)
+        store = JobStore(client, ttl_s=3600)
+        prompts = [unique_prompt(f"broker-outage-{i}") for i in range(15)]
+        job_ids = enqueue(broker.url, prompts, backend_url=backend.url)
+        wait_until(lambda: min(split_by_acceptance(store, job_ids)) >= 4, JOB_TIMEOUT_S, 0.05)
+
+        with broker.admin() as admin:
+            admin.shutdown()
+        assert broker.wait_exit() == 0
+        time.sleep(BROKER_DOWN_S)  # the outage itself
+        broker.start()
+        returned_at = time.monotonic()
+
+        final = wait_finished(store, job_ids, RECOVERY_AFTER_BROKER_S, workers.logs())
+        recovered_in = time.monotonic() - returned_at
+    finally:
+        workers.stop_all()
+        broker.stop()
+        backend.stop()
+
+    assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
+    assert_each_accepted_once(upstream_control, prompts)
+    assert recovered_in < RECOVERY_AFTER_BROKER_S
+
+
+def _policy_services(upstream_url: str, redis_url: str) -> Services:
+    """The pipeline's collaborators in this process, with a worker's Redis retries."""
+    return make_services(
+        upstream_url,
+        redis_retry_s=WORKER_REDIS_RETRY_S,
+        redis_url=redis_url,
+        result_backend_url=redis_url,
+        kie_api_key=API_KEY,
+    )
+
+
+def test_redis_down_right_after_create_task_records_the_task_and_pays_once(
+    upstream_control: SandboxControl, upstream: ManagedProcess, private_redis: PrivateRedis
+) -> None:
+    """createTask is accepted while Redis is down: the task id is recorded once it is back.
+
+    A retry of the step would have called createTask again (and paid twice).
+    """
+    assert upstream.url is not None
+    upstream_control.configure(slow_rate=1.0, slow_seconds=1.5, fault_endpoints=["createTask"])
+    svc = _policy_services(upstream.url, private_redis.url)
+    job_id, prompt = new_job(svc)
+
+    def outage() -> None:
+        wait_until(lambda: create_requests(upstream_control, prompt) >= 1, JOB_TIMEOUT_S, 0.02)
+        with private_redis.admin() as admin:
+            admin.shutdown()
+        private_redis.wait_exit()
+        time.sleep(REDIS_DOWN_S)
+        private_redis.start()
+
+    restarter = threading.Thread(target=outage)
+    restarter.start()
+    outcome = submit_step(svc, job_id, 0)
+    restarter.join(JOB_TIMEOUT_S)
+
+    assert outcome == "accepted"
+    record = svc.store.get(job_id)
+    assert record is not None and record.upstream_task_id and record.submit_attempts == 1
+    assert (create_requests(upstream_control, prompt), accepted(upstream_control, prompt)) == (1, 1)
+
+
+def test_an_accepted_task_that_cannot_be_recorded_is_handed_on_not_lost(
+    upstream_control: SandboxControl, upstream: ManagedProcess, private_redis: PrivateRedis
+) -> None:
+    """Redis stays down past the attempt's settling: the step hands the task id on, and
+    recording it later (the task's retry) makes the job go on without a second createTask."""
+    assert upstream.url is not None
+    svc = _policy_services(upstream.url, private_redis.url)
+    job_id, prompt = new_job(svc)
+    assert (
+        svc.store.begin_attempt(job_id, "attempt-1", svc.settings.attempt_settle_s).status == "ok"
+    )
+    with private_redis.admin() as admin:
+        admin.shutdown()
+    private_redis.wait_exit()
+    long_ago = time.monotonic() - 3600
+
+    with pytest.raises(AcceptedButUnrecorded) as handed_on:
+        record_acceptance(svc, job_id, "attempt-1", "task-while-down", long_ago)
+
+    assert handed_on.value.task_id == "task-while-down"
+    private_redis.start()
+    assert record_acceptance(svc, job_id, "attempt-1", "task-while-down", time.monotonic()) == (
+        "accepted"
+    )
+    record = svc.store.get(job_id)
+    assert record is not None and record.upstream_task_id == "task-while-down"
+    assert record.attempt_started_at is None and record.unknown_outcomes == 0
+    assert create_requests(upstream_control, prompt) == 0

@@ -69,9 +69,14 @@ def _retries_for(budget_s: float) -> int:
     return count
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A client with timeouts and retries suited to this process's role."""
-    budget = WORKER_REDIS_RETRY_S if _role["worker"] else PRODUCER_REDIS_RETRY_S
+def redis_client(url: str, retry_s: float | None = None) -> redis.Redis:
+    """A client with timeouts, retrying a failed command for about ``retry_s`` seconds.
+
+    By default as long as this process's role calls for (worker or producer).
+    """
+    budget = retry_s
+    if budget is None:
+        budget = WORKER_REDIS_RETRY_S if _role["worker"] else PRODUCER_REDIS_RETRY_S
     return redis.Redis.from_url(
         url,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
@@ -158,13 +163,20 @@ def new_kie_client(settings: Settings) -> KieClient:
     )
 
 
-def build_services(settings: Settings, app: Any = None) -> Services:
-    """Build every collaborator from ``settings`` (``app``: the Celery app to publish with)."""
+def build_services(
+    settings: Settings, app: Any = None, redis_retry_s: float | None = None
+) -> Services:
+    """Build every collaborator from ``settings``.
+
+    ``app``: the Celery app to publish with; ``redis_retry_s``: see :func:`redis_client`.
+    """
     if app is None:
         from worker.app import app
-    backend = redis_client(settings.backend_url)
+    backend = redis_client(settings.backend_url, redis_retry_s)
     broker = (
-        backend if settings.backend_url == settings.redis_url else redis_client(settings.redis_url)
+        backend
+        if settings.backend_url == settings.redis_url
+        else redis_client(settings.redis_url, redis_retry_s)
     )
     key_id = api_key_id(settings)
     limit, window = parse_rate_limit(settings.kie_rate_limit)

@@ -1,0 +1,293 @@
+"""The submit policy step by step: real Redis, the sandbox over HTTP, no worker.
+
+Each test drives :func:`worker.submit_policy.submit_step` (or the store's attempt scripts)
+and checks the record, the schedule and what the sandbox received and accepted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from sandbox.server import SandboxServer
+from tests.policy_kit import (
+    accepted,
+    make_services,
+    new_job,
+    sent,
+    token_of,
+)
+from worker.models import JobState
+from worker.runtime import Services
+from worker.submit_policy import submit_step
+
+pytestmark = pytest.mark.integration
+
+
+def test_one_step_sends_once_and_schedules_the_first_poll(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    job_id, prompt = new_job(svc)
+
+    assert submit_step(svc, job_id, 0) == "accepted"
+
+    record = svc.store.get(job_id)
+    assert record is not None and record.state is JobState.SUBMITTED
+    assert record.upstream_task_id and record.submit_attempts == 1
+    assert record.attempt_started_at is None and record.unknown_outcomes == 0
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due <= svc.clock.now() + svc.settings.remix_poll_initial_s + 0.1
+    assert (sent(upstream, prompt), accepted(upstream, prompt)) == (1, 1)
+
+
+def test_a_stale_message_does_nothing(svc: Services, upstream: SandboxServer) -> None:
+    job_id, prompt = new_job(svc)
+    svc.store.claim_due(10, 30)  # the schedule re-sent the job: token 1
+
+    assert submit_step(svc, job_id, 0) == "stale"
+    assert sent(upstream, prompt) == 0
+    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+
+
+def test_two_copies_of_one_message_in_flight_send_once(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    """A redelivered message and its original run at once; the attempt lets one through."""
+    upstream.configure(slow_rate=1.0, slow_seconds=0.5, fault_endpoints=["createTask"])
+    job_id, prompt = new_job(svc)
+    results: list[str] = []
+    copies = [threading.Thread(target=lambda: results.append(submit_step(svc, job_id, 0)))]
+    copies.append(threading.Thread(target=lambda: results.append(submit_step(svc, job_id, 0))))
+    for copy in copies:
+        copy.start()
+    for copy in copies:
+        copy.join(10)
+
+    assert sorted(results) == ["accepted", "attempt_open"]
+    assert (sent(upstream, prompt), accepted(upstream, prompt)) == (1, 1)
+    assert svc.store.get(job_id).submit_attempts == 1  # type: ignore[union-attr]
+
+
+def test_an_attempt_is_checked_under_the_attempt_itself(svc: Services) -> None:
+    """Copy A runs completely between copy B's read and B's attempt: B must not send."""
+    job_id, _ = new_job(svc)
+    status, job_b = svc.store.begin(job_id, 0, 30)
+    assert status == "ok" and job_b is not None and not job_b.record.upstream_task_id
+    first = svc.store.new_attempt_id()
+    assert svc.store.begin_attempt(job_id, first, 60).status == "ok"
+    assert svc.store.accept(job_id, first, "task-A", 5) == "accepted"
+
+    assert svc.store.begin_attempt(job_id, svc.store.new_attempt_id(), 60).status == "accepted"
+
+
+def test_only_the_owner_closes_an_attempt(svc: Services) -> None:
+    job_id, _ = new_job(svc)
+    mine = svc.store.new_attempt_id()
+    assert svc.store.begin_attempt(job_id, mine, 60).status == "ok"
+
+    assert not svc.store.end_attempt(job_id, "someone-else", unknown=False)
+    assert svc.store.begin_attempt(job_id, "another", 60).status == "open"
+    assert svc.store.end_attempt(job_id, mine, unknown=False)
+    assert svc.store.begin_attempt(job_id, "another", 60).status == "ok"
+
+
+def test_an_attempt_that_never_recorded_its_outcome_is_counted_and_flags_a_resend(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    """A worker died mid-createTask: once the attempt has settled, a resend may go, flagged."""
+    job_id, prompt = new_job(svc)
+    assert svc.store.begin_attempt(job_id, "dead-worker", 60).status == "ok"
+
+    assert submit_step(svc, job_id, 0) == "attempt_open"
+    assert sent(upstream, prompt) == 0
+    svc.store.redis.hset(f"remixq:job:{job_id}", "attempt_started_at", "1")  # long ago
+    svc.store.update(job_id, token=token_of(svc, job_id), due_in=0)
+
+    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    record = svc.store.get(job_id)
+    assert record is not None
+    assert record.unknown_outcomes == 1 and record.possibly_paid_twice
+    assert svc.metrics.read()["unknown_outcomes_total"] == 1
+    assert svc.metrics.read()["possibly_paid_twice_total"] == 1
+
+
+def test_a_cut_answer_is_an_unknown_outcome_and_the_resend_is_flagged(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    upstream.configure(cut_rate=1.0, fault_endpoints=["createTask"])
+    job_id, prompt = new_job(svc)
+
+    assert submit_step(svc, job_id, 0) == "retry"
+    record = svc.store.get(job_id)
+    assert record is not None and record.state is JobState.QUEUED
+    assert record.unknown_outcomes == 1 and record.attempt_started_at is None
+    assert upstream.stats()["ambiguous_by_prompt"] == {prompt: 1}
+
+    upstream.configure(cut_rate=0.0)
+    assert submit_step(svc, job_id, 0) == "accepted"
+    record = svc.store.get(job_id)
+    assert record is not None and record.possibly_paid_twice
+    assert accepted(upstream, prompt) == 2  # the upstream did charge twice, and we say so
+
+
+def test_accept_then_drop_is_an_unknown_outcome(svc: Services, upstream: SandboxServer) -> None:
+    upstream.configure(drop_rate=1.0)
+    job_id, prompt = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    assert svc.store.get(job_id).unknown_outcomes == 1  # type: ignore[union-attr]
+    assert upstream.stats()["ambiguous_by_prompt"] == {prompt: 1}
+
+
+def test_a_connection_refused_is_not_an_unknown_outcome(policy_redis: redis.Redis) -> None:
+    svc = make_services("http://127.0.0.1:9")  # nothing listens on the discard port
+    job_id, _ = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    record = svc.store.get(job_id)
+    assert record is not None and record.unknown_outcomes == 0 and record.submit_attempts == 1
+
+
+def test_a_trickling_answer_ends_at_the_request_deadline(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    """One byte a second never trips a read timeout; the total deadline cuts it."""
+    svc = make_services(upstream.url, kie_request_deadline_s=1.5, kie_read_timeout_s=5)
+    upstream.configure(trickle_rate=1.0, trickle_seconds=0.5, fault_endpoints=["createTask"])
+    job_id, _ = new_job(svc)
+    started = time.monotonic()
+
+    assert submit_step(svc, job_id, 0) == "retry"
+
+    assert time.monotonic() - started < 1.5 + 1.0
+    record = svc.store.get(job_id)
+    assert record is not None and record.unknown_outcomes == 1
+    assert svc.settings.kie_request_deadline_s < svc.settings.lease_s
+
+
+@pytest.mark.parametrize("code", [404, 422, 501, 505])
+def test_a_permanent_code_fails_after_one_request(
+    svc: Services, upstream: SandboxServer, code: int
+) -> None:
+    job_id, prompt = new_job(svc, f"[sandbox:create={code}] permanent")
+    assert submit_step(svc, job_id, 0) == "failed"
+    record = svc.store.get(job_id)
+    assert record is not None and record.fail_code == str(code)
+    assert svc.store.scheduled(job_id) is None
+    assert sent(upstream, prompt) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "style", "expected"),
+    [
+        (401, "page", "failed"),
+        (402, "page", "held"),
+        (455, "page", "held"),
+        (429, "page", "retry"),
+        (500, "page", "retry"),
+    ],
+)
+def test_a_non_json_answer_acts_by_its_http_status(
+    svc: Services, upstream: SandboxServer, code: int, style: str, expected: str
+) -> None:
+    upstream.configure(fault_style=style)
+    job_id, _ = new_job(svc, f"[sandbox:create={code}] page")
+    assert submit_step(svc, job_id, 0) == expected
+    record = svc.store.get(job_id)
+    assert record is not None
+    if expected == "held":  # a whole-key answer spends no retry
+        assert not svc.store.get_internal(job_id, "_retries")
+    if code == 402:
+        state = svc.pause.state()
+        assert state is not None and state.reason == "402"
+
+
+def test_a_stray_455_defers_its_job_and_three_in_a_row_pause_the_key(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    first, _ = new_job(svc, "[sandbox:create=455] stray")
+    assert submit_step(svc, first, 0) == "held"
+    assert svc.pause.state() is None
+    assert not svc.store.get_internal(first, "_retries")
+
+    for _ in range(2):
+        job_id, _ = new_job(svc, "[sandbox:create=455] again")
+        submit_step(svc, job_id, 0)
+
+    state = svc.pause.state()
+    assert state is not None and state.reason == "455"
+
+
+def test_a_huge_retry_after_is_capped_and_resume_clears_it(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    from worker.ratelimit import MAX_BLOCK_S
+
+    upstream.configure(faults={429: 1.0}, retry_after="86400", fault_endpoints=["createTask"])
+    job_id, _ = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    blocked_for = svc.limiter.usage().blocked_for
+    assert 0 < blocked_for <= MAX_BLOCK_S
+
+    assert svc.limiter.clear_block()
+    assert svc.limiter.usage().blocked_for == 0
+
+
+def test_infinite_retry_after_does_not_crash_the_step(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    upstream.configure(faults={429: 1.0}, retry_after="inf", fault_endpoints=["createTask"])
+    job_id, _ = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+
+
+def test_a_probe_does_not_erase_an_operator_pause_set_meanwhile(svc: Services) -> None:
+    assert svc.pause.trip("455", "maintenance")
+    probed = svc.pause.state()
+    assert probed is not None
+    svc.pause.pause_by_operator("billing check")
+
+    assert not svc.pause.end(probed)
+    state = svc.pause.state()
+    assert state is not None and state.by_operator
+
+
+def test_a_job_held_by_a_pause_is_woken_when_the_pause_ends(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    svc.pause.pause_by_operator("hold")
+    job_id, prompt = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "pause"
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due > svc.clock.now() + 30
+
+    svc.pause.resume()
+    assert svc.store.release_held(svc.api_key_id, 0.0) == 1
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due <= svc.clock.now() + 0.1
+    assert sent(upstream, prompt) == 0
+
+
+def test_past_the_submit_deadline_an_open_attempt_is_waited_for(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    svc = make_services(upstream.url, remix_submit_deadline_s=1.0)
+    job_id, prompt = new_job(svc)
+    assert svc.store.begin_attempt(job_id, "in-flight", 60).status == "ok"
+    time.sleep(1.2)  # the job's submit deadline passes while the attempt is open
+
+    assert submit_step(svc, job_id, 0) == "attempt_open"
+    assert svc.store.get(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+    assert svc.store.accept(job_id, "in-flight", "task-late", 1) == "accepted"
+    assert sent(upstream, prompt) == 0
+
+
+def test_invalid_request_from_a_foreign_producer_fails_without_a_request(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    job_id, prompt = new_job(svc, strength=0.35)
+    assert submit_step(svc, job_id, 0) == "failed"
+    record = svc.store.get(job_id)
+    assert record is not None and record.fail_code == "invalid_request"
+    assert sent(upstream, prompt) == 0

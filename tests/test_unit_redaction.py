@@ -1,0 +1,63 @@
+"""Secrets in every shape they can take, kept out of texts and log records."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from worker.errors import excerpt
+from worker.redaction import REDACTED, RedactingFilter, Redactor, install_log_redaction
+
+SECRET = "sk-redact-0123456789abcdefABCDEF"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Bearer {SECRET}",
+        f"header value {SECRET + chr(10)!r}",  # repr-escaped, as InvalidHeader shows it
+        f'{{"auth": "{SECRET}\\n"}}',  # JSON-escaped
+        f"echo {SECRET[:12]} (cut by a proxy)",  # a fragment
+        f"echo ...{SECRET[-10:]}",
+    ],
+)
+def test_every_shape_of_a_secret_is_redacted(text: str) -> None:
+    cleaned = Redactor([SECRET, SECRET + "\n"]).redact(text)
+    assert REDACTED in cleaned
+    for start in range(len(SECRET) - 7):
+        assert SECRET[start : start + 8] not in cleaned
+
+
+def test_redact_then_shorten_leaves_no_prefix() -> None:
+    text = "x" * 150 + SECRET + "y" * 50
+    shown = excerpt(Redactor([SECRET]).redact(text))
+    assert SECRET[:6] not in shown
+
+
+def test_short_harmless_words_stay() -> None:
+    assert Redactor([SECRET]).redact("job 1234 failed: 429") == "job 1234 failed: 429"
+
+
+def test_a_log_record_and_its_traceback_are_redacted() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("test-redaction")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    install_log_redaction(Redactor([SECRET]), [logger])
+    try:
+        try:
+            raise ValueError(f"request failed with key {SECRET}")
+        except ValueError:
+            logger.exception("calling upstream with %s", SECRET)
+        logger.warning("plain %s line", SECRET[:10])
+    finally:
+        logger.removeHandler(handler)
+
+    written = stream.getvalue()
+    assert "Traceback" in written and "ValueError" in written
+    assert SECRET[:8] not in written
+    assert written.count(REDACTED) >= 3
+    assert any(isinstance(f, RedactingFilter) for f in handler.filters)
