@@ -8,42 +8,36 @@ tests on the shared Redis disturb each other.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 import redis
 
+from bench.naive import NAIVE_QUEUE
+from bench.naive import app as naive_app
 from sandbox.launch import (
-    LOOPBACK,
-    REPO_ROOT,
-    WORKER_READY_MARK,
     LaunchError,
     ManagedProcess,
-    free_port,
-    redis_ping,
+    start_redis,
     start_sandbox,
     start_worker,
 )
+from worker.runtime import configure, services
 
-REDIS_START_TIMEOUT_S = 10.0
-NAIVE_START_TIMEOUT_S = 60.0
-READY_POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Worker processes started side by side (their start-up is mostly waiting).
 PARALLEL_STARTS = 3
-#: Variables of the caller's environment that must not reach the benchmark's workers.
-DROPPED_VARIABLES = ("KIE_CALLBACK_URL", "KIE_WEBHOOK_HMAC_KEY", "IDEOGRAM_BASE_URL")
+#: Settings of the caller's environment that must not reach the benchmark: no callbacks to
+#: a real endpoint, no relay. The producer side sets them to None; workers get them empty,
+#: which the settings read as unset.
+UNSET_SETTINGS = ("kie_callback_url", "kie_webhook_hmac_key", "ideogram_base_url")
 
 
 class Stack:
@@ -69,26 +63,14 @@ class Stack:
         :returns: its URL.
         :raises LaunchError: when Redis is not installed or does not answer in time.
         """
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise LaunchError("redis-server is not installed (apt-get install redis-server)")
-        port = free_port()
-        url = f"redis://{LOOPBACK}:{port}/0"
-        command = [executable, "--port", str(port), "--bind", LOOPBACK]
-        command += ["--save", "", "--appendonly", "no"]
-        process = self._track(lambda: _spawn(command, os.environ, self._log("redis")))
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while not redis_ping(url):
-            if process.popen.poll() is not None or time.monotonic() > deadline:
-                raise LaunchError(
-                    f"redis-server on port {port} did not start:\n{process.log_tail()}"
-                )
-            time.sleep(READY_POLL_S)
-        self.redis_url = url
-        self.redis_process = process
-        self.redis = redis.Redis.from_url(url)
-        _use_redis(url)
-        return url
+        with _signals_held():
+            server = start_redis(log_path=self._log("redis"))
+            self._started.append(server.process)
+        self.redis_url = server.url
+        self.redis_process = server.process
+        self.redis = redis.Redis.from_url(server.url)
+        _use_redis(server.url)
+        return server.url
 
     def start_sandbox(self, args: Sequence[str]) -> ManagedProcess:
         """Start the sandbox with the benchmark's API key and ``args``."""
@@ -98,6 +80,7 @@ class Stack:
     def worker_env(self, sandbox: ManagedProcess, settings: Mapping[str, str]) -> dict[str, str]:
         """The environment of a worker of this stack, with ``settings`` on top."""
         return {
+            **{name.upper(): "" for name in UNSET_SETTINGS},
             "REDIS_URL": self.redis_url,
             "RESULT_BACKEND_URL": self.redis_url,
             "KIE_API_KEY": self.api_key,
@@ -180,58 +163,28 @@ class Stack:
 
 
 def _use_redis(url: str) -> None:
-    """Point this process (the producer side) at ``url``.
+    """Point this process (the producer side, and the naive app) at ``url``.
 
-    ``worker.settings`` is read once and ``worker.app`` is configured when imported,
-    so the environment is set, the settings cache dropped and the app reconfigured;
-    the job store and Celery's connections are only made after this.
+    :raises LaunchError: when the job store still talks to another server; the
+        benchmark must never write to a Redis someone else uses.
     """
-    os.environ["REDIS_URL"] = os.environ["RESULT_BACKEND_URL"] = url
-    for name in DROPPED_VARIABLES:
-        os.environ.pop(name, None)
-    from bench.naive import app as naive_app
-    from worker.app import app
-    from worker.runtime import job_store
-    from worker.settings import get_settings
-
-    get_settings.cache_clear()
-    for celery_app in (app, naive_app):
-        celery_app.conf.update(broker_url=url, result_backend=url)
-    port = job_store().redis.connection_pool.connection_kwargs.get("port")
-    if str(port) != url.rsplit(":", 1)[1].split("/")[0]:
+    configure(redis_url=url, result_backend_url=url, **dict.fromkeys(UNSET_SETTINGS))
+    naive_app.conf.update(broker_url=url, result_backend=url)
+    port = services().store.redis.connection_pool.connection_kwargs.get("port")
+    if port != urlsplit(url).port:
         raise LaunchError(f"the job store talks to port {port}, not to the benchmark's Redis")
 
 
-def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> ManagedProcess:
-    """Start ``command`` in its own process group, its output going to ``log_path``."""
-    with log_path.open("ab") as log:
-        popen = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return ManagedProcess(popen, log_path=log_path)
-
-
 def _start_naive_worker(env: Mapping[str, str], concurrency: int, log_path: Path) -> ManagedProcess:
-    """``celery -A bench.naive worker`` on the naive queue; returns once it says it is ready."""
-    from bench.naive import NAIVE_QUEUE
-
-    name = f"naive-{uuid.uuid4().hex[:8]}@%h"
-    command = [sys.executable, "-m", "celery", "-A", "bench.naive", "worker"]
-    command += ["--loglevel", "INFO", "-c", str(concurrency), "-n", name, "-Q", NAIVE_QUEUE]
-    process = _spawn(command, {**os.environ, **env}, log_path)
-    deadline = time.monotonic() + NAIVE_START_TIMEOUT_S
-    while WORKER_READY_MARK not in log_path.read_text(errors="replace"):
-        if process.popen.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise LaunchError(f"naive worker did not start:\n{process.log_tail()}")
-        time.sleep(READY_POLL_S)
-    return process
+    """``celery -A bench.naive worker`` on the naive queue; returns once it is ready."""
+    return start_worker(
+        env,
+        concurrency=concurrency,
+        queues=[NAIVE_QUEUE],
+        hostname=f"naive-{uuid.uuid4().hex[:8]}@%h",
+        log_path=log_path,
+        app="bench.naive",
+    )
 
 
 @contextmanager

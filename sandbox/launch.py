@@ -1,7 +1,8 @@
 """Start and stop the processes of a local pipeline: Redis, the sandbox and Celery workers.
 
-Shared by the demo, the test fixtures and the benchmark. Every process gets its own
-process group, so stopping one also reaches its children.
+Shared by the demo, the test fixtures and the benchmark, so that there is one way to
+start a process, wait until it is ready and report why it did not start. Every process
+gets its own process group, so stopping one also reaches its children.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import redis
@@ -40,7 +42,10 @@ STOP_TIMEOUT_S = 10.0
 KILL_WAIT_S = 5.0
 LOG_TAIL_CHARS = 2000
 WORKER_READY_MARK = " ready."
+REDIS_MISSING = "redis-server is not installed: install Redis (e.g. apt-get install redis-server)"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The Celery app a worker runs unless told otherwise (``celery -A``).
+WORKER_APP = "worker.app"
 
 _Check = Callable[[], bool]
 
@@ -136,12 +141,62 @@ def redis_ping(url: str) -> bool:
         client.close()
 
 
+class RedisServer(NamedTuple):
+    """A ``redis-server`` started by :func:`start_redis`: the process and its URL."""
+
+    process: ManagedProcess
+    url: str
+
+
+def start_redis(
+    port: int | None = None,
+    *,
+    append_only_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
+    timeout: float = REDIS_START_TIMEOUT_S,
+) -> RedisServer:
+    """Start a private ``redis-server`` on 127.0.0.1 and wait until it answers PING.
+
+    :param port: the port to listen on; a free one when None (give the same port and
+        ``append_only_dir`` again to restart a server with its data).
+    :param append_only_dir: keep every write in an append-only file in this directory
+        (fsync on every write); None keeps nothing on disk.
+    :param log_path: where its output goes; a temporary file when None.
+    :param timeout: seconds to wait for it to answer.
+    :raises LaunchError: when Redis is not installed, the port is taken, or the server
+        exits or does not answer in time (with its log's end).
+    """
+    if port is not None and _port_open(port):
+        raise LaunchError(f"port {port} is already in use; stop what listens there or pick another")
+    port = free_port() if port is None else port
+    url = f"redis://{LOOPBACK}:{port}/0"
+    data_dir = None if append_only_dir is None else Path(append_only_dir)
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    process = _spawn(_redis_command(port, data_dir), os.environ, log_path, "remixq-redis-")
+    _await_ready(process, lambda: redis_ping(url), timeout, f"redis-server on port {port}")
+    return RedisServer(process, url)
+
+
+def _redis_command(port: int, append_only_dir: Path | None) -> list[str]:
+    """The ``redis-server`` command line: loopback only, no snapshots, an AOF when asked."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise LaunchError(REDIS_MISSING)
+    command = [executable, "--port", str(port), "--bind", LOOPBACK, "--save", ""]
+    if append_only_dir is None:
+        return [*command, "--appendonly", "no"]
+    command += ["--appendonly", "yes", "--appendfsync", "always"]
+    return [*command, "--dir", str(append_only_dir)]
+
+
 def ensure_redis(
     url: str, timeout: float = REDIS_START_TIMEOUT_S
 ) -> subprocess.Popen[bytes] | None:
     """Make sure Redis answers at ``url``, starting a throwaway ``redis-server`` if needed.
 
-    The server started listens on 127.0.0.1 at the URL's port and keeps nothing on disk.
+    The server started (by :func:`start_redis`) listens on 127.0.0.1 at the URL's port
+    and keeps nothing on disk.
 
     :param url: a ``redis://`` URL; only a local one can be started.
     :param timeout: seconds to wait for a started server to answer.
@@ -156,17 +211,9 @@ def ensure_redis(
         raise LaunchError(f"no Redis answers at {url}, and only a local one can be started")
     if _port_open(port):
         raise LaunchError(f"port {port} is in use, but no Redis answers PING at {url}")
-    executable = shutil.which("redis-server")
-    if executable is None:
-        raise LaunchError(
-            "redis-server is not installed: install Redis (e.g. apt-get install redis-server) "
-            "or set REDIS_URL to a running server"
-        )
-    command = [executable, "--port", str(port), "--bind", LOOPBACK]
-    command += ["--save", "", "--appendonly", "no"]
-    server = _spawn(command, os.environ, None, "remixq-redis-")
-    _await_ready(server, lambda: redis_ping(url), timeout, f"redis-server on port {port}")
-    return server.popen
+    if shutil.which("redis-server") is None:
+        raise LaunchError(f"{REDIS_MISSING}, or set REDIS_URL to a running server")
+    return start_redis(port, timeout=timeout).process.popen
 
 
 def start_sandbox(
@@ -208,8 +255,9 @@ def start_worker(
     log_path: str | Path | None = None,
     extra_args: Sequence[str] = (),
     timeout: float = WORKER_START_TIMEOUT_S,
+    app: str = WORKER_APP,
 ) -> ManagedProcess:
-    """Run a Celery worker of ``worker.app`` in its own process group and wait until it is ready.
+    """Run a Celery worker in its own process group and wait until it is ready.
 
     :param env: variables added to this process's environment (``REDIS_URL``, ...).
     :param concurrency: the pool size (``-c``).
@@ -219,10 +267,12 @@ def start_worker(
     :param log_path: where its output goes; a temporary file when None.
     :param extra_args: further worker options.
     :param timeout: seconds to wait for the worker to be ready.
+    :param app: the Celery app (``-A``): the pipeline's, or another one such as the
+        benchmark's baseline.
     :raises LaunchError: when it exits or is not ready in time (with its log's end).
     """
     name = hostname or f"remixq-{uuid.uuid4().hex[:8]}@%h"
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
+    command = [sys.executable, "-m", "celery", "-A", app, "worker"]
     command += ["--loglevel", "INFO", "-c", str(concurrency), "-n", name]
     command += ["-P", pool] if pool else []
     command += ["-Q", ",".join(queues)] if queues else []
@@ -231,7 +281,7 @@ def start_worker(
     log_offset = _size(log_path)
     process = _spawn(command, full_env, log_path, "remixq-worker-")
     process.name = name.replace("%h", socket.gethostname())
-    ready = _WorkerReadiness(process, log_offset, full_env)
+    ready = _WorkerReadiness(process, log_offset, full_env, app)
     _await_ready(process, ready.check, timeout, f"worker {process.name}")
     return process
 
@@ -239,8 +289,11 @@ def start_worker(
 class _WorkerReadiness:
     """Whether a worker is ready: its log says so, or ``celery inspect ping`` reaches it."""
 
-    def __init__(self, process: ManagedProcess, log_offset: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, process: ManagedProcess, log_offset: int, env: Mapping[str, str], app: str
+    ) -> None:
         self._process = process
+        self._app = app
         self._log_offset = log_offset
         self._env = dict(env)
         self._next_inspect = time.monotonic() + INSPECT_INTERVAL_S
@@ -263,7 +316,7 @@ class _WorkerReadiness:
             return WORKER_READY_MARK.encode() in log.read()
 
     def _inspect_ping(self) -> bool:
-        command = [sys.executable, "-m", "celery", "-A", "worker.app", "inspect", "ping"]
+        command = [sys.executable, "-m", "celery", "-A", self._app, "inspect", "ping"]
         command += ["-d", self._process.name or "", "--timeout", "1"]
         try:
             result = subprocess.run(

@@ -266,3 +266,40 @@ def test_the_upstream_accepts_each_job_once_across_steps(
     assert claimed.phase == "poll"
     assert submit_step(svc, job_id, claimed.token) == "has_task"
     assert accepted(upstream, prompt) == 1
+
+
+def test_a_job_whose_message_waits_in_a_backlog_is_not_sent_again(svc: Services) -> None:
+    """Its lease ran out while its message still waits in a long queue: no second copy."""
+    job_id, _ = new_job(svc)  # due at once, as if its first message had been waiting a lease
+
+    assert svc.store.claim_due(10, 30, submit_backlog=True) == []
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due > svc.clock.now() + 29
+    assert token_of(svc, job_id) == 0  # the waiting message is still the one that counts
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_and_counted(svc: Services) -> None:
+    job_id, _ = new_job(svc)
+    (claimed,) = svc.store.claim_due(10, 30)  # no backlog: the message is gone
+    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 1, True)
+
+
+def test_a_job_whose_step_began_but_never_parked_is_sent_again_despite_a_backlog(
+    svc: Services,
+) -> None:
+    """Its worker was killed mid-step: waiting for a queue to drain would not help."""
+    job_id, _ = new_job(svc)
+    assert svc.store.begin(job_id, 0, 0.0)[0] == "ok"  # began; the lease ends at once
+
+    (claimed,) = svc.store.claim_due(10, 30, submit_backlog=True)
+    assert claimed.job_id == job_id and claimed.resent
+
+
+def test_a_job_parked_by_its_step_is_not_a_resend(svc: Services) -> None:
+    job_id, _ = new_job(svc)
+    status, job = svc.store.begin(job_id, 0, 30)
+    assert status == "ok" and job is not None
+    assert svc.store.park(job, 0.0)
+
+    (claimed,) = svc.store.claim_due(10, 30, submit_backlog=True, poll_backlog=True)
+    assert not claimed.resent

@@ -17,8 +17,10 @@ broker outage every job moves again as soon as the broker answers.
 Claiming gives the job a new *dispatch token* and a *lease*. Only a message carrying the
 latest token may act on the job, so duplicates and stale copies are dropped; and a job
 whose step does not reschedule it within the lease (its message was lost, or its worker
-was killed) is due again and sent again. This is what recovers from a SIGKILL, in about
-``Settings.lease_s`` seconds.
+was killed) is due again and sent again (counted as ``lease_resends_total``). This is
+what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose latest
+message has not begun while its queue holds a backlog is left to that message, so that
+an overloaded fleet does not multiply its own backlog.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, ClassVar
 from celery import bootsteps
 
 from worker.jobstore import Dispatch
+from worker.publisher import POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import Services, services
 
 logger = logging.getLogger("worker.dispatcher")
@@ -56,9 +59,18 @@ class Dispatcher:
 
     def tick(self) -> int:
         """One round: claim what is due and send it; returns how many jobs were sent."""
-        claimed = self.svc.store.claim_due(CLAIM_LIMIT, self.svc.settings.lease_s)
+        backlog = self._backlog()
+        claimed = self.svc.store.claim_due(
+            CLAIM_LIMIT,
+            self.svc.settings.lease_s,
+            submit_backlog=backlog[SUBMIT_QUEUE],
+            poll_backlog=backlog[POLL_QUEUE],
+        )
         if not claimed:
             return 0
+        resent = sum(1 for d in claimed if d.resent)
+        if resent:
+            self.svc.metrics.incr("lease_resends_total", resent)
         unsent = {d.job_id for d in claimed}
         try:
             self._publish(claimed, unsent)
@@ -67,6 +79,16 @@ class Dispatcher:
             self.svc.store.due_now(unsent)
             raise
         return len(claimed)
+
+    def _backlog(self) -> dict[str, bool]:
+        """Which queues hold messages waiting to be taken (one round trip)."""
+        pipe = self.svc.broker.pipeline(transaction=False)
+        for queue in (SUBMIT_QUEUE, POLL_QUEUE):
+            pipe.llen(queue)
+        return {
+            queue: int(length) > 0
+            for queue, length in zip((SUBMIT_QUEUE, POLL_QUEUE), pipe.execute(), strict=True)
+        }
 
     def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
         publisher = self.svc.publisher

@@ -16,7 +16,7 @@ PERMANENT  401, 404, 422, 501, 505, other 4xx,         the job fails with the co
 =========  ==========================================  ======================================
 
 A job already accepted upstream is never failed by an error of ``recordInfo``: it is
-polled again until its deadline (see :mod:`worker.policy`).
+polled again until its deadline (see :mod:`worker.poll_policy`).
 
 ``ambiguous`` marks an error after which the upstream may have acted on the request (a
 read timeout, a reset or a cut body after the request was sent): for createTask the job

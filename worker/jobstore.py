@@ -14,7 +14,7 @@ that it is atomic and so that:
   outcome, so at most one is in flight per job and a lost answer is counted, not hidden.
 
 The scripts are the storage detail; which update to make and when is the policy's
-(:mod:`worker.policy`).
+(:mod:`worker.submit_policy` and :mod:`worker.poll_policy`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class Dispatch:
     phase: str  # "submit" or "poll"
     request: Any
     due: float
+    #: Sent again because the job's previous step was lost (its message, or its worker).
+    resent: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,11 +204,23 @@ class JobStore:
 
     # ------------------------------------------------------------------ the schedule
 
-    def claim_due(self, limit: int, lease_s: float) -> list[Dispatch]:
-        """Up to ``limit`` due jobs, each with a new dispatch token and a lease."""
-        flat = self._claim_due(keys=[keys.SCHEDULE], args=[keys.JOB_PREFIX, limit, lease_s])
+    def claim_due(
+        self,
+        limit: int,
+        lease_s: float,
+        *,
+        submit_backlog: bool = False,
+        poll_backlog: bool = False,
+    ) -> list[Dispatch]:
+        """Up to ``limit`` due jobs, each with a new dispatch token and a lease.
+
+        ``submit_backlog``/``poll_backlog``: that queue holds messages waiting; a job whose
+        latest message has not begun is then left to it (see ``claim_due.lua``).
+        """
+        args = [keys.JOB_PREFIX, limit, lease_s, int(submit_backlog), int(poll_backlog)]
+        flat = self._claim_due(keys=[keys.SCHEDULE], args=args)
         claimed = []
-        for i in range(0, len(flat), 5):
+        for i in range(0, len(flat), 6):
             request = decode_text(flat[i + 3])
             claimed.append(
                 Dispatch(
@@ -215,6 +229,7 @@ class JobStore:
                     phase=decode_text(flat[i + 2]),
                     request=json.loads(request) if request else None,
                     due=float(flat[i + 4]),
+                    resent=decode_text(flat[i + 5]) == "1",
                 )
             )
         return claimed

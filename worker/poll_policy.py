@@ -32,6 +32,8 @@ PENDING_JOB_STATES = {
     "generating": JobState.RUNNING,
 }
 _RANK = {JobState.QUEUED: 0, JobState.SUBMITTED: 1, JobState.RUNNING: 2}
+#: What :func:`poll_step` answers when it asked recordInfo.
+POLLED = frozenset({"succeeded", "failed", "pending", "poll_error", "timeout"})
 
 
 def poll_step(svc: Services, job_id: str, token: int) -> str:

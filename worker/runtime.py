@@ -1,7 +1,8 @@
 """The collaborators of the pipeline, built once per process: :class:`Services`.
 
-The policies in :mod:`worker.policy` take a :class:`Services` as their argument, so each
-path can be tested against a real Redis (and the sandbox) without starting a worker.
+The policies (:mod:`worker.submit_policy`, :mod:`worker.poll_policy`) take a
+:class:`Services` as their argument, so each path can be tested against a real Redis (and
+the sandbox) without starting a worker.
 Here they are built from the settings, lazily and again after a fork (no socket is
 shared across a fork). Redis clients are thread-safe; the upstream client keeps one HTTP
 session per thread (per greenlet under ``-P gevent``).

@@ -8,6 +8,7 @@ once its lease runs out, so no message needs to survive for the job to go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from celery import Task
 from worker import keys
 from worker.app import app
 from worker.outcome import fail_job
-from worker.poll_policy import poll_step
+from worker.poll_policy import POLLED, poll_step
 from worker.publisher import POLL_TASK, SUBMIT_TASK
 from worker.runtime import Services, services
 from worker.submit_policy import AcceptedButUnrecorded, record_acceptance, submit_step
@@ -95,12 +96,13 @@ def remix_poll(self: Task, jobs: list[list[Any]]) -> None:
         if time.monotonic() - started > svc.settings.kie_request_deadline_s:
             _due_again(svc, jobs[index:])
             break
-        late_by.append(svc.clock.now() - float(due))
+        late = svc.clock.now() - float(due)
         try:
-            poll_step(svc, str(job_id), int(token))
+            if poll_step(svc, str(job_id), int(token)) in POLLED:
+                late_by.append(late)
         except REDIS_ERRORS as exc:
             logger.warning("poll batch: Redis unavailable (%s); the schedule sends it again", exc)
-            return
+            break
         except Exception:
             logger.exception("job %s: unexpected error in a poll step", job_id)
     _record_lateness(svc, late_by)
@@ -115,6 +117,11 @@ def _record_lateness(svc: Services, late_by: list[float]) -> None:
     """Keep a sample of how late polls start after they were due (for the benchmark)."""
     if not late_by:
         return
+    with contextlib.suppress(*REDIS_ERRORS):
+        _push_lateness(svc, late_by)
+
+
+def _push_lateness(svc: Services, late_by: list[float]) -> None:
     pipe = svc.store.redis.pipeline(transaction=False)
     pipe.lpush(keys.POLL_LATENESS, *(f"{seconds:.4f}" for seconds in late_by))
     pipe.ltrim(keys.POLL_LATENESS, 0, POLL_LATENESS_SAMPLES - 1)

@@ -40,6 +40,7 @@ redis.call('HSET', KEYS[1], 'upstream_task_id', task, 'submitted_at',
   string.format('%.6f', now), '_slot', 'null', '_last_error', 'null')
 if state == '"queued"' then redis.call('HSET', KEYS[1], 'state', '"submitted"') end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('HSET', KEYS[1], '_parked', redis.call('HGET', KEYS[1], '_dispatch') or '0')
 if tonumber(redis.call('HGET', KEYS[1], 'unknown_outcomes') or '0') > 0 then
   redis.call('HSET', KEYS[1], 'possibly_paid_twice', 'true')
   return 'accepted_after_unknown'

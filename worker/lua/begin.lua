@@ -1,5 +1,6 @@
 -- Start a step of a job. Only the message carrying the job's latest dispatch token may;
--- its lease is renewed (the job is due again after it unless the step reschedules it).
+-- its lease is renewed (the job is due again after it unless the step reschedules it),
+-- and the record notes that this token's step has begun (see claim_due.lua).
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
@@ -24,6 +25,7 @@ if tonumber(redis.call('HGET', KEYS[1], '_dispatch') or '0') ~= tonumber(ARGV[2]
 end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[1], '_begun', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local out = {'ok'}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(out, v) end

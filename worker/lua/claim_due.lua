@@ -1,37 +1,56 @@
 -- Hand out the jobs whose next step is due. Each gets a new dispatch token (only the
 -- message carrying the latest token may act on the job) and a lease: unless its step
--- reschedules it first, the job is due again after the lease (a lost message, a killed
--- worker). Missing and finished jobs leave the schedule.
+-- reschedules it first, the job is due again after the lease. Missing and finished jobs
+-- leave the schedule.
+--
+-- A job whose latest message has not even begun is not sent again while that message's
+-- queue holds a backlog: the message is most likely still waiting there, and sending
+-- another copy of every waiting job would only deepen the backlog. Its lease is renewed
+-- instead. When its queue is empty, the message was lost and the job is sent again.
 --
 -- KEYS[1]  the schedule
 -- ARGV[1]  prefix of job hash keys (the job id is appended)
 -- ARGV[2]  most jobs to hand out
 -- ARGV[3]  lease in seconds
+-- ARGV[4]  '1' when the submit queue holds a backlog, else '0'
+-- ARGV[5]  '1' when the poll queue holds a backlog, else '0'
 -- Returns a flat list: job id, token, phase ('submit' or 'poll'), request JSON ('' for
--- 'poll'), due time; five entries per job.
+-- 'poll'), due time, '1' when this sends the job again because its last step was lost
+-- (else '0'); six entries per job.
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease = tonumber(ARGV[3])
+local backlog = {submit = ARGV[4] == '1', poll = ARGV[5] == '1'}
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   tonumber(ARGV[2]))
 local out = {}
 for i = 1, #due, 2 do
   local id, score = due[i], due[i + 1]
   local key = ARGV[1] .. id
-  local state = redis.call('HGET', key, 'state')
+  local fields = redis.call('HMGET', key, 'state', 'upstream_task_id', '_dispatch', '_begun',
+    '_parked')
+  local state, task = fields[1], fields[2]
+  local token, begun, parked = fields[3] or '0', fields[4], fields[5]
+  local phase = 'submit'
+  if task and task ~= 'null' then phase = 'poll' end
   if (not state) or finished[state] then
     redis.call('ZREM', KEYS[1], id)
+  elseif begun ~= token and backlog[phase] then
+    redis.call('ZADD', KEYS[1], now + lease, id)
   else
-    local token = redis.call('HINCRBY', key, '_dispatch', 1)
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
-    local task = redis.call('HGET', key, 'upstream_task_id')
-    local phase, request = 'submit', redis.call('HGET', key, '_request') or ''
-    if task and task ~= 'null' then phase, request = 'poll', '' end
+    local lost = '0'
+    if parked ~= token then lost = '1' end
+    local next_token = redis.call('HINCRBY', key, '_dispatch', 1)
+    redis.call('ZADD', KEYS[1], now + lease, id)
+    local request = ''
+    if phase == 'submit' then request = redis.call('HGET', key, '_request') or '' end
     table.insert(out, id)
-    table.insert(out, tostring(token))
+    table.insert(out, tostring(next_token))
     table.insert(out, phase)
     table.insert(out, request)
     table.insert(out, score)
+    table.insert(out, lost)
   end
 end
 return out

@@ -1,7 +1,8 @@
 -- Write fields of a job and move its state forward, never back: queued -> submitted ->
 -- running -> succeeded | failed | cancelled; nothing changes once it has finished.
 -- Optionally only for the holder of a dispatch token, and optionally setting when the
--- job's next step is due. A job that finishes leaves the schedule.
+-- job's next step is due (the token's step has then parked the job: see claim_due.lua).
+-- A job that finishes leaves the schedule.
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
@@ -39,6 +40,7 @@ if wanted == 3 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 elseif ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], '_parked', ARGV[4]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1

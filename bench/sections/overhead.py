@@ -1,0 +1,69 @@
+"""Section 4: jobs/s of the pipeline with instant generation against Celery no-op tasks/s.
+
+With nothing to wait for upstream, every job is one createTask and one recordInfo, so
+the ratio is the share of raw Celery task throughput that whole jobs reach: what the
+pipeline's own bookkeeping (records, schedule, dispatcher, rate limiter) costs.
+"""
+
+from __future__ import annotations
+
+from bench import naive
+from bench.report import Figure, ratio
+from bench.sections.common import (
+    CONCURRENCY,
+    NO_RATE_LIMIT,
+    Run,
+    naive_throughput,
+    pipeline_throughput,
+)
+from sandbox.control import SandboxControl
+
+SECTION = "4 overhead"
+OVERHEAD_POLL_INITIAL_S = 0.05
+NOOP_TIMEOUT_S = 120.0
+#: Label of the upstream counts this section keeps for section 5.
+OVERHEAD_KEY = "pipeline, 0 s generation"
+
+
+def overhead_section(run: Run) -> list[Figure]:
+    """Jobs/s of the pipeline with instant generation against Celery no-op tasks/s."""
+    jobs = run.plan.overhead_jobs
+    sandbox = run.stack.start_sandbox(["--generation-seconds", "0"])
+    control = SandboxControl(sandbox.url or "")
+    try:
+        pipeline = pipeline_throughput(
+            run,
+            sandbox,
+            control,
+            jobs=jobs,
+            label=OVERHEAD_KEY,
+            settings={
+                "KIE_RATE_LIMIT": NO_RATE_LIMIT,
+                "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
+            },
+        )
+        baseline = naive_throughput(
+            run, sandbox, control, send=naive.noop.delay, jobs=jobs, timeout=NOOP_TIMEOUT_S
+        )
+    finally:
+        control.close()
+        run.stack.stop([sandbox])
+    setup = f"{jobs} jobs, 1 worker x {CONCURRENCY}, 0 s generation"
+    return [
+        Figure(
+            SECTION,
+            f"remixq pipeline ({setup})",
+            f"{pipeline.rate:.1f} jobs/s",
+            f"no-op: {baseline.rate:.1f} tasks/s",
+            ratio(pipeline.rate, baseline.rate, percent=True),
+            pipeline.note + f"; first poll after {OVERHEAD_POLL_INITIAL_S:g} s",
+        ),
+        Figure(
+            SECTION,
+            f"Celery no-op task, same Redis ({jobs} tasks)",
+            f"{baseline.rate:.1f} tasks/s",
+            "",
+            "",
+            baseline.note,
+        ),
+    ]
