@@ -28,7 +28,7 @@ test: venv
 lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy worker producers sandbox
+	$(BIN)/mypy worker producers sandbox bench
 
 bench: venv
 	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench --write-docs; \
