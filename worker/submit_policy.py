@@ -42,6 +42,7 @@ from worker.gates import budget_gate, hold_after_rate_limited, pause_gate, trip_
 from worker.jobstore import HOLDS_FIELD, LAST_ERROR_FIELD, RETRIES_FIELD, SLOT_FIELD, Job
 from worker.models import InvalidRequestError, validate_request
 from worker.outcome import fail_job
+from worker.pause import RecentAnswers
 from worker.runtime import WORKER_REDIS_RETRY_S, Services
 
 logger = logging.getLogger("worker.submit")
@@ -147,16 +148,16 @@ def record_acceptance(
     return "accepted"
 
 
+def _answer_kind(exc: UpstreamError) -> str:
+    """How the pause's breaker counts an answer: ``455``, ``429`` or ``other``."""
+    if isinstance(exc, MaintenanceError | RateLimitedError):
+        return exc.code
+    return "other"
+
+
 def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -> str:
     """Close the attempt and act on the error's family (the one decision table)."""
-    kind = (
-        "455"
-        if isinstance(exc, MaintenanceError)
-        else "429"
-        if isinstance(exc, RateLimitedError)
-        else "other"
-    )
-    recent = _note_answer(svc, kind)
+    recent = _note_answer(svc, _answer_kind(exc))
     last_error = {
         "code": exc.fail_code,
         "msg": svc.redactor.redact(exc.message or type(exc).__name__),
@@ -170,22 +171,31 @@ def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -
         fail_job(svc, job.job_id, exc.fail_code, last_error["msg"])
         return "failed"
     if exc.family is Family.KEY:
-        if isinstance(exc, InsufficientCreditsError) or (
-            recent is not None and recent.maintenance_run
-        ):
-            trip_pause(svc, exc.code, last_error["msg"])
-        holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
-        delay = full_jitter(
-            holds, base=svc.settings.remix_retry_base_s, cap=svc.settings.remix_retry_max_s
-        )
-        svc.store.park(job, delay, **{SLOT_FIELD: None})
-        logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
-        return "held"
+        return _hold_for_key(svc, job, exc, recent, last_error["msg"])
     return _retry_later(svc, job, exc, recent, last_error)
 
 
+def _hold_for_key(
+    svc: Services, job: Job, exc: UpstreamError, recent: RecentAnswers | None, message: str
+) -> str:
+    """A whole-key answer: pause the key when it is more than a stray; the job waits."""
+    repeated = recent is not None and recent.maintenance_run
+    if isinstance(exc, InsufficientCreditsError) or repeated:
+        trip_pause(svc, exc.code, message)
+    holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
+    settings = svc.settings
+    delay = full_jitter(holds, base=settings.remix_retry_base_s, cap=settings.remix_retry_max_s)
+    svc.store.park(job, delay, **{SLOT_FIELD: None})
+    logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
+    return "held"
+
+
 def _retry_later(
-    svc: Services, job: Job, exc: UpstreamError, recent: Any, last_error: dict[str, str]
+    svc: Services,
+    job: Job,
+    exc: UpstreamError,
+    recent: RecentAnswers | None,
+    last_error: dict[str, str],
 ) -> str:
     settings = svc.settings
     retries = svc.store.increment(job.job_id, RETRIES_FIELD) or 1
@@ -239,7 +249,7 @@ def _end_past_submit_deadline(svc: Services, job: Job) -> str:
     return "failed"
 
 
-def _note_answer(svc: Services, kind: str) -> Any:
+def _note_answer(svc: Services, kind: str) -> RecentAnswers | None:
     """Count a createTask answer for the breakers; a Redis error here must not cost a job."""
     try:
         return svc.pause.note_answer(kind)
