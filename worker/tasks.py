@@ -56,7 +56,8 @@ def remix_submit(
         if int(dispatch) == 0 and request is not None:
             # A producer that speaks the Celery protocol sent no record: keep its request.
             svc.store.create(job_id, request, due_in=svc.settings.lease_s)
-        submit_step(svc, job_id, int(dispatch))
+        if submit_step(svc, job_id, int(dispatch)) == "missing":
+            logger.warning("job %s: no record and no request in the message; dropped", job_id)
     except AcceptedButUnrecorded as exc:
         logger.critical(
             "job %s: upstream task %s was accepted but Redis could not record it; "
