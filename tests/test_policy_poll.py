@@ -268,14 +268,51 @@ def test_the_upstream_accepts_each_job_once_across_steps(
     assert accepted(upstream, prompt) == 1
 
 
+def _oldest_waiting(svc: Services, seconds_ago: float) -> float:
+    """The send time of the oldest message waiting in a queue, ``seconds_ago``."""
+    return svc.clock.now() - seconds_ago
+
+
 def test_a_job_whose_message_waits_in_a_backlog_is_not_sent_again(svc: Services) -> None:
     """Its lease ran out while its message still waits in a long queue: no second copy."""
     job_id, _ = new_job(svc)  # due at once, as if its first message had been waiting a lease
+    waiting_since = _oldest_waiting(svc, 60)  # the queue's head was sent before this job
 
-    assert svc.store.claim_due(10, 30, submit_backlog=True) == []
+    assert svc.store.claim_due(10, 30, oldest_waiting={"submit": waiting_since}) == []
     due = svc.store.scheduled(job_id)
     assert due is not None and due > svc.clock.now() + 29
     assert token_of(svc, job_id) == 0  # the waiting message is still the one that counts
+
+
+def test_a_lost_message_is_sent_again_although_newer_ones_wait(svc: Services) -> None:
+    """Every message still waiting was sent after the job's: the job's message is gone."""
+    job_id, _ = new_job(svc)
+    waiting_since = svc.clock.now() + 10  # the queue's head is younger than the job's dispatch
+
+    (claimed,) = svc.store.claim_due(10, 30, oldest_waiting={"submit": waiting_since})
+    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 1, True)
+
+
+def test_a_job_made_due_by_its_own_step_is_sent_despite_a_backlog(svc: Services) -> None:
+    """A poll batch out of time makes its remaining jobs due: no message of theirs waits."""
+    from worker.tasks import _due_again
+
+    job_id = _accepted_job(svc)
+    svc.store.update(job_id, due_in=0)
+    (claimed,) = svc.store.claim_due(10, 30)
+    _due_again(svc, [[job_id, claimed.token, claimed.due]])
+
+    (again,) = svc.store.claim_due(10, 30, oldest_waiting={"poll": _oldest_waiting(svc, 60)})
+    assert again.job_id == job_id and not again.resent
+
+
+def test_a_job_whose_send_failed_is_sent_despite_a_backlog(svc: Services) -> None:
+    """The broker refused the job's message; a backlog of others must not hold it back."""
+    job_id, _ = new_job(svc)
+    svc.store.due_now([job_id])
+
+    (claimed,) = svc.store.claim_due(10, 30, oldest_waiting={"submit": _oldest_waiting(svc, 60)})
+    assert claimed.job_id == job_id
 
 
 def test_a_job_whose_message_was_lost_is_sent_again_and_counted(svc: Services) -> None:
@@ -291,7 +328,7 @@ def test_a_job_whose_step_began_but_never_parked_is_sent_again_despite_a_backlog
     job_id, _ = new_job(svc)
     assert svc.store.begin(job_id, 0, 0.0)[0] == "ok"  # began; the lease ends at once
 
-    (claimed,) = svc.store.claim_due(10, 30, submit_backlog=True)
+    (claimed,) = svc.store.claim_due(10, 30, oldest_waiting={"submit": _oldest_waiting(svc, 60)})
     assert claimed.job_id == job_id and claimed.resent
 
 
@@ -301,5 +338,20 @@ def test_a_job_parked_by_its_step_is_not_a_resend(svc: Services) -> None:
     assert status == "ok" and job is not None
     assert svc.store.park(job, 0.0)
 
-    (claimed,) = svc.store.claim_due(10, 30, submit_backlog=True, poll_backlog=True)
+    backlog = {"submit": _oldest_waiting(svc, 60), "poll": _oldest_waiting(svc, 60)}
+    (claimed,) = svc.store.claim_due(10, 30, oldest_waiting=backlog)
     assert not claimed.resent
+
+
+def test_the_dispatcher_reads_the_send_time_of_the_oldest_waiting_message(svc: Services) -> None:
+    """Messages carry their send time; the dispatcher looks at the head of each queue."""
+    from worker.dispatcher import oldest_waiting
+
+    assert oldest_waiting(svc) == {}
+    job_id, _ = new_job(svc)
+    before = svc.clock.now()
+    svc.publisher.submit(job_id, {"prompt": "x"}, 0)
+    svc.publisher.submit("another", {"prompt": "y"}, 0)
+
+    waiting = oldest_waiting(svc)
+    assert set(waiting) == {"submit"} and before - 1 <= waiting["submit"] <= svc.clock.now()

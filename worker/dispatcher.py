@@ -19,12 +19,14 @@ latest token may act on the job, so duplicates and stale copies are dropped; and
 whose step does not reschedule it within the lease (its message was lost, or its worker
 was killed) is due again and sent again (counted as ``lease_resends_total``). This is
 what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose latest
-message has not begun while its queue holds a backlog is left to that message, so that
-an overloaded fleet does not multiply its own backlog.
+message may still be waiting in its queue (it has not begun and the queue's oldest
+message is no younger than it) is left to that message, so that an overloaded fleet does
+not multiply its own backlog.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any, ClassVar
@@ -32,7 +34,7 @@ from typing import Any, ClassVar
 from celery import bootsteps
 
 from worker.jobstore import Dispatch
-from worker.publisher import POLL_QUEUE, SUBMIT_QUEUE
+from worker.publisher import POLL_QUEUE, SENT_AT_HEADER, SUBMIT_QUEUE
 from worker.runtime import Services, services
 
 logger = logging.getLogger("worker.dispatcher")
@@ -45,6 +47,7 @@ CLAIM_LIMIT = 500
 TICK_S = 0.05
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE)
 
 
 class Dispatcher:
@@ -59,12 +62,8 @@ class Dispatcher:
 
     def tick(self) -> int:
         """One round: claim what is due and send it; returns how many jobs were sent."""
-        backlog = self._backlog()
         claimed = self.svc.store.claim_due(
-            CLAIM_LIMIT,
-            self.svc.settings.lease_s,
-            submit_backlog=backlog[SUBMIT_QUEUE],
-            poll_backlog=backlog[POLL_QUEUE],
+            CLAIM_LIMIT, self.svc.settings.lease_s, oldest_waiting=oldest_waiting(self.svc)
         )
         if not claimed:
             return 0
@@ -80,16 +79,6 @@ class Dispatcher:
             raise
         return len(claimed)
 
-    def _backlog(self) -> dict[str, bool]:
-        """Which queues hold messages waiting to be taken (one round trip)."""
-        pipe = self.svc.broker.pipeline(transaction=False)
-        for queue in (SUBMIT_QUEUE, POLL_QUEUE):
-            pipe.llen(queue)
-        return {
-            queue: int(length) > 0
-            for queue, length in zip((SUBMIT_QUEUE, POLL_QUEUE), pipe.execute(), strict=True)
-        }
-
     def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
         publisher = self.svc.publisher
         polls = [d for d in claimed if d.phase == "poll"]
@@ -102,6 +91,31 @@ class Dispatcher:
                 batch = polls[start : start + POLL_BATCH_SIZE]
                 publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
                 unsent.difference_update(d.job_id for d in batch)
+
+
+def oldest_waiting(svc: Services) -> dict[str, float]:
+    """For each queue holding messages: when its oldest waiting message was sent.
+
+    The Redis transport pushes at the head of a list and takes from its tail, so the tail
+    is the oldest. A message without our send-time header (from a producer in another
+    language) counts as very old, which only delays re-sends while it waits.
+    """
+    pipe = svc.broker.pipeline(transaction=False)
+    for queue in QUEUES:
+        pipe.lindex(queue, -1)
+    waiting = {}
+    for queue, raw in zip(QUEUES, pipe.execute(), strict=True):
+        if raw is not None:
+            waiting[queue] = _sent_at(raw)
+    return waiting
+
+
+def _sent_at(raw: bytes | str) -> float:
+    try:
+        headers = json.loads(raw).get("headers") or {}
+        return float(headers.get(SENT_AT_HEADER, 0.0))
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return 0.0
 
 
 class DispatcherThread:

@@ -40,6 +40,8 @@ HOLDS_FIELD = "_holds"
 LAST_ERROR_FIELD = "_last_error"
 
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
+#: A message may be sent this long after its job was handed out (a publish that retried).
+SEND_MARGIN_S = 5.0
 
 
 def _encode(fields: dict[str, Any]) -> list[str]:
@@ -145,6 +147,7 @@ class JobStore:
         self._accept = load_script(client, "accept")
         self._increment = load_script(client, "increment")
         self._release_held = load_script(client, "release_held")
+        self._due_now = load_script(client, "due_now")
 
     # ------------------------------------------------------------------ creating, reading
 
@@ -205,19 +208,17 @@ class JobStore:
     # ------------------------------------------------------------------ the schedule
 
     def claim_due(
-        self,
-        limit: int,
-        lease_s: float,
-        *,
-        submit_backlog: bool = False,
-        poll_backlog: bool = False,
+        self, limit: int, lease_s: float, *, oldest_waiting: dict[str, float] | None = None
     ) -> list[Dispatch]:
         """Up to ``limit`` due jobs, each with a new dispatch token and a lease.
 
-        ``submit_backlog``/``poll_backlog``: that queue holds messages waiting; a job whose
-        latest message has not begun is then left to it (see ``claim_due.lua``).
+        ``oldest_waiting``: queue name -> send time of its oldest waiting message, for the
+        queues that hold any; a job whose latest message may still be waiting there is
+        left to it (see ``claim_due.lua``).
         """
-        args = [keys.JOB_PREFIX, limit, lease_s, int(submit_backlog), int(poll_backlog)]
+        waiting = oldest_waiting or {}
+        heads = [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
+        args = [keys.JOB_PREFIX, limit, lease_s, *heads, SEND_MARGIN_S]
         flat = self._claim_due(keys=[keys.SCHEDULE], args=args)
         claimed = []
         for i in range(0, len(flat), 6):
@@ -234,12 +235,12 @@ class JobStore:
             )
         return claimed
 
-    def due_now(self, job_ids: Iterable[str]) -> None:
-        """Make jobs that are in the schedule due at once (a dispatch that failed to send)."""
+    def due_now(self, job_ids: Iterable[str]) -> int:
+        """Make jobs of the schedule due at once: no message of theirs is on its way."""
         ids = list(job_ids)
-        if ids:
-            now = self.redis.time()
-            self.redis.zadd(keys.SCHEDULE, dict.fromkeys(ids, now[0] + now[1] / 1e6), xx=True)
+        if not ids:
+            return 0
+        return int(self._due_now(keys=[keys.SCHEDULE], args=[keys.JOB_PREFIX, *ids]))
 
     def scheduled(self, job_id: str) -> float | None:
         """When the job's next step is due (None when it is not in the schedule)."""

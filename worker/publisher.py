@@ -13,20 +13,31 @@ from typing import Any
 
 from celery import Celery
 
+from worker.clock import Clock
+
 SUBMIT_TASK = "remix.submit"
 POLL_TASK = "remix.poll"
 SUBMIT_QUEUE = "submit"
 POLL_QUEUE = "poll"
+#: Message header holding when the message was sent (fleet clock), so the dispatcher can
+#: tell whether a job's message may still be waiting behind it.
+SENT_AT_HEADER = "remixq_sent_at"
 #: A publish that fails is tried again this much before the caller hears of it (the
 #: schedule sends the job later in any case).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
 
 
 class Publisher:
-    """Publishes ``remix.submit`` and ``remix.poll`` messages through ``app``'s broker."""
+    """Publishes ``remix.submit`` and ``remix.poll`` messages through ``app``'s broker.
 
-    def __init__(self, app: Celery) -> None:
+    Parameters:
+        app: the Celery app whose broker the messages go to.
+        clock: the fleet's clock, for each message's send time.
+    """
+
+    def __init__(self, app: Celery, clock: Clock) -> None:
         self.app = app
+        self.clock = clock
 
     @contextlib.contextmanager
     def producer(self) -> Iterator[Any]:
@@ -46,6 +57,7 @@ class Publisher:
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=_submit_repr(job_id, request, token),
+            headers={SENT_AT_HEADER: self.clock.now()},
         )
 
     def poll(
@@ -59,6 +71,7 @@ class Publisher:
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=repr({"job_ids": [job[0] for job in jobs]}),
+            headers={SENT_AT_HEADER: self.clock.now()},
         )
 
 

@@ -181,13 +181,14 @@ def build_services(
     )
     key_id = api_key_id(settings)
     limit, window = parse_rate_limit(settings.kie_rate_limit)
+    clock = RedisClock(backend)
     return Services(
         settings=settings,
         store=JobStore(backend, ttl_s=settings.remix_job_ttl_s),
-        clock=RedisClock(backend),
+        clock=clock,
         limiter=SharedRateLimiter(broker, key_id, limit, window),
         pause=FleetPause(broker, key_id, settings.remix_pause_probe_s),
-        publisher=Publisher(app),
+        publisher=Publisher(app, clock),
         metrics=Metrics(broker),
         results=CeleryResults(app),
         api_key_id=key_id,

@@ -27,8 +27,8 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 #: A job's lease covers one upstream request plus this much for the Redis work around it.
 LEASE_MARGIN_S = 15.0
-#: After createTask was accepted, a worker keeps trying this long to record the task id
-#: (through a Redis outage) before it gives up and the attempt's outcome counts as unknown.
+#: An open createTask attempt is respected this much longer than a lease, for its worker
+#: to record an accepted task id through a Redis blip (it keeps trying longer than that).
 RECORD_RETRY_S = 30.0
 #: Job records outlive the longest a job can run by at least this much.
 TTL_MARGIN_S = 3600

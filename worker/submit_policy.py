@@ -9,9 +9,10 @@ Never paying twice: before createTask is sent an *attempt* is opened in the reco
 another attempt may still be in flight, and the request's total deadline
 (``KIE_REQUEST_DEADLINE_S``) is shorter than the time an open attempt is respected
 (``Settings.attempt_settle_s``). So two steps of one job (a redelivered message, a stale
-copy, a duplicate publish) can never both send. The accepted task id is logged the
-moment it arrives and written with retries through a Redis outage; if it still cannot
-be written, the task hands it on in its retry's arguments.
+copy, a duplicate publish) can never both send.
+
+The accepted task id is logged the moment it arrives and then written, trying again
+through a Redis outage of any length (the worker holds it; see :func:`record_acceptance`).
 
 The one window left: an attempt whose answer never arrived (a read timeout, a reset or
 a cut body after sending, the worker killed mid-request). The upstream may have created
@@ -24,11 +25,16 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import Any
 
 import redis
-from tenacity import Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from worker.backoff import full_jitter
 from worker.errors import (
@@ -43,19 +49,21 @@ from worker.jobstore import HOLDS_FIELD, LAST_ERROR_FIELD, RETRIES_FIELD, SLOT_F
 from worker.models import InvalidRequestError, validate_request
 from worker.outcome import fail_job
 from worker.pause import RecentAnswers
-from worker.runtime import WORKER_REDIS_RETRY_S, Services
+from worker.runtime import Services
 
 logger = logging.getLogger("worker.submit")
 
 #: Spread added to the wait for an open attempt to settle.
 SETTLE_JITTER_S = 1.0
-#: Margin kept between the last try to record an accepted task and the attempt's settling.
-RECORD_MARGIN_S = 5.0
+#: How long a worker keeps trying to record an accepted task id through a Redis outage.
+RECORD_PATIENCE_S = 3600.0
+#: Longest wait between two tries, so the id is written within a second of Redis's return.
+RECORD_RETRY_WAIT_S = 1.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 class AcceptedButUnrecorded(Exception):
-    """createTask was accepted but the task id could not be written to the record."""
+    """createTask was accepted but Redis stayed away for :data:`RECORD_PATIENCE_S`."""
 
     def __init__(self, job_id: str, attempt_id: str, task_id: str) -> None:
         self.job_id = job_id
@@ -101,7 +109,6 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
         return opened.status
     if opened.counted_unknown:
         _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
-    started = time.monotonic()
     try:
         task_id = svc.client().create_task(task_input, svc.settings.kie_callback_url)
     except UpstreamError as exc:
@@ -110,22 +117,39 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
         # Whatever happened, the request may have gone out: its outcome is unknown.
         svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
         raise
-    return record_acceptance(svc, job.job_id, attempt_id, task_id, started)
+    return record_acceptance(svc, job.job_id, attempt_id, task_id)
 
 
-def record_acceptance(
-    svc: Services, job_id: str, attempt_id: str, task_id: str, started: float
-) -> str:
-    """Write the accepted task id, retrying through a Redis outage while the attempt holds.
+def _say_unrecorded(job_id: str, task_id: str) -> Any:
+    """A tenacity hook that says, once, that an accepted task waits for Redis."""
+    said: list[bool] = []
 
-    Raises :class:`AcceptedButUnrecorded` when it could not be written in time.
+    def before_sleep(state: RetryCallState) -> None:
+        if not said:
+            said.append(True)
+            logger.critical(
+                "job %s: upstream task %s was accepted but Redis is unavailable; "
+                "this worker keeps trying to record it",
+                job_id,
+                task_id,
+            )
+
+    return before_sleep
+
+
+def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str) -> str:
+    """Write the accepted task id, trying again through a Redis outage of any length.
+
+    Only this process knows the task id (a retry message would need the broker, which is
+    usually the very Redis that is down), so it keeps trying for up to
+    :data:`RECORD_PATIENCE_S`, and raises :class:`AcceptedButUnrecorded` after that.
     """
     logger.info("job %s: createTask accepted as upstream task %s", job_id, task_id)
-    give_up_at = svc.settings.attempt_settle_s - WORKER_REDIS_RETRY_S - RECORD_MARGIN_S
     retrying = Retrying(
         retry=retry_if_exception_type(REDIS_ERRORS),
-        stop=stop_before_delay(max(1.0, give_up_at - (time.monotonic() - started))),
-        wait=wait_exponential(multiplier=0.2, max=2.0),
+        stop=stop_after_delay(RECORD_PATIENCE_S),
+        wait=wait_exponential(multiplier=0.2, max=RECORD_RETRY_WAIT_S),
+        before_sleep=_say_unrecorded(job_id, task_id),
         reraise=False,
     )
     try:

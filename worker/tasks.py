@@ -22,37 +22,27 @@ from worker.outcome import fail_job
 from worker.poll_policy import POLLED, poll_step
 from worker.publisher import POLL_TASK, SUBMIT_TASK
 from worker.runtime import Services, services
-from worker.submit_policy import AcceptedButUnrecorded, record_acceptance, submit_step
+from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 
 logger = logging.getLogger("worker.tasks")
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-#: Wait before a task whose accepted upstream task could not be recorded tries again.
-RECORD_RETRY_DELAY_S = 5.0
 POLL_LATENESS_SAMPLES = 10_000
 
 
-@app.task(name=SUBMIT_TASK, bind=True, ignore_result=True, max_retries=None)
+@app.task(name=SUBMIT_TASK, bind=True, ignore_result=True)
 def remix_submit(
-    self: Task,
-    request: Any = None,
-    job_id: str | None = None,
-    dispatch: int = 0,
-    accepted_task_id: str | None = None,
-    attempt_id: str = "",
+    self: Task, request: Any = None, job_id: str | None = None, dispatch: int = 0
 ) -> None:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may send
     ``remix.submit`` with only ``request``. ``dispatch`` is the schedule's token (0 for
-    the first message); ``accepted_task_id`` is internal (see :class:`AcceptedButUnrecorded`).
+    the first message).
     """
     job_id = job_id or self.request.id
     svc = services()
     try:
-        if accepted_task_id:
-            record_acceptance(svc, job_id, attempt_id, accepted_task_id, time.monotonic())
-            return
         if int(dispatch) == 0 and request is not None:
             # A producer that speaks the Celery protocol sent no record: keep its request.
             svc.store.create(job_id, request, due_in=svc.settings.lease_s)
@@ -60,13 +50,12 @@ def remix_submit(
             logger.warning("job %s: no record and no request in the message; dropped", job_id)
     except AcceptedButUnrecorded as exc:
         logger.critical(
-            "job %s: upstream task %s was accepted but Redis could not record it; "
-            "trying again in a retry of this task",
+            "job %s: upstream task %s was accepted but could not be recorded within %.0f s; "
+            "record it by hand",
             job_id,
             exc.task_id,
+            RECORD_PATIENCE_S,
         )
-        kwargs = {"job_id": job_id, "accepted_task_id": exc.task_id, "attempt_id": exc.attempt_id}
-        raise self.retry(kwargs=kwargs, countdown=RECORD_RETRY_DELAY_S) from None
     except REDIS_ERRORS as exc:
         logger.warning("job %s: Redis unavailable (%s); the schedule sends it again", job_id, exc)
     except Exception as exc:

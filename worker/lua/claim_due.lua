@@ -3,25 +3,29 @@
 -- reschedules it first, the job is due again after the lease. Missing and finished jobs
 -- leave the schedule.
 --
--- A job whose latest message has not even begun is not sent again while that message's
--- queue holds a backlog: the message is most likely still waiting there, and sending
--- another copy of every waiting job would only deepen the backlog. Its lease is renewed
--- instead. When its queue is empty, the message was lost and the job is sent again.
+-- A job whose latest message may still be waiting in its queue is left to that message
+-- (its lease is renewed), so that an overloaded fleet does not multiply its backlog. It
+-- may be waiting when the message has not begun, the job was not parked since it was
+-- sent, and the queue's oldest waiting message was sent no later than the job's message
+-- (queues are first in, first out). Otherwise the message is gone and the job is sent
+-- again.
 --
 -- KEYS[1]  the schedule
 -- ARGV[1]  prefix of job hash keys (the job id is appended)
 -- ARGV[2]  most jobs to hand out
 -- ARGV[3]  lease in seconds
--- ARGV[4]  '1' when the submit queue holds a backlog, else '0'
--- ARGV[5]  '1' when the poll queue holds a backlog, else '0'
+-- ARGV[4]  send time of the oldest message waiting in the submit queue, '' when empty
+-- ARGV[5]  the same for the poll queue
+-- ARGV[6]  seconds a message may be sent after its job was handed out (a slow publish)
 -- Returns a flat list: job id, token, phase ('submit' or 'poll'), request JSON ('' for
--- 'poll'), due time, '1' when this sends the job again because its last step was lost
--- (else '0'); six entries per job.
+-- 'poll'), due time, '1' when this sends the job again because its last step or message
+-- was lost (else '0'); six entries per job.
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(ARGV[3])
-local backlog = {submit = ARGV[4] == '1', poll = ARGV[5] == '1'}
+local oldest = {submit = tonumber(ARGV[4]), poll = tonumber(ARGV[5])}
+local margin = tonumber(ARGV[6])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   tonumber(ARGV[2]))
 local out = {}
@@ -29,19 +33,22 @@ for i = 1, #due, 2 do
   local id, score = due[i], due[i + 1]
   local key = ARGV[1] .. id
   local fields = redis.call('HMGET', key, 'state', 'upstream_task_id', '_dispatch', '_begun',
-    '_parked')
+    '_parked', '_dispatched_at')
   local state, task = fields[1], fields[2]
   local token, begun, parked = fields[3] or '0', fields[4], fields[5]
+  local dispatched_at = tonumber(fields[6]) or 0
   local phase = 'submit'
   if task and task ~= 'null' then phase = 'poll' end
+  local head = oldest[phase]
   if (not state) or finished[state] then
     redis.call('ZREM', KEYS[1], id)
-  elseif begun ~= token and backlog[phase] then
+  elseif begun ~= token and parked ~= token and head and head <= dispatched_at + margin then
     redis.call('ZADD', KEYS[1], now + lease, id)
   else
     local lost = '0'
     if parked ~= token then lost = '1' end
     local next_token = redis.call('HINCRBY', key, '_dispatch', 1)
+    redis.call('HSET', key, '_dispatched_at', string.format('%.6f', now))
     redis.call('ZADD', KEYS[1], now + lease, id)
     local request = ''
     if phase == 'submit' then request = redis.call('HGET', key, '_request') or '' end

@@ -18,7 +18,8 @@ if KEYS[3] then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'created_at', string.format('%.6f', now), '_dispatch', '0')
+redis.call('HSET', KEYS[1], 'created_at', string.format('%.6f', now), '_dispatch', '0',
+  '_dispatched_at', string.format('%.6f', now))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 return {ARGV[1], 1}
