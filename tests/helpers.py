@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -54,3 +56,59 @@ def empty_database(url: str, who: str, *, empty_after: bool = True) -> Iterator[
         if empty_after:
             client.flushdb()
         client.close()
+
+
+@contextlib.contextmanager
+def raw_http_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A one-thread HTTP server on 127.0.0.1 whose every answer is written by ``answer``.
+
+    For answers no well-behaved server gives (odd charsets, connection-delimited bodies
+    sent slowly). ``answer`` gets the connected socket after the request was read.
+    Yields the base URL.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stopping = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    _read_request(conn)
+                    answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stopping.set()
+        listener.close()
+        thread.join(5)
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        body += conn.recv(4096)

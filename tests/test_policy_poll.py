@@ -355,3 +355,27 @@ def test_the_dispatcher_reads_the_send_time_of_the_oldest_waiting_message(svc: S
 
     waiting = oldest_waiting(svc)
     assert set(waiting) == {"submit"} and before - 1 <= waiting["submit"] <= svc.clock.now()
+
+
+class _BuggyClient:
+    """An upstream client with a bug: every recordInfo raises something unexpected."""
+
+    def record_info(self, task_id: str) -> None:
+        raise LookupError("unknown encoding: x-bogus")
+
+
+def test_a_bug_in_a_poll_step_neither_fails_the_job_nor_escapes_its_deadline(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    svc = make_services(upstream.url, remix_deadline_s=5.0, kie_request_deadline_s=2.0)
+    job_id = _accepted_job(svc)
+    svc.client = lambda: _BuggyClient()  # type: ignore[method-assign,assignment,return-value]
+
+    assert _poll(svc, job_id) == "poll_error"
+    record = svc.store.get(job_id)
+    assert record is not None and record.state is JobState.SUBMITTED
+    assert svc.store.scheduled(job_id) is not None
+
+    svc.store.redis.hset(keys.job(job_id), "submitted_at", str(svc.clock.now() - 60))
+    assert _poll(svc, job_id) == "timeout"
+    assert "LookupError" in (svc.store.get(job_id).fail_msg or "")  # type: ignore[union-attr]

@@ -37,31 +37,36 @@ _active = threading.local()
 
 
 class Deadline:
-    """One request's deadline and the connections it used."""
+    """One request's deadline and the sockets it used.
+
+    The sockets themselves are kept, not their connections: for an answer delimited by
+    closing the connection, ``http.client`` lets go of the connection's socket while the
+    answer is still being read from it.
+    """
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.expired = False
         self.done = False
-        self._connections: list[HTTPConnection] = []
+        self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    def attach(self, connection: HTTPConnection) -> None:
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
         with self._lock:
-            self._connections.append(connection)
+            self._sockets.append(sock)
 
     def expire(self) -> None:
-        """Cut every connection of the request (called by the reaper at the deadline)."""
+        """Cut every socket of the request (called by the reaper at the deadline)."""
         with self._lock:
             if self.done:
                 return
             self.expired = True
-            connections = list(self._connections)
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def finish(self) -> None:
         with self._lock:
@@ -127,11 +132,24 @@ def deadline(seconds: float) -> Iterator[Deadline]:
 
 
 class _GuardedConnectionMixin:
+    """Hands the connection's socket to the current deadline: a reused one when a
+    request starts, a new one as soon as it is connected."""
+
+    sock: socket.socket | None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _attach(self.sock)
+
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        current: Deadline | None = getattr(_active, "deadline", None)
-        if current is not None:
-            current.attach(self)  # type: ignore[arg-type]
+        _attach(self.sock)
         return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+def _attach(sock: socket.socket | None) -> None:
+    current: Deadline | None = getattr(_active, "deadline", None)
+    if current is not None:
+        current.attach(sock)
 
 
 class _GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):

@@ -13,6 +13,7 @@ a message, upstream text is redacted before it is shortened, and transport excep
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import json
 import math
@@ -85,7 +86,7 @@ def parse_result_urls(raw: Any) -> list[str]:
     """``resultJson`` is a JSON *string* holding ``{"resultUrls": [...]}`` (at least one)."""
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     urls = data.get("resultUrls") if isinstance(data, dict) else None
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
@@ -146,7 +147,7 @@ def error_from_response(
     retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
     try:
         body = json.loads(body_text)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict):
         shown = excerpt(redactor.redact(body_text))
@@ -163,6 +164,16 @@ def error_from_response(
         message = excerpt(redactor.redact(str(body.get("msg") or body.get("message") or "")))
         return error_for_code(code, message, retry_after=retry_after), None
     return None, body.get("data")
+
+
+def _known_encoding(name: str | None) -> str:
+    """The answer's declared charset when Python knows it, else UTF-8."""
+    if name:
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            pass
+    return "utf-8"
 
 
 class KieClient:
@@ -232,12 +243,14 @@ class KieClient:
             if limit.expired:
                 raise self._deadline_error(where) from None
             raise error_for_exception(exc, self.base_url) from None
-        if limit.expired:
-            raise self._deadline_error(where)
-        text = content.decode(response.encoding or "utf-8", errors="replace")
+        # An answer read in full counts even if the deadline passed meanwhile: for
+        # createTask it holds a task id we must not throw away.
+        text = content.decode(_known_encoding(response.encoding), errors="replace")
         error, data = error_from_response(
             response.status_code, text, response.headers, self._secrets
         )
+        if error is not None and limit.expired:
+            raise self._deadline_error(where)  # cut off by the deadline, not a real answer
         if error is not None:
             raise error
         return data

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from worker.backoff import poll_delay
 from worker.errors import UpstreamError
 from worker.jobstore import LAST_ERROR_FIELD, Job
@@ -22,6 +24,13 @@ from worker.outcome import fail_job, finish_job
 from worker.runtime import Services
 
 logger = logging.getLogger("worker.poll")
+
+
+class UnexpectedError(UpstreamError):
+    """An exception no upstream answer explains (a bug): the job is polled again."""
+
+    code = "internal_error"
+
 
 #: The last poll is scheduled this long after the deadline, so it falls past it.
 DEADLINE_EPSILON_S = 0.05
@@ -53,9 +62,15 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
     )
     try:
         info = svc.client().record_info(task_id)
+        return apply_task_info(svc, job, info, next_delay)
     except UpstreamError as exc:
         return _after_error(svc, job, exc, next_delay)
-    return apply_task_info(svc, job, info, next_delay)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # the job comes back by its lease once Redis answers
+    except Exception as exc:
+        # A bug must neither fail a paid job nor keep it from its deadline.
+        logger.exception("job %s: unexpected error while polling", job_id)
+        return _after_error(svc, job, UnexpectedError(f"{type(exc).__name__}: {exc}"), next_delay)
 
 
 def deadline_at(svc: Services, job: Job) -> float:
