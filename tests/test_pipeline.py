@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import pytest
@@ -283,3 +284,26 @@ def test_stale_bindings_of_an_older_version_are_dropped(redis_client: redis.Redi
 
     assert drop_stale_bindings(redis_client) >= 1
     assert redis_client.smembers("_kombu.binding.submit") == {b"submit\x06\x16\x06\x16submit"}
+
+
+def test_unreadable_items_on_a_queue_do_not_take_a_worker_down(
+    control: SandboxControl, redis_client: redis.Redis, fleet: list[ManagedProcess]
+) -> None:
+    """A buggy producer in another language pushes garbage: each item is dropped, loudly."""
+    # A real envelope, from a queue no worker reads, to spoil its body.
+    sent = app.send_task(
+        "remix.submit", kwargs={"request": {"prompt": "x", **REMIX_INPUT}}, queue="unread"
+    )
+    template = json.loads(redis_client.lpop("unread"))  # type: ignore[arg-type]
+    bad_body = json.dumps({**template, "body": "%%%not-base64%%%"})
+    for poison in (b"\x00\xffgarbage", json.dumps("hello"), json.dumps({"body": "x"}), bad_body):
+        redis_client.lpush("submit", poison)
+    assert sent.id
+
+    prompt = unique_prompt("after-poison")
+    record = wait_for_job(_enqueue(prompt), timeout=JOB_TIMEOUT_S)
+
+    assert record.state is JobState.SUCCEEDED
+    assert all(w.popen.poll() is None for w in fleet), "a worker died"
+    logs = "".join(w.log_path.read_text(errors="replace") for w in fleet if w.log_path)
+    assert logs.count("dropped an unreadable message") >= 4

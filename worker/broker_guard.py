@@ -1,4 +1,6 @@
-"""A guard around one step of kombu's Redis transport that can crash a worker.
+"""Guards around two steps of kombu's Redis transport that can crash a worker.
+
+**Restoring held messages when the connection is gone.**
 
 When the broker connection drops, Celery closes the connection and kombu
 tries to put the messages the worker held back on their queues
@@ -12,10 +14,19 @@ unacknowledged in Redis, and the visibility-timeout sweep of any live worker
 (or this one, once reconnected) delivers them again. No library setting turns
 off only this path (``do_restore`` also stops the restore at a warm
 shutdown), hence this small wrapper.
+
+**An unreadable item on a queue.** The transport pops an item (``BRPOP``) and only then
+decodes it; an item that is not a kombu message (bytes that are not JSON, a JSON string,
+a body that is not base64: a buggy producer in another language) raises there, and
+Celery takes any error of that loop as unrecoverable: the worker exits, and the next
+worker meets the next such item. The item is already off its queue and cannot be read,
+so the guard logs it and drops it; a job it may have carried is still in the schedule.
+Connection errors pass through.
 """
 
 from __future__ import annotations
 
+import binascii
 import functools
 import logging
 from collections.abc import Callable
@@ -33,7 +44,38 @@ def _connection_details_gone(qos: Any) -> bool:
 
 
 def install() -> None:
-    """Wrap ``QoS.restore_unacked`` once per process."""
+    """Install both guards (once per process; in workers only)."""
+    _guard_restore()
+    _guard_unreadable_items()
+
+
+#: What decoding a popped item raises when it is not a message.
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError)
+
+
+def _guard_unreadable_items() -> None:
+    original: Callable[..., Any] = kombu_redis.Channel._brpop_read
+    if getattr(original, _GUARDED, False):
+        return
+
+    @functools.wraps(original)
+    def _brpop_read(self: Any, **options: Any) -> Any:
+        try:
+            return original(self, **options)
+        except _UNREADABLE as exc:
+            logger.error(
+                "dropped an unreadable message from the broker (%s: %s); a job it may "
+                "have carried is sent again by the schedule",
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            return True
+
+    setattr(_brpop_read, _GUARDED, True)
+    kombu_redis.Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
+
+
+def _guard_restore() -> None:
     original: Callable[..., Any] = kombu_redis.QoS.restore_unacked
     if getattr(original, _GUARDED, False):
         return
