@@ -379,3 +379,20 @@ def test_a_bug_in_a_poll_step_neither_fails_the_job_nor_escapes_its_deadline(
     svc.store.redis.hset(keys.job(job_id), "submitted_at", str(svc.clock.now() - 60))
     assert _poll(svc, job_id) == "timeout"
     assert "LookupError" in (svc.store.get(job_id).fail_msg or "")  # type: ignore[union-attr]
+
+
+def test_an_upstream_failure_message_echoing_the_key_is_redacted(svc: Services) -> None:
+    from worker.kie import TaskInfo
+    from worker.poll_policy import apply_task_info
+
+    job_id = _accepted_job(svc)
+    _, job = svc.store.begin(job_id, token_of(svc, job_id), 30)
+    assert job is not None
+    echo = f"could not use credentials (Bearer {API_KEY})"
+    info = TaskInfo(task_id="t", state="fail", fail_code=f"E-{API_KEY[:12]}", fail_msg=echo)
+
+    assert apply_task_info(svc, job, info, 1.0) == "failed"
+
+    stored = repr(svc.store.redis.hgetall(keys.job(job_id)))
+    stored += repr(svc.store.redis.get(f"celery-task-meta-{job_id}"))
+    assert API_KEY[:10] not in stored and API_KEY[-10:] not in stored

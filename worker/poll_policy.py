@@ -84,9 +84,9 @@ def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) 
         finish_job(svc, job.job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
         return "succeeded"
     if info.state == "fail":
-        fail_job(
-            svc, job.job_id, info.fail_code or "fail", info.fail_msg or "generation failed upstream"
-        )
+        redact = svc.redactor.redact
+        code = redact(info.fail_code or "fail")
+        fail_job(svc, job.job_id, code, redact(info.fail_msg or "generation failed upstream"))
         return "failed"
     pending = PENDING_JOB_STATES.get(info.state)
     if pending is None:
