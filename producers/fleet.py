@@ -11,7 +11,7 @@ from collections import Counter
 from itertools import islice
 from typing import Any
 
-from worker.gates import RELEASE_SPREAD_S
+from worker.gates import resume_key
 from worker.publisher import POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import known_api_keys, limiter_for, pause_for, services
 
@@ -70,15 +70,13 @@ def pause_submissions(message: str) -> list[str]:
 
 
 def resume_submissions() -> list[str]:
-    """End every pause and every hold after a 429, and wake the held jobs.
+    """End every pause and every hold after a 429, and wake every job waiting for a key.
 
     Returns the ids of the keys that were paused or held.
     """
-    resumed = []
-    for key_id, rate_limit in sorted(known_api_keys().items()):
-        paused = pause_for(key_id).resume()
-        blocked = limiter_for(key_id, rate_limit).clear_block()
-        services().store.release_held(key_id, RELEASE_SPREAD_S)
-        if paused or blocked:
-            resumed.append(key_id)
-    return resumed
+    store = services().store
+    return [
+        key_id
+        for key_id, rate_limit in sorted(known_api_keys().items())
+        if resume_key(store, pause_for(key_id), limiter_for(key_id, rate_limit), key_id)
+    ]

@@ -291,3 +291,27 @@ def test_invalid_request_from_a_foreign_producer_fails_without_a_request(
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "invalid_request"
     assert sent(upstream, prompt) == 0
+
+
+def test_resume_releases_jobs_parked_for_a_long_retry_after(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    """A 429 with Retry-After 300 holds the key; an operator's resume means: go now."""
+    from worker.gates import resume_key
+
+    svc = make_services(upstream.url, kie_rate_limit="2/1s")
+    upstream.configure(faults={429: 1.0}, retry_after="300", fault_endpoints=["createTask"])
+    job_id, _ = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    upstream.configure(faults={})
+    svc.store.update(job_id, token=0, due_in=0)
+    assert submit_step(svc, job_id, 0) == "budget"  # parked for its moment, 300 s ahead
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due > svc.clock.now() + 200
+
+    assert resume_key(svc.store, svc.pause, svc.limiter, svc.api_key_id)
+
+    due = svc.store.scheduled(job_id)
+    assert due is not None and due <= svc.clock.now() + 3
+    later, _ = new_job(svc)
+    assert submit_step(svc, later, 0) == "accepted"  # no reservation left in its way

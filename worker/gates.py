@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import RateLimitedError, UpstreamError
-from worker.jobstore import LAST_ERROR_FIELD, SLOT_FIELD, Job
-from worker.pause import MAX_PROBE_INTERVAL_S, PauseState, RecentAnswers
-from worker.ratelimit import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S
+from worker.jobstore import LAST_ERROR_FIELD, SLOT_FIELD, Job, JobStore
+from worker.pause import MAX_PROBE_INTERVAL_S, FleetPause, PauseState, RecentAnswers
+from worker.ratelimit import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S, SharedRateLimiter
 from worker.runtime import Services
 
 logger = logging.getLogger("worker.gates")
@@ -116,13 +116,30 @@ def budget_gate(svc: Services, job: Job) -> Wait | None:
             if late_by <= LATENESS_TOLERANCE_S:
                 return None
     reservation = limiter.reserve(max_ahead=RESERVE_AHEAD_S)
+    if reservation.reserved and reservation.delay <= EARLINESS_TOLERANCE_S:
+        return None
+    # The job waits for the key: an operator's resume wakes it (see resume_key).
+    svc.store.hold(svc.api_key_id, job.job_id)
     if not reservation.reserved:
         # Wake once the moment is within reach; spread the crowd over the horizon.
         wait = reservation.delay - RESERVE_AHEAD_S
         return Wait(_jittered(wait, RESERVE_AHEAD_S / 4), {SLOT_FIELD: None})
-    if reservation.delay <= EARLINESS_TOLERANCE_S:
-        return None
     return Wait(reservation.delay, {SLOT_FIELD: reservation.at})
+
+
+def resume_key(
+    store: JobStore, pause: FleetPause, limiter: SharedRateLimiter, api_key_id: str
+) -> bool:
+    """An operator's resume: end any pause and any hold after a 429, and wake every job
+    waiting for the key now (reserved moments are forgotten; the jobs reserve again).
+
+    Returns True when the key was paused or held.
+    """
+    paused = pause.resume()
+    blocked = limiter.clear_block()
+    limiter.forget_reservations_ahead()
+    store.release_held(api_key_id, RELEASE_SPREAD_S)
+    return paused or blocked
 
 
 def hold_after_rate_limited(svc: Services, error: RateLimitedError, recent: RecentAnswers) -> None:

@@ -340,9 +340,14 @@ class JobStore:
     # ------------------------------------------------------------------ jobs held by a pause
 
     def hold(self, api_key_id: str, job_id: str) -> None:
-        """Note that the job waits for the pause of ``api_key_id`` to end."""
+        """Note that the job waits for ``api_key_id`` (its pause, or its budget)."""
         self.redis.sadd(keys.held(api_key_id), job_id)
 
+    def unhold(self, api_key_id: str, job_id: str) -> None:
+        """The job no longer waits for ``api_key_id`` (it is being sent)."""
+        self.redis.srem(keys.held(api_key_id), job_id)
+
     def release_held(self, api_key_id: str, spread_s: float) -> int:
-        """The pause ended: make its held jobs due, spread over ``spread_s`` seconds."""
-        return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=[spread_s]))
+        """Make the jobs held for the key due, spread over ``spread_s`` seconds."""
+        args = [spread_s, keys.JOB_PREFIX]
+        return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=args))

@@ -54,5 +54,5 @@ def recent_answers(api_key_id: str, kind: str) -> str:
 
 
 def held(api_key_id: str) -> str:
-    """Set of job ids waiting for the pause of one API key to end (in the schedule's Redis)."""
+    """Set of job ids waiting for one API key: its pause or its budget (schedule's Redis)."""
     return f"{PREFIX}held:{api_key_id}"

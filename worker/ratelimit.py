@@ -104,6 +104,10 @@ class SharedRateLimiter:
         """End a hold after a 429 (an operator's resume); True when there was one."""
         return bool(self.redis.delete(self._blocked_key))
 
+    def forget_reservations_ahead(self) -> int:
+        """Drop the moments reserved in the future (their jobs are woken to reserve again)."""
+        return int(self.redis.zremrangebyscore(self._log_key, f"({self.now()}", "+inf"))
+
     def usage(self) -> Usage:
         """Requests sent in the current window, reserved ahead, and any block."""
         used, ahead, blocked, now = self._usage(

@@ -109,6 +109,7 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
         return opened.status
     if opened.counted_unknown:
         _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
+    svc.store.unhold(svc.api_key_id, job.job_id)
     try:
         task_id = svc.client().create_task(task_input, svc.settings.kie_callback_url)
     except UpstreamError as exc:
