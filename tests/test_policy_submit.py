@@ -315,3 +315,22 @@ def test_resume_releases_jobs_parked_for_a_long_retry_after(
     assert due is not None and due <= svc.clock.now() + 3
     later, _ = new_job(svc)
     assert submit_step(svc, later, 0) == "accepted"  # no reservation left in its way
+
+
+def test_a_job_refused_402_again_after_the_key_had_credits_fails_alone(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    """One job costs more than the balance: it must not pause the fleet again and again."""
+    job_id, _ = new_job(svc, "[sandbox:create=402] too expensive")
+    assert submit_step(svc, job_id, 0) == "held"
+    assert svc.pause.state() is not None  # the first 402 pauses the key: it may be empty
+    time.sleep(svc.settings.remix_pause_probe_s + 0.1)
+    svc.store.update(job_id, token=0, due_in=0)
+
+    # The probe finds credits, the pause ends, the job is sent and refused again.
+    assert submit_step(svc, job_id, 0) == "failed"
+
+    record = svc.store.get(job_id)
+    assert record is not None and record.fail_code == "402"
+    assert svc.pause.state() is None
+    assert svc.metrics.read().get("pauses_total:402") == 1

@@ -45,7 +45,14 @@ from worker.errors import (
     UpstreamError,
 )
 from worker.gates import budget_gate, hold_after_rate_limited, pause_gate, trip_pause
-from worker.jobstore import HOLDS_FIELD, LAST_ERROR_FIELD, RETRIES_FIELD, SLOT_FIELD, Job
+from worker.jobstore import (
+    HOLDS_FIELD,
+    LAST_402_FIELD,
+    LAST_ERROR_FIELD,
+    RETRIES_FIELD,
+    SLOT_FIELD,
+    Job,
+)
 from worker.models import InvalidRequestError, validate_request
 from worker.outcome import fail_job
 from worker.pause import RecentAnswers
@@ -203,14 +210,24 @@ def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -
 def _hold_for_key(
     svc: Services, job: Job, exc: UpstreamError, recent: RecentAnswers | None, message: str
 ) -> str:
-    """A whole-key answer: pause the key when it is more than a stray; the job waits."""
-    repeated = recent is not None and recent.maintenance_run
-    if isinstance(exc, InsufficientCreditsError) or repeated:
+    """A whole-key answer: pause the key when it is more than a stray; the job waits.
+
+    A job refused with 402 again after a probe found credits on the key is refused for
+    itself (it costs more than the balance): it fails rather than pause the fleet again.
+    """
+    fields: dict[str, Any] = {SLOT_FIELD: None}
+    if isinstance(exc, InsufficientCreditsError):
+        if job.last_402_at is not None and svc.pause.credits_seen_since(job.last_402_at):
+            fail_job(svc, job.job_id, exc.fail_code, f"{message} (again, with credits left)")
+            return "failed"
+        fields[LAST_402_FIELD] = svc.pause.now()
+        trip_pause(svc, exc.code, message)
+    elif recent is not None and recent.maintenance_run:
         trip_pause(svc, exc.code, message)
     holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
     settings = svc.settings
     delay = full_jitter(holds, base=settings.remix_retry_base_s, cap=settings.remix_retry_max_s)
-    svc.store.park(job, delay, **{SLOT_FIELD: None})
+    svc.store.park(job, delay, **fields)
     logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
     return "held"
 
