@@ -566,3 +566,16 @@ def test_an_accepted_task_is_recorded_however_long_redis_stays_down(
     assert record is not None and record.upstream_task_id == "task-while-down"
     assert record.attempt_started_at is None and record.unknown_outcomes == 0
     assert create_requests(upstream_control, prompt) == 0
+
+
+def test_a_worker_warns_when_redis_may_evict_job_records(
+    fleet: Fleet, private_redis: PrivateRedis
+) -> None:
+    """Records carry a TTL, so ``volatile-*`` policies would evict charged jobs first."""
+    with private_redis.admin() as admin:
+        admin.config_set("maxmemory-policy", "volatile-lru")
+    (worker,) = fleet.start(1)
+    assert worker.log_path is not None
+    wait_until(lambda: "maxmemory-policy" in worker.log_path.read_text(), timeout=15)
+    log = worker.log_path.read_text()
+    assert "volatile-lru" in log and "noeviction" in log

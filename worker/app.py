@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready
 from kombu import Exchange, Queue
 
 from worker.dispatcher import DispatcherStep
@@ -44,6 +44,7 @@ RESTORE_INTERVAL_S = 5
 BROKER_SOCKET_TIMEOUT_S = 10
 BROKER_CONNECT_TIMEOUT_S = 2
 BROKER_HEALTH_CHECK_S = 10
+logger = logging.getLogger("worker.app")
 QUEUES = (
     Queue(SUBMIT_QUEUE, Exchange(SUBMIT_QUEUE, type="direct"), routing_key=SUBMIT_QUEUE),
     Queue(POLL_QUEUE, Exchange(POLL_QUEUE, type="direct"), routing_key=POLL_QUEUE),
@@ -117,6 +118,29 @@ def _start_worker(**_: Any) -> None:
     set_worker_role()
     register_api_key()
     drop_stale_bindings(redis.Redis.from_url(settings.redis_url))
+
+
+@worker_ready.connect
+def _warn_about_eviction(**_: Any) -> None:
+    """Job records have a TTL: a ``volatile-*`` (or ``allkeys-*``) policy evicts them."""
+    settings = get_settings()
+    for url in dict.fromkeys((settings.redis_url, settings.backend_url)):
+        policy = eviction_policy(redis.Redis.from_url(url, socket_timeout=5))
+        if policy not in (None, "noeviction"):
+            logger.warning(
+                "Redis maxmemory-policy is %s: under memory pressure it may evict job "
+                "records and queued messages; set maxmemory-policy noeviction",
+                policy,
+            )
+
+
+def eviction_policy(client: redis.Redis) -> str | None:
+    """The server's ``maxmemory-policy`` (None when it may not be read, as on some hosts)."""
+    try:
+        value = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError:
+        return None
+    return None if value is None else str(value.decode() if isinstance(value, bytes) else value)
 
 
 def drop_stale_bindings(client: redis.Redis) -> int:
