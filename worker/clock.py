@@ -1,10 +1,11 @@
 """One clock for the whole fleet: the clock of the Redis server that holds the job records.
 
-Hosts' clocks drift apart; the job records, the schedule and the deadlines must not. The
-Lua scripts read Redis's ``TIME`` directly; Python code asks a :class:`RedisClock`, which
-measures its offset from the server every :data:`RESYNC_S` seconds and otherwise adds it
-to the local clock (no round trip per reading). The error is at most half a round trip
-plus the local drift since the last measurement: milliseconds.
+Hosts' clocks drift apart and may be stepped; the job records, the schedule and the
+deadlines must not. The Lua scripts read Redis's ``TIME`` directly; Python code asks a
+:class:`RedisClock`, which measures the server's time against the host's *monotonic*
+clock every :data:`RESYNC_S` seconds and adds the monotonic time elapsed since (no round
+trip per reading; a step of the host's wall clock changes nothing). The error is at most
+half a round trip plus the drift of the monotonic clock since the last measurement.
 """
 
 from __future__ import annotations
@@ -42,15 +43,15 @@ class RedisClock:
         local = time.monotonic()
         if local - self._synced_at >= RESYNC_S:
             self._sync()
-        return time.time() + self._offset
+        return time.monotonic() + self._offset
 
     def _sync(self) -> None:
-        before = time.time()
+        before = time.monotonic()
         seconds, micros = self._client.time()
-        after = time.time()
+        after = time.monotonic()
         with self._lock:
             self._offset = seconds + micros / 1e6 - (before + after) / 2
-            self._synced_at = time.monotonic()
+            self._synced_at = after
 
 
 def server_time(client: redis.Redis) -> float:

@@ -1,0 +1,24 @@
+"""The fleet's clock follows the Redis server, whatever the host's wall clock does."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from worker import clock as clock_module
+from worker.clock import RedisClock, server_time
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_step_of_the_host_clock_does_not_move_the_fleet_clock(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = RedisClock(redis_client)
+    assert abs(clock.now() - server_time(redis_client)) < 0.5
+    stepped = time.time() + 3600
+    monkeypatch.setattr(clock_module.time, "time", lambda: stepped)
+
+    assert abs(clock.now() - server_time(redis_client)) < 0.5
