@@ -307,3 +307,32 @@ def test_unreadable_items_on_a_queue_do_not_take_a_worker_down(
     assert all(w.popen.poll() is None for w in fleet), "a worker died"
     logs = "".join(w.log_path.read_text(errors="replace") for w in fleet if w.log_path)
     assert logs.count("dropped an unreadable message") >= 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"request": None}, "expected a JSON object"),
+        ({"requests": {"prompt": "x"}}, "unknown argument"),
+        ({"request": {"prompt": "x", **REMIX_INPUT}, "job_id": 12345}, "job_id"),
+        ({"request": {"prompt": "x", **REMIX_INPUT}, "job_id": "x" * 300}, "job_id"),
+        ({"request": {"prompt": "x", **REMIX_INPUT}, "dispatch": "x"}, "dispatch"),
+        ({"request": {"prompt": "x", **REMIX_INPUT}, "dispatch": -1}, "dispatch"),
+        ({"request": {"prompt": "x", **REMIX_INPUT}, "dispatch": True}, "dispatch"),
+    ],
+)
+def test_a_malformed_foreign_message_fails_its_job_with_invalid_request(
+    control: SandboxControl, fleet: list[ManagedProcess], kwargs: dict[str, object], reason: str
+) -> None:
+    """A producer in another language gets an answer under the job id it used, or else
+    under the message's task id; the worker stays up."""
+    sent = app.send_task("remix.submit", kwargs=kwargs)
+    job_id = kwargs.get("job_id") if isinstance(kwargs.get("job_id"), str) else sent.id
+    if isinstance(job_id, str) and len(job_id) > 200:
+        job_id = sent.id
+
+    record = wait_for_job(wait_until(lambda: get_job(str(job_id)), 10).job_id, timeout=20)
+
+    assert record.state is JobState.FAILED and record.fail_code == "invalid_request"
+    assert reason in (record.fail_msg or "")
+    assert all(w.popen.poll() is None for w in fleet)

@@ -28,26 +28,31 @@ logger = logging.getLogger("worker.tasks")
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 POLL_LATENESS_SAMPLES = 10_000
+MAX_JOB_ID_CHARS = 200
 
 
 @app.task(name=SUBMIT_TASK, bind=True, ignore_result=True)
 def remix_submit(
-    self: Task, request: Any = None, job_id: str | None = None, dispatch: int = 0
+    self: Task, request: Any = None, job_id: Any = None, dispatch: Any = 0, **unexpected: Any
 ) -> None:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may send
     ``remix.submit`` with only ``request``. ``dispatch`` is the schedule's token (0 for
-    the first message).
+    the first message). A message that breaks these rules fails its job with
+    ``invalid_request`` (under the task's id when its ``job_id`` is unusable).
     """
-    job_id = job_id or self.request.id
+    problem = message_problem(job_id, dispatch, unexpected)
+    job_id = job_id if is_usable_job_id(job_id) else self.request.id
     svc = services()
     try:
-        if int(dispatch) == 0 and request is not None:
+        if problem is not None:
+            _fail_malformed(svc, job_id, request, problem)
+            return
+        if dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
             svc.store.create(job_id, request, due_in=svc.settings.lease_s)
-        if submit_step(svc, job_id, int(dispatch)) == "missing":
-            logger.warning("job %s: no record and no request in the message; dropped", job_id)
+        submit_step(svc, job_id, dispatch)
     except AcceptedButUnrecorded as exc:
         logger.critical(
             "job %s: upstream task %s was accepted but could not be recorded within %.0f s; "
@@ -61,6 +66,39 @@ def remix_submit(
     except Exception as exc:
         logger.exception("job %s: unexpected error in a submit step", job_id)
         _fail_unsent_job(svc, job_id, exc)
+
+
+def is_usable_job_id(job_id: Any) -> bool:
+    """A job id must be a short, printable string (it is part of Redis keys and URLs)."""
+    return (
+        isinstance(job_id, str)
+        and 0 < len(job_id) <= MAX_JOB_ID_CHARS
+        and job_id.isprintable()
+        and not any(c.isspace() for c in job_id)
+    )
+
+
+def message_problem(job_id: Any, dispatch: Any, unexpected: dict[str, Any]) -> str | None:
+    """What is wrong with a ``remix.submit`` message's arguments, in one line (None: fine)."""
+    if unexpected:
+        return f"invalid request: unknown argument(s) {', '.join(sorted(unexpected))}"
+    if job_id is not None and not is_usable_job_id(job_id):
+        return (
+            f"invalid request: job_id must be a string of 1 to {MAX_JOB_ID_CHARS} printable "
+            "characters without spaces"
+        )
+    if isinstance(dispatch, bool) or not isinstance(dispatch, int) or dispatch < 0:
+        return "invalid request: dispatch must be a whole number of at least 0"
+    return None
+
+
+def _fail_malformed(svc: Services, job_id: str, request: Any, problem: str) -> None:
+    """Fail the job a malformed message names, but never a job that existed before it."""
+    _, created = svc.store.create(job_id, request, due_in=svc.settings.lease_s)
+    if created:
+        fail_job(svc, job_id, "invalid_request", problem)
+    else:
+        logger.warning("job %s: dropped a malformed message (%s)", job_id, problem)
 
 
 def _fail_unsent_job(svc: Services, job_id: str, exc: Exception) -> None:
