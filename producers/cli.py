@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,7 +47,26 @@ OPTION_FIELDS = {
 }
 IDEMPOTENCY_FIELD = "idempotency_key"
 #: Kombu's hash of messages delivered to a worker and not yet acknowledged.
-TIMEOUT_TYPE = click.FloatRange(min=0, min_open=True)
+
+
+class PositiveSeconds(click.ParamType):
+    """A finite number of seconds above zero (``nan`` and ``inf`` are refused)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a finite number of seconds above 0", param, ctx)
+        return seconds
+
+
+TIMEOUT_TYPE = PositiveSeconds()
 
 
 class CliError(click.ClickException):

@@ -162,7 +162,7 @@ def _run(
     """Start the processes (appending them to ``started``), run the jobs, report."""
     redis_server = _launch(started, lambda: _managed(ensure_redis(redis_url)))
     started_text = "started for the demo" if redis_server else "already running"
-    console.print(f"Redis {redis_url} ({started_text})")
+    console.print(f"Redis {shown_url(redis_url)} ({started_text})")
     _use_redis(redis_url)
     sandbox = _launch(
         started, lambda: start_sandbox(args=_sandbox_args(), log_path=log_dir / "sandbox.log")
@@ -215,6 +215,17 @@ def _launch(
     if received:
         raise KeyboardInterrupt
     return process
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed: a password becomes ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def _holder(received: list[int]) -> Callable[[int, FrameType | None], None]:

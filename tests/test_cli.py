@@ -369,3 +369,31 @@ def test_parse_batch_skips_blank_lines_and_keeps_line_numbers() -> None:
     items = parse_batch(["\n", json.dumps({**GOOD_LINE, "idempotency_key": "k"}) + "\n"])
     assert [(item.line, item.idempotency_key) for item in items] == [(2, "k")]
     assert items[0].fields == GOOD_LINE
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "redis://127.0.0.1:99999/0", "redis://127.0.0.1:6379/abc", "http://x/0"]
+)
+def test_a_malformed_redis_url_is_one_line_exit_2(url: str) -> None:
+    result = remixq("status", redis_url=url)
+    assert_refused(result, "REDIS_URL")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(
+    cli_redis: redis.Redis, value: str, tmp_path: Path
+) -> None:
+    assert_refused(remixq("submit", *REQUIRED, "--wait", "--timeout", value), "--timeout")
+    batch = write_batch(tmp_path / "jobs.jsonl", GOOD_LINE)
+    assert_refused(remixq("submit-batch", str(batch), "--wait", "--timeout", value), "--timeout")
+    assert enqueued(cli_redis) == (0, set())
+
+
+def test_the_demo_never_prints_a_redis_password() -> None:
+    from producers.demo import shown_url
+
+    shown = shown_url("redis://:Pw%2F9x%3AQ@127.0.0.1:6379/0")
+    assert "Pw" not in shown and "9x" not in shown
+    assert shown == "redis://:***@127.0.0.1:6379/0"
+    assert shown_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

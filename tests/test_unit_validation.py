@@ -105,3 +105,21 @@ def test_boundaries_accepted() -> None:
 def test_not_an_object() -> None:
     with pytest.raises(InvalidRequestError, match="JSON object"):
         validate_request(["prompt"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image_url", "https://example.test:99999/a.png"),
+        ("image_url", "https://:80/a.png"),
+        ("strength", True),
+        ("prompt", "   \n\t "),
+        ("image_urls", []),
+        ("seed", 2**80),
+        ("seed", -1),
+        ("reference_mask_urls", "not a url"),
+    ],
+)
+def test_values_the_upstream_would_refuse_are_refused_here(field: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError, match=field):
+        validate_request(_with(**{field: value}))

@@ -28,12 +28,34 @@ PROVIDER = "kie"
 MAX_PROMPT_CHARS = 5000
 MAX_NEGATIVE_PROMPT_CHARS = 500
 STRENGTH_STEP = 0.1
+#: Seeds are 31-bit, as Ideogram's own API takes them.
+MAX_SEED = 2**31 - 1
 
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError("must be an http(s) URL") from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in value)
+    ):
         raise ValueError("must be an http(s) URL")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
     return value
 
 
@@ -59,7 +81,9 @@ class RemixRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Annotated[str, AfterValidator(_not_blank)] = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS
+    )
     image_url: HttpUrl
     reference_image_urls: list[HttpUrl] = Field(min_length=1)
     rendering_speed: Literal["TURBO", "BALANCED", "QUALITY"] | None = None
@@ -77,11 +101,19 @@ class RemixRequest(BaseModel):
         | None
     ) = None
     num_images: Annotated[Literal["1", "2", "3", "4"], BeforeValidator(_num_images)] | None = None
-    seed: StrictInt | None = None
-    strength: Annotated[float, Field(ge=0.1, le=1.0), AfterValidator(_strength_step)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    strength: (
+        Annotated[
+            float,
+            BeforeValidator(_not_a_boolean),
+            Field(ge=0.1, le=1.0),
+            AfterValidator(_strength_step),
+        ]
+        | None
+    ) = None
     negative_prompt: str | None = Field(None, max_length=MAX_NEGATIVE_PROMPT_CHARS)
-    image_urls: list[HttpUrl] | None = None
-    reference_mask_urls: str | None = None
+    image_urls: list[HttpUrl] | None = Field(None, min_length=1)
+    reference_mask_urls: HttpUrl | None = None
 
     def upstream_input(self) -> dict[str, Any]:
         """The createTask ``input``: only the fields that were given."""

@@ -50,6 +50,23 @@ def parse_rate_limit(text: str) -> tuple[int, float]:
     return int(count), window
 
 
+def check_redis_url(value: str) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL with a valid port and database."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError("has a port out of range") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("has no host")
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ValueError("names a database that is not a number")
+    return value
+
+
 def clean_secret(value: Any) -> Any:
     """Strip surrounding whitespace; empty means unset; refuse control characters inside."""
     if isinstance(value, SecretStr):
@@ -102,6 +119,11 @@ class Settings(BaseSettings):
     @classmethod
     def _clean_secret(cls, value: Any) -> Any:
         return clean_secret(value)
+
+    @field_validator("redis_url", "result_backend_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_redis_url(value)
 
     @field_validator("kie_rate_limit")
     @classmethod
