@@ -159,6 +159,8 @@ class Outcome:
     moved_again_after_outage_s: list[float] = field(default_factory=list)
     pauses: int = 0
     leaks: list[str] = field(default_factory=list)
+    #: Jobs that did not move after a kill or an outage within the limit, with their fields.
+    stuck: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def jobs_per_s(self) -> float:
@@ -305,6 +307,7 @@ class Watcher:
         self._client = redis.Redis.from_url(store_url, socket_timeout=2, socket_connect_timeout=1)
         self._store = JobStore(self._client, ttl_s=86400)
         self.latest: dict[str, JobRecord | None] = {}
+        self.stuck: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def sample(self) -> dict[str, JobRecord | None]:
@@ -327,12 +330,30 @@ class Watcher:
     def time_until_all_moved(
         self, since: float, before: dict[str, tuple[Any, ...]], deadline_s: float
     ) -> float | None:
-        """Seconds from ``since`` until every job of ``before`` changed (or finished)."""
+        """Seconds from ``since`` until every job of ``before`` changed (or finished).
+
+        None when some did not in ``deadline_s``; they are kept in :attr:`stuck`.
+        """
         while before and time.monotonic() - since < deadline_s:
             time.sleep(SAMPLE_S / 2)
             now = self.sample()
             before = {j: s for j, s in before.items() if _signature(now.get(j)) == s}
-        return None if before else time.monotonic() - since
+        if before:
+            self.stuck.update({job_id: self._internals(job_id) for job_id in before})
+            return None
+        return time.monotonic() - since
+
+    def _internals(self, job_id: str) -> dict[str, Any]:
+        """A stuck job's every field and its place in the schedule, for the report."""
+        try:
+            raw = self._client.hgetall(keys.job(job_id))
+            fields = {decode_text(k): decode_text(v) for k, v in raw.items()}
+            fields.pop("_request", None)
+            fields["scheduled"] = self._client.zscore(keys.SCHEDULE, job_id)
+            fields["redis_now"] = self._client.time()[0]
+            return fields
+        except redis.RedisError as exc:
+            return {"error": str(exc)}
 
 
 def _signature(record: JobRecord | None) -> tuple[Any, ...]:
@@ -467,6 +488,7 @@ def _judge(fleet: Fleet, watcher: Watcher, prompts: Sequence[str], outcome: Outc
         if decode_text(name).startswith("pauses_total:")
     )
     outcome.leaks = _leaks(fleet)
+    outcome.stuck = watcher.stuck
 
 
 def _faults(stats: dict[str, Any]) -> Counter[str]:
@@ -620,6 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [name for name, outcome in outcomes.items() if not outcome.ok]
     for name in failed:
         print(f"chaos: {name} FAILED: {outcomes[name].leaks or ''}", file=sys.stderr)
+    for name, outcome in outcomes.items():
+        for job_id, fields in outcome.stuck.items():
+            print(f"chaos: {name}: job {job_id} did not move: {fields}", file=sys.stderr)
     return 1 if failed else 0
 
 

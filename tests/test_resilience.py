@@ -465,8 +465,10 @@ def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
         server.start()
     workers = Fleet(broker.url, upstream.url, tmp_path)
     try:
-        upstream_control.configure(rate_limit=THROTTLE)
-        workers.start(
+        # Slow answers keep tasks running when the broker goes: their acknowledgements
+        # then meet a dead connection.
+        upstream_control.configure(rate_limit=THROTTLE, slow_rate=0.5, slow_seconds=1.5)
+        started = workers.start(
             2,
             RESULT_BACKEND_URL=backend.url,
             KIE_RATE_LIMIT=THROTTLE,
@@ -488,11 +490,13 @@ def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
 
         final = wait_finished(store, job_ids, RECOVERY_AFTER_BROKER_S, workers.logs())
         recovered_in = time.monotonic() - returned_at
+        exits = [w.popen.poll() for w in started]
     finally:
         workers.stop_all()
         broker.stop()
         backend.stop()
 
+    assert exits == [None] * len(started), f"workers exited: {exits}; logs: {workers.logs()}"
     assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
     assert_each_accepted_once(upstream_control, prompts)
     assert recovered_in < RECOVERY_AFTER_BROKER_S

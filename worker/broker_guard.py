@@ -1,6 +1,6 @@
-"""Guards around two steps of kombu's Redis transport that can crash a worker.
+"""Guards around three steps of kombu's Redis transport that can crash a worker.
 
-**Restoring held messages when the connection is gone.**
+**Restoring held messages, or acknowledging one, when the connection is gone.**
 
 When the broker connection drops, Celery closes the connection and kombu
 tries to put the messages the worker held back on their queues
@@ -9,11 +9,13 @@ connection details, so kombu 5.7 raises ``AttributeError`` instead of a
 connection error; Celery treats that as unrecoverable and the worker exits
 instead of reconnecting (seen with Redis restarted under a running fleet).
 
-Skipping that restore loses nothing: the held messages are still recorded as
-unacknowledged in Redis, and the visibility-timeout sweep of any live worker
-(or this one, once reconnected) delivers them again. No library setting turns
-off only this path (``do_restore`` also stops the restore at a warm
-shutdown), hence this small wrapper.
+The same happens when a task that was running as the connection dropped ends and is
+acknowledged (or rejected) on the dead channel (seen in the chaos suite: every worker
+of a fleet exited after a broker restart). Skipping either loses nothing: the messages
+are still recorded as unacknowledged in Redis, and the visibility-timeout sweep of any
+live worker (or this one, once reconnected) delivers them again, where their stale
+dispatch tokens drop them. No library setting turns off only these paths
+(``do_restore`` also stops the restore at a warm shutdown), hence these small wrappers.
 
 **An unreadable item on a queue.** The transport pops an item (``BRPOP``) and only then
 decodes it; an item that is not a kombu message (bytes that are not JSON, a JSON string,
@@ -44,9 +46,35 @@ def _connection_details_gone(qos: Any) -> bool:
 
 
 def install() -> None:
-    """Install both guards (once per process; in workers only)."""
+    """Install the guards (once per process; in workers only)."""
     _guard_restore()
+    _guard_acknowledgements()
     _guard_unreadable_items()
+
+
+def _guard_acknowledgements() -> None:
+    """A task that ends after the connection dropped acknowledges on the dead channel."""
+    for name in ("ack", "reject"):
+        original: Callable[..., Any] = getattr(kombu_redis.QoS, name)
+        if getattr(original, _GUARDED, False):
+            continue
+        setattr(kombu_redis.QoS, name, _skip_when_gone(original))
+
+
+def _skip_when_gone(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def guarded(self: Any, delivery_tag: Any, *args: Any, **kwargs: Any) -> Any:
+        if _connection_details_gone(self):
+            logger.warning(
+                "broker connection gone: message %s stays unacknowledged and comes back "
+                "after the visibility timeout, where it is dropped as stale",
+                delivery_tag,
+            )
+            return None
+        return original(self, delivery_tag, *args, **kwargs)
+
+    setattr(guarded, _GUARDED, True)
+    return guarded
 
 
 #: What decoding a popped item raises when it is not a message.
