@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ from sandbox.launch import (
     REPO_ROOT,
     ManagedProcess,
     free_port,
-    redis_ping,
+    start_redis,
     start_sandbox,
     start_worker,
 )
@@ -111,23 +110,8 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start the server (again, on the same port and directory) and wait for PING."""
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.fail("these tests need redis-server on PATH")
-        command = [executable, "--port", str(self.port), "--bind", LOOPBACK]
-        command += ["--appendonly", "yes", "--appendfsync", "always"]
-        command += ["--dir", str(self.directory), "--save", ""]
-        with self.log_path.open("ab") as log:
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.process = ManagedProcess(popen, log_path=self.log_path)
-        wait_until(lambda: popen.poll() is not None or redis_ping(self.url), REDIS_START_TIMEOUT_S)
-        assert popen.poll() is None, f"redis-server exited:\n{self.process.log_tail()}"
+        server = start_redis(self.port, append_only_dir=self.directory, log_path=self.log_path)
+        self.process = server.process
 
     def admin(self) -> redis.Redis:
         """A client that fails at once instead of reconnecting (for PAUSE and SHUTDOWN)."""
