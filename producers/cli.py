@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 a job failed (with ``--wait``) or Redis could not be reach
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import sys
@@ -31,7 +32,6 @@ from producers.display import (
     watch_jobs,
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
-from sandbox.cli import sandbox_command
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
 from worker.settings import ConfigurationError
 
@@ -46,7 +46,8 @@ OPTION_FIELDS = {
     "idempotency_key": "--idempotency-key",
 }
 IDEMPOTENCY_FIELD = "idempotency_key"
-#: Kombu's hash of messages delivered to a worker and not yet acknowledged.
+#: Commands imported only when used: name -> (module, attribute, the extra they need).
+LAZY_COMMANDS = {"sandbox": ("sandbox.cli", "sandbox_command", "sandbox")}
 
 
 class PositiveSeconds(click.ParamType):
@@ -118,7 +119,27 @@ def _one_line_errors() -> Iterator[None]:
 
 
 class RemixqGroup(click.Group):
-    """A command group whose every error is one line on stderr."""
+    """A command group whose every error is one line on stderr.
+
+    Commands in :data:`LAZY_COMMANDS` are imported when used, so a producer-only install
+    (without the ``sandbox`` extra's dependencies) runs every other command.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute, extra = LAZY_COMMANDS[cmd_name]
+        try:
+            command: click.Command = getattr(importlib.import_module(module_name), attribute)
+        except ImportError as exc:
+            raise BadInput(
+                f"remixq {cmd_name} needs the {extra} extra: pip install 'remixq[{extra}]' "
+                f"({exc.name} is missing)"
+            ) from None
+        return command
 
     def make_context(
         self,
@@ -481,6 +502,3 @@ def demo(redis_url: str | None, output_dir: str) -> None:
     with redis_errors():
         code = run_demo(redis_url, output_dir)
     _exit(code)
-
-
-main.add_command(sandbox_command)
