@@ -117,6 +117,10 @@ class Reply:
 
 RESET = Reply(status=0, reset=True)
 HTML_ERROR = Reply(BAD_GATEWAY, html_page(BAD_GATEWAY), HTML_TYPE, code=BAD_GATEWAY)
+GATEWAY_TIMEOUT = 504
+GATEWAY_TIMEOUT_PAGE = Reply(
+    GATEWAY_TIMEOUT, html_page(GATEWAY_TIMEOUT), HTML_TYPE, code=GATEWAY_TIMEOUT
+)
 HEALTHY = Reply(OK, b"ok", TEXT_TYPE, code=OK)
 
 
@@ -322,9 +326,9 @@ class SandboxApi:
     def _guarded(self, endpoint: Endpoint, request: Request, answer: Callable[[], Reply]) -> Reply:
         """Injected faults and maintenance first, then authentication, then ``answer``.
 
-        The answer found may then be dropped, cut or trickled. Random draws, each made only
-        when its rate is above 0: reset, HTML page, slow, fault code, mixed style, drop, cut,
-        trickle.
+        The answer found may then be dropped, replaced by a gateway's timeout page, cut or
+        trickled. Random draws, each made only when its rate is above 0: reset, HTML page,
+        slow, fault code, mixed style, drop, gateway, cut, trickle.
         """
         transport_fault = self._transport_fault(endpoint)
         if transport_fault is not None:
@@ -353,16 +357,21 @@ class SandboxApi:
         return None
 
     def _delivery_fault(self, endpoint: Endpoint, reply: Reply) -> Reply:
-        """``reply`` dropped (a created task's answer only), or cut and/or trickled, at random.
+        """``reply`` dropped or replaced by a gateway's 504 page (a created task's answer
+        only), or cut and/or trickled, at random.
 
-        A created task whose answer is dropped or cut is counted as ambiguous: the client
-        cannot know it was created.
+        A created task whose answer is dropped, replaced or cut is counted as ambiguous: the
+        client cannot know it was created.
         """
         config = self._config
         if reply.created is not None and self._draw(config.drop_rate):
             self._stats.dropped += 1
             self._count_ambiguous(reply.created)
             return RESET
+        if reply.created is not None and self._draw(config.gateway_rate):
+            self._stats.gateway_timeouts += 1
+            self._count_ambiguous(reply.created)
+            return GATEWAY_TIMEOUT_PAGE
         if endpoint not in config.fault_endpoints:
             return reply
         cut = self._draw(config.cut_rate)

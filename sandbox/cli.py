@@ -134,6 +134,13 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     help="Probability of creating a task, then resetting the connection instead of answering.",
 )
 @click.option(
+    "--gateway-rate",
+    type=PROBABILITY,
+    default=DEFAULTS.gateway_rate,
+    show_default=True,
+    help="Probability of creating a task, then answering a gateway's HTML 504 page.",
+)
+@click.option(
     "--trickle-rate",
     type=PROBABILITY,
     default=DEFAULTS.trickle_rate,

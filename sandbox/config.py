@@ -26,7 +26,8 @@ class SandboxConfig(BaseModel):
     """Behaviour of the sandbox; every field can be changed while it runs.
 
     Random faults (``faults``, ``reset_rate``, ``html_rate``, ``slow_rate``, ``cut_rate``,
-    ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate``
+    ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate`` and
+    ``gateway_rate``
     hits accepted createTask requests whatever ``fault_endpoints`` says; ``maintenance``
     hits createTask, recordInfo and the credit endpoint. ``retry_after``, when set, is the
     ``Retry-After`` header of every 429 answer, sent verbatim (it overrides
@@ -46,6 +47,7 @@ class SandboxConfig(BaseModel):
     slow_seconds: float = Field(default=2.0, ge=0.0)
     cut_rate: Probability = 0.0
     drop_rate: Probability = 0.0
+    gateway_rate: Probability = 0.0
     trickle_rate: Probability = 0.0
     trickle_seconds: float = Field(default=1.0, ge=0.0)
     rate_limit: str | None = None

@@ -118,6 +118,7 @@ class Stats:
     slow_answers: int = 0
     cut_bodies: int = 0
     dropped: int = 0
+    gateway_timeouts: int = 0
     trickled: int = 0
     ambiguous: int = 0
     callbacks_sent: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -336,3 +337,34 @@ def test_a_malformed_foreign_message_fails_its_job_with_invalid_request(
     assert record.state is JobState.FAILED and record.fail_code == "invalid_request"
     assert reason in (record.fail_msg or "")
     assert all(w.popen.poll() is None for w in fleet)
+
+
+def test_an_unreadable_item_already_held_is_acknowledged_not_restored_forever(
+    redis_client: redis.Redis, fleet: list[ManagedProcess]
+) -> None:
+    """A real envelope whose body is not a task: kombu records it as held before Celery
+    fails to read it; dropping it must also acknowledge it, or it comes back every
+    visibility timeout."""
+    app.send_task("remix.submit", kwargs={"request": {"prompt": "x"}}, queue="unread")
+    envelope = json.loads(redis_client.lpop("unread"))  # type: ignore[arg-type]
+    envelope["body"] = base64.b64encode(json.dumps({"a": 1}).encode()).decode()
+    tag = envelope["properties"]["delivery_tag"]
+    redis_client.lpush("submit", json.dumps(envelope))
+
+    logs = lambda: "".join(w.log_path.read_text(errors="replace") for w in fleet if w.log_path)  # noqa: E731
+    wait_until(lambda: "not enough values to unpack" in logs(), timeout=15)
+    time.sleep(1)
+
+    assert not redis_client.hexists("unacked", tag)
+    assert all(w.popen.poll() is None for w in fleet)
+
+
+def test_a_request_sent_by_position_fails_its_job_with_invalid_request(
+    control: SandboxControl, fleet: list[ManagedProcess]
+) -> None:
+    sent = app.send_task("remix.submit", args=[{"prompt": "x", **REMIX_INPUT}])
+
+    record = wait_for_job(wait_until(lambda: get_job(sent.id), 10).job_id, timeout=20)
+
+    assert record.state is JobState.FAILED and record.fail_code == "invalid_request"
+    assert "keyword argument request" in (record.fail_msg or "")

@@ -317,7 +317,7 @@ def test_resume_releases_jobs_parked_for_a_long_retry_after(
     assert submit_step(svc, later, 0) == "accepted"  # no reservation left in its way
 
 
-def test_a_job_refused_402_again_after_the_key_had_credits_fails_alone(
+def test_a_job_refused_402_while_the_key_has_credits_waits_alone(
     svc: Services, upstream: SandboxServer
 ) -> None:
     """One job costs more than the balance: it must not pause the fleet again and again."""
@@ -327,10 +327,80 @@ def test_a_job_refused_402_again_after_the_key_had_credits_fails_alone(
     time.sleep(svc.settings.remix_pause_probe_s + 0.1)
     svc.store.update(job_id, token=0, due_in=0)
 
-    # The probe finds credits, the pause ends, the job is sent and refused again.
-    assert submit_step(svc, job_id, 0) == "failed"
+    # The probe finds credits and the pause ends; the job is refused again.
+    assert submit_step(svc, job_id, 0) == "held_alone"
 
     record = svc.store.get(job_id)
-    assert record is not None and record.fail_code == "402"
-    assert svc.pause.state() is None
-    assert svc.metrics.read().get("pauses_total:402") == 1
+    assert record is not None and record.state is JobState.QUEUED  # waits; not failed
+    assert svc.pause.state() is None and svc.metrics.read().get("pauses_total:402") == 1
+    due = svc.store.scheduled(job_id)  # backs off like a probe, from REMIX_PAUSE_PROBE_S
+    assert due is not None and due >= svc.clock.now() + 0.9 * svc.settings.remix_pause_probe_s
+
+
+def test_a_job_refused_402_again_when_credits_ran_out_again_pauses_the_key(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    """A top-up too small: the key is empty again, so the job waits with the fleet."""
+    upstream.configure(credits=0)
+    first, _ = new_job(svc)
+    assert submit_step(svc, first, 0) == "held"
+    upstream.configure(credits=1)  # the operator tops up one credit
+    time.sleep(svc.settings.remix_pause_probe_s + 0.1)
+    other, _ = new_job(svc)
+    assert submit_step(svc, other, 0) == "accepted"  # the probe ends the pause; it spends it
+    svc.store.update(first, token=0, due_in=0)
+
+    assert submit_step(svc, first, 0) == "held"  # refused again: the key is empty again
+
+    record = svc.store.get(first)
+    assert record is not None and record.state is JobState.QUEUED
+    state = svc.pause.state()
+    assert state is not None and state.reason == "402"
+
+
+def test_a_gateway_timeout_page_after_acceptance_is_an_unknown_outcome(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    """A proxy answers 504 after passing createTask on: the upstream may have charged."""
+    upstream.configure(gateway_rate=1.0)
+    job_id, prompt = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    assert svc.store.get(job_id).unknown_outcomes == 1  # type: ignore[union-attr]
+
+    upstream.configure(gateway_rate=0.0)
+    assert submit_step(svc, job_id, 0) == "accepted"
+    record = svc.store.get(job_id)
+    assert record is not None and record.possibly_paid_twice
+    assert accepted(upstream, prompt) == 2 and upstream.stats()["ambiguous"] == 1
+
+
+def test_a_json_server_error_from_the_upstream_itself_is_not_an_unknown_outcome(
+    svc: Services, upstream: SandboxServer
+) -> None:
+    upstream.configure(faults={500: 1.0}, fault_style="body", fault_endpoints=["createTask"])
+    job_id, _ = new_job(svc)
+    assert submit_step(svc, job_id, 0) == "retry"
+    assert svc.store.get(job_id).unknown_outcomes == 0  # type: ignore[union-attr]
+
+
+def test_a_job_held_for_its_key_is_left_to_its_waiting_message_when_released(
+    svc: Services,
+) -> None:
+    """Resume must not send a second message for a held job whose message is queued."""
+    job_id, _ = new_job(svc)
+    svc.store.hold(svc.api_key_id, job_id)
+    (claimed,) = svc.store.claim_due(10, 30)  # its moment came: a message is on its way
+
+    assert svc.store.release_held(svc.api_key_id, 0.0) == 1
+    waiting = {"submit": claimed.due - 60}  # the queue's head is older than that message
+    assert svc.store.claim_due(10, 30, oldest_waiting=waiting) == []
+
+
+def test_a_credit_balance_that_is_not_a_finite_number_is_a_bad_answer() -> None:
+    from worker.errors import BadAnswerError
+    from worker.kie import parse_credit
+
+    for value in (float("nan"), float("inf"), "100", True, None):
+        with pytest.raises(BadAnswerError):
+            parse_credit(value)
+    assert parse_credit(42.0) == 42

@@ -567,3 +567,27 @@ def test_a_worker_warns_when_redis_may_evict_job_records(
     wait_until(lambda: "maxmemory-policy" in worker.log_path.read_text(), timeout=15)
     log = worker.log_path.read_text()
     assert "volatile-lru" in log and "noeviction" in log
+
+
+def test_an_accepted_task_is_recorded_through_a_redis_that_refuses_writes(
+    upstream_control: SandboxControl, upstream: ManagedProcess, private_redis: PrivateRedis
+) -> None:
+    """Out of memory (or read-only after a failover): refused writes are tried again too."""
+    assert upstream.url is not None
+    svc = _policy_services(upstream.url, private_redis.url)
+    job_id, _ = new_job(svc)
+    assert (
+        svc.store.begin_attempt(job_id, "attempt-1", svc.settings.attempt_settle_s).status == "ok"
+    )
+    with private_redis.admin() as admin:
+        admin.config_set("maxmemory", "1")
+        admin.config_set("maxmemory-policy", "noeviction")
+    relief = threading.Timer(2.0, lambda: private_redis.admin().config_set("maxmemory", "0"))
+    relief.start()
+
+    outcome = record_acceptance(svc, job_id, "attempt-1", "task-refused-write")
+
+    relief.join()
+    assert outcome == "accepted"
+    record = svc.store.get(job_id)
+    assert record is not None and record.upstream_task_id == "task-refused-write"

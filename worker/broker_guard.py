@@ -85,9 +85,11 @@ def _guard_unreadable_items() -> None:
     original: Callable[..., Any] = kombu_redis.Channel._brpop_read
     if getattr(original, _GUARDED, False):
         return
+    _note_held_tags()
 
     @functools.wraps(original)
     def _brpop_read(self: Any, **options: Any) -> Any:
+        self.qos._remixq_held_now = None
         try:
             return original(self, **options)
         except _UNREADABLE as exc:
@@ -97,10 +99,28 @@ def _guard_unreadable_items() -> None:
                 type(exc).__name__,
                 str(exc)[:200],
             )
+            # Read far enough to be recorded as held: acknowledge it, or the
+            # visibility sweep would bring it back again and again.
+            tag = getattr(self.qos, "_remixq_held_now", None)
+            if tag is not None:
+                self.qos.ack(tag)
             return True
 
     setattr(_brpop_read, _GUARDED, True)
     kombu_redis.Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
+
+
+def _note_held_tags() -> None:
+    """Let the guard above know which message the read it wraps recorded as held."""
+    original: Callable[..., Any] = kombu_redis.QoS.append
+
+    @functools.wraps(original)
+    def append(self: Any, message: Any, delivery_tag: Any) -> Any:
+        result = original(self, message, delivery_tag)
+        self._remixq_held_now = delivery_tag
+        return result
+
+    kombu_redis.QoS.append = append  # type: ignore[method-assign]
 
 
 def _guard_restore() -> None:

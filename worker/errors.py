@@ -91,15 +91,25 @@ class RateLimitedError(UpstreamError):
 
 
 class ServerError(UpstreamError):
-    """500 (or any other 5xx)."""
+    """500 (or any other 5xx).
+
+    ``ambiguous`` when the answer is a gateway's page rather than the upstream's own JSON:
+    a proxy that timed out (504, 524) may already have passed the request on.
+    """
 
     code = "500"
     family = Family.RETRY
 
     def __init__(
-        self, message: str = "", *, retry_after: float | None = None, status: int | None = None
+        self,
+        message: str = "",
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        ambiguous: bool = False,
     ) -> None:
         self.status = status
+        self.ambiguous = ambiguous
         super().__init__(message, retry_after=retry_after)
 
     @property

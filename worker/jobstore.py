@@ -38,7 +38,7 @@ SLOT_FIELD = "_slot"
 RETRIES_FIELD = "_retries"
 HOLDS_FIELD = "_holds"
 LAST_ERROR_FIELD = "_last_error"
-LAST_402_FIELD = "_last_402_at"
+REFUSED_402_FIELD = "_refused_402"
 
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
 #: A message may be sent this long after its job was handed out (a publish that retried).
@@ -81,7 +81,7 @@ class Job:
     retries: int
     holds: int
     last_error: dict[str, Any] | None
-    last_402_at: float | None
+    refused_402: int
 
     @property
     def job_id(self) -> str:
@@ -98,7 +98,7 @@ class Job:
             retries=int(fields.get(RETRIES_FIELD) or 0),
             holds=int(fields.get(HOLDS_FIELD) or 0),
             last_error=fields.get(LAST_ERROR_FIELD),
-            last_402_at=fields.get(LAST_402_FIELD),
+            refused_402=int(fields.get(REFUSED_402_FIELD) or 0),
         )
 
 

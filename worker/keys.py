@@ -56,8 +56,3 @@ def recent_answers(api_key_id: str, kind: str) -> str:
 def held(api_key_id: str) -> str:
     """Set of job ids waiting for one API key: its pause or its budget (schedule's Redis)."""
     return f"{PREFIX}held:{api_key_id}"
-
-
-def credits_seen(api_key_id: str) -> str:
-    """When a probe last found credits on one API key after a 402 (Redis clock)."""
-    return f"{PREFIX}credits-seen:{api_key_id}"

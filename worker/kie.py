@@ -28,6 +28,7 @@ from worker.errors import (
     MAX_RETRY_AFTER_S,
     BadAnswerError,
     NetworkError,
+    ServerError,
     UpstreamError,
     error_for_code,
     error_for_exception,
@@ -123,6 +124,13 @@ def parse_task_info(data: Any) -> TaskInfo:
     )
 
 
+def parse_credit(data: Any) -> int:
+    """The ``data`` of a credit answer: a finite number of credits."""
+    if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
+        raise BadAnswerError("credit answer is not a finite number")
+    return int(data)
+
+
 def _read_code(value: Any) -> int | None:
     """A body's ``code`` as an int: ``429``, ``"429"`` and ``429.0`` alike; else None."""
     if isinstance(value, bool):
@@ -154,6 +162,10 @@ def error_from_response(
         if status == SUCCESS_CODE:
             return BadAnswerError(f"answer is not a JSON object: {shown}"), None
         message = f"non-JSON answer (HTTP {status}): {shown}"
+        if status >= 500:  # a gateway's page: the upstream may have acted on the request
+            return ServerError(
+                message, retry_after=retry_after, status=status, ambiguous=True
+            ), None
         return error_for_code(status, message, retry_after=retry_after), None
     code = _read_code(body.get("code"))
     if status != SUCCESS_CODE and code in (None, SUCCESS_CODE):
@@ -228,10 +240,7 @@ class KieClient:
 
     def credit(self) -> int:
         """The key's remaining credits."""
-        data = self._call("GET", CREDIT_PATH)
-        if isinstance(data, bool) or not isinstance(data, int | float):
-            raise BadAnswerError("credit answer is not a number")
-        return int(data)
+        return parse_credit(self._call("GET", CREDIT_PATH))
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         where = self.base_url + path

@@ -40,8 +40,6 @@ RUN_MIN_COUNT = 3
 #: ... making up at least this share of the window's answers.
 RUN_MIN_SHARE = 0.5
 ANSWER_KINDS = ("455", "429", "other")
-#: How long the moment a probe found credits is remembered.
-CREDITS_SEEN_TTL_S = 86400
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,6 @@ class FleetPause:
         self.api_key_id = api_key_id
         self.first_probe_s = first_probe_s
         self.key = keys.pause(api_key_id)
-        self._credits_key = keys.credits_seen(api_key_id)
         self._answer_keys = [keys.recent_answers(api_key_id, kind) for kind in ANSWER_KINDS]
         self._streak_keys = [
             keys.recent_answers(api_key_id, f"{kind}-in-a-row") for kind in ("455", "429")
@@ -144,24 +141,8 @@ class FleetPause:
         return int(self._claim_probe(keys=[self.key], args=[MAX_PROBE_INTERVAL_S])) == 1
 
     def end(self, state: PauseState) -> bool:
-        """End the pause ``state`` describes, and only that one (a probe succeeded).
-
-        After a 402, notes when credits were seen, so that a job refused with 402 again
-        afterwards can be told from an empty key (:meth:`credits_seen_since`).
-        """
-        ended = int(self._clear(keys=[self.key], args=[state.reason, state.since])) == 1
-        if ended and state.reason == "402":
-            self.redis.set(self._credits_key, repr(self._now()), ex=CREDITS_SEEN_TTL_S)
-        return ended
-
-    def credits_seen_since(self, moment: float) -> bool:
-        """Whether a probe found credits on the key after ``moment`` (its Redis clock)."""
-        raw = self.redis.get(self._credits_key)
-        return raw is not None and float(raw) > moment
-
-    def now(self) -> float:
-        """The clock of the Redis holding the pause (for :meth:`credits_seen_since`)."""
-        return self._now()
+        """End the pause ``state`` describes, and only that one (a probe succeeded)."""
+        return int(self._clear(keys=[self.key], args=[state.reason, state.since])) == 1
 
     def pause_by_operator(self, message: str = "paused by an operator") -> None:
         """Pause until :meth:`resume`; replaces an automatic pause."""

@@ -47,15 +47,15 @@ from worker.errors import (
 from worker.gates import budget_gate, hold_after_rate_limited, pause_gate, trip_pause
 from worker.jobstore import (
     HOLDS_FIELD,
-    LAST_402_FIELD,
     LAST_ERROR_FIELD,
+    REFUSED_402_FIELD,
     RETRIES_FIELD,
     SLOT_FIELD,
     Job,
 )
 from worker.models import InvalidRequestError, validate_request
 from worker.outcome import fail_job
-from worker.pause import RecentAnswers
+from worker.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
 from worker.runtime import Services
 
 logger = logging.getLogger("worker.submit")
@@ -154,7 +154,8 @@ def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str)
     """
     logger.info("job %s: createTask accepted as upstream task %s", job_id, task_id)
     retrying = Retrying(
-        retry=retry_if_exception_type(REDIS_ERRORS),
+        # Any Redis error: an outage, a failover's read-only replica, a full memory.
+        retry=retry_if_exception_type(redis.RedisError),
         stop=stop_after_delay(RECORD_PATIENCE_S),
         wait=wait_exponential(multiplier=0.2, max=RECORD_RETRY_WAIT_S),
         before_sleep=_say_unrecorded(job_id, task_id),
@@ -212,24 +213,37 @@ def _hold_for_key(
 ) -> str:
     """A whole-key answer: pause the key when it is more than a stray; the job waits.
 
-    A job refused with 402 again after a probe found credits on the key is refused for
-    itself (it costs more than the balance): it fails rather than pause the fleet again.
+    A job refused with 402 again while the key has credits is refused for itself (it costs
+    more than the balance): it waits alone, with a long growing backoff, rather than pause
+    the fleet again; its submit deadline ends it with 402 if it never fits.
     """
+    settings = svc.settings
     fields: dict[str, Any] = {SLOT_FIELD: None}
+    base, cap, floor = settings.remix_retry_base_s, settings.remix_retry_max_s, 0.0
+    outcome = "held"
     if isinstance(exc, InsufficientCreditsError):
-        if job.last_402_at is not None and svc.pause.credits_seen_since(job.last_402_at):
-            fail_job(svc, job.job_id, exc.fail_code, f"{message} (again, with credits left)")
-            return "failed"
-        fields[LAST_402_FIELD] = svc.pause.now()
-        trip_pause(svc, exc.code, message)
+        if job.refused_402 and _key_has_credits(svc):
+            # Like a probe: from REMIX_PAUSE_PROBE_S, doubling up to 5 minutes.
+            base = floor = settings.remix_pause_probe_s
+            cap, outcome = MAX_PROBE_INTERVAL_S, "held_alone"
+        else:
+            trip_pause(svc, exc.code, message)
+        fields[REFUSED_402_FIELD] = job.refused_402 + 1
     elif recent is not None and recent.maintenance_run:
         trip_pause(svc, exc.code, message)
     holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
-    settings = svc.settings
-    delay = full_jitter(holds, base=settings.remix_retry_base_s, cap=settings.remix_retry_max_s)
+    delay = full_jitter(holds, base=base, cap=cap, floor=floor)
     svc.store.park(job, delay, **fields)
     logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
-    return "held"
+    return outcome
+
+
+def _key_has_credits(svc: Services) -> bool:
+    """Whether the key has credits now (a 402 that repeats may be the job's own)."""
+    try:
+        return svc.client().credit() > 0
+    except UpstreamError:
+        return False
 
 
 def _retry_later(

@@ -26,14 +26,26 @@ from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submi
 
 logger = logging.getLogger("worker.tasks")
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+#: Redis unavailable or refusing writes: the step gives up and the schedule sends the job
+#: again. Other Redis errors (a script error) are bugs.
+REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+)
 POLL_LATENESS_SAMPLES = 10_000
 MAX_JOB_ID_CHARS = 200
 
 
 @app.task(name=SUBMIT_TASK, bind=True, ignore_result=True)
 def remix_submit(
-    self: Task, request: Any = None, job_id: Any = None, dispatch: Any = 0, **unexpected: Any
+    self: Task,
+    *positional: Any,
+    request: Any = None,
+    job_id: Any = None,
+    dispatch: Any = 0,
+    **unexpected: Any,
 ) -> None:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
@@ -42,7 +54,7 @@ def remix_submit(
     the first message). A message that breaks these rules fails its job with
     ``invalid_request`` (under the task's id when its ``job_id`` is unusable).
     """
-    problem = message_problem(job_id, dispatch, unexpected)
+    problem = message_problem(job_id, dispatch, unexpected, positional)
     job_id = job_id if is_usable_job_id(job_id) else self.request.id
     svc = services()
     try:
@@ -78,8 +90,12 @@ def is_usable_job_id(job_id: Any) -> bool:
     )
 
 
-def message_problem(job_id: Any, dispatch: Any, unexpected: dict[str, Any]) -> str | None:
+def message_problem(
+    job_id: Any, dispatch: Any, unexpected: dict[str, Any], positional: tuple[Any, ...] = ()
+) -> str | None:
     """What is wrong with a ``remix.submit`` message's arguments, in one line (None: fine)."""
+    if positional:
+        return "invalid request: send the request as the keyword argument request, not by position"
     if unexpected:
         return f"invalid request: unknown argument(s) {', '.join(sorted(unexpected))}"
     if job_id is not None and not is_usable_job_id(job_id):

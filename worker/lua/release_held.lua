@@ -1,6 +1,7 @@
 -- Make every job held for one API key (by a pause, or parked for a moment of its budget)
 -- due now: the pause ended, or an operator resumed the key. Their reserved moments are
--- forgotten; they reserve again when they wake.
+-- forgotten; they reserve again when they wake. A job whose message is already on its way
+-- is left to it (claim_due.lua), so a release adds no second message.
 --
 -- KEYS[1]  the set of job ids held for the key
 -- KEYS[2]  the schedule
@@ -17,9 +18,7 @@ for i, id in ipairs(ids) do
     released = released + 1
   end
   local key = ARGV[2] .. id
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('HSET', key, '_slot', 'null', '_parked', redis.call('HGET', key, '_dispatch') or '0')
-  end
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, '_slot', 'null') end
 end
 redis.call('DEL', KEYS[1])
 return released
