@@ -7,7 +7,8 @@ fresh processes:
 * **storm**: ~6 % random 455s and ~6 % random 429s on createTask. Stray ones must not
   stall the fleet; its throughput is compared with the clean run's.
 * **chaos**: ~20 % faults on both endpoints (429, 455 and 500 as JSON status, JSON body
-  or a non-JSON page; connection resets; cut bodies; accept-then-drop), two worker
+  or a non-JSON page; connection resets; cut bodies; accept-then-drop; accept-then-gateway
+  timeout page), two worker
   SIGKILLs (each replaced), a restart of the job store's Redis (append-only file), and a
   broker outage of several seconds.
 
@@ -82,6 +83,7 @@ CLEAN: dict[str, Any] = {
     "html_rate": 0.0,
     "cut_rate": 0.0,
     "drop_rate": 0.0,
+    "gateway_rate": 0.0,
     "slow_rate": 0.0,
 }
 STORM: dict[str, Any] = {
@@ -97,6 +99,7 @@ CHAOS: dict[str, Any] = {
     "html_rate": 0.01,
     "cut_rate": 0.02,
     "drop_rate": 0.02,
+    "gateway_rate": 0.01,
     # Slow answers keep workers busy, so that a SIGKILL catches steps in flight.
     "slow_rate": 0.3,
     "slow_seconds": 2.0,
@@ -497,7 +500,7 @@ def _faults(stats: dict[str, Any]) -> Counter[str]:
         for code, count in stats[f"{endpoint}_by_code"].items():
             if code != "200":
                 faults[f"{endpoint} {code}"] += int(count)
-    for name in ("resets", "html_errors", "cut_bodies", "dropped"):
+    for name in ("resets", "html_errors", "cut_bodies", "dropped", "gateway_timeouts"):
         faults[name] += int(stats.get(name, 0))
     return +faults
 

@@ -55,6 +55,7 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
     "generation_seconds": SANDBOX_GENERATION_S,
     "cut_rate": 0.0,
     "drop_rate": 0.0,
+    "gateway_rate": 0.0,
     "trickle_rate": 0.0,
     "trickle_seconds": 1.0,
     "retry_after": None,
