@@ -29,14 +29,16 @@ def _fragments(secret: str) -> list[bytes]:
 def test_a_key_from_a_secret_file_works_and_never_shows(
     control: SandboxControl, redis_client: redis.Redis, start_workers: StartWorkers
 ) -> None:
-    (worker,) = start_workers(1, KIE_API_KEY=SECRET_API_KEY + "\n")
+    # Many faults, so many error messages; retries enough that no job runs out of them.
+    (worker,) = start_workers(1, KIE_API_KEY=SECRET_API_KEY + "\n", REMIX_MAX_RETRIES="40")
     control.configure(faults={500: 0.3, 429: 0.2}, fault_style="page", cut_rate=0.1)
     prompts = [unique_prompt(f"secret-file-{i}") for i in range(6)]
     job_ids = [enqueue_remix(prompt=p, **REMIX_INPUT) for p in prompts]  # type: ignore[arg-type]
 
     records = [wait_for_job(j, timeout=JOB_TIMEOUT_S) for j in job_ids]
 
-    assert [r.state for r in records] == [JobState.SUCCEEDED] * len(records)
+    failed = [(r.fail_code, r.fail_msg) for r in records if r.state is not JobState.SUCCEEDED]
+    assert not failed
     assert all(accepted(control, p) >= 1 for p in prompts)
     secret_parts = _fragments(SECRET_API_KEY)
     for key in redis_client.scan_iter("*"):
