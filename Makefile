@@ -34,7 +34,7 @@ bench: venv
 	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench --write-docs; \
 	else echo "make bench: no benchmark yet (bench/__main__.py is missing)"; fi
 
-# The chaos suite, bigger than in the tests (1,000 jobs a scenario, about 12 minutes);
+# The chaos suite, bigger than in the tests (1,000 jobs a scenario, about 5 minutes);
 # its figures go to docs/reliability.md.
 chaos: venv
 	$(BIN)/python -m bench.chaos --write-docs
@@ -43,10 +43,5 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
-dist# The chaos suite, bigger than in the tests (1,000 jobs a scenario, about 12 minutes);
-# its figures go to docs/reliability.md.
-chaos: venv
-	$(BIN)/python -m bench.chaos --write-docs
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV)
