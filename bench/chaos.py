@@ -160,6 +160,9 @@ class Outcome:
     broker_outage_s: float = 0.0
     moved_again_after_kill_s: list[float] = field(default_factory=list)
     moved_again_after_outage_s: list[float] = field(default_factory=list)
+    #: How many unfinished jobs each of those figures watched.
+    watched_after_kill: list[int] = field(default_factory=list)
+    watched_after_outage: list[int] = field(default_factory=list)
     pauses: int = 0
     leaks: list[str] = field(default_factory=list)
     #: Jobs that did not move after a kill or an outage within the limit, with their fields.
@@ -350,7 +353,7 @@ class Watcher:
         """A stuck job's every field and its place in the schedule, for the report."""
         try:
             raw = self._client.hgetall(keys.job(job_id))
-            fields = {decode_text(k): decode_text(v) for k, v in raw.items()}
+            fields: dict[str, Any] = {decode_text(k): decode_text(v) for k, v in raw.items()}
             fields.pop("_request", None)
             fields["scheduled"] = self._client.zscore(keys.SCHEDULE, job_id)
             fields["redis_now"] = self._client.time()[0]
@@ -449,6 +452,7 @@ def _conduct(
         if event.startswith("kill"):
             killed_at, before = fleet.kill_a_worker(watcher)
             outcome.kills += 1
+            outcome.watched_after_kill.append(len(before))
             moved = watcher.time_until_all_moved(killed_at, before, lease * 3)
             outcome.moved_again_after_kill_s.append(-1.0 if moved is None else moved)
         elif event == "store":
@@ -458,6 +462,7 @@ def _conduct(
             fleet.restart(fleet.broker, scenario.broker_outage_s)
             returned_at, before = time.monotonic(), watcher.signatures()
             outcome.broker_outage_s += scenario.broker_outage_s
+            outcome.watched_after_outage.append(len(before))
             moved = watcher.time_until_all_moved(returned_at, before, lease * 3)
             outcome.moved_again_after_outage_s.append(-1.0 if moved is None else moved)
 
@@ -547,15 +552,16 @@ def figures(outcomes: dict[str, Outcome]) -> list[tuple[str, str]]:
         rows.append(
             (f"{name}: throughput", f"{outcome.jobs_per_s:.1f} jobs/s ({outcome.seconds:.0f} s)")
         )
-        if clean is not None and name != "clean" and clean.jobs_per_s:
+        stretched = SCENARIOS[name].stretch_s > 0  # enqueued over time: not a throughput
+        if clean is not None and name != "clean" and clean.jobs_per_s and not stretched:
             share = outcome.jobs_per_s / clean.jobs_per_s
             rows.append((f"{name}: throughput vs clean", f"{share:.0%}"))
         rows.append((f"{name}: lost", str(outcome.lost)))
         rows.append(
             (
                 f"{name}: paid twice, not flagged",
-                f"{outcome.paid_twice_unflagged} (accepted twice: {outcome.accepted_twice}, "
-                f"all after an ambiguous answer; flagged possibly_paid_twice: "
+                f"{outcome.paid_twice_unflagged} (accepted twice by the upstream: "
+                f"{outcome.accepted_twice}; records flagged possibly_paid_twice: "
                 f"{outcome.flagged_possibly_twice}; unknown outcomes: {outcome.unknown_outcomes})",
             )
         )
@@ -564,14 +570,14 @@ def figures(outcomes: dict[str, Outcome]) -> list[tuple[str, str]]:
         rows.append((f"{name}: faults injected", _counts(outcome.faults) or "none"))
         rows.append((f"{name}: fleet pauses", str(outcome.pauses)))
         if outcome.kills:
-            moved = ", ".join(f"{s:.0f} s" for s in outcome.moved_again_after_kill_s)
+            moved = _recoveries(outcome.moved_again_after_kill_s, outcome.watched_after_kill)
             rows.append(
                 (f"{name}: SIGKILLs; every job moving again after", f"{outcome.kills}; {moved}")
             )
         if outcome.store_restarts:
             rows.append((f"{name}: job store restarts (AOF)", str(outcome.store_restarts)))
         if outcome.broker_outage_s:
-            moved = ", ".join(f"{s:.0f} s" for s in outcome.moved_again_after_outage_s)
+            moved = _recoveries(outcome.moved_again_after_outage_s, outcome.watched_after_outage)
             rows.append(
                 (
                     f"{name}: broker outage; every job moving again after its return",
@@ -579,6 +585,13 @@ def figures(outcomes: dict[str, Outcome]) -> list[tuple[str, str]]:
                 )
             )
     return rows
+
+
+def _recoveries(seconds: list[float], watched: list[int]) -> str:
+    return ", ".join(
+        f"{s:.0f} s ({n} jobs in flight)" if s >= 0 else f"not all within the limit ({n} jobs)"
+        for s, n in zip(seconds, watched, strict=True)
+    )
 
 
 def _counts(counter: Counter[str]) -> str:
