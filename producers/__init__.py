@@ -1,12 +1,14 @@
 """What other services use to enqueue remix jobs and read their outcome."""
 
-from producers.api import enqueue_remix, get_job, wait_for_job
+from producers.api import JobNotCancellable, cancel_job, enqueue_remix, get_job, wait_for_job
 from worker.models import InvalidRequestError, JobRecord, JobState
 
 __all__ = [
     "InvalidRequestError",
+    "JobNotCancellable",
     "JobRecord",
     "JobState",
+    "cancel_job",
     "enqueue_remix",
     "get_job",
     "wait_for_job",

@@ -25,6 +25,7 @@ import redis
 
 from worker.models import InvalidRequestError, JobRecord, validate_request
 from worker.runtime import services
+from worker.webhook_urls import check_webhook_url
 
 logger = logging.getLogger("producers")
 
@@ -35,11 +36,31 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 _PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
 
 
+class JobNotCancellable(Exception):
+    """The job cannot be cancelled: it was accepted upstream, is being sent, its last
+    createTask's outcome is unknown, or it already finished otherwise. ``reason`` names
+    which (``accepted``, ``sending``, ``unknown_outcome``, ``finished``)."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        super().__init__(f"job {job_id} cannot be cancelled: {CANCEL_REFUSALS[reason]}")
+
+
+CANCEL_REFUSALS = {
+    "accepted": "it was already accepted upstream (and is paid for)",
+    "sending": "its createTask request is under way",
+    "unknown_outcome": "a createTask request's outcome is unknown (the upstream may have it)",
+    "finished": "it already finished",
+}
+
+
 def enqueue_remix(
     prompt: str,
     image_url: str,
     reference_image_urls: list[str],
     idempotency_key: str | None = None,
+    notify_url: str | None = None,
     **other_input_fields: Any,
 ) -> str:
     """Validate a remix request and enqueue it; returns the job id.
@@ -47,6 +68,8 @@ def enqueue_remix(
     Parameters:
         prompt, image_url, reference_image_urls: the required createTask input fields.
         idempotency_key: the same key returns the same job id and enqueues nothing new.
+        notify_url: an http(s) URL the finished job's record is POSTed to (signed with
+            ``REMIX_NOTIFY_HMAC_KEY``), retried until it is delivered.
         other_input_fields: any optional input field (``strength=0.5``, ``num_images="2"`` ...).
     """
     request = validate_request(
@@ -59,16 +82,48 @@ def enqueue_remix(
     )
     check_idempotency_key(idempotency_key)
     svc = services()
-    payload = request.upstream_input()
+    check_notify_url(notify_url, allow_private=svc.settings.remix_notify_allow_private)
+    return enqueue_validated(request.upstream_input(), idempotency_key, notify_url)[0]
+
+
+def enqueue_validated(
+    payload: dict[str, Any], idempotency_key: str | None, notify_url: str | None
+) -> tuple[str, bool]:
+    """Enqueue a request already validated; returns ``(job_id, created)``."""
+    svc = services()
     job_id, created = svc.store.create(
         uuid.uuid4().hex,
         payload,
         due_in=svc.settings.lease_s,
         idempotency_key=idempotency_key,
+        notify_url=notify_url,
     )
     if created:
         _send_first_step(job_id, payload)
-    return job_id
+    return job_id, created
+
+
+def cancel_job(job_id: str) -> JobRecord:
+    """Cancel a job that was not sent upstream; returns its ``cancelled`` record.
+
+    Raises ``KeyError`` when there is no such job and :class:`JobNotCancellable` when it
+    was accepted upstream, is being sent, has a createTask of unknown outcome, or finished
+    otherwise. Cancelling a cancelled job again returns its record.
+    """
+    svc = services()
+    outcome = svc.store.cancel(job_id)
+    if outcome == "missing":
+        raise KeyError(f"no job {job_id!r}")
+    if outcome not in ("cancelled", "already"):
+        raise JobNotCancellable(job_id, outcome)
+    record = svc.store.get(job_id)
+    if record is None:
+        raise KeyError(f"no job {job_id!r}")
+    if outcome == "cancelled":
+        logger.info("job %s cancelled", job_id)
+        with contextlib.suppress(Exception):
+            svc.results.store(record)
+    return record
 
 
 def _send_first_step(job_id: str, payload: dict[str, Any]) -> None:
@@ -83,6 +138,16 @@ def _send_first_step(job_id: str, payload: dict[str, Any]) -> None:
         # Still scheduled if this fails too: then it is sent after its lease.
         with contextlib.suppress(redis.RedisError):
             svc.store.due_now([job_id])
+
+
+def check_notify_url(url: str | None, *, allow_private: bool) -> None:
+    """A completion webhook URL must be http(s) and, unless allowed, not private."""
+    if url is None:
+        return
+    try:
+        check_webhook_url(url, allow_private=allow_private)
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid request: notify_url: {exc}") from None
 
 
 def check_idempotency_key(key: str | None) -> None:

@@ -22,7 +22,13 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from producers.api import check_idempotency_key, enqueue_remix, get_job
+from producers.api import (
+    JobNotCancellable,
+    cancel_job,
+    check_idempotency_key,
+    enqueue_remix,
+    get_job,
+)
 from producers.display import (
     WATCH_INTERVAL_S,
     batch_table,
@@ -313,6 +319,7 @@ def main() -> None:
     'image_urls=["https://..."]; VALUE is read as JSON when it parses (repeatable).',
 )
 @click.option("--idempotency-key", help="The same key returns the same job and enqueues nothing.")
+@click.option("--notify-url", help="http(s) URL the finished job's record is POSTed to.")
 @click.option("--wait", is_flag=True, help="Wait until the job finishes; exit 1 if it failed.")
 @click.option(
     "--timeout",
@@ -328,6 +335,7 @@ def submit(
     reference_image_urls: tuple[str, ...],
     assignments: tuple[str, ...],
     idempotency_key: str | None,
+    notify_url: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -341,6 +349,7 @@ def submit(
                 image_url,
                 list(reference_image_urls),
                 idempotency_key=idempotency_key,
+                notify_url=notify_url,
                 **fields,
             )
         except InvalidRequestError as exc:
@@ -394,6 +403,25 @@ def status(job_id: str | None) -> None:
     if record is None:
         raise BadInput(f"no job {job_id!r} (unknown, or expired)")
     click.echo(record_json(record))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the cancelled job's record as JSON.")
+def cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job that was not sent upstream yet.
+
+    Exit codes: 0 cancelled (or it was already), 1 it cannot be cancelled any more
+    (accepted upstream, being sent, of unknown outcome, or finished), 2 no such job.
+    """
+    with redis_errors():
+        try:
+            record = cancel_job(job_id)
+        except KeyError:
+            raise BadInput(f"no job {job_id!r} (unknown, or expired)") from None
+        except JobNotCancellable as exc:
+            raise CliError(str(exc)) from None
+    click.echo(record_json(record) if as_json else f"cancelled {job_id}")
 
 
 @main.command()

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
+import time
 from typing import Any, ClassVar
 
 from celery import bootsteps
 
+from worker import keys
 from worker.jobstore import Dispatch
 from worker.publisher import POLL_QUEUE, SENT_AT_HEADER, SUBMIT_QUEUE
 from worker.runtime import Services, services
@@ -48,6 +52,10 @@ TICK_S = 0.05
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
 QUEUES = (SUBMIT_QUEUE, POLL_QUEUE)
+#: Seconds between two heartbeats of a worker process; one silent 3x this long is gone.
+HEARTBEAT_S = 5.0
+#: Heartbeats older than this are dropped from the list of workers.
+HEARTBEAT_FORGET_S = 3600.0
 
 
 class Dispatcher:
@@ -59,9 +67,22 @@ class Dispatcher:
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
+        self._last_heartbeat = float("-inf")
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def heartbeat(self) -> None:
+        """Say this worker process is alive (``/healthz`` lists live workers)."""
+        now = self.svc.clock.now()
+        pipe = self.svc.broker.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {self.name: now})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
+        pipe.execute()
 
     def tick(self) -> int:
         """One round: claim what is due and send it; returns how many jobs were sent."""
+        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
+            self.heartbeat()
+            self._last_heartbeat = time.monotonic()
         claimed = self.svc.store.claim_due(
             CLAIM_LIMIT, self.svc.settings.lease_s, oldest_waiting=oldest_waiting(self.svc)
         )

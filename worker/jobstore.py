@@ -39,6 +39,9 @@ RETRIES_FIELD = "_retries"
 HOLDS_FIELD = "_holds"
 LAST_ERROR_FIELD = "_last_error"
 REFUSED_402_FIELD = "_refused_402"
+NOTIFY_URL_FIELD = "_notify_url"
+#: What a cancelled job's ``fail_msg`` says.
+CANCELLED_MESSAGE = "cancelled before it was sent upstream"
 
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
 #: A message may be sent this long after its job was handed out (a publish that retried).
@@ -121,8 +124,9 @@ class AttemptStart:
 
     ``status``: ``ok`` (send now), ``accepted`` (the job already has its task),
     ``open`` (another attempt may still be in flight; ``settles_in`` seconds left),
-    ``finished`` or ``missing``. ``counted_unknown``: an earlier attempt was just found
-    never to have recorded its outcome.
+    ``await_callback`` (an earlier attempt's outcome is unknown and its callback may still
+    come; ``settles_in`` seconds left), ``finished`` or ``missing``. ``counted_unknown``:
+    an earlier attempt was just found never to have recorded its outcome.
     """
 
     status: str
@@ -151,6 +155,7 @@ class JobStore:
         self._increment = load_script(client, "increment")
         self._release_held = load_script(client, "release_held")
         self._due_now = load_script(client, "due_now")
+        self._cancel = load_script(client, "cancel")
 
     # ------------------------------------------------------------------ creating, reading
 
@@ -162,6 +167,7 @@ class JobStore:
         due_in: float,
         idempotency_key: str | None = None,
         provider: str = PROVIDER,
+        notify_url: str | None = None,
     ) -> tuple[str, bool]:
         """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
 
@@ -172,7 +178,9 @@ class JobStore:
         record = JobRecord(job_id=job_id, state=JobState.QUEUED, provider=provider, created_at=0)
         fields = record.model_dump(mode="json", exclude={"created_at"})
         fields[REQUEST_FIELD] = request
-        job_keys = [keys.job(job_id), keys.SCHEDULE]
+        if notify_url is not None:
+            fields[NOTIFY_URL_FIELD] = notify_url
+        job_keys = [keys.job(job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
         if idempotency_key is not None:
             job_keys.append(keys.idempotency(idempotency_key))
         args: list[Any] = [job_id, self.ttl_s, due_in, *_encode(fields)]
@@ -202,6 +210,59 @@ class JobStore:
         for job_id in job_ids:
             pipe.hget(keys.job(job_id), "state")
         return [None if raw is None else json.loads(raw) for raw in pipe.execute()]
+
+    def job_for_task(self, task_id: str) -> str | None:
+        """The job an upstream task was recorded for (one read), None when none was."""
+        raw = self.redis.get(keys.task(task_id))
+        return None if raw is None else decode_text(raw)
+
+    def list_by_state(
+        self, state: JobState, limit: int, after: tuple[float, str] | None = None
+    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """One page of the jobs in ``state``, oldest first, and the cursor of the next page.
+
+        ``after`` is the ``(created_at, job_id)`` of the last job of the previous page. A
+        page costs O(``limit``): the state's index is read from the cursor on; entries of
+        expired records are dropped from the index as they are met.
+        """
+        index = keys.state_index(state)
+        records: list[JobRecord] = []
+        position = after
+        while True:
+            entries = self._index_after(index, position, limit - len(records) + 1)
+            if not entries:
+                return records, None
+            found = self.get_many([job_id for _, job_id in entries])
+            pairs = zip(entries, found, strict=True)
+            gone = [job_id for (_, job_id), record in pairs if record is None]
+            if gone:
+                self.redis.zrem(index, *gone)
+            for entry, record in zip(entries, found, strict=True):
+                if record is None or record.state is not state:
+                    position = entry  # expired, or moved on between the two reads
+                    continue
+                if len(records) == limit:
+                    return records, position
+                records.append(record)
+                position = entry
+
+    def _index_after(
+        self, index: str, after: tuple[float, str] | None, count: int
+    ) -> list[tuple[float, str]]:
+        """Up to ``count`` index entries ``(score, job_id)`` strictly after ``after``."""
+        low = "-inf" if after is None else repr(after[0])
+        raw: list[Any] = self.redis.zrangebyscore(
+            index, low, "+inf", 0, count + 50, withscores=True
+        )
+        entries = [(float(pair[1]), decode_text(pair[0])) for pair in raw]
+        return [e for e in entries if after is None or e > after][:count]
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs each state's index holds (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for index in keys.state_indexes():
+            pipe.zcard(index)
+        return dict(zip(keys.STATES, map(int, pipe.execute()), strict=True))
 
     def scan_job_ids(self, batch: int = 1000) -> Iterable[str]:
         """Every job id with a record (a full scan: for operators, not for hot paths)."""
@@ -284,9 +345,19 @@ class JobStore:
             state.value if state else "",
             "" if token is None else token,
             "" if due_in is None else max(0.0, due_in),
+            keys.FINISHED_CHANNEL,
             *_encode(fields),
         ]
-        return int(self._update(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
+        return int(self._update(keys=self._finishing_keys(job_id), args=args))
+
+    @staticmethod
+    def _finishing_keys(job_id: str) -> list[str]:
+        return [keys.job(job_id), keys.SCHEDULE, *keys.state_indexes(), keys.NOTIFY_SCHEDULE]
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job never sent upstream; see ``cancel.lua`` for the answers."""
+        args = [job_id, self.ttl_s, keys.FINISHED_CHANNEL, json.dumps(CANCELLED_MESSAGE)]
+        return decode_text(self._cancel(keys=self._finishing_keys(job_id), args=args))
 
     def park(self, job: Job, due_in: float, state: JobState | None = None, **fields: Any) -> bool:
         """Schedule the job's next step in ``due_in`` seconds (if ``job``'s token is current)."""
@@ -312,22 +383,34 @@ class JobStore:
         return uuid.uuid4().hex
 
     def begin_attempt(
-        self, job_id: str, attempt_id: str, settle_s: float, *, settle_only: bool = False
+        self,
+        job_id: str,
+        attempt_id: str,
+        settle_s: float,
+        *,
+        settle_only: bool = False,
+        callback_wait_s: float = 0.0,
     ) -> AttemptStart:
         """Open an attempt before createTask is sent (see ``attempt_begin.lua``).
 
         With ``settle_only`` nothing is opened: an earlier attempt that has settled is
-        closed as unknown, and ``ok`` means that none is open any more.
+        closed as unknown, and ``ok`` means that none is open any more. With a
+        ``callback_wait_s``, no attempt opens within that time after an unknown outcome.
         """
         mode = "settle" if settle_only else "open"
         reply = self._attempt_begin(
-            keys=[keys.job(job_id)], args=[attempt_id, settle_s, self.ttl_s, mode]
+            keys=[keys.job(job_id)],
+            args=[attempt_id, settle_s, self.ttl_s, mode, callback_wait_s],
         )
         status = decode_text(reply[0])
         if status == "ok":
             return AttemptStart(status, counted_unknown=int(reply[1]) == 1)
         if status == "open":
             return AttemptStart(status, settles_in=float(reply[1]))
+        if status == "await_callback":
+            return AttemptStart(
+                status, counted_unknown=int(reply[2]) == 1, settles_in=float(reply[1])
+            )
         return AttemptStart(status)
 
     def end_attempt(self, job_id: str, attempt_id: str, *, unknown: bool, **fields: Any) -> bool:
@@ -338,7 +421,14 @@ class JobStore:
     def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
         """Record an accepted upstream task (see ``accept.lua`` for the answers)."""
         args = [job_id, attempt_id, task_id, poll_in, self.ttl_s]
-        return decode_text(self._accept(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
+        job_keys = [
+            keys.job(job_id),
+            keys.SCHEDULE,
+            keys.task(task_id),
+            keys.state_index(JobState.QUEUED),
+            keys.state_index(JobState.SUBMITTED),
+        ]
+        return decode_text(self._accept(keys=job_keys, args=args))
 
     # ------------------------------------------------------------------ jobs held by a pause
 

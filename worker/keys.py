@@ -23,6 +23,16 @@ KNOWN_API_KEYS = PREFIX + "keys"
 METRICS = PREFIX + "metrics"
 #: Recent poll lateness samples, for the benchmark.
 POLL_LATENESS = PREFIX + "stats:poll_lateness"
+#: Pub/sub channel on which the id of every job that finishes is published (long polls).
+FINISHED_CHANNEL = PREFIX + "finished"
+#: Sorted set of finished jobs whose completion webhook is due, scored by when.
+NOTIFY_SCHEDULE = PREFIX + "notify"
+#: Sorted set of live workers, scored by their last heartbeat (Redis clock).
+WORKERS = PREFIX + "workers"
+#: Histograms (one hash each: bucket bound -> count, plus ``sum`` and ``count``).
+HISTOGRAM_PREFIX = PREFIX + "hist:"
+#: Job states in the order of their index keys (see :func:`state_indexes`).
+STATES = ("queued", "submitted", "running", "succeeded", "failed", "cancelled")
 
 
 def job(job_id: str) -> str:
@@ -56,3 +66,27 @@ def recent_answers(api_key_id: str, kind: str) -> str:
 def held(api_key_id: str) -> str:
     """Set of job ids waiting for one API key: its pause or its budget (schedule's Redis)."""
     return f"{PREFIX}held:{api_key_id}"
+
+
+def state_index(state: str) -> str:
+    """Sorted set of the jobs in one state, scored by when they were created."""
+    return f"{PREFIX}jobs:{state}"
+
+
+def state_indexes() -> list[str]:
+    """Every state's index, in the order of :data:`STATES` (the Lua scripts rely on it)."""
+    return [state_index(state) for state in STATES]
+
+
+def task(task_id: str) -> str:
+    """The job id an upstream task belongs to (written when the task is accepted)."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def callback_seen(signature_digest: str) -> str:
+    """A callback signature already used (replay protection), kept for the time window."""
+    return f"{PREFIX}callback:seen:{signature_digest}"
+
+
+def histogram(name: str) -> str:
+    return HISTOGRAM_PREFIX + name

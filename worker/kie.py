@@ -60,6 +60,8 @@ class TaskInfo:
     create_time: int | None = None
     complete_time: int | None = None
     cost_time: int | None = None
+    #: The createTask body as the upstream recorded it (JSON text), when it says.
+    param: str | None = None
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -121,6 +123,7 @@ def parse_task_info(data: Any) -> TaskInfo:
         create_time=_optional_int(data.get("createTime")),
         complete_time=_optional_int(data.get("completeTime")),
         cost_time=_optional_int(data.get("costTime")),
+        param=data.get("param") if isinstance(data.get("param"), str) else None,
     )
 
 

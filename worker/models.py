@@ -168,8 +168,23 @@ class JobState(enum.StrEnum):
 FINISHED_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
+class Notification(BaseModel):
+    """Delivery of a job's completion webhook (``notify_url``)."""
+
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    delivered_at: float | None = None
+    last_error: str | None = None
+
+
 class JobRecord(BaseModel):
-    """One job as producers see it (the public record of the design document)."""
+    """One job as producers see it (the public record of the design document).
+
+    Once a job has finished, its ``state``, results and failure never change. Only these
+    may still change: ``extra_task_ids`` and ``possibly_paid_twice`` (a further upstream
+    charge found later, by a callback or a lost answer) and ``notification`` (delivery
+    of the completion webhook).
+    """
 
     job_id: str
     state: JobState
@@ -192,6 +207,8 @@ class JobRecord(BaseModel):
     possibly_paid_twice: bool = False
     #: Further upstream tasks accepted for this job besides ``upstream_task_id`` (charges).
     extra_task_ids: list[str] = Field(default_factory=list)
+    #: Delivery of the completion webhook, for a job enqueued with a ``notify_url``.
+    notification: Notification | None = None
 
     @property
     def finished(self) -> bool:

@@ -22,6 +22,9 @@ def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bo
     record = svc.store.get(job_id)
     if record is not None:
         svc.results.store(record)
+        svc.metrics.count(f"jobs_finished_total:{record.fail_code or state.value}")
+        if record.finished_at is not None:
+            svc.metrics.observe("job_seconds", record.finished_at - record.created_at)
     logger.info(
         "job %s %s%s",
         job_id,

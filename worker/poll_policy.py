@@ -12,6 +12,7 @@ last interval is reported as the success it is.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 
@@ -60,10 +61,13 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
     next_delay = poll_delay(
         polls + 1, initial=svc.settings.remix_poll_initial_s, maximum=svc.settings.remix_poll_max_s
     )
+    started = time.monotonic()
     try:
         info = svc.client().record_info(task_id)
+        _count_request(svc, "200", started)
         return apply_task_info(svc, job, info, next_delay)
     except UpstreamError as exc:
+        _count_request(svc, exc.fail_code, started)
         return _after_error(svc, job, exc, next_delay)
     except (redis.ConnectionError, redis.TimeoutError):
         raise  # the job comes back by its lease once Redis answers
@@ -73,21 +77,38 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
         return _after_error(svc, job, UnexpectedError(f"{type(exc).__name__}: {exc}"), next_delay)
 
 
+def _count_request(svc: Services, code: str, started: float) -> None:
+    svc.metrics.count(f"record_info_total:{code}")
+    svc.metrics.observe("record_info_seconds", time.monotonic() - started)
+
+
 def deadline_at(svc: Services, job: Job) -> float:
     record = job.record
     return (record.submitted_at or record.created_at) + svc.settings.remix_deadline_s
 
 
-def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) -> str:
-    """Finish the job on a final answer; otherwise record its progress and park it."""
+def finish_from_info(svc: Services, job_id: str, info: TaskInfo) -> str | None:
+    """Finish a job on the upstream's final answer (a poll's or a callback's).
+
+    Returns ``succeeded`` or ``failed``, or None when the answer is not final. A job that
+    had already finished is left as it was (a late poll or a second callback).
+    """
     if info.state == "success":
-        finish_job(svc, job.job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
+        finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
         return "succeeded"
     if info.state == "fail":
         redact = svc.redactor.redact
         code = redact(info.fail_code or "fail")
-        fail_job(svc, job.job_id, code, redact(info.fail_msg or "generation failed upstream"))
+        fail_job(svc, job_id, code, redact(info.fail_msg or "generation failed upstream"))
         return "failed"
+    return None
+
+
+def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) -> str:
+    """Finish the job on a final answer; otherwise record its progress and park it."""
+    finished = finish_from_info(svc, job.job_id, info)
+    if finished is not None:
+        return finished
     pending = PENDING_JOB_STATES.get(info.state)
     if pending is None:
         logger.warning("job %s: unknown upstream state %r, still polling", job.job_id, info.state)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,10 +112,36 @@ class Settings(BaseSettings):
     remix_pause_probe_s: float = Field(5.0, gt=0)
     remix_job_ttl_s: int = Field(7 * 86400, gt=0)
 
+    #: With KIE_CALLBACK_URL set, the first (safety-net) poll comes this long after accept.
+    remix_callback_poll_s: float = Field(60.0, gt=0)
+    #: With callbacks on, how long a job whose createTask outcome is unknown waits for a
+    #: callback naming it before it is sent again.
+    remix_callback_wait_s: float = Field(300.0, ge=0)
+    #: Callbacks whose timestamp is further than this from now are refused (replays).
+    kie_callback_window_s: int = Field(300, gt=0)
+    #: Largest callback body accepted, in bytes.
+    kie_callback_max_bytes: int = Field(256 * 1024, gt=0)
+
+    #: Bearer tokens that may use the HTTP API (comma-separated); unset: no auth.
+    remix_api_tokens: SecretStr | None = None
+    #: Signs completion webhooks (``notify_url``); unset: they are sent unsigned.
+    remix_notify_hmac_key: SecretStr | None = None
+    #: Allow completion webhooks to private and loopback addresses (tests, internal nets).
+    remix_notify_allow_private: bool = False
+    #: How many times a completion webhook is tried before it is given up.
+    remix_notify_max_attempts: int = Field(10, ge=1)
+
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
 
-    @field_validator("kie_api_key", "kie_webhook_hmac_key", "ideogram_api_key", mode="before")
+    @field_validator(
+        "kie_api_key",
+        "kie_webhook_hmac_key",
+        "ideogram_api_key",
+        "remix_api_tokens",
+        "remix_notify_hmac_key",
+        mode="before",
+    )
     @classmethod
     def _clean_secret(cls, value: Any) -> Any:
         return clean_secret(value)
@@ -124,6 +150,16 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         return None if value is None else check_redis_url(value)
+
+    @field_validator("kie_callback_url")
+    @classmethod
+    def _check_callback_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            raise ValueError("must be an http(s) URL without a #fragment")
+        return value.strip()
 
     @field_validator("kie_rate_limit")
     @classmethod
@@ -145,6 +181,39 @@ class Settings(BaseSettings):
                 "expires while its job may still run"
             )
         return self
+
+    @property
+    def callbacks_enabled(self) -> bool:
+        """Whether createTask asks the upstream to call back (``KIE_CALLBACK_URL`` is set)."""
+        return self.kie_callback_url is not None
+
+    @property
+    def first_poll_s(self) -> float:
+        """When the first poll of an accepted job comes: later when callbacks are on."""
+        if self.callbacks_enabled:
+            return self.remix_callback_poll_s
+        return self.remix_poll_initial_s
+
+    @property
+    def callback_wait_s(self) -> float:
+        """How long an unknown createTask outcome waits for a callback (0: callbacks off)."""
+        return self.remix_callback_wait_s if self.callbacks_enabled else 0.0
+
+    def callback_url_for(self, job_id: str) -> str | None:
+        """``KIE_CALLBACK_URL`` with the job id added as the ``job_id`` query parameter."""
+        if self.kie_callback_url is None:
+            return None
+        parts = urlsplit(self.kie_callback_url)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "job_id"]
+        query.append(("job_id", job_id))
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def api_tokens(self) -> list[str]:
+        """The bearer tokens of ``REMIX_API_TOKENS`` (empty: the HTTP API needs none)."""
+        if self.remix_api_tokens is None:
+            return []
+        raw = self.remix_api_tokens.get_secret_value().split(",")
+        return [token.strip() for token in raw if token.strip()]
 
     @property
     def backend_url(self) -> str:
@@ -176,8 +245,14 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """The values of every secret setting that is set, Redis passwords included."""
-        found = (self.kie_api_key, self.kie_webhook_hmac_key, self.ideogram_api_key)
+        found = (
+            self.kie_api_key,
+            self.kie_webhook_hmac_key,
+            self.ideogram_api_key,
+            self.remix_notify_hmac_key,
+        )
         values = [secret.get_secret_value() for secret in found if secret is not None]
+        values += self.api_tokens()
         for url in (self.redis_url, self.backend_url):
             password = urlsplit(url).password
             if password:

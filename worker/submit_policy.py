@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 import redis
@@ -104,28 +105,44 @@ def submit_step(svc: Services, job_id: str, token: int) -> str:
 
 def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
     attempt_id = svc.store.new_attempt_id()
-    opened = svc.store.begin_attempt(job.job_id, attempt_id, svc.settings.attempt_settle_s)
+    opened = svc.store.begin_attempt(
+        job.job_id,
+        attempt_id,
+        svc.settings.attempt_settle_s,
+        callback_wait_s=svc.settings.callback_wait_s,
+    )
+    if opened.counted_unknown:
+        _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
     if opened.status == "accepted":
         svc.store.park(job, 0.0)
         return "has_task"
-    if opened.status == "open":
+    if opened.status in ("open", "await_callback"):
+        # Another attempt may be in flight, or the upstream may still call back with the
+        # task a lost attempt created: the job waits instead of paying again.
         wait = opened.settles_in + random.uniform(0, SETTLE_JITTER_S)
         svc.store.park(job, wait, **{SLOT_FIELD: None})
-        return "attempt_open"
+        return "attempt_open" if opened.status == "open" else "await_callback"
     if opened.status != "ok":
         return opened.status
-    if opened.counted_unknown:
-        _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
     svc.store.unhold(svc.api_key_id, job.job_id)
+    started = time.monotonic()
     try:
-        task_id = svc.client().create_task(task_input, svc.settings.kie_callback_url)
+        task_id = svc.client().create_task(task_input, svc.settings.callback_url_for(job.job_id))
     except UpstreamError as exc:
+        _count_request(svc, "create_task", exc.fail_code, started)
         return _after_error(svc, job, attempt_id, exc)
     except BaseException:
         # Whatever happened, the request may have gone out: its outcome is unknown.
         svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
         raise
+    _count_request(svc, "create_task", "200", started)
     return record_acceptance(svc, job.job_id, attempt_id, task_id)
+
+
+def _count_request(svc: Services, kind: str, code: str, started: float) -> None:
+    """Count an upstream request by its outcome, and its latency (best effort)."""
+    svc.metrics.count(f"{kind}_total:{code}")
+    svc.metrics.observe(f"{kind}_seconds", time.monotonic() - started)
 
 
 def _say_unrecorded(job_id: str, task_id: str) -> Any:
@@ -162,9 +179,7 @@ def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str)
         reraise=False,
     )
     try:
-        outcome = retrying(
-            svc.store.accept, job_id, attempt_id, task_id, svc.settings.remix_poll_initial_s
-        )
+        outcome = retrying(svc.store.accept, job_id, attempt_id, task_id, svc.settings.first_poll_s)
     except Exception as exc:
         raise AcceptedButUnrecorded(job_id, attempt_id, task_id) from exc
     _note_answer(svc, "other")
@@ -255,6 +270,7 @@ def _retry_later(
 ) -> str:
     settings = svc.settings
     retries = svc.store.increment(job.job_id, RETRIES_FIELD) or 1
+    svc.metrics.count("retries_total")
     if retries > settings.remix_max_retries:
         attempts = job.record.submit_attempts + 1
         fail_job(

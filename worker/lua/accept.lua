@@ -2,11 +2,15 @@
 -- job moves to submitted and its first poll is scheduled. A different task arriving for a
 -- job that already has one (or has finished) is a further charge: it is kept in
 -- extra_task_ids and flags the job possibly_paid_twice; state and results do not change.
+-- Every task recorded is indexed (task id -> job id), for callbacks.
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
+-- KEYS[3]  the task's index key (its value is the job id)
+-- KEYS[4]  the index of queued jobs
+-- KEYS[5]  the index of submitted jobs
 -- ARGV[1]  job id
--- ARGV[2]  attempt id ('' when the task comes from elsewhere)
+-- ARGV[2]  attempt id ('' when the task comes from elsewhere: an adopted callback)
 -- ARGV[3]  upstream task id
 -- ARGV[4]  seconds until the first poll
 -- ARGV[5]  time to live of the record, in seconds
@@ -16,10 +20,14 @@ local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] =
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 local task = cjson.encode(ARGV[3])
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], '_attempt') == cjson.encode(ARGV[2]) then
-  redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null')
+local open = redis.call('HGET', KEYS[1], '_attempt')
+if ARGV[2] == '' or open == cjson.encode(ARGV[2]) then
+  if open and open ~= 'null' then
+    redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null')
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[5])
 local current = redis.call('HGET', KEYS[1], 'upstream_task_id')
 if current == task then return 'again' end
 if (current and current ~= 'null') or finished[state] then
@@ -38,7 +46,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'upstream_task_id', task, 'submitted_at',
   string.format('%.6f', now), '_slot', 'null', '_last_error', 'null')
-if state == '"queued"' then redis.call('HSET', KEYS[1], 'state', '"submitted"') end
+if state == '"queued"' then
+  redis.call('HSET', KEYS[1], 'state', '"submitted"')
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0, ARGV[1])
+end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('HSET', KEYS[1], '_parked', redis.call('HGET', KEYS[1], '_dispatch') or '0')
 if tonumber(redis.call('HGET', KEYS[1], 'unknown_outcomes') or '0') > 0 then

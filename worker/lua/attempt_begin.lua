@@ -1,6 +1,8 @@
 -- Open a createTask attempt for a job, unless the job was already accepted upstream or
 -- another attempt may still be in flight. An open attempt older than the settle time
--- never recorded its outcome: it is counted as unknown and a new one may start.
+-- never recorded its outcome: it is counted as unknown and a new one may start; but
+-- with upstream callbacks on, not before the callback wait has passed since the last
+-- unknown outcome (the upstream may yet call back with the task that attempt created).
 -- The attempt id is the owner's token: opening the same id twice is harmless.
 --
 -- KEYS[1]  the job's hash
@@ -8,8 +10,10 @@
 -- ARGV[2]  settle time in seconds
 -- ARGV[3]  time to live of the record, in seconds
 -- ARGV[4]  'open' to open the attempt, 'settle' only to close a settled earlier one
+-- ARGV[5]  seconds to wait for a callback after an unknown outcome (0: callbacks off)
 -- Returns {'ok', 1 if an earlier attempt was just counted unknown else 0},
--- {'accepted'}, {'finished'}, {'missing'} or {'open', seconds until it settles}.
+-- {'accepted'}, {'finished'}, {'missing'}, {'open', seconds until it settles} or
+-- {'await_callback', seconds left, 1 if an earlier attempt was just counted unknown}.
 -- With 'settle', 'ok' means no attempt is open any more (none was opened).
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -28,10 +32,16 @@ if open and open ~= 'null' then
   local left = started + tonumber(ARGV[2]) - now
   if left > 0 then return {'open', tostring(left)} end
   redis.call('HINCRBY', KEYS[1], 'unknown_outcomes', 1)
-  redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null')
+  redis.call('HSET', KEYS[1], '_attempt', 'null', 'attempt_started_at', 'null',
+    '_unknown_at', string.format('%.6f', now))
   marked = 1
 end
 if ARGV[4] == 'settle' then return {'ok', marked} end
+local wait = tonumber(ARGV[5]) or 0
+local unknown_at = tonumber(redis.call('HGET', KEYS[1], '_unknown_at') or '')
+if wait > 0 and unknown_at and unknown_at + wait > now then
+  return {'await_callback', tostring(unknown_at + wait - now), marked}
+end
 redis.call('HSET', KEYS[1], '_attempt', mine, 'attempt_started_at', string.format('%.6f', now))
 redis.call('HINCRBY', KEYS[1], 'submit_attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])

@@ -3,7 +3,8 @@
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule (sorted set: job id -> when its next step is due)
--- KEYS[3]  the idempotency key (optional)
+-- KEYS[3]  the index of queued jobs (sorted set: job id -> creation time)
+-- KEYS[4]  the idempotency key (optional)
 -- ARGV[1]  job id
 -- ARGV[2]  time to live of the record and the idempotency key, in seconds
 -- ARGV[3]  seconds until the schedule sends the job (when no message does first)
@@ -11,10 +12,10 @@
 -- Returns {job id that owns the idempotency key or the job id, 1 if a record was written}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if KEYS[3] then
-  local owner = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local owner = redis.call('GET', KEYS[4])
   if owner then return {owner, 0} end
-  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -22,4 +23,5 @@ redis.call('HSET', KEYS[1], 'created_at', string.format('%.6f', now), '_dispatch
   '_dispatched_at', string.format('%.6f', now))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
 return {ARGV[1], 1}

@@ -2,20 +2,26 @@
 -- running -> succeeded | failed | cancelled; nothing changes once it has finished.
 -- Optionally only for the holder of a dispatch token, and optionally setting when the
 -- job's next step is due (the token's step has then parked the job: see claim_due.lua).
--- A job that finishes leaves the schedule.
+-- A job that finishes leaves the schedule, its id is published on the finished channel,
+-- and its completion webhook (if it has one) becomes due.
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
+-- KEYS[3..8] the state indexes: queued, submitted, running, succeeded, failed, cancelled
+-- KEYS[9]  the schedule of completion webhooks
 -- ARGV[1]  job id
 -- ARGV[2]  time to live of the record, in seconds
 -- ARGV[3]  new state, or '' to keep it
 -- ARGV[4]  dispatch token the caller holds, or '' to write regardless
 -- ARGV[5]  seconds until the next step is due, or '' to leave the schedule as it is
--- ARGV[6..] field, JSON value, field, JSON value, ...
+-- ARGV[6]  the finished channel
+-- ARGV[7..] field, JSON value, field, JSON value, ...
 -- Returns 1 written, 0 refused (finished, or the state would go back), -1 no such job,
 -- -2 the token is stale.
 local rank = {['"queued"'] = 0, ['"submitted"'] = 1, ['"running"'] = 2,
   ['"succeeded"'] = 3, ['"failed"'] = 3, ['"cancelled"'] = 3}
+local index = {['"queued"'] = 3, ['"submitted"'] = 4, ['"running"'] = 5,
+  ['"succeeded"'] = 6, ['"failed"'] = 7, ['"cancelled"'] = 8}
 local raw = redis.call('HGET', KEYS[1], 'state')
 if not raw then return -1 end
 local current = rank[raw]
@@ -30,14 +36,27 @@ if ARGV[3] ~= '' then
   wanted = rank[encoded]
   if wanted == nil or wanted < current then return 0 end
   redis.call('HSET', KEYS[1], 'state', encoded)
+  if encoded ~= raw then
+    local created = tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
+    redis.call('ZREM', KEYS[index[raw]], ARGV[1])
+    redis.call('ZADD', KEYS[index[encoded]], created, ARGV[1])
+  end
 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 if wanted == 3 then
   redis.call('HSET', KEYS[1], 'finished_at', string.format('%.6f', now),
     '_attempt', 'null', 'attempt_started_at', 'null')
   redis.call('ZREM', KEYS[2], ARGV[1])
+  local notify = redis.call('HGET', KEYS[1], '_notify_url')
+  if notify and notify ~= 'null' then
+    redis.call('HSET', KEYS[1], 'notification', cjson.encode({state = 'pending', attempts = 0}))
+    redis.call('ZADD', KEYS[9], now, ARGV[1])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[6], ARGV[1])
+  return 1
 elseif ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], '_parked', ARGV[4]) end

@@ -1,0 +1,202 @@
+"""Upstream callbacks: check that kie.ai sent one, then finish its job like a poll would.
+
+kie.ai signs a callback with ``X-Webhook-Signature`` = base64(HMAC-SHA256(key,
+``taskId + "." + X-Webhook-Timestamp``)). The signature covers neither the body nor our
+``job_id`` query parameter, so only the task id and the timestamp are trusted:
+
+* the task id must already belong to a job (the index written when a task is accepted),
+  and then the body's final state finishes that job through the poller's own transition
+  (:func:`worker.poll_policy.finish_from_info`), so a late poll or a duplicate callback
+  changes nothing;
+* or the ``job_id`` parameter names a job whose createTask outcome is unknown (its
+  answer was lost, or its worker died mid-request): the task is *adopted* only once
+  recordInfo confirms that it exists and that its ``callBackUrl`` names that job. A job
+  without a task takes it as its own; a job that was sent again meanwhile records it as
+  a further charge (``extra_task_ids``, ``possibly_paid_twice``).
+
+Every other callback is refused, and the caller is never told which check failed (the
+reason goes to the metrics and the log only). A signature is accepted once within the
+time window (replays are refused), so the window bounds what Redis keeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+
+from worker import keys
+from worker.errors import UpstreamError
+from worker.jobstore import ATTEMPT_FIELD
+from worker.kie import TaskInfo, parse_task_info
+from worker.poll_policy import finish_from_info
+from worker.runtime import Services
+
+logger = logging.getLogger("worker.callbacks")
+
+TIMESTAMP_HEADER = "X-Webhook-Timestamp"
+SIGNATURE_HEADER = "X-Webhook-Signature"
+#: Replayed signatures are remembered this many windows (a timestamp may be early or late).
+SEEN_WINDOWS = 2
+
+
+class CallbackRefused(Exception):
+    """A callback that is not acted on; ``reason`` is for metrics and logs, never the caller."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A callback whose signature and timestamp checked out."""
+
+    task_id: str
+    data: dict[str, Any]
+    signature: str
+
+
+def signature_for(key: str, task_id: str, timestamp: str) -> str:
+    """base64(HMAC-SHA256(key, taskId + "." + timestamp))."""
+    digest = hmac.new(key.encode(), f"{task_id}.{timestamp}".encode(), hashlib.sha256)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    for key, value in headers.items():
+        if key.lower() == name.lower():
+            return value.strip()
+    return ""
+
+
+def verify(svc: Services, body: bytes, headers: Mapping[str, str], now: float) -> Verified:
+    """Check a callback's body, timestamp and signature; raises :class:`CallbackRefused`."""
+    key = svc.settings.kie_webhook_hmac_key
+    if key is None:
+        raise CallbackRefused("disabled")
+    data = _callback_data(body)
+    task_id = data.get("taskId") or data.get("task_id")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+        raise CallbackRefused("malformed")
+    timestamp = _header(headers, TIMESTAMP_HEADER)
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        raise CallbackRefused("bad_timestamp")
+    if abs(now - int(timestamp)) > svc.settings.kie_callback_window_s:
+        raise CallbackRefused("stale")
+    signature = _header(headers, SIGNATURE_HEADER)
+    expected = signature_for(key.get_secret_value(), task_id, timestamp)
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise CallbackRefused("bad_signature")
+    return Verified(task_id=task_id, data=data, signature=signature)
+
+
+def _callback_data(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise CallbackRefused("malformed") from None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        raise CallbackRefused("malformed")
+    return data
+
+
+def claim_signature(svc: Services, signature: str) -> bool:
+    """Note a signature as used; False when it was used before (a replay)."""
+    digest = hashlib.sha256(signature.encode()).hexdigest()
+    ttl = svc.settings.kie_callback_window_s * SEEN_WINDOWS
+    return bool(svc.store.redis.set(keys.callback_seen(digest), "1", nx=True, ex=ttl))
+
+
+def release_signature_quietly(svc: Services, signature: str) -> None:
+    """Forget a signature whose callback could not be handled, so a retry is accepted."""
+    digest = hashlib.sha256(signature.encode()).hexdigest()
+    with contextlib.suppress(redis.RedisError):
+        svc.store.redis.delete(keys.callback_seen(digest))
+
+
+def handle(svc: Services, verified: Verified, job_id_param: str | None) -> str:
+    """Act on a verified callback; returns what happened, raises :class:`CallbackRefused`.
+
+    Answers: ``succeeded``/``failed`` (the job finished, or had finished already),
+    ``pending`` (not a final state), ``extra`` (a further charge recorded), ``adopted``.
+    """
+    job_id = svc.store.job_for_task(verified.task_id)
+    if job_id is None:
+        return _adopt(svc, verified, job_id_param)
+    record = svc.store.get(job_id)
+    if record is None:
+        raise CallbackRefused("unknown_task")
+    if record.upstream_task_id != verified.task_id:
+        return "extra"  # a further charge, already on the record; it never decides the job
+    return _finish(svc, job_id, verified)
+
+
+def _finish(svc: Services, job_id: str, verified: Verified) -> str:
+    try:
+        info = parse_task_info({**verified.data, "taskId": verified.task_id})
+    except UpstreamError:
+        logger.warning("job %s: callback with an unreadable record; polling decides", job_id)
+        return "pending"
+    return finish_from_info(svc, job_id, info) or "pending"
+
+
+def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
+    """Take on a task the upstream created for a job whose createTask outcome is unknown."""
+    if not job_id or len(job_id) > 200:
+        raise CallbackRefused("unknown_task")
+    record = svc.store.get(job_id)
+    if record is None:
+        raise CallbackRefused("unknown_task")
+    attempt_open = svc.store.get_internal(job_id, ATTEMPT_FIELD) is not None
+    if not (record.unknown_outcomes > 0 or (attempt_open and not record.upstream_task_id)):
+        raise CallbackRefused("unknown_task")
+    info = _confirm(svc, verified.task_id, job_id)
+    outcome = svc.store.accept(job_id, "", verified.task_id, svc.settings.first_poll_s)
+    logger.warning(
+        "job %s: callback for upstream task %s of a createTask whose answer was lost: %s",
+        job_id,
+        verified.task_id,
+        "adopted" if outcome.startswith("accepted") else f"recorded ({outcome})",
+    )
+    if outcome == "extra":
+        svc.metrics.incr("possibly_paid_twice_total")
+        return "extra"
+    if outcome == "missing":
+        raise CallbackRefused("unknown_task")
+    finish_from_info(svc, job_id, info)
+    return "adopted"
+
+
+def _confirm(svc: Services, task_id: str, job_id: str) -> TaskInfo:
+    """Ask recordInfo whether the task exists and was created for ``job_id``."""
+    try:
+        info = svc.client().record_info(task_id)
+    except UpstreamError as exc:
+        logger.warning("callback for task %s: recordInfo did not confirm it (%s)", task_id, exc)
+        raise CallbackRefused("unconfirmed") from None
+    if job_id not in _callback_job_ids(info.param):
+        raise CallbackRefused("unconfirmed")
+    return info
+
+
+def _callback_job_ids(param: str | None) -> list[str]:
+    """The ``job_id`` query values of the ``callBackUrl`` in a task's recorded request."""
+    try:
+        body = json.loads(param or "")
+    except (ValueError, RecursionError):
+        return []
+    url = body.get("callBackUrl") if isinstance(body, dict) else None
+    if not isinstance(url, str):
+        return []
+    return parse_qs(urlsplit(url).query).get("job_id", [])
