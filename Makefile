@@ -5,8 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: venv demo test lint bench chaos clean distclean
+.PHONY: venv demo api test lint bench chaos clean distclean
 
 venv: $(STAMP)
 
@@ -18,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/remixq demo
+
+# The HTTP API (docs at http://$(HOST):$(PORT)/docs); set REMIX_API_TOKENS in production.
+api: venv
+	$(BIN)/uvicorn producers.http:app --host $(HOST) --port $(PORT)
 
 # pytest exits 5 when it collects no tests; that fails the target like any other error.
 test: venv

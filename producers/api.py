@@ -18,11 +18,13 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import kombu.exceptions
 import redis
 
+from worker.jobstore import NewJob
 from worker.models import InvalidRequestError, JobRecord, validate_request
 from worker.runtime import services
 from worker.webhook_urls import check_webhook_url
@@ -69,7 +71,8 @@ def enqueue_remix(
         prompt, image_url, reference_image_urls: the required createTask input fields.
         idempotency_key: the same key returns the same job id and enqueues nothing new.
         notify_url: an http(s) URL the finished job's record is POSTed to (signed with
-            ``REMIX_NOTIFY_HMAC_KEY``), retried until it is delivered.
+            ``REMIX_NOTIFY_HMAC_KEY``), at least once, tried up to
+            ``REMIX_NOTIFY_MAX_ATTEMPTS`` times; the record's ``notification`` says how it went.
         other_input_fields: any optional input field (``strength=0.5``, ``num_images="2"`` ...).
     """
     request = validate_request(
@@ -99,8 +102,26 @@ def enqueue_validated(
         notify_url=notify_url,
     )
     if created:
-        _send_first_step(job_id, payload)
+        _send_first_steps([(job_id, payload)])
     return job_id, created
+
+
+def enqueue_many_validated(
+    jobs: Sequence[tuple[dict[str, Any], str | None, str | None]],
+    check: Callable[[list[str | None]], None] | None = None,
+) -> list[tuple[str, bool]]:
+    """Enqueue requests already validated, all in one transaction (all of them or none).
+
+    ``jobs``: ``(payload, idempotency_key, notify_url)`` each. ``check`` is called with,
+    for each job, the id of the job its idempotency key already names (or None) and may
+    raise to enqueue nothing. Returns ``(job_id, created)`` for each job, in order.
+    """
+    svc = services()
+    new = [NewJob(uuid.uuid4().hex, payload, key, url) for payload, key, url in jobs]
+    owners = svc.store.create_many(new, due_in=svc.settings.lease_s, check=check)
+    created = [job for job, (_, fresh) in zip(new, owners, strict=True) if fresh]
+    _send_first_steps([(job.job_id, job.request) for job in created])
+    return owners
 
 
 def cancel_job(job_id: str) -> JobRecord:
@@ -126,18 +147,24 @@ def cancel_job(job_id: str) -> JobRecord:
     return record
 
 
-def _send_first_step(job_id: str, payload: dict[str, Any]) -> None:
-    """Publish the first submit; if the broker is away, the schedule sends it instead."""
+def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Publish the first submits; if the broker is away, the schedule sends them instead."""
+    if not jobs:
+        return
     svc = services()
+    sent = 0
     try:
-        svc.publisher.submit(job_id, payload, 0, retry=False)
+        with svc.publisher.producer() as producer:
+            for job_id, payload in jobs:
+                svc.publisher.submit(job_id, payload, 0, producer=producer, retry=False)
+                sent += 1
     except _PUBLISH_ERRORS as exc:
-        logger.warning(
-            "job %s queued; the broker is unavailable (%s), it is sent later", job_id, exc
-        )
-        # Still scheduled if this fails too: then it is sent after its lease.
+        unsent = [job_id for job_id, _ in jobs[sent:]]
+        named = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
+        logger.warning("job(s) %s queued; the broker is unavailable (%s), sent later", named, exc)
+        # Still scheduled if this fails too: then they are sent after their lease.
         with contextlib.suppress(redis.RedisError):
-            svc.store.due_now([job_id])
+            svc.store.due_now(unsent)
 
 
 def check_notify_url(url: str | None, *, allow_private: bool) -> None:

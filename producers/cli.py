@@ -26,6 +26,7 @@ from producers.api import (
     JobNotCancellable,
     cancel_job,
     check_idempotency_key,
+    check_notify_url,
     enqueue_remix,
     get_job,
 )
@@ -39,7 +40,7 @@ from producers.display import (
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
-from worker.settings import ConfigurationError
+from worker.settings import ConfigurationError, get_settings
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -50,8 +51,10 @@ OPTION_FIELDS = {
     "image_url": "--image-url",
     "reference_image_urls": "--reference-image-url",
     "idempotency_key": "--idempotency-key",
+    "notify_url": "--notify-url",
 }
 IDEMPOTENCY_FIELD = "idempotency_key"
+NOTIFY_URL_FIELD = "notify_url"
 #: Commands imported only when used: name -> (module, attribute, the extra they need).
 LAZY_COMMANDS = {"sandbox": ("sandbox.cli", "sandbox_command", "sandbox")}
 
@@ -220,11 +223,13 @@ class BatchItem:
     :param line: its 1-based line number in the file.
     :param fields: the input fields, validated.
     :param idempotency_key: the line's ``idempotency_key``, if any.
+    :param notify_url: the line's ``notify_url`` (its completion webhook), if any.
     """
 
     line: int
     fields: dict[str, Any]
     idempotency_key: str | None
+    notify_url: str | None = None
 
 
 def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
@@ -247,9 +252,11 @@ def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
     key = data.pop(IDEMPOTENCY_FIELD, None)
+    notify_url = data.pop(NOTIFY_URL_FIELD, None)
     validate_request(data)
     check_idempotency_key(key)
-    return BatchItem(line, data, key)
+    check_notify_url(notify_url, allow_private=get_settings().remix_notify_allow_private)
+    return BatchItem(line, data, key, notify_url)
 
 
 def parse_batch(lines: Iterable[str | bytes]) -> list[BatchItem]:
@@ -486,7 +493,11 @@ def _enqueue_batch(items: Sequence[BatchItem], console: Console) -> list[str]:
     columns = (TextColumn("enqueueing"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console) as progress:
         for item in progress.track(items):
-            job_ids.append(enqueue_remix(idempotency_key=item.idempotency_key, **item.fields))
+            job_ids.append(
+                enqueue_remix(
+                    idempotency_key=item.idempotency_key, notify_url=item.notify_url, **item.fields
+                )
+            )
     return job_ids
 
 

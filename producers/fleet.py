@@ -7,28 +7,22 @@ they use, so an operator's shell needs no secret to see or switch them; with
 
 from __future__ import annotations
 
-from collections import Counter
-from itertools import islice
 from typing import Any
 
 from worker.gates import resume_key
-from worker.publisher import POLL_QUEUE, SUBMIT_QUEUE
+from worker import keys
+from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import known_api_keys, limiter_for, pause_for, services
 
-#: Records read for the counts by state (a fleet holds far fewer live records).
-MAX_RECORDS_SCANNED = 200_000
-STATE_BATCH = 1_000
 #: Where the Redis transport keeps delivered but unacknowledged messages.
 UNACKED_HASH = "unacked"
 
 
-def _jobs_by_state() -> Counter[str]:
-    store = services().store
-    counts: Counter[str] = Counter()
-    ids = islice(store.scan_job_ids(STATE_BATCH), MAX_RECORDS_SCANNED)
-    while batch := list(islice(ids, STATE_BATCH)):
-        counts.update(state for state in store.states(batch) if state is not None)
-    return counts
+def _jobs_by_state() -> dict[str, int]:
+    """Jobs by state, from the state indexes (finished states may still count records
+    that expired recently: their index entries are pruned later)."""
+    counts = services().store.count_by_state()
+    return {state: count for state, count in counts.items() if count}
 
 
 def _key_status(key_id: str, rate_limit: str) -> dict[str, Any]:
@@ -51,11 +45,14 @@ def fleet_status() -> dict[str, Any]:
     svc = services()
     by_state = _jobs_by_state()
     return {
-        "queues": {name: svc.broker.llen(name) for name in (SUBMIT_QUEUE, POLL_QUEUE)},
+        "queues": {
+            name: svc.broker.llen(name) for name in (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
+        },
+        "webhooks_pending": svc.store.redis.zcard(keys.NOTIFY_SCHEDULE),
         "held_by_workers": svc.broker.hlen(UNACKED_HASH),
         "scheduled": svc.store.schedule_size(),
         "jobs_by_state": dict(sorted(by_state.items())),
-        "in_flight_upstream": by_state["submitted"] + by_state["running"],
+        "in_flight_upstream": by_state.get("submitted", 0) + by_state.get("running", 0),
         "keys": [_key_status(k, limit) for k, limit in sorted(known_api_keys().items())],
         "metrics": svc.metrics.read(),
     }

@@ -1,13 +1,250 @@
 """The HTTP app other services use: ``uvicorn producers.http:app`` (the Procfile's ``api:``).
 
-(Work in progress: the jobs routes, auth, health and metrics are being added.)
+Routes: the jobs (:mod:`producers.http_jobs`), the upstream's callbacks
+(:mod:`producers.http_callbacks`), ``GET /healthz`` and ``GET /metrics``; the OpenAPI
+document at ``/openapi.json`` (viewer at ``/docs``).
+
+* Auth and body caps are checked before a route runs (:mod:`producers.http_guard`):
+  bearer tokens from ``REMIX_API_TOKENS`` when it is set, on every route but
+  ``/healthz``, the OpenAPI document and the callback route; ``/metrics`` needs a token.
+* Any Redis error answers ``503`` with one line of JSON (and logs one line); every log
+  line passes the secret-redacting filter the workers use, uvicorn's included.
+* ``/healthz`` is a liveness probe: 200 whenever Redis answers (it lists the workers
+  whose heartbeat is recent, but does not depend on them), 503 when it does not.
+* ``/metrics`` exports what the whole fleet counted in Redis, read at scrape time
+  (:mod:`producers.metrics_export`).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import redis
+import redis.asyncio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers.http_callbacks import router as callbacks_router
+from producers.http_guard import GuardMiddleware
+from producers.http_jobs import ErrorResponse, bearer
+from producers.http_jobs import router as jobs_router
+from producers.longpoll import FinishedWatch
+from producers.metrics_export import LIVE_WORKER_S, fleet_registry
+from worker import keys
+from worker.jobstore import decode_text
+from worker.redaction import Redactor, install_log_redaction
+from worker.runtime import services
+from worker.settings import Settings, get_settings
 
-app = FastAPI(title="remixq", version="1")
+logger = logging.getLogger("producers.http")
+
+#: Timeouts of the health probe's Redis calls (it never retries: it reports).
+PROBE_CONNECT_TIMEOUT_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: uvicorn's loggers other than the access log (see AccessArgsRedactor).
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
+ACCESS_LOGGER = "uvicorn.access"
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: Literal["ok", "unreachable"]
+    long_poll: Literal["live", "reconnecting"] = Field(
+        description="Whether the subscription that ends long polls at once is up."
+    )
+    workers_live: int | None = Field(
+        description=f"Worker processes with a heartbeat in the last {LIVE_WORKER_S:g} s."
+    )
+    workers: list[str] = Field(description="Their names (host:pid).")
+    detail: str | None = None
+
+
+class HealthProbe:
+    """Redis reachability and live workers, with short timeouts and no retries."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.backend = _probe_client(settings.backend_url)
+        self.broker = (
+            self.backend
+            if settings.redis_url == settings.backend_url
+            else _probe_client(settings.redis_url)
+        )
+
+    async def live_workers(self) -> list[str]:
+        """Names of the workers with a recent heartbeat; raises a RedisError if unreachable."""
+        await self.backend.ping()
+        seconds, micros = await self.backend.time()  # heartbeats are on this clock
+        now = seconds + micros / 1e6
+        raw = await self.broker.zrangebyscore(keys.WORKERS, now - LIVE_WORKER_S, "+inf")
+        return sorted(decode_text(name) for name in raw)
+
+    async def close(self) -> None:
+        await self.backend.aclose()
+        if self.broker is not self.backend:
+            await self.broker.aclose()
+
+
+def _probe_client(url: str) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
+        socket_timeout=PROBE_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class AccessArgsRedactor(logging.Filter):
+    """Redacts the arguments of uvicorn's access log lines one by one.
+
+    Its formatter unpacks ``record.args`` (client, method, path, ...), so they must stay a
+    tuple; the workers' :class:`~worker.redaction.RedactingFilter` folds them into the
+    message instead, which suits every other logger.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.redactor and isinstance(record.args, tuple):
+            record.args = tuple(
+                self.redactor.redact(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+def setup_logging(redactor: Redactor) -> None:
+    """Log to stderr when nobody configured logging; redact secrets from every line."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    install_log_redaction(redactor, [logging.getLogger(name) for name in UVICORN_LOGGERS])
+    for access in logging.getLogger(ACCESS_LOGGER).handlers:
+        if not any(isinstance(f, AccessArgsRedactor) for f in access.filters):
+            access.addFilter(AccessArgsRedactor(redactor))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()  # a bad setting stops the app here, with one line
+    setup_logging(services().redactor)
+    if not settings.api_tokens():
+        logger.warning("REMIX_API_TOKENS is not set: the jobs API needs no token")
+    watch = FinishedWatch(settings.backend_url)
+    watch.start()
+    app.state.finished_watch = watch
+    app.state.health = HealthProbe(settings)
+    try:
+        yield
+    finally:
+        await watch.stop()
+        await app.state.health.close()
+
+
+#: Reads Redis only when scraped.
+METRICS_REGISTRY = fleet_registry()
+
+app = FastAPI(
+    title="remixq",
+    version="1",
+    summary="Image remix jobs on kie.ai's ideogram/character-remix, for other services.",
+    lifespan=lifespan,
+)
+app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_tokens())
+app.include_router(jobs_router)
 app.include_router(callbacks_router)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's ``422``, without echoing the input (a bad batch may be megabytes)."""
+    return JSONResponse({"detail": [_field_error(e) for e in exc.errors()]}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # FastAPI answers 400 for a body it could not parse other than by a JSON syntax error
+    # (bytes that are not UTF-8, nesting deeper than Python's recursion limit); the app
+    # raises no 400 itself. Answer it like any other body that is not JSON.
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        error = {"type": "json_invalid", "loc": ["body"], "msg": "the body is not valid JSON"}
+        return JSONResponse({"detail": [error]}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def _field_error(error: Any) -> dict[str, Any]:
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        message = "is not a known field"
+    return {"type": error.get("type"), "loc": list(error.get("loc", ())), "msg": message}
+
+
+@app.exception_handler(redis.RedisError)
+async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("%s %s: Redis unavailable (%s)", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "Redis is unavailable; try again later"}, status_code=503)
+
+
+@app.get(
+    "/healthz",
+    response_model=Health,
+    tags=["operations"],
+    summary="Liveness: Redis reachable (workers reported, not required)",
+    responses={503: {"model": Health, "description": "Redis is unreachable"}},
+)
+async def healthz(request: Request) -> Health | JSONResponse:
+    probe: HealthProbe = request.app.state.health
+    watch: FinishedWatch = request.app.state.finished_watch
+    long_poll: Literal["live", "reconnecting"] = "live" if watch.live else "reconnecting"
+    try:
+        workers = await probe.live_workers()
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("health check: Redis unreachable (%s)", exc)
+        down = Health(
+            status="unavailable",
+            redis="unreachable",
+            long_poll=long_poll,
+            workers_live=None,
+            workers=[],
+            detail="Redis is unreachable",
+        )
+        return JSONResponse(down.model_dump(), status_code=503)
+    return Health(
+        status="ok", redis="ok", long_poll=long_poll, workers_live=len(workers), workers=workers
+    )
+
+
+@app.get(
+    "/metrics",
+    tags=["operations"],
+    summary="The fleet's metrics, Prometheus text format",
+    dependencies=[Depends(bearer)],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "counters, gauges and histograms of the whole fleet",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        401: {"model": ErrorResponse, "description": "no valid bearer token"},
+        503: {"model": ErrorResponse, "description": "Redis is unavailable"},
+    },
+)
+async def metrics() -> Response:
+    body = await run_in_threadpool(generate_latest, METRICS_REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

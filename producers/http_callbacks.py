@@ -1,18 +1,24 @@
 """The route kie.ai calls back on: ``POST /v1/callbacks/kie`` (no bearer token).
 
 The checks and what a valid callback does are :mod:`worker.callbacks`; this route caps the
-body, answers ``401`` for every refusal without saying which check failed, and counts
-callbacks in the fleet's metrics (``callbacks_total:valid``,
-``callbacks_refused_total:<reason>``).
+body (``413`` over ``KIE_CALLBACK_MAX_BYTES``, counted or chunked), answers ``401`` for
+every refusal without saying which check failed, ``503`` when the callback cannot be
+handled now (so that the upstream delivers it again), and counts callbacks in the fleet's
+metrics (``callbacks_total:valid``, ``callbacks_refused_total:<reason>``,
+``callbacks_unavailable_total``). It needs no bearer token: the upstream cannot send one;
+the signature is the authentication.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from worker import callbacks
@@ -22,6 +28,8 @@ logger = logging.getLogger("producers.http.callbacks")
 
 router = APIRouter()
 CALLBACK_PATH = "/v1/callbacks/kie"
+#: Refusals of callbacks whose signature checked out (the others may be anyone's noise).
+SIGNED_REFUSALS = frozenset({"replay", "unknown_task", "unconfirmed"})
 
 
 class BodyTooLarge(Exception):
@@ -31,7 +39,7 @@ class BodyTooLarge(Exception):
 async def read_capped(request: Request, limit: int) -> bytes:
     """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     body = bytearray()
     async for chunk in request.stream():
@@ -44,43 +52,74 @@ async def read_capped(request: Request, limit: int) -> bytes:
 @router.post(
     CALLBACK_PATH,
     status_code=200,
-    responses={401: {"description": "refused (the reason is never given)"}, 413: {}},
+    response_class=Response,
+    responses={
+        200: {"description": "acted on (or known already); no body"},
+        401: {"description": "refused (the reason is never given)"},
+        413: {"description": "the body is over KIE_CALLBACK_MAX_BYTES"},
+        503: {"description": "not handled now (Redis or the upstream away): deliver it again"},
+    },
     summary="Receive a signed kie.ai task callback",
     tags=["callbacks"],
 )
-async def kie_callback(request: Request, job_id: str | None = None) -> Response:
+async def kie_callback(
+    request: Request,
+    job_id: Annotated[
+        str | None,
+        Query(description="The job the task was created for (added to KIE_CALLBACK_URL)."),
+    ] = None,
+) -> Response:
+    """kie.ai's callback for a finished task, signed with ``KIE_WEBHOOK_HMAC_KEY``
+    (headers ``X-Webhook-Timestamp``, ``X-Webhook-Signature``). No bearer token."""
     svc = services()
     try:
         body = await read_capped(request, svc.settings.kie_callback_max_bytes)
     except BodyTooLarge:
         await run_in_threadpool(svc.metrics.count, "callbacks_refused_total:too_large")
         return Response(status_code=413)
-    headers = dict(request.headers)
-    return await run_in_threadpool(_handle, svc, body, headers, job_id)
+    return await run_in_threadpool(respond, svc, body, dict(request.headers), job_id)
 
 
-def _handle(svc: Services, body: bytes, headers: dict[str, str], job_id: str | None) -> Response:
+def respond(svc: Services, body: bytes, headers: Mapping[str, str], job_id: str | None) -> Response:
+    """Answer one callback whose body was read: ``200`` acted on, ``401`` refused (for any
+    reason, never said), ``503`` not handled now (Redis or the upstream away), so that the
+    upstream delivers it again; nothing is remembered of a delivery answered 503."""
+    now = time.time()
     try:
-        verified = callbacks.verify(svc, body, headers, time.time())
-        if not callbacks.claim_signature(svc, verified.signature):
-            raise callbacks.CallbackRefused("replay")
+        verified = callbacks.verify(svc, body, headers, now)
     except callbacks.CallbackRefused as exc:
         return _refused(svc, exc.reason)
     try:
-        outcome = callbacks.handle(svc, verified, job_id)
+        outcome = _act(svc, verified, job_id)
     except callbacks.CallbackRefused as exc:
+        if exc.reason != "replay":
+            _remember_quietly(svc, verified, now)
         return _refused(svc, exc.reason)
-    except redis.RedisError:
-        # Not handled: let the upstream's retry (a new signature or this one) come in.
-        callbacks.release_signature_quietly(svc, verified.signature)
-        logger.warning("callback for task %s: Redis unavailable", verified.task_id)
+    except (redis.RedisError, callbacks.CallbackUnavailable) as exc:
+        logger.warning("callback for upstream task %s not handled now: %s", verified.task_id, exc)
+        svc.metrics.count("callbacks_unavailable_total")
         return Response(status_code=503)
+    _remember_quietly(svc, verified, now)
     svc.metrics.count("callbacks_total:valid")
     logger.info("callback for upstream task %s: %s", verified.task_id, outcome)
     return Response(status_code=200)
 
 
+def _act(svc: Services, verified: callbacks.Verified, job_id: str | None) -> str:
+    if callbacks.is_replay(svc, verified):
+        raise callbacks.CallbackRefused("replay")
+    return callbacks.handle(svc, verified, job_id)
+
+
+def _remember_quietly(svc: Services, verified: callbacks.Verified, now: float) -> None:
+    """Note the signature as used. Best effort: acting on a delivery again changes nothing."""
+    with contextlib.suppress(redis.RedisError):
+        callbacks.remember(svc, verified, now)
+
+
 def _refused(svc: Services, reason: str) -> Response:
     svc.metrics.count(f"callbacks_refused_total:{reason}")
-    logger.warning("callback refused (%s)", reason)
+    # Validly signed callbacks refused are worth a look; unsigned noise must not flood logs.
+    level = logging.WARNING if reason in SIGNED_REFUSALS else logging.INFO
+    logger.log(level, "callback refused (%s)", reason)
     return Response(status_code=401)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ PROBE_TIMEOUT_S = 0.5
 REDIS_START_TIMEOUT_S = 10.0
 SANDBOX_START_TIMEOUT_S = 15.0
 WORKER_START_TIMEOUT_S = 60.0
+API_START_TIMEOUT_S = 30.0
 INSPECT_INTERVAL_S = 3.0
 INSPECT_TIMEOUT_S = 10.0
 POLL_S = 0.1
@@ -284,6 +287,48 @@ def start_worker(
     ready = _WorkerReadiness(process, log_offset, full_env, app)
     _await_ready(process, ready.check, timeout, f"worker {process.name}")
     return process
+
+
+def start_api(
+    env: Mapping[str, str],
+    port: int | None = None,
+    *,
+    log_path: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = API_START_TIMEOUT_S,
+) -> ManagedProcess:
+    """Run the HTTP app (``uvicorn producers.http:app``) and wait until it serves.
+
+    Ready means ``/healthz`` answers at all: 503 (Redis unreachable) counts, so an app
+    pointed at a Redis that is down can be started too.
+
+    :param env: variables added to this process's environment (``REDIS_URL``, ...).
+    :param port: the port to listen on (127.0.0.1); a free one when None.
+    :param log_path: where its output goes; a temporary file when None.
+    :param extra_args: further uvicorn options.
+    :param timeout: seconds to wait for it to answer.
+    :raises LaunchError: when it exits or does not answer in time (with its log's end).
+    """
+    if port is not None and _port_open(port):
+        raise LaunchError(f"port {port} is already in use; stop what listens there or pick another")
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "uvicorn", "producers.http:app"]
+    command += ["--host", LOOPBACK, "--port", str(port), *extra_args]
+    process = _spawn(command, {**os.environ, **env}, log_path, "remixq-api-")
+    process.url = f"http://{LOOPBACK}:{port}"
+    _await_ready(process, lambda: _http_answers(f"{process.url}/healthz"), timeout, "HTTP app")
+    return process
+
+
+def _http_answers(url: str) -> bool:
+    """Whether an HTTP server answers ``url`` with any status."""
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S * 4):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 class _WorkerReadiness:

@@ -309,8 +309,33 @@ def test_status_without_id_summarises_jobs_and_queues(cli_redis: redis.Redis) ->
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["jobs_by_state"] == {"queued": 2}
-    assert summary["queues"] == {"submit": 2, "poll": 0}
+    assert summary["queues"] == {"submit": 2, "poll": 0, "notify": 0}
+    assert summary["webhooks_pending"] == 0
     assert summary["held_by_workers"] == 0 and summary["in_flight_upstream"] == 0
+
+
+def test_cancel_a_queued_job_then_exit_codes_for_the_rest(cli_redis: redis.Redis) -> None:
+    job_id = remixq("submit", *REQUIRED).stdout.strip()
+
+    done = remixq("cancel", job_id)
+    assert (done.returncode, done.stdout.strip()) == (0, f"cancelled {job_id}")
+    record = json.loads(remixq("status", job_id).stdout)
+    assert record["state"] == "cancelled" and record["fail_code"] == "cancelled"
+    assert remixq("cancel", job_id).returncode == 0  # cancelling again changes nothing
+
+    assert_refused(remixq("cancel", "0" * 32), "no job")
+
+    accepted = remixq("submit", *REQUIRED).stdout.strip()
+    cli_redis.hset(f"remixq:job:{accepted}", "upstream_task_id", json.dumps("task-1"))
+    refused = remixq("cancel", accepted)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip().count("\n") == 0 and "accepted upstream" in refused.stderr
+
+
+def test_submit_refuses_a_private_notify_url(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", *REQUIRED, "--notify-url", "http://10.0.0.5/hook")
+    assert_refused(result, "notify_url", "private")
+    assert enqueued(cli_redis) == (0, set())
 
 
 def test_pause_and_resume_switch_the_known_key(cli_redis: redis.Redis) -> None:

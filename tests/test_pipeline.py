@@ -276,6 +276,27 @@ def _deliveries(fleet: list[ManagedProcess], job_id: str) -> int:
     return sum(log.count(f"Task remix.submit[{job_id}] received") for log in logs)
 
 
+def test_a_worker_without_q_consumes_every_queue_each_behind_its_own_exchange(
+    fleet: list[ManagedProcess], redis_client: redis.Redis
+) -> None:
+    """``submit``, ``poll`` and ``notify`` (completion webhooks): a worker started without
+    ``-Q`` (as the Procfile starts it) consumes all three, and each queue's exchange routes
+    to that queue only."""
+    from worker.app import QUEUES
+
+    assert [(q.name, q.exchange.name, q.routing_key) for q in QUEUES] == [
+        ("submit", "submit", "submit"),
+        ("poll", "poll", "poll"),
+        ("notify", "notify", "notify"),
+    ]
+    replies = app.control.inspect(destination=[fleet[0].name], timeout=5).active_queues() or {}
+    assert {q["name"] for q in replies[fleet[0].name]} == {"submit", "poll", "notify"}
+    for queue in QUEUES:
+        bindings = redis_client.smembers(f"_kombu.binding.{queue.name}")
+        assert bindings
+        assert {b.split(b"\x06\x16")[-1] for b in bindings} == {queue.name.encode()}
+
+
 def test_stale_bindings_of_an_older_version_are_dropped(redis_client: redis.Redis) -> None:
     from worker.app import drop_stale_bindings
 

@@ -61,3 +61,24 @@ def test_a_log_record_and_its_traceback_are_redacted() -> None:
     assert SECRET[:8] not in written
     assert written.count(REDACTED) >= 3
     assert any(isinstance(f, RedactingFilter) for f in handler.filters)
+
+
+def _filtered(msg: str, args: tuple[object, ...]) -> logging.LogRecord:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, msg, args, None)
+    assert RedactingFilter(Redactor([SECRET])).filter(record)
+    return record
+
+
+def test_a_record_without_a_secret_keeps_its_arguments() -> None:
+    """uvicorn's access formatter unpacks ``record.args``: they must survive the filter."""
+    args = ("127.0.0.1:5000", "GET", "/v1/jobs", "1.1", 200)
+    record = _filtered('%s - "%s %s HTTP/%s" %d', args)
+    assert record.args == args
+
+
+def test_a_secret_in_an_argument_is_redacted_keeping_the_arguments_shape() -> None:
+    args = ("127.0.0.1:5000", "GET", f"/v1/jobs?token={SECRET}", "1.1", 200)
+    record = _filtered('%s - "%s %s HTTP/%s" %d', args)
+    assert isinstance(record.args, tuple) and len(record.args) == 5
+    assert record.args[4] == 200 and SECRET[:12] not in record.getMessage()
+    assert REDACTED in record.getMessage()

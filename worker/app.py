@@ -15,7 +15,8 @@ due. So no task has a countdown, every delivered message runs at once, and:
 
 ``worker_prefetch_multiplier = 1``: each process reserves only the message it is about to
 run. Each queue has an exchange of its own, so a message published to one exchange lands
-in one queue only.
+in one queue only. A worker started without ``-Q`` consumes all three queues: ``submit``,
+``poll`` and ``notify`` (completion webhooks, :mod:`worker.notify_store`).
 
 Importing this module does not take over a host application's Celery: the app is not
 made current, and the kombu guard (:mod:`worker.broker_guard`) is installed in worker
@@ -33,7 +34,14 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 from kombu import Exchange, Queue
 
 from worker.dispatcher import DispatcherStep
-from worker.publisher import POLL_QUEUE, POLL_TASK, SUBMIT_QUEUE, SUBMIT_TASK
+from worker.publisher import (
+    NOTIFY_QUEUE,
+    NOTIFY_TASK,
+    POLL_QUEUE,
+    POLL_TASK,
+    SUBMIT_QUEUE,
+    SUBMIT_TASK,
+)
 from worker.redaction import Redactor, install_log_redaction
 from worker.settings import get_settings
 
@@ -48,6 +56,7 @@ logger = logging.getLogger("worker.app")
 QUEUES = (
     Queue(SUBMIT_QUEUE, Exchange(SUBMIT_QUEUE, type="direct"), routing_key=SUBMIT_QUEUE),
     Queue(POLL_QUEUE, Exchange(POLL_QUEUE, type="direct"), routing_key=POLL_QUEUE),
+    Queue(NOTIFY_QUEUE, Exchange(NOTIFY_QUEUE, type="direct"), routing_key=NOTIFY_QUEUE),
 )
 #: How kombu's Redis transport stores bindings (``_kombu.binding.<exchange>``).
 _BINDING_KEYS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
@@ -88,6 +97,7 @@ def celery_config() -> dict[str, Any]:
         task_routes={
             SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
             POLL_TASK: {"queue": POLL_QUEUE},
+            NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
         },
         result_expires=settings.remix_job_ttl_s,
         # Task events cost several Redis messages per task; Flower switches them on in

@@ -16,26 +16,28 @@ kie.ai signs a callback with ``X-Webhook-Signature`` = base64(HMAC-SHA256(key,
 
 Every other callback is refused, and the caller is never told which check failed (the
 reason goes to the metrics and the log only). A signature is accepted once within the
-time window (replays are refused), so the window bounds what Redis keeps.
+time window: it is remembered once its callback was acted on (or refused), so a replay is
+refused while a delivery that could not be handled (Redis or the upstream away:
+:class:`CallbackUnavailable`, answered 503) is handled when it is tried again. Handling is
+idempotent, so two copies of one delivery arriving together change nothing twice.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import redis
-
 from worker import keys
-from worker.errors import UpstreamError
+from worker.errors import NotFoundError, UpstreamError, ValidationFailedError
 from worker.jobstore import ATTEMPT_FIELD
 from worker.kie import TaskInfo, parse_task_info
 from worker.poll_policy import finish_from_info
@@ -45,8 +47,12 @@ logger = logging.getLogger("worker.callbacks")
 
 TIMESTAMP_HEADER = "X-Webhook-Timestamp"
 SIGNATURE_HEADER = "X-Webhook-Signature"
-#: Replayed signatures are remembered this many windows (a timestamp may be early or late).
-SEEN_WINDOWS = 2
+#: Unix seconds in ASCII digits. Not ``str.isdigit()``: it also takes "²" and "١٢".
+TIMESTAMP = re.compile(r"[0-9]{1,12}")
+#: Longest task id and job id read from a callback (a job id is at most 200 characters).
+MAX_ID_CHARS = 200
+#: recordInfo answers that say the task is not this key's: the adoption is refused.
+NOT_OURS = (NotFoundError, ValidationFailedError)
 
 
 class CallbackRefused(Exception):
@@ -57,6 +63,11 @@ class CallbackRefused(Exception):
         super().__init__(reason)
 
 
+class CallbackUnavailable(Exception):
+    """A callback that could not be handled now (the upstream did not answer recordInfo,
+    or this process cannot ask it); the upstream should deliver it again."""
+
+
 @dataclass(frozen=True)
 class Verified:
     """A callback whose signature and timestamp checked out."""
@@ -64,6 +75,7 @@ class Verified:
     task_id: str
     data: dict[str, Any]
     signature: str
+    timestamp: int
 
 
 def signature_for(key: str, task_id: str, timestamp: str) -> str:
@@ -80,16 +92,19 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 
 
 def verify(svc: Services, body: bytes, headers: Mapping[str, str], now: float) -> Verified:
-    """Check a callback's body, timestamp and signature; raises :class:`CallbackRefused`."""
+    """Check a callback's body, timestamp and signature; raises :class:`CallbackRefused`.
+
+    Pure (no Redis, no upstream), so a flood of forged callbacks costs CPU only.
+    """
     key = svc.settings.kie_webhook_hmac_key
     if key is None:
         raise CallbackRefused("disabled")
     data = _callback_data(body)
     task_id = data.get("taskId") or data.get("task_id")
-    if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+    if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_ID_CHARS:
         raise CallbackRefused("malformed")
     timestamp = _header(headers, TIMESTAMP_HEADER)
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if TIMESTAMP.fullmatch(timestamp) is None:
         raise CallbackRefused("bad_timestamp")
     if abs(now - int(timestamp)) > svc.settings.kie_callback_window_s:
         raise CallbackRefused("stale")
@@ -97,7 +112,7 @@ def verify(svc: Services, body: bytes, headers: Mapping[str, str], now: float) -
     expected = signature_for(key.get_secret_value(), task_id, timestamp)
     if not hmac.compare_digest(signature.encode(), expected.encode()):
         raise CallbackRefused("bad_signature")
-    return Verified(task_id=task_id, data=data, signature=signature)
+    return Verified(task_id=task_id, data=data, signature=signature, timestamp=int(timestamp))
 
 
 def _callback_data(body: bytes) -> dict[str, Any]:
@@ -111,25 +126,27 @@ def _callback_data(body: bytes) -> dict[str, Any]:
     return data
 
 
-def claim_signature(svc: Services, signature: str) -> bool:
-    """Note a signature as used; False when it was used before (a replay)."""
-    digest = hashlib.sha256(signature.encode()).hexdigest()
-    ttl = svc.settings.kie_callback_window_s * SEEN_WINDOWS
-    return bool(svc.store.redis.set(keys.callback_seen(digest), "1", nx=True, ex=ttl))
+def _seen_key(verified: Verified) -> str:
+    return keys.callback_seen(hashlib.sha256(verified.signature.encode()).hexdigest())
 
 
-def release_signature_quietly(svc: Services, signature: str) -> None:
-    """Forget a signature whose callback could not be handled, so a retry is accepted."""
-    digest = hashlib.sha256(signature.encode()).hexdigest()
-    with contextlib.suppress(redis.RedisError):
-        svc.store.redis.delete(keys.callback_seen(digest))
+def is_replay(svc: Services, verified: Verified) -> bool:
+    """Whether this signature's callback was acted on (or refused) before."""
+    return bool(svc.store.redis.exists(_seen_key(verified)))
+
+
+def remember(svc: Services, verified: Verified, now: float) -> None:
+    """Note a signature as used, for as long as its timestamp stays within the window."""
+    valid_for = verified.timestamp + svc.settings.kie_callback_window_s - now
+    svc.store.redis.set(_seen_key(verified), "1", ex=max(1, math.ceil(valid_for) + 1))
 
 
 def handle(svc: Services, verified: Verified, job_id_param: str | None) -> str:
-    """Act on a verified callback; returns what happened, raises :class:`CallbackRefused`.
+    """Act on a verified callback; returns what happened.
 
     Answers: ``succeeded``/``failed`` (the job finished, or had finished already),
     ``pending`` (not a final state), ``extra`` (a further charge recorded), ``adopted``.
+    Raises :class:`CallbackRefused`, :class:`CallbackUnavailable` or a Redis error.
     """
     job_id = svc.store.job_for_task(verified.task_id)
     if job_id is None:
@@ -153,7 +170,7 @@ def _finish(svc: Services, job_id: str, verified: Verified) -> str:
 
 def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
     """Take on a task the upstream created for a job whose createTask outcome is unknown."""
-    if not job_id or len(job_id) > 200:
+    if not job_id or len(job_id) > MAX_ID_CHARS:
         raise CallbackRefused("unknown_task")
     record = svc.store.get(job_id)
     if record is None:
@@ -163,28 +180,46 @@ def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
         raise CallbackRefused("unknown_task")
     info = _confirm(svc, verified.task_id, job_id)
     outcome = svc.store.accept(job_id, "", verified.task_id, svc.settings.first_poll_s)
+    if outcome == "missing":
+        raise CallbackRefused("unknown_task")
+    adopted = outcome.startswith("accepted") or (
+        outcome == "again" and _task_of(svc, job_id) == verified.task_id
+    )
     logger.warning(
         "job %s: callback for upstream task %s of a createTask whose answer was lost: %s",
         job_id,
         verified.task_id,
-        "adopted" if outcome.startswith("accepted") else f"recorded ({outcome})",
+        "adopted" if adopted else f"recorded ({outcome})",
     )
-    if outcome == "extra":
-        svc.metrics.incr("possibly_paid_twice_total")
+    if outcome in ("accepted_after_unknown", "extra"):
+        svc.metrics.count("possibly_paid_twice_total")
+    if not adopted:
         return "extra"
-    if outcome == "missing":
-        raise CallbackRefused("unknown_task")
     finish_from_info(svc, job_id, info)
     return "adopted"
 
 
+def _task_of(svc: Services, job_id: str) -> str | None:
+    record = svc.store.get(job_id)
+    return None if record is None else record.upstream_task_id
+
+
 def _confirm(svc: Services, task_id: str, job_id: str) -> TaskInfo:
-    """Ask recordInfo whether the task exists and was created for ``job_id``."""
+    """Ask recordInfo whether the task exists and was created for ``job_id``.
+
+    Only an answer refuses the task (it is not this key's, or names another job); no answer
+    (an upstream error, a timeout) says nothing about it, and the callback is to come again.
+    """
+    if svc.settings.kie_api_key is None:
+        logger.error("callback for task %s cannot be confirmed: KIE_API_KEY is not set", task_id)
+        raise CallbackUnavailable("KIE_API_KEY is not set")
     try:
         info = svc.client().record_info(task_id)
-    except UpstreamError as exc:
-        logger.warning("callback for task %s: recordInfo did not confirm it (%s)", task_id, exc)
+    except NOT_OURS:
         raise CallbackRefused("unconfirmed") from None
+    except UpstreamError as exc:
+        logger.warning("callback for task %s: recordInfo failed (%s)", task_id, exc)
+        raise CallbackUnavailable(f"recordInfo: {exc.fail_code}") from None
     if job_id not in _callback_job_ids(info.param):
         raise CallbackRefused("unconfirmed")
     return info

@@ -22,6 +22,11 @@ what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose
 message may still be waiting in its queue (it has not begun and the queue's oldest
 message is no younger than it) is left to that message, so that an overloaded fleet does
 not multiply its own backlog.
+
+The same thread hands out due completion webhooks (:mod:`worker.notify_store`) as
+``remix.notify`` messages, after the jobs' steps and apart from them: an error there is
+logged and never keeps a job's step from being sent. With its heartbeat every worker
+says how many task slots it has, so webhooks can be kept to half of the fleet's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from celery import bootsteps
 
 from worker import keys
 from worker.jobstore import Dispatch
-from worker.publisher import POLL_QUEUE, SENT_AT_HEADER, SUBMIT_QUEUE
+from worker.notify_store import dispatch_notifications
+from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SENT_AT_HEADER, SUBMIT_QUEUE
 from worker.runtime import Services, services
 
 logger = logging.getLogger("worker.dispatcher")
@@ -51,11 +57,15 @@ CLAIM_LIMIT = 500
 TICK_S = 0.05
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
-QUEUES = (SUBMIT_QUEUE, POLL_QUEUE)
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
 #: Seconds between two heartbeats of a worker process; one silent 3x this long is gone.
 HEARTBEAT_S = 5.0
 #: Heartbeats older than this are dropped from the list of workers.
 HEARTBEAT_FORGET_S = 3600.0
+#: Seconds between two prunings of the state indexes (one worker prunes, any one).
+PRUNE_S = 600.0
+#: A worker whose last heartbeat is older than this no longer counts its slots.
+LIVE_WORKER_S = 3 * HEARTBEAT_S
 
 
 class Dispatcher:
@@ -63,28 +73,69 @@ class Dispatcher:
 
     Parameters:
         svc: the process's services (store, publisher, settings).
+        slots: how many tasks this worker runs at once (its pool's size).
     """
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: Services, slots: int = 1) -> None:
         self.svc = svc
+        self.slots = max(1, slots)
+        self.fleet_slots = self.slots
         self._last_heartbeat = float("-inf")
+        self._last_prune = time.monotonic()
+        self._webhooks_failing = False
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def heartbeat(self) -> None:
-        """Say this worker process is alive (``/healthz`` lists live workers)."""
+        """Say this worker process is alive (``/healthz`` lists live workers) and how many
+        slots it has; learn how many the live fleet has (:attr:`fleet_slots`)."""
         now = self.svc.clock.now()
         pipe = self.svc.broker.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
-        pipe.execute()
+        pipe.zadd(keys.WORKER_SLOTS, {f"{self.name} {self.slots}": now})
+        pipe.zremrangebyscore(keys.WORKER_SLOTS, "-inf", now - LIVE_WORKER_S)
+        pipe.zrangebyscore(keys.WORKER_SLOTS, now - LIVE_WORKER_S, "+inf")
+        live = pipe.execute()[-1]
+        self.fleet_slots = max(self.slots, sum(map(_slots_of, live)))
 
     def tick(self) -> int:
-        """One round: claim what is due and send it; returns how many jobs were sent."""
+        """One round: claim what is due and send it; returns how many messages were sent."""
         if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
             self.heartbeat()
             self._last_heartbeat = time.monotonic()
+        if time.monotonic() - self._last_prune >= PRUNE_S:
+            self._last_prune = time.monotonic()
+            self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
+        waiting = oldest_waiting(self.svc)
+        sent = self._dispatch_jobs(waiting)
+        return sent + self._dispatch_webhooks(waiting.get(NOTIFY_QUEUE))
+
+    def _dispatch_webhooks(self, oldest: float | None) -> int:
+        """Send the due completion webhooks; an error is logged (once per outage), not raised.
+
+        A webhook whose message was not sent stays in the notify schedule and comes back
+        after its lease, so nothing is lost by not raising.
+        """
+        try:
+            sent = dispatch_notifications(self.svc, oldest, self.fleet_slots)
+        except Exception as exc:
+            if not self._webhooks_failing:
+                logger.warning(
+                    "dispatcher: cannot send completion webhooks (%s: %s); retrying",
+                    type(exc).__name__,
+                    exc,
+                )
+            self._webhooks_failing = True
+            return 0
+        if self._webhooks_failing:
+            logger.warning("dispatcher: completion webhooks are sent again")
+        self._webhooks_failing = False
+        return sent
+
+    def _dispatch_jobs(self, waiting: dict[str, float]) -> int:
+        """Claim the jobs whose next step is due and publish their messages."""
         claimed = self.svc.store.claim_due(
-            CLAIM_LIMIT, self.svc.settings.lease_s, oldest_waiting=oldest_waiting(self.svc)
+            CLAIM_LIMIT, self.svc.settings.lease_s, oldest_waiting=waiting
         )
         if not claimed:
             return 0
@@ -112,6 +163,13 @@ class Dispatcher:
                 batch = polls[start : start + POLL_BATCH_SIZE]
                 publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
                 unsent.difference_update(d.job_id for d in batch)
+
+
+def _slots_of(member: bytes | str) -> int:
+    """The pool size in a ``WORKER_SLOTS`` member (``"<worker> <slots>"``); 1 if unreadable."""
+    text = member.decode(errors="replace") if isinstance(member, bytes) else member
+    size = text.rsplit(" ", 1)[-1]
+    return int(size) if size.isdigit() else 1
 
 
 def oldest_waiting(svc: Services) -> dict[str, float]:
@@ -142,8 +200,8 @@ def _sent_at(raw: bytes | str) -> float:
 class DispatcherThread:
     """Runs :meth:`Dispatcher.tick` in a loop until stopped."""
 
-    def __init__(self, make_dispatcher: Any = None) -> None:
-        self._make = make_dispatcher or (lambda: Dispatcher(services()))
+    def __init__(self, make_dispatcher: Any = None, slots: int = 1) -> None:
+        self._make = make_dispatcher or (lambda: Dispatcher(services(), slots))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="remixq-dispatcher", daemon=True)
 
@@ -187,7 +245,7 @@ class DispatcherStep(bootsteps.StartStopStep):
         self.thread: DispatcherThread | None = None
 
     def start(self, parent: Any) -> None:
-        self.thread = DispatcherThread()
+        self.thread = DispatcherThread(slots=_pool_size(parent))
         self.thread.start()
 
     def stop(self, parent: Any) -> None:
@@ -195,3 +253,10 @@ class DispatcherStep(bootsteps.StartStopStep):
             self.thread.stop()
 
     shutdown = stop
+
+
+def _pool_size(worker: Any) -> int:
+    """The worker's pool size (``-c``; with ``--autoscale`` its maximum)."""
+    autoscale = getattr(worker, "max_concurrency", None)
+    size = autoscale or getattr(worker, "concurrency", None) or 1
+    return int(size) if isinstance(size, int) else 1

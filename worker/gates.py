@@ -120,6 +120,7 @@ def budget_gate(svc: Services, job: Job) -> Wait | None:
         return None
     # The job waits for the key: an operator's resume wakes it (see resume_key).
     svc.store.hold(svc.api_key_id, job.job_id)
+    svc.metrics.count("limiter_waits_total")
     if not reservation.reserved:
         # Wake once the moment is within reach; spread the crowd over the horizon.
         wait = reservation.delay - RESERVE_AHEAD_S

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,17 @@ class Job:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """A job to create with :meth:`JobStore.create_many`."""
+
+    job_id: str
+    request: Any
+    idempotency_key: str | None = None
+    notify_url: str | None = None
+    provider: str = PROVIDER
+
+
+@dataclass(frozen=True)
 class Dispatch:
     """A job handed out by the schedule: send its next step with this token."""
 
@@ -145,6 +156,9 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        database = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        #: Where the id of each job that finishes is published (see ``keys.finished_channel``).
+        self.finished_channel = keys.finished_channel(database)
         self._create = load_script(client, "create")
         self._claim_due = load_script(client, "claim_due")
         self._begin = load_script(client, "begin")
@@ -175,17 +189,66 @@ class JobStore:
         nothing is written and the earlier job's id comes back; ``created`` is False
         whenever no new record was written (also when ``job_id`` already exists).
         """
-        record = JobRecord(job_id=job_id, state=JobState.QUEUED, provider=provider, created_at=0)
-        fields = record.model_dump(mode="json", exclude={"created_at"})
-        fields[REQUEST_FIELD] = request
-        if notify_url is not None:
-            fields[NOTIFY_URL_FIELD] = notify_url
-        job_keys = [keys.job(job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
-        if idempotency_key is not None:
-            job_keys.append(keys.idempotency(idempotency_key))
-        args: list[Any] = [job_id, self.ttl_s, due_in, *_encode(fields)]
-        owner, created = self._create(keys=job_keys, args=args)
+        job = NewJob(job_id, request, idempotency_key, notify_url, provider)
+        owner, created = self._create(*self._create_call(job, due_in))
         return decode_text(owner), bool(created)
+
+    def create_many(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        due_in: float,
+        check: Callable[[list[str | None]], None] | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Create many ``queued`` records in one transaction: all of them, or none.
+
+        ``check`` gets, for each job, the id of the job its idempotency key already names
+        (None when it names none) and may raise to write nothing. The keys are WATCHed
+        from that read to the write, so no other producer takes one in between. Returns
+        ``(owner_job_id, created)`` per job, as :meth:`create` does.
+        """
+        idem_keys = [
+            keys.idempotency(j.idempotency_key) for j in jobs if j.idempotency_key is not None
+        ]
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    owners = self._watch_owners(pipe, jobs, idem_keys)
+                    if check is not None:
+                        check(owners)
+                    pipe.multi()
+                    for job in jobs:
+                        self._create(*self._create_call(job, due_in), client=pipe)
+                    replies = pipe.execute()
+                except redis.WatchError:
+                    continue
+                return [(decode_text(owner), bool(created)) for owner, created in replies]
+
+    @staticmethod
+    def _watch_owners(pipe: Any, jobs: Sequence[NewJob], idem_keys: list[str]) -> list[str | None]:
+        if not idem_keys:
+            return [None] * len(jobs)
+        pipe.watch(*idem_keys)
+        found = iter(pipe.mget(idem_keys))
+        owners: list[str | None] = []
+        for job in jobs:
+            raw = None if job.idempotency_key is None else next(found)
+            owners.append(None if raw is None else decode_text(raw))
+        return owners
+
+    def _create_call(self, job: NewJob, due_in: float) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``create.lua`` for one job."""
+        record = JobRecord(
+            job_id=job.job_id, state=JobState.QUEUED, provider=job.provider, created_at=0
+        )
+        fields = record.model_dump(mode="json", exclude={"created_at"})
+        fields[REQUEST_FIELD] = job.request
+        if job.notify_url is not None:
+            fields[NOTIFY_URL_FIELD] = job.notify_url
+        job_keys = [keys.job(job.job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
+        if job.idempotency_key is not None:
+            job_keys.append(keys.idempotency(job.idempotency_key))
+        return job_keys, [job.job_id, self.ttl_s, due_in, *_encode(fields)]
 
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""
@@ -256,6 +319,16 @@ class JobStore:
         )
         entries = [(float(pair[1]), decode_text(pair[0])) for pair in raw]
         return [e for e in entries if after is None or e > after][:count]
+
+    def prune_indexes(self, older_than_s: float) -> int:
+        """Drop index entries of jobs created more than ``older_than_s`` ago (their records
+        have expired); returns how many were dropped."""
+        cutoff = self.redis.time()
+        bound = cutoff[0] + cutoff[1] / 1e6 - older_than_s
+        pipe = self.redis.pipeline(transaction=False)
+        for index in keys.state_indexes():
+            pipe.zremrangebyscore(index, "-inf", bound)
+        return sum(int(n) for n in pipe.execute())
 
     def count_by_state(self) -> dict[str, int]:
         """How many jobs each state's index holds (one round trip)."""
@@ -345,7 +418,7 @@ class JobStore:
             state.value if state else "",
             "" if token is None else token,
             "" if due_in is None else max(0.0, due_in),
-            keys.FINISHED_CHANNEL,
+            self.finished_channel,
             *_encode(fields),
         ]
         return int(self._update(keys=self._finishing_keys(job_id), args=args))
@@ -356,7 +429,7 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job never sent upstream; see ``cancel.lua`` for the answers."""
-        args = [job_id, self.ttl_s, keys.FINISHED_CHANNEL, json.dumps(CANCELLED_MESSAGE)]
+        args = [job_id, self.ttl_s, self.finished_channel, json.dumps(CANCELLED_MESSAGE)]
         return decode_text(self._cancel(keys=self._finishing_keys(job_id), args=args))
 
     def park(self, job: Job, due_in: float, state: JobState | None = None, **fields: Any) -> bool:

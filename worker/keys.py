@@ -4,8 +4,10 @@ Job records, the schedule and idempotency keys live in the result backend's Redi
 (``RESULT_BACKEND_URL``); the per-key fleet state (budget, pause, breaker, metrics) lives in
 the broker's Redis (``REDIS_URL``), which every worker shares. By default both are the same
 server. The Lua scripts in ``worker/lua`` receive these keys as ``KEYS``; the only key a script
-derives itself is a job's hash from ``JOB_PREFIX`` (in ``claim_due.lua``), which is fine on the
-single Redis server the pipeline runs on.
+derives itself are a job's hash from ``JOB_PREFIX`` (in ``claim_due.lua`` and
+``claim_notify.lua``) and a webhook receiver's keys from ``NOTIFY_RECEIVER_PREFIX`` and
+``NOTIFY_BUSY_PREFIX`` (in ``claim_notify.lua``), which is fine on the single Redis server
+the pipeline runs on.
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ KNOWN_API_KEYS = PREFIX + "keys"
 METRICS = PREFIX + "metrics"
 #: Recent poll lateness samples, for the benchmark.
 POLL_LATENESS = PREFIX + "stats:poll_lateness"
-#: Pub/sub channel on which the id of every job that finishes is published (long polls).
-FINISHED_CHANNEL = PREFIX + "finished"
 #: Sorted set of finished jobs whose completion webhook is due, scored by when.
 NOTIFY_SCHEDULE = PREFIX + "notify"
+#: One hash per webhook receiver (``scheme://host:port``): ``streak`` of deliveries it
+#: answered with a 2xx in a row (0 after a failure), which sets how many may be in flight.
+NOTIFY_RECEIVER_PREFIX = PREFIX + "notify:receiver:"
+#: One sorted set per webhook receiver: the jobs whose delivery is in flight there,
+#: scored by when their lease ends.
+NOTIFY_BUSY_PREFIX = PREFIX + "notify:busy:"
+#: Sorted set of every webhook delivery in flight, scored by when its lease ends.
+NOTIFY_IN_FLIGHT = PREFIX + "notify:in_flight"
 #: Sorted set of live workers, scored by their last heartbeat (Redis clock).
 WORKERS = PREFIX + "workers"
+#: Sorted set of ``"<worker> <pool size>"``, scored by the worker's last heartbeat: how
+#: many task slots the fleet has (webhooks may hold at most half of them).
+WORKER_SLOTS = PREFIX + "workers:slots"
 #: Histograms (one hash each: bucket bound -> count, plus ``sum`` and ``count``).
 HISTOGRAM_PREFIX = PREFIX + "hist:"
 #: Job states in the order of their index keys (see :func:`state_indexes`).
@@ -88,5 +99,24 @@ def callback_seen(signature_digest: str) -> str:
     return f"{PREFIX}callback:seen:{signature_digest}"
 
 
+def notify_receiver(receiver: str) -> str:
+    """State of one webhook receiver (``scheme://host:port``, as ``claim_notify.lua`` names it)."""
+    return NOTIFY_RECEIVER_PREFIX + receiver
+
+
+def notify_busy(receiver: str) -> str:
+    """The deliveries in flight to one webhook receiver."""
+    return NOTIFY_BUSY_PREFIX + receiver
+
+
 def histogram(name: str) -> str:
     return HISTOGRAM_PREFIX + name
+
+
+def finished_channel(database: int) -> str:
+    """Pub/sub channel on which the id of every job that finishes is published (long polls).
+
+    Pub/sub ignores the database number, so the channel names the job store's database:
+    deployments (or tests) sharing one Redis server do not hear each other's jobs.
+    """
+    return f"{PREFIX}finished:{database}"

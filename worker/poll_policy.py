@@ -58,9 +58,7 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
     polls = svc.store.increment(job_id, "polls")
     if polls is None:
         return "finished"
-    next_delay = poll_delay(
-        polls + 1, initial=svc.settings.remix_poll_initial_s, maximum=svc.settings.remix_poll_max_s
-    )
+    next_delay = next_poll_delay(svc, polls)
     started = time.monotonic()
     try:
         info = svc.client().record_info(task_id)
@@ -75,6 +73,17 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
         # A bug must neither fail a paid job nor keep it from its deadline.
         logger.exception("job %s: unexpected error while polling", job_id)
         return _after_error(svc, job, UnexpectedError(f"{type(exc).__name__}: {exc}"), next_delay)
+
+
+def next_poll_delay(svc: Services, polls: int) -> float:
+    """The wait before the next poll; with callbacks on, polls are a slow safety net."""
+    settings = svc.settings
+    delay = poll_delay(
+        polls + 1, initial=settings.remix_poll_initial_s, maximum=settings.remix_poll_max_s
+    )
+    if settings.callbacks_enabled:
+        delay = max(delay, settings.remix_callback_poll_s)
+    return delay
 
 
 def _count_request(svc: Services, code: str, started: float) -> None:

@@ -3,6 +3,9 @@
 ``remix.submit`` carries the job's request (so Flower shows what the job is) and the
 dispatch token that entitles it to act on the job; its Celery task id is the job id.
 ``remix.poll`` carries a batch of jobs, each with its token and due time.
+``remix.notify`` carries one finished job's completion webhook: the job id, the webhook's
+token and its receiver (``scheme://host:port``, never the full URL, which may hold a
+secret of the producer's).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from worker.clock import Clock
 
 SUBMIT_TASK = "remix.submit"
 POLL_TASK = "remix.poll"
+NOTIFY_TASK = "remix.notify"
 SUBMIT_QUEUE = "submit"
 POLL_QUEUE = "poll"
+NOTIFY_QUEUE = "notify"
 #: Message header holding when the message was sent (fleet clock), so the dispatcher can
 #: tell whether a job's message may still be waiting behind it.
 SENT_AT_HEADER = "remixq_sent_at"
@@ -28,7 +33,7 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step"
 
 
 class Publisher:
-    """Publishes ``remix.submit`` and ``remix.poll`` messages through ``app``'s broker.
+    """Publishes the pipeline's messages through ``app``'s broker.
 
     Parameters:
         app: the Celery app whose broker the messages go to.
@@ -71,6 +76,20 @@ class Publisher:
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=repr({"job_ids": [job[0] for job in jobs]}),
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+    def notify(
+        self, job_id: str, token: int, receiver: str, *, producer: Any = None, retry: bool = True
+    ) -> None:
+        self.app.send_task(
+            NOTIFY_TASK,
+            kwargs={"job_id": job_id, "dispatch": token, "receiver": receiver},
+            queue=NOTIFY_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
             headers={SENT_AT_HEADER: self.clock.now()},
         )
 

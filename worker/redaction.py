@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 REDACTED = "[redacted]"
 #: Runs at least this long that also stand in a secret are redacted.
@@ -102,7 +103,9 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string: let the handler report it as usual
             return True
-        record.msg, record.args = self.redactor.redact(message), None
+        redacted = self.redactor.redact(message)
+        if redacted != message:
+            self._redact_message(record, redacted)
         if record.exc_info:
             record.exc_text = self._formatter.formatException(record.exc_info)
             record.exc_info = None
@@ -111,6 +114,34 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self.redactor.redact(record.stack_info)
         return True
+
+    def _redact_message(self, record: logging.LogRecord, redacted: str) -> None:
+        """Redact the format string and each argument, keeping the arguments' shape.
+
+        Some formatters unpack ``record.args`` themselves (uvicorn's access log does), so
+        the arguments stay a tuple of the same length when that still renders; otherwise
+        the record carries the redacted message alone.
+        """
+        redact = self.redactor.redact
+        msg = redact(record.msg) if isinstance(record.msg, str) else redacted
+        args: Any = record.args
+        if isinstance(args, tuple):
+            args = tuple(_redacted_arg(redact, arg) for arg in args)
+        elif isinstance(args, dict):
+            args = {key: _redacted_arg(redact, value) for key, value in args.items()}
+        record.msg, record.args = msg, args
+        try:
+            rendered = record.getMessage()
+        except Exception:
+            rendered = ""
+        if not rendered or redact(rendered) != rendered:
+            record.msg, record.args = redacted, None
+
+
+def _redacted_arg(redact: Callable[[str], str], value: Any) -> Any:
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return redact(value if isinstance(value, str) else str(value))
 
 
 def install_log_redaction(redactor: Redactor, loggers: Iterable[logging.Logger] = ()) -> None:

@@ -283,14 +283,33 @@ def _forget_celery_connections(app: Any) -> None:
     """Drop the broker pool and result backend Celery built for the previous URLs.
 
     Celery has no public way to do this; these attributes are stable across Celery 5.
+    kombu keeps its pools in process-wide registries keyed by the connection's URL, so
+    the closed pool leaves them too: else the next publish to the same URL would get it
+    back ("Acquire on closed pool").
     """
     with contextlib.suppress(AttributeError):
         del app._local.backend
-    if getattr(app, "_pool", None) is not None:
-        app._pool.force_close_all()
+    closed = getattr(app, "_pool", None)
+    if closed is not None:
+        closed.force_close_all()
         app._pool = None
+        _unregister_pool(closed)
     if getattr(app.amqp, "_producer_pool", None) is not None:
         app.amqp._producer_pool = None
+
+
+def _unregister_pool(closed: Any) -> None:
+    """Remove a closed connection pool, and the producer pools on it, from kombu's registries."""
+    from kombu import pools
+
+    # The registries' keys are already hashed (kombu's EqualityDict), so they are removed
+    # with the plain dict method rather than ``del``, which would hash them again.
+    for key, pool in list(pools.connections.items()):
+        if pool is closed:
+            dict.pop(pools.connections, key, None)
+    for key, pool in list(pools.producers.items()):
+        if getattr(pool, "connections", None) is closed:
+            dict.pop(pools.producers, key, None)
 
 
 # ----------------------------------------------------------------- the keys workers use

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     remix_notify_allow_private: bool = False
     #: How many times a completion webhook is tried before it is given up.
     remix_notify_max_attempts: int = Field(10, ge=1)
+    #: Total time one webhook delivery may take, connecting included.
+    remix_notify_timeout_s: float = Field(10.0, gt=0, le=60)
+    #: Base and longest delay of the backoff (full jitter) between webhook deliveries.
+    remix_notify_retry_base_s: float = Field(5.0, gt=0)
+    remix_notify_retry_max_s: float = Field(3600.0, gt=0)
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
@@ -171,6 +176,8 @@ class Settings(BaseSettings):
     def _check_together(self) -> Settings:
         if self.remix_poll_initial_s > self.remix_poll_max_s:
             raise ValueError("REMIX_POLL_INITIAL_S must not exceed REMIX_POLL_MAX_S")
+        if self.remix_notify_retry_base_s > self.remix_notify_retry_max_s:
+            raise ValueError("REMIX_NOTIFY_RETRY_BASE_S must not exceed REMIX_NOTIFY_RETRY_MAX_S")
         if self.kie_request_deadline_s >= self.remix_deadline_s:
             raise ValueError("KIE_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
         longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
@@ -242,6 +249,13 @@ class Settings(BaseSettings):
         outcome counts as unknown and a new attempt may go (and may pay twice).
         """
         return self.lease_s + RECORD_RETRY_S
+
+    @property
+    def record_lifetime_s(self) -> float:
+        """Longest a job's record can live after the job was created: its longest run plus
+        the record's time to live (the state indexes forget jobs older than this)."""
+        longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
+        return longest_job + self.remix_job_ttl_s
 
     def secrets(self) -> list[str]:
         """The values of every secret setting that is set, Redis passwords included."""

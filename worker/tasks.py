@@ -1,4 +1,4 @@
-"""The pipeline's Celery tasks: ``remix.submit`` and ``remix.poll``.
+"""The pipeline's Celery tasks: ``remix.submit``, ``remix.poll`` and ``remix.notify``.
 
 They are thin: decode the message, run one step of the policy (:mod:`worker.submit_policy`,
 :mod:`worker.poll_policy`) and deal with infrastructure errors. A step that cannot reach
@@ -18,9 +18,10 @@ from celery import Task
 
 from worker import keys
 from worker.app import app
+from worker.notify_policy import notify_step
 from worker.outcome import fail_job
 from worker.poll_policy import POLLED, poll_step
-from worker.publisher import POLL_TASK, SUBMIT_TASK
+from worker.publisher import NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.runtime import Services, services
 from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 
@@ -170,3 +171,25 @@ def _push_lateness(svc: Services, late_by: list[float]) -> None:
     pipe.lpush(keys.POLL_LATENESS, *(f"{seconds:.4f}" for seconds in late_by))
     pipe.ltrim(keys.POLL_LATENESS, 0, POLL_LATENESS_SAMPLES - 1)
     pipe.execute()
+
+
+@app.task(name=NOTIFY_TASK, bind=True, ignore_result=True)
+def remix_notify(
+    self: Task, job_id: Any = "", dispatch: Any = 0, receiver: Any = "", **_: Any
+) -> None:
+    """Deliver one finished job's completion webhook (:func:`worker.notify_policy.notify_step`).
+
+    Whatever goes wrong here, the webhook stays in the notify schedule and is sent again
+    after its lease; nothing here touches a job's state or the submit and poll steps.
+    """
+    svc = services()
+    try:
+        notify_step(svc, str(job_id), int(dispatch), str(receiver))
+    except REDIS_ERRORS as exc:
+        logger.warning(
+            "job %s: Redis unavailable during its webhook (%s); it is sent again after its lease",
+            job_id,
+            exc,
+        )
+    except Exception:
+        logger.exception("job %s: unexpected error in a webhook delivery", job_id)

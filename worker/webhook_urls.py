@@ -2,9 +2,11 @@
 
 A producer names the URL, and a worker inside the operator's network sends to it, so a
 URL that points at a private or loopback address (a metadata service, an admin port) is
-refused unless ``REMIX_NOTIFY_ALLOW_PRIVATE`` says otherwise. The check is made twice:
-at enqueue on the URL as written, and before each delivery on every address its host
-resolves to (a public name may resolve to a private address).
+refused unless ``REMIX_NOTIFY_ALLOW_PRIVATE`` says otherwise. The check is made three
+times: at enqueue on the URL as written; before each delivery on every address its host
+resolves to (a public name may resolve to a private address); and on the address the
+delivery's socket actually connected to (:func:`check_peer`), before a byte is sent, so a
+name that resolves to another address the second time (DNS rebinding) is refused too.
 """
 
 from __future__ import annotations
@@ -70,3 +72,18 @@ def check_resolved(url: str, *, allow_private: bool) -> None:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not _is_public(address):
             raise ValueError("resolves to a private or loopback address")
+
+
+class AddressRefused(ValueError):
+    """A delivery's socket connected to an address webhooks may not be sent to."""
+
+
+def check_peer(address: str, *, allow_private: bool) -> None:
+    """Refuse a connected peer address that is not public (unless allowed).
+
+    Raises :class:`AddressRefused`.
+    """
+    if allow_private:
+        return
+    if not _is_public(ipaddress.ip_address(address.split("%")[0])):
+        raise AddressRefused("connected to a private or loopback address")

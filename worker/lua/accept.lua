@@ -14,8 +14,10 @@
 -- ARGV[3]  upstream task id
 -- ARGV[4]  seconds until the first poll
 -- ARGV[5]  time to live of the record, in seconds
--- Returns 'accepted', 'accepted_after_unknown' (an earlier attempt's outcome is unknown:
--- possibly paid twice), 'again' (this task was recorded before), 'extra' or 'missing'.
+-- Returns 'accepted', 'accepted_after_unknown' (another attempt, of unknown outcome, may
+-- have created a task too: possibly paid twice), 'again' (this task was recorded before),
+-- 'extra' or 'missing'. An adopted task (attempt id '') closes any open attempt: its owner's
+-- own answer then finds the job's task set ('again', or 'extra' for another task).
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -53,7 +55,13 @@ if state == '"queued"' then
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('HSET', KEYS[1], '_parked', redis.call('HGET', KEYS[1], '_dispatch') or '0')
-if tonumber(redis.call('HGET', KEYS[1], 'unknown_outcomes') or '0') > 0 then
+-- Other requests that may have created a task too, beside the one recorded now: every
+-- attempt of unknown outcome, and (for an adopted task) an attempt that was still open.
+-- An adopted task was created by one of those, not by a request of its own: one fewer.
+-- A worker's own task is its open attempt's.
+local others = tonumber(redis.call('HGET', KEYS[1], 'unknown_outcomes') or '0')
+if ARGV[2] == '' and not (open and open ~= 'null') then others = others - 1 end
+if others > 0 then
   redis.call('HSET', KEYS[1], 'possibly_paid_twice', 'true')
   return 'accepted_after_unknown'
 end

@@ -1,0 +1,176 @@
+"""What every request passes before a route sees it: the bearer token and the body cap.
+
+Both are checked in one ASGI middleware, *before* the body is read or parsed, so an
+unauthenticated caller cannot make the app buffer or parse a large body, and a body over
+its route's cap is refused with ``413`` after at most cap + one chunk was read.
+
+* Bearer auth applies when ``REMIX_API_TOKENS`` is set (comma-separated; any of them is
+  accepted, each compared in constant time), to every path but the public ones: the
+  health probe, the OpenAPI document and its viewers, and the upstream's callback route
+  (the upstream cannot send our token; it is authenticated by its signature instead).
+* Caps: a batch of 1,000 requests with 5,000-character prompts is about 5.3 MB of JSON,
+  so a batch may have :data:`BATCH_BODY_MAX`; one job :data:`JOB_BODY_MAX`. The callback
+  route caps its own body (``KIE_CALLBACK_MAX_BYTES``).
+
+The routes declare the bearer scheme too (``HTTPBearer(auto_error=False)``), so the OpenAPI
+document shows it; the check itself is here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("producers.http")
+
+#: Largest body of ``POST /v1/jobs`` (a 5,000-character prompt as \\u escapes is 30 KB).
+JOB_BODY_MAX = 64 * 1024
+#: Largest body of ``POST /v1/jobs:batch``.
+BATCH_BODY_MAX = 8 * 1024 * 1024
+#: Largest body of any other route (none of them reads one).
+OTHER_BODY_MAX = 4 * 1024
+#: At most this much of a refused body is read (and dropped) before the 413 goes out.
+DRAIN_MAX = 32 * 1024 * 1024
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+#: Routes under this prefix authenticate themselves and cap their own bodies.
+SELF_GUARDED_PREFIX = "/v1/callbacks/"
+BODY_CAPS = {("POST", "/v1/jobs"): JOB_BODY_MAX, ("POST", "/v1/jobs:batch"): BATCH_BODY_MAX}
+
+
+def body_cap(method: str, path: str) -> int | None:
+    """The largest body a request may carry (None: the route caps it itself)."""
+    if path.startswith(SELF_GUARDED_PREFIX):
+        return None
+    return BODY_CAPS.get((method, path.rstrip("/") or "/"), OTHER_BODY_MAX)
+
+
+def needs_token(path: str) -> bool:
+    return path not in PUBLIC_PATHS and not path.startswith(SELF_GUARDED_PREFIX)
+
+
+def token_matches(header: str | None, tokens: list[str]) -> bool:
+    """Whether an ``Authorization`` header carries one of ``tokens`` (constant time each)."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given_bytes = given.strip().encode()
+    matches = [hmac.compare_digest(given_bytes, token.encode()) for token in tokens]
+    return any(matches)
+
+
+class BodyTooLarge(Exception):
+    """``ended``: the client has sent the whole body already (nothing is left to drain)."""
+
+    def __init__(self, ended: bool) -> None:
+        self.ended = ended
+        super().__init__(ended)
+
+
+class GuardMiddleware:
+    """Refuses unauthenticated requests (``401``) and oversized bodies (``413``).
+
+    Parameters:
+        app: the application behind it.
+        tokens: returns the accepted bearer tokens (empty: no auth).
+    """
+
+    def __init__(self, app: ASGIApp, tokens: Callable[[], list[str]]) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if not self._authorized(scope):
+            logger.info("refused %s %s: no valid bearer token", scope["method"], path)
+            await _unauthorized()(scope, receive, send)
+            return
+        cap = body_cap(scope["method"], path)
+        if cap is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_capped(scope, receive, cap)
+        except BodyTooLarge as exc:
+            if not exc.ended:
+                await _drain(receive)
+            await _too_large(cap)(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        tokens = self.tokens()
+        if not tokens or not needs_token(scope["path"]):
+            return True
+        return token_matches(_header(scope, b"authorization"), tokens)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _read_capped(scope: Scope, receive: Receive, cap: int) -> bytes:
+    declared = (_header(scope, b"content-length") or "").strip()
+    if declared.isascii() and declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge(ended=False)
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return bytes(body)  # the client went away: the route sees what came
+        body += message.get("body", b"")
+        ended = not message.get("more_body", False)
+        if len(body) > cap:
+            raise BodyTooLarge(ended)
+        if ended:
+            return bytes(body)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused body (up to :data:`DRAIN_MAX`), so that a client
+    still sending it reads the ``413`` rather than a connection reset."""
+    drained = 0
+    while drained <= DRAIN_MAX:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the buffered body over once, then defers to the client."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "a valid bearer token is required (Authorization: Bearer <token>)"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"request body larger than {cap} bytes"},
+        status_code=413,
+        headers={"Connection": "close"},
+    )

@@ -1,0 +1,435 @@
+"""The jobs routes of the HTTP app: enqueue, read (with a long poll), list, batch, cancel.
+
+They are the Python API (:mod:`producers.api`) over HTTP, for services not written in
+Python: the same request model and validation as ``enqueue_remix``, the same records.
+Redis calls are synchronous (the job store's Lua scripts), so each runs in the thread
+pool; a long poll waits on the app's one subscription (:mod:`producers.longpoll`), not
+in a thread. A Redis error becomes ``503`` in :mod:`producers.http`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from producers.api import (
+    CANCEL_REFUSALS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    JobNotCancellable,
+    cancel_job,
+    check_notify_url,
+    enqueue_many_validated,
+    enqueue_validated,
+)
+from producers.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
+from worker import keys
+from worker.jobstore import NOTIFY_URL_FIELD, REQUEST_FIELD
+from worker.models import InvalidRequestError, JobRecord, JobState, RemixRequest
+from worker.runtime import services
+from worker.settings import get_settings
+from worker.webhook_urls import MAX_URL_CHARS
+
+MAX_BATCH = 1000
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_CURSOR_CHARS = 512
+MAX_JOB_ID_CHARS = 200
+
+#: Documents the bearer scheme in the OpenAPI document; the check is in
+#: :mod:`producers.http_guard`, before the body is read.
+bearer = HTTPBearer(
+    auto_error=False,
+    description="One of the tokens of REMIX_API_TOKENS (required only when it is set).",
+)
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
+
+
+# ------------------------------------------------------------------ models
+
+
+#: What the URL fields accept, as a JSON Schema pattern (the check itself is the model's).
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:[0-9]{1,4})?(/[!-~]*)?$"
+URL_FIELDS = ("image_url", "reference_mask_urls", "notify_url")
+URL_LIST_FIELDS = ("reference_image_urls", "image_urls")
+EXAMPLE = {
+    "prompt": "the character as an astronaut on the moon",
+    "image_url": "https://example.com/source.png",
+    "reference_image_urls": ["https://example.com/character.png"],
+    "strength": 0.6,
+    "idempotency_key": "order-1234",
+}
+
+
+def _document_constraints(schema: dict[str, Any]) -> None:
+    """Say in the OpenAPI document what the validators check: http(s) URLs, a prompt that
+    is not blank, the bounds of ``strength``, ``num_images`` as an int (so that generated
+    clients and fuzzers send valid requests)."""
+    properties = schema.get("properties", {})
+
+    def with_pattern(field: dict[str, Any], pattern: str) -> None:
+        for option in field.get("anyOf", [field]):
+            if option.get("type") == "string":
+                option["pattern"] = pattern
+
+    for name in URL_FIELDS:
+        if name in properties:
+            with_pattern(properties[name], URL_PATTERN)
+    for name in URL_LIST_FIELDS:
+        for option in properties.get(name, {}).get("anyOf", [properties.get(name, {})]):
+            if option.get("type") == "array":
+                with_pattern(option["items"], URL_PATTERN)
+    if "prompt" in properties:
+        properties["prompt"]["pattern"] = r"\S"
+    for option in properties.get("strength", {}).get("anyOf", []):
+        # The model's bounds come out as pydantic's names, which JSON Schema does not know.
+        for ours, theirs in (("ge", "minimum"), ("le", "maximum")):
+            if ours in option:
+                option[theirs] = option.pop(ours)
+    num_images = properties.get("num_images", {}).get("anyOf")
+    if num_images is not None:  # "1".."4" as the upstream has it, or the same as an int
+        num_images.insert(1, {"type": "integer", "minimum": 1, "maximum": 4})
+    schema["examples"] = [EXAMPLE]
+
+
+class JobRequest(RemixRequest):
+    """A remix request (the createTask ``input`` fields) and the job's own options."""
+
+    model_config = ConfigDict(json_schema_extra=_document_constraints)
+
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        description="The same key returns the same job and enqueues nothing new.",
+    )
+    notify_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_CHARS,
+        description="An http(s) URL the finished job's record is POSTed to, signed.",
+    )
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("notify_url")
+    @classmethod
+    def _webhook_allowed(cls, value: str | None) -> str | None:
+        allow_private = get_settings().remix_notify_allow_private
+        try:
+            check_notify_url(value, allow_private=allow_private)
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc).removeprefix("invalid request: notify_url: ")) from None
+        return value
+
+    def payload(self) -> dict[str, Any]:
+        """The createTask input, exactly as ``enqueue_remix`` stores it."""
+        return self.model_dump(
+            mode="json", exclude_none=True, exclude={"idempotency_key", "notify_url"}
+        )
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchResponse(BaseModel):
+    jobs: list[JobRecord] = Field(description="One record per request, in order.")
+
+
+class JobPage(BaseModel):
+    jobs: list[JobRecord] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class CancelRefused(BaseModel):
+    detail: str
+    reason: Literal["accepted", "sending", "unknown_outcome", "finished"]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        401: "REMIX_API_TOKENS is set and no valid bearer token came",
+        404: "no such job (or its record expired)",
+        409: "the idempotency key already names a job with another request",
+        413: "the body is larger than this route accepts",
+        503: "Redis is unavailable",
+    }
+    return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
+
+
+# ------------------------------------------------------------------ enqueue
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, indexes: list[int], owner: str | None = None) -> None:
+        self.indexes = indexes
+        self.owner = owner
+        super().__init__(indexes)
+
+
+def _invalid(loc: Sequence[str | int], message: str, value: Any = None) -> RequestValidationError:
+    """A 422 in FastAPI's own format, for checks made after the model's validation."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": tuple(loc), "msg": message, "input": value}]
+    )
+
+
+def _stored(job_ids: Sequence[str]) -> list[tuple[Any, Any]]:
+    """The request and notify URL each job was enqueued with, in one round trip."""
+    pipe = services().store.redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), [REQUEST_FIELD, NOTIFY_URL_FIELD])
+    return [(_decoded(request), _decoded(url)) for request, url in pipe.execute()]
+
+
+def _decoded(raw: Any) -> Any:
+    return None if raw is None else json.loads(raw)
+
+
+def _enqueue_one(
+    payload: dict[str, Any], key: str | None, notify: str | None
+) -> tuple[JobRecord, bool]:
+    job_id, created = enqueue_validated(payload, key, notify)
+    if not created and _stored([job_id])[0] != (payload, notify):
+        raise IdempotencyConflict([0], job_id)
+    record = services().store.get(job_id)
+    if record is None:  # the key outlived its job's record: it cannot be used again yet
+        raise IdempotencyConflict([0], job_id)
+    return record, created
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobRecord,
+    summary="Enqueue a remix job",
+    responses={
+        200: {"model": JobRecord, "description": "the job this idempotency key already names"},
+        **_errors(401, 409, 413, 503),
+    },
+)
+async def create_job(
+    body: JobRequest,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+            description="Same as the body's `idempotency_key` (they must agree).",
+        ),
+    ] = None,
+) -> JobRecord:
+    key = _one_key(body.idempotency_key, idempotency_key)
+    try:
+        record, created = await run_in_threadpool(
+            _enqueue_one, body.payload(), key, body.notify_url
+        )
+    except IdempotencyConflict as exc:
+        raise HTTPException(
+            409, f"the idempotency key already names job {exc.owner} with another request"
+        ) from None
+    response.headers["Location"] = f"/v1/jobs/{record.job_id}"
+    response.status_code = 202 if created else 200
+    return record
+
+
+def _one_key(body_key: str | None, header_key: str | None) -> str | None:
+    if header_key is not None and not header_key.strip():
+        raise _invalid(["header", "Idempotency-Key"], "must not be blank", header_key)
+    if body_key is not None and header_key is not None and body_key != header_key:
+        raise _invalid(
+            ["header", "Idempotency-Key"], "differs from the body's idempotency_key", header_key
+        )
+    return body_key if body_key is not None else header_key
+
+
+# ------------------------------------------------------------------ batch
+
+
+def _check_batch(jobs: list[JobRequest]) -> None:
+    """The check beyond each request's: one request per idempotency key."""
+    errors: list[dict[str, Any]] = []
+    first_with_key: dict[str, JobRequest] = {}
+    for index, job in enumerate(jobs):
+        key = job.idempotency_key
+        if key is None:
+            continue
+        earlier = first_with_key.setdefault(key, job)
+        if earlier is not job and (earlier.payload(), earlier.notify_url) != (
+            job.payload(),
+            job.notify_url,
+        ):
+            errors += _invalid(
+                ["body", "jobs", index, "idempotency_key"],
+                "an earlier request of the batch has this key and another body",
+                key,
+            ).errors()
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _enqueue_batch(jobs: list[JobRequest]) -> tuple[list[JobRecord], bool]:
+    items = [(job.payload(), job.idempotency_key, job.notify_url) for job in jobs]
+
+    def refuse_conflicts(owners: list[str | None]) -> None:
+        known = [(i, owner) for i, owner in enumerate(owners) if owner is not None]
+        stored = _stored([owner for _, owner in known])
+        clashes = [
+            i
+            for (i, _), was in zip(known, stored, strict=True)
+            if was != (items[i][0], items[i][2])
+        ]
+        if clashes:
+            raise IdempotencyConflict(clashes)
+
+    owners = enqueue_many_validated(items, check=refuse_conflicts)
+    records = services().store.get_many([job_id for job_id, _ in owners])
+    missing = [i for i, record in enumerate(records) if record is None]
+    if missing:  # keys that outlived their jobs' records
+        raise IdempotencyConflict(missing)
+    return [r for r in records if r is not None], any(created for _, created in owners)
+
+
+@router.post(
+    "/jobs:batch",
+    status_code=202,
+    response_model=BatchResponse,
+    summary="Enqueue up to 1,000 jobs at once: all of them or none",
+    responses={
+        200: {"model": BatchResponse, "description": "every idempotency key named a job"},
+        **_errors(401, 409, 413, 503),
+    },
+)
+async def create_jobs(body: BatchRequest, response: Response) -> BatchResponse:
+    _check_batch(body.jobs)
+    try:
+        records, created = await run_in_threadpool(_enqueue_batch, body.jobs)
+    except IdempotencyConflict as exc:
+        where = ", ".join(map(str, exc.indexes[:20]))
+        raise HTTPException(
+            409, f"jobs {where}: the idempotency key already names a job with another request"
+        ) from None
+    response.status_code = 202 if created else 200
+    return BatchResponse(jobs=records)
+
+
+# ------------------------------------------------------------------ read, list, cancel
+
+JobId = Annotated[str, Path(min_length=1, max_length=MAX_JOB_ID_CHARS)]
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobRecord,
+    summary="A job's record; with `wait`, once it has finished (a long poll)",
+    responses=_errors(401, 404, 503),
+)
+async def read_job(
+    request: Request,
+    job_id: JobId,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Hold the request until the job finishes or this many seconds pass.",
+        ),
+    ] = 0,
+) -> JobRecord:
+    if wait > 0:
+        watch: FinishedWatch = request.app.state.finished_watch
+        record = await wait_for_record(watch, job_id, wait)
+    else:
+        record = await read_record(job_id)
+    if record is None:
+        raise HTTPException(404, "no such job")
+    return record
+
+
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="The jobs in one state, oldest first, a page at a time",
+    responses=_errors(401, 503),
+)
+async def list_jobs(
+    state: Annotated[JobState, Query(description="Which state's jobs to list.")],
+    cursor: Annotated[
+        str | None,
+        Query(max_length=MAX_CURSOR_CHARS, description="`next_cursor` of the previous page."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> JobPage:
+    after = None if cursor is None else decode_cursor(cursor, state)
+    records, position = await run_in_threadpool(services().store.list_by_state, state, limit, after)
+    next_cursor = None if position is None else encode_cursor(state, position)
+    return JobPage(jobs=records, next_cursor=next_cursor)
+
+
+def encode_cursor(state: JobState, position: tuple[float, str]) -> str:
+    """An opaque cursor: the state and the last ``(created_at, job_id)`` of a page."""
+    raw = json.dumps([state.value, position[0], position[1]], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, state: JobState) -> tuple[float, str]:
+    """The position a cursor names; ``422`` when it is not one of ours for ``state``."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        kind, created_at, job_id = json.loads(raw)
+        valid = (
+            kind == state.value
+            and isinstance(created_at, int | float)
+            and not isinstance(created_at, bool)
+            and math.isfinite(created_at)
+            and isinstance(job_id, str)
+            and 0 < len(job_id) <= MAX_JOB_ID_CHARS
+        )
+    except (binascii.Error, ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise _invalid(["query", "cursor"], f"not a cursor of a page of {state.value} jobs", cursor)
+    return float(created_at), job_id
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobRecord,
+    summary="Cancel a job not yet accepted upstream",
+    responses={
+        **_errors(401, 404, 503),
+        409: {"model": CancelRefused, "description": "too late: " + "; ".join(CANCEL_REFUSALS)},
+    },
+)
+async def cancel(job_id: JobId) -> JobRecord | JSONResponse:
+    try:
+        return await run_in_threadpool(cancel_job, job_id)
+    except KeyError:
+        raise HTTPException(404, "no such job") from None
+    except JobNotCancellable as exc:
+        refused = CancelRefused(detail=str(exc), reason=exc.reason)  # type: ignore[arg-type]
+        return JSONResponse(refused.model_dump(), status_code=409)

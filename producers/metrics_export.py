@@ -1,0 +1,175 @@
+"""The fleet's metrics in the Prometheus text format, read from Redis at scrape time.
+
+Workers count into Redis (:class:`worker.runtime.Metrics`): prefork pool processes, threads
+and hosts all add to the same hash, so no Prometheus multiprocess mode is needed and a
+scrape of any one HTTP app sees the whole fleet. This collector turns what is stored into
+metric families when ``/metrics`` is scraped:
+
+* every stored counter, ``name:label`` becoming ``remixq_name{<label name>="label"}``
+  (``create_task_total:429`` -> ``remixq_create_task_total{code="429"}``);
+* ``remixq_jobs{state=...}`` from the per-state indexes, ``remixq_queue_depth{queue=...}``
+  (messages waiting in the broker), ``remixq_workers_live``;
+* the latency and job-time histograms.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from worker import keys
+from worker.dispatcher import HEARTBEAT_S
+from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
+from worker.runtime import HISTOGRAMS, Services, services
+
+NAMESPACE = "remixq"
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
+#: A worker whose last heartbeat is older than this is not counted as live.
+LIVE_WORKER_S = 3 * HEARTBEAT_S
+#: The label name of each counter family stored with a ``:label`` suffix.
+LABEL_NAMES = {
+    "create_task_total": "code",
+    "record_info_total": "code",
+    "jobs_finished_total": "outcome",
+    "pauses_total": "reason",
+    "callbacks_total": "outcome",
+    "callbacks_refused_total": "reason",
+    "notify_total": "outcome",
+}
+DEFAULT_LABEL_NAME = "label"
+HELP = {
+    "create_task_total": "createTask answers by code (429: rate limited upstream)",
+    "record_info_total": "recordInfo answers (polls) by code",
+    "jobs_finished_total": "Jobs finished, by outcome (succeeded, or the fail code)",
+    "retries_total": "createTask retries after a retryable error",
+    "pauses_total": "Submission pauses of an API key, by reason",
+    "limiter_waits_total": "Submits parked to wait for the key's shared budget",
+    "callbacks_total": "Upstream callbacks acted on",
+    "callbacks_refused_total": "Upstream callbacks refused, by reason",
+    "unknown_outcomes_total": "createTask requests whose answer was lost after sending",
+    "possibly_paid_twice_total": "Jobs sent again after an unknown outcome and accepted",
+    "lease_resends_total": "Jobs sent again because their step was lost",
+    "notify_total": "Completion webhook tries, by outcome",
+    "notify_lease_resends_total": "Completion webhooks sent again after a lost delivery",
+    "create_task_seconds": "Latency of createTask requests",
+    "record_info_seconds": "Latency of recordInfo requests",
+    "job_seconds": "Time from enqueue to the end of a job",
+}
+_VALID_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class FleetCollector(Collector):
+    """Reads the fleet's counters, gauges and histograms from Redis on every scrape.
+
+    A Redis error propagates, so a scrape fails (``/metrics`` answers 503) rather than
+    reporting zeros.
+    """
+
+    def __init__(self, svc: Services | None = None) -> None:
+        self._svc = svc
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing to declare up front: registering must not read Redis.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self._svc or services()
+        yield from counter_families(svc.metrics.read())
+        yield _jobs_by_state(svc)
+        yield _queue_depths(svc)
+        yield _live_workers(svc)
+        for name in HISTOGRAMS:
+            yield _histogram(svc, name)
+
+
+#: Counters without a label, shown as 0 before anything counted them (for dashboards).
+PLAIN_COUNTERS = (
+    "retries_total",
+    "limiter_waits_total",
+    "unknown_outcomes_total",
+    "possibly_paid_twice_total",
+    "lease_resends_total",
+)
+
+
+def counter_families(stored: dict[str, int]) -> Iterator[CounterMetricFamily]:
+    """One family per stored counter name; the part after a colon becomes a label."""
+    grouped: dict[str, dict[str | None, int]] = defaultdict(dict)
+    for name in PLAIN_COUNTERS:
+        grouped[name][None] = 0
+    for stored_name, value in stored.items():
+        name, _, label = stored_name.partition(":")
+        if _VALID_NAME.match(name):
+            grouped[name][label if label else None] = value
+    for name, samples in sorted(grouped.items()):
+        if all(label is None for label in samples):
+            yield CounterMetricFamily(_full(name), _help(name), value=samples[None])
+            continue
+        family = CounterMetricFamily(
+            _full(name), _help(name), labels=[LABEL_NAMES.get(name, DEFAULT_LABEL_NAME)]
+        )
+        for label_value, value in sorted(samples.items(), key=lambda item: item[0] or ""):
+            family.add_metric([label_value or ""], value)
+        yield family
+
+
+def _jobs_by_state(svc: Services) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        _full("jobs"), "Jobs by state (finished ones until their records expire)", labels=["state"]
+    )
+    for state, count in svc.store.count_by_state().items():
+        family.add_metric([state], count)
+    return family
+
+
+def _queue_depths(svc: Services) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        _full("queue_depth"), "Messages waiting in a broker queue", labels=["queue"]
+    )
+    pipe = svc.broker.pipeline(transaction=False)
+    for queue in QUEUES:
+        pipe.llen(queue)
+    for queue, depth in zip(QUEUES, pipe.execute(), strict=True):
+        family.add_metric([queue], int(depth))
+    return family
+
+
+def _live_workers(svc: Services) -> GaugeMetricFamily:
+    live = svc.broker.zcount(keys.WORKERS, svc.clock.now() - LIVE_WORKER_S, "+inf")
+    return GaugeMetricFamily(
+        _full("workers_live"), "Worker processes with a recent heartbeat", value=int(live)
+    )
+
+
+def _histogram(svc: Services, name: str) -> HistogramMetricFamily:
+    buckets, total, _ = svc.metrics.read_histogram(name)
+    return HistogramMetricFamily(
+        _full(name),
+        _help(name),
+        buckets=[(bound, float(count)) for bound, count in buckets],
+        sum_value=total,
+    )
+
+
+def _full(name: str) -> str:
+    return f"{NAMESPACE}_{name}"
+
+
+def _help(name: str) -> str:
+    return HELP.get(name, name.replace("_", " "))
+
+
+def fleet_registry(svc: Services | None = None) -> CollectorRegistry:
+    """A registry holding only the fleet's collector (no process metrics of the app)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(svc))
+    return registry
