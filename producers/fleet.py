@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.gates import resume_key
 from worker import keys
+from worker.gates import resume_key
 from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import known_api_keys, limiter_for, pause_for, services
 
