@@ -15,7 +15,7 @@ from rich.console import Console
 
 from bench.procfs import machine_busy_seconds, own_cpu_seconds
 from bench.report import Figure, Report, duration, machine_info, now_utc, rich_table, write_docs
-from bench.sections import DEPENDS_ON, SECTIONS, Plan, Run
+from bench.sections import DEPENDS_ON, GROUPS, SECTIONS, Plan, Run
 from bench.stack import Stack
 from sandbox.launch import REPO_ROOT, LaunchError, sigterm_as_interrupt
 
@@ -37,9 +37,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=list(SECTIONS),
+        choices=[*SECTIONS, *GROUPS],
         metavar="NAME",
-        help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}; or a group: "
+        + "; ".join(f"{group} ({', '.join(names)})" for group, names in GROUPS.items()),
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
     parser.add_argument(
@@ -58,8 +59,8 @@ def section_names(only: Sequence[str] | None) -> list[str]:
     """The sections to run, in the order of a full run, with what they depend on."""
     if not only:
         return list(SECTIONS)
-    wanted = set(only)
-    for name in only:
+    wanted = {section for name in only for section in GROUPS.get(name, (name,))}
+    for name in list(wanted):
         wanted.update(DEPENDS_ON.get(name, ()))
     return [name for name in SECTIONS if name in wanted]
 

@@ -1,4 +1,4 @@
-"""The processes a benchmark runs: a private Redis, the sandbox and Celery workers.
+"""The processes a benchmark runs: a private Redis, the sandbox, Celery workers, the HTTP app.
 
 Everything runs on this machine, on loopback ports picked at random, and everything
 started is stopped again by :meth:`Stack.close` (the last started first). The Redis
@@ -25,6 +25,7 @@ from bench.naive import app as naive_app
 from sandbox.launch import (
     LaunchError,
     ManagedProcess,
+    start_api,
     start_redis,
     start_sandbox,
     start_worker,
@@ -49,6 +50,10 @@ class Stack:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.api_key = f"sk-bench-{uuid.uuid4().hex}"
+        #: Signs the sandbox's callbacks; the workers and the HTTP app check them with it.
+        self.webhook_key = f"whk-bench-{uuid.uuid4().hex}"
+        #: The bearer token of the HTTP app (``REMIX_API_TOKENS``).
+        self.api_token = f"tok-bench-{uuid.uuid4().hex}"
         self.redis_url = ""
         self.redis: redis.Redis | None = None
         self.redis_process: ManagedProcess | None = None
@@ -77,16 +82,40 @@ class Stack:
         full_args = ["--api-key", self.api_key, *args]
         return self._track(lambda: start_sandbox(args=full_args, log_path=self._log("sandbox")))
 
-    def worker_env(self, sandbox: ManagedProcess, settings: Mapping[str, str]) -> dict[str, str]:
-        """The environment of a worker of this stack, with ``settings`` on top."""
+    def worker_env(
+        self, sandbox: ManagedProcess | None, settings: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The environment of a worker (or of the HTTP app) of this stack, ``settings`` on top.
+
+        :param sandbox: the upstream it talks to; None for a process that never does.
+        """
+        upstream = {} if sandbox is None else {"KIE_BASE_URL": sandbox.url or ""}
         return {
             **{name.upper(): "" for name in UNSET_SETTINGS},
             "REDIS_URL": self.redis_url,
             "RESULT_BACKEND_URL": self.redis_url,
             "KIE_API_KEY": self.api_key,
-            "KIE_BASE_URL": sandbox.url or "",
+            **upstream,
             **settings,
         }
+
+    def start_api(
+        self,
+        sandbox: ManagedProcess | None,
+        settings: Mapping[str, str],
+        port: int | None = None,
+    ) -> ManagedProcess:
+        """Start the HTTP app (``uvicorn producers.http:app``, one process) on this stack.
+
+        It needs :attr:`api_token` (``REMIX_API_TOKENS``, as in production) on its job
+        routes; its environment is otherwise a worker's (:meth:`worker_env`).
+
+        :param sandbox: the upstream it asks (to confirm an adopted task), if any.
+        :param settings: its settings on top.
+        :param port: its port on 127.0.0.1; a free one when None.
+        """
+        env = self.worker_env(sandbox, {"REMIX_API_TOKENS": self.api_token, **settings})
+        return self._track(lambda: start_api(env, port, log_path=self._log("api")))
 
     def start_workers(
         self,

@@ -8,9 +8,11 @@ its route's cap is refused with ``413`` after at most cap + one chunk was read.
   accepted, each compared in constant time), to every path but the public ones: the
   health probe, the OpenAPI document and its viewers, and the upstream's callback route
   (the upstream cannot send our token; it is authenticated by its signature instead).
-* Caps: a batch of 1,000 requests with 5,000-character prompts is about 5.3 MB of JSON,
-  so a batch may have :data:`BATCH_BODY_MAX`; one job :data:`JOB_BODY_MAX`. The callback
-  route caps its own body (``KIE_CALLBACK_MAX_BYTES``).
+* Caps are sized for the largest *legal* request as a JSON encoder may write it: a
+  5,000-character prompt of emoji written as ``\\ud83d\\ude00`` escapes is 60 KB, its
+  negative prompt 6 KB more, so one job may have :data:`JOB_BODY_MAX` and a batch of
+  1,000 such requests :data:`BATCH_BODY_MAX`. The callback route caps its own body
+  (``KIE_CALLBACK_MAX_BYTES``).
 
 The routes declare the bearer scheme too (``HTTPBearer(auto_error=False)``), so the OpenAPI
 document shows it; the check itself is here.
@@ -27,10 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("producers.http")
 
-#: Largest body of ``POST /v1/jobs`` (a 5,000-character prompt as \\u escapes is 30 KB).
-JOB_BODY_MAX = 64 * 1024
-#: Largest body of ``POST /v1/jobs:batch``.
-BATCH_BODY_MAX = 8 * 1024 * 1024
+#: Largest body of ``POST /v1/jobs`` (worst legal case about 67 KB, plus the URLs).
+JOB_BODY_MAX = 96 * 1024
+#: Largest body of ``POST /v1/jobs:batch`` (1,000 requests of the worst legal case).
+BATCH_BODY_MAX = 72 * 1024 * 1024
 #: Largest body of any other route (none of them reads one).
 OTHER_BODY_MAX = 4 * 1024
 #: At most this much of a refused body is read (and dropped) before the 413 goes out.

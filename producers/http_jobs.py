@@ -257,7 +257,21 @@ async def create_job(
     return record
 
 
-def _one_key(body_key: str | None, header_key: str | None) -> str | None:
+def _header_text(raw: str | None) -> str | None:
+    """A header as the client sent it: HTTP headers arrive as latin-1, clients send UTF-8.
+
+    Without this, ``clé`` in the header and in the body would be two idempotency keys.
+    """
+    if raw is None:
+        return None
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise _invalid(["header", "Idempotency-Key"], "must be UTF-8 text", None) from None
+
+
+def _one_key(body_key: str | None, raw_header_key: str | None) -> str | None:
+    header_key = _header_text(raw_header_key)
     if header_key is not None and not header_key.strip():
         raise _invalid(["header", "Idempotency-Key"], "must not be blank", header_key)
     if body_key is not None and header_key is not None and body_key != header_key:

@@ -183,16 +183,32 @@ class FinishedWatch:
 
 
 async def wait_for_record(watch: FinishedWatch, job_id: str, wait_s: float) -> JobRecord | None:
-    """The job's record once it has finished, or after ``wait_s`` seconds; None if unknown."""
+    """The job's record once it has finished, or after ``wait_s`` seconds; None if unknown.
+
+    A Redis error on the first read answers the caller; one while waiting is waited out
+    (the record is read again soon), unless it is still there at the deadline.
+    """
     deadline = time.monotonic() + wait_s
+    last: JobRecord | None = None
+    first = True
     with watch.watching(job_id) as waiter:
         while True:
             waiter.event.clear()
             live = watch.live  # before the read: a later message must reach the waiter
-            record = await watch.read(job_id)
+            try:
+                record = await watch.read(job_id)
+            except redis.RedisError:
+                if first or time.monotonic() >= deadline:
+                    raise
+                live = False
+            else:
+                if record is None or record.finished:
+                    return record
+                last = record
+            first = False
             remaining = deadline - time.monotonic()
-            if record is None or record.finished or remaining <= 0:
-                return record
+            if remaining <= 0:
+                return last
             recheck = RECHECK_LIVE_S if live else RECHECK_DOWN_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.event.wait(), min(remaining, recheck))

@@ -19,10 +19,47 @@ MAX_URL_CHARS = 2000
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible,
+#: IPv4-translated): a gateway may turn them into that IPv4 address.
+_EMBEDDING_PREFIXES = tuple(
+    ipaddress.ip_network(prefix)
+    for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address may stand for (mapped, 6to4, Teredo, NAT64 ...)."""
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found += list(address.teredo)
+    if any(address in network for network in _EMBEDDING_PREFIXES):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def _is_public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded:
+            return all(_is_public(inner) for inner in embedded)
     return address.is_global and not address.is_multicast
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address a host written as a number stands for, as resolvers read it.
+
+    Besides the usual forms, ``inet_aton`` accepts IPv4 shorthand (``127.1``, ``0``,
+    ``2130706433``, ``0x7f.1``), which every resolver honours: None for a real name.
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def check_webhook_url(url: str, *, allow_private: bool) -> str:
@@ -47,9 +84,8 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
     host = parts.hostname.rstrip(".").lower()
     if host in _LOCAL_NAMES or host.endswith(".localhost"):
         raise ValueError("points at this machine (set REMIX_NOTIFY_ALLOW_PRIVATE=1 to allow)")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = _literal_address(host)
+    if address is None:
         return url  # a name: its addresses are checked before each delivery
     if not _is_public(address):
         raise ValueError(

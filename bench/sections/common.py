@@ -12,19 +12,22 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import requests
 from celery import Celery
 
 from bench import naive
 from bench.report import Figure
 from bench.stack import Stack
 from producers import enqueue_remix
+from producers.http_callbacks import CALLBACK_PATH
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess
+from sandbox.launch import LOOPBACK, ManagedProcess, free_port
 from worker.jobstore import JobStore
 from worker.models import FINISHED_STATES, JobRecord, JobState
 from worker.runtime import services
@@ -39,6 +42,8 @@ STATE_BATCH = 2000
 WAIT_POLL_S = 0.5
 STATS_POLL_S = 1.0
 PIPELINE_TIMEOUT_S = 180.0
+RECORD_TIMEOUT_S = 10.0
+MS_PER_S = 1000
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,19 @@ class Plan:
     inflight_observe_s: float
     e2e_jobs: int
     overhead_jobs: int
+    #: Jobs of the callback latency section, and how many generations end per second.
+    callback_jobs: int
+    callback_pace: float
+    #: Jobs of each run (callbacks, polling only) of the upstream requests section.
+    callback_requests_jobs: int
+    #: Jobs enqueued each way (HTTP, in-process) by the HTTP enqueue section.
+    http_jobs: int
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls((1, 6), 20.0, 5.0, 1000, 120.0, 30.0, 20, 200)
-        return cls((1, 3, 6), 40.0, 5.0, 10000, 300.0, 75.0, 40, 1000)
+            return cls((1, 6), 20.0, 5.0, 1000, 120.0, 30.0, 20, 200, 300, 25.0, 100, 500)
+        return cls((1, 3, 6), 40.0, 5.0, 10000, 300.0, 75.0, 40, 1000, 1000, 25.0, 200, 2000)
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,20 @@ class Upstream:
     jobs: int
     create_requests: int
     record_requests: int
+
+    def per_job(self) -> tuple[float, float]:
+        """createTask and recordInfo requests per job."""
+        jobs = max(self.jobs, 1)
+        return self.create_requests / jobs, self.record_requests / jobs
+
+    @property
+    def total_per_job(self) -> float:
+        return sum(self.per_job())
+
+    def per_job_text(self) -> str:
+        """``3.00 (1.00 create + 2.00 record)``."""
+        create, record = self.per_job()
+        return f"{create + record:.2f} ({create:.2f} create + {record:.2f} record)"
 
 
 @dataclass
@@ -100,10 +126,15 @@ class Batch:
 
 def enqueue_jobs(count: int, prompt: str) -> Batch:
     """Enqueue ``count`` jobs through the public producer API, one after the other."""
+    return enqueue_prompts([prompt] * count)
+
+
+def enqueue_prompts(prompts: Sequence[str]) -> Batch:
+    """Enqueue one job per prompt through the public producer API, one after the other."""
     started = time.time()
     ids = [
         enqueue_remix(prompt=prompt, image_url=SOURCE_IMAGE, reference_image_urls=[REFERENCE_IMAGE])
-        for _ in range(count)
+        for prompt in prompts
     ]
     return Batch(ids, started, time.time())
 
@@ -254,6 +285,48 @@ class Throughput:
         return text
 
 
+@dataclass(frozen=True)
+class PipelineRun:
+    """Jobs one pipeline worker worked off: the batch, the finished records, the counters.
+
+    :param batch: the jobs enqueued.
+    :param records: the records of those that finished.
+    :param upstream: the sandbox's createTask and recordInfo counts for the batch.
+    :param stats: the sandbox's counters (``/_sandbox/stats``) at the end.
+    """
+
+    batch: Batch
+    records: list[JobRecord]
+    upstream: Upstream
+    stats: dict[str, Any]
+
+
+def run_pipeline(
+    run: Run,
+    sandbox: ManagedProcess,
+    control: SandboxControl,
+    *,
+    prompts: Sequence[str],
+    settings: dict[str, str],
+    timeout: float = PIPELINE_TIMEOUT_S,
+) -> PipelineRun:
+    """One pipeline worker (concurrency 2) works off one job per prompt, from a fresh
+    Redis and a fresh sandbox; returns once every job finished (or ``timeout``)."""
+    stack = run.stack
+    stack.flush()
+    control.reset()
+    workers = stack.start_workers(sandbox, 1, concurrency=CONCURRENCY, settings=settings)
+    try:
+        batch = enqueue_prompts(prompts)
+        wait_for_states(batch.ids, (), timeout)
+        records = finished_records(batch.ids)
+    finally:
+        stack.stop(workers)
+    stats = control.stats()
+    upstream = Upstream(len(prompts), int(stats["create_requests"]), int(stats["record_requests"]))
+    return PipelineRun(batch, records, upstream, stats)
+
+
 def pipeline_throughput(
     run: Run,
     sandbox: ManagedProcess,
@@ -264,23 +337,14 @@ def pipeline_throughput(
     settings: dict[str, str],
 ) -> Throughput:
     """One pipeline worker (concurrency 2) works off ``jobs`` jobs; upstream counts kept."""
-    stack = run.stack
-    stack.flush()
-    control.reset()
-    workers = stack.start_workers(sandbox, 1, concurrency=CONCURRENCY, settings=settings)
-    try:
-        batch = enqueue_jobs(jobs, f"bench {label}")
-        wait_for_states(batch.ids, (), PIPELINE_TIMEOUT_S)
-        records = finished_records(batch.ids)
-    finally:
-        stack.stop(workers)
-    run.upstream[label] = upstream_counts(control, jobs)
-    succeeded = [r for r in records if r.state is JobState.SUCCEEDED]
+    done = run_pipeline(run, sandbox, control, prompts=[f"bench {label}"] * jobs, settings=settings)
+    run.upstream[label] = done.upstream
+    succeeded = [r for r in done.records if r.state is JobState.SUCCEEDED]
     if not succeeded:
         return Throughput(0, jobs, 0.0)
     last = max(r.finished_at or 0.0 for r in succeeded)
     latencies = tuple((r.finished_at or 0.0) - r.created_at for r in succeeded)
-    return Throughput(len(succeeded), jobs, last - batch.started, latencies)
+    return Throughput(len(succeeded), jobs, last - done.batch.started, latencies)
 
 
 def naive_throughput(
@@ -315,3 +379,163 @@ def naive_throughput(
     if not finished:
         return Throughput(0, jobs, 0.0)
     return Throughput(len(finished), jobs, max(finished) - started)
+
+
+# ------------------------------------------------------------- upstream callbacks (6 and 7)
+
+
+@dataclass(frozen=True)
+class CallbackUpstream:
+    """A sandbox that signs its callbacks and the HTTP app that receives them.
+
+    :param sandbox: the sandbox, signing callbacks with the stack's webhook key.
+    :param control: its control client.
+    :param api: ``uvicorn producers.http:app``, the ``callBackUrl`` of every task.
+    :param settings: a worker's settings with callbacks on (no rate limit).
+    """
+
+    sandbox: ManagedProcess
+    control: SandboxControl
+    api: ManagedProcess
+    settings: dict[str, str]
+
+
+@contextmanager
+def callback_upstream(
+    stack: Stack, generation_s: float, settings: Mapping[str, str] | None = None
+) -> Iterator[CallbackUpstream]:
+    """Start a sandbox that calls back, signed, and the HTTP app it calls; stop both after.
+
+    The webhook key reaches the sandbox over its control endpoint (a command-line argument
+    would show in ``ps``). The workers and the app get ``KIE_CALLBACK_URL`` (the app's
+    callback route) and ``KIE_WEBHOOK_HMAC_KEY``; the app also gets the upstream's URL and
+    key, with which it confirms an adopted task.
+
+    :param generation_s: the sandbox's generation time (a prompt may ask for another).
+    :param settings: further settings of the workers and the app.
+    """
+    sandbox: ManagedProcess | None = None
+    api: ManagedProcess | None = None
+    control: SandboxControl | None = None
+    try:
+        sandbox = stack.start_sandbox(["--generation-seconds", f"{generation_s:g}"])
+        control = SandboxControl(sandbox.url or "")
+        control.configure(webhook_hmac_key=stack.webhook_key)
+        port = free_port()
+        callback_settings = {
+            "KIE_RATE_LIMIT": NO_RATE_LIMIT,
+            "KIE_CALLBACK_URL": f"http://{LOOPBACK}:{port}{CALLBACK_PATH}",
+            "KIE_WEBHOOK_HMAC_KEY": stack.webhook_key,
+            **(settings or {}),
+        }
+        api = stack.start_api(sandbox, callback_settings, port)
+        yield CallbackUpstream(sandbox, control, api, callback_settings)
+    finally:
+        if control is not None:
+            control.close()
+        stop_started(stack, [api, sandbox])
+
+
+def completion_times(
+    sandbox: ManagedProcess, api_key: str, task_ids: Iterable[str]
+) -> dict[str, float]:
+    """When each upstream task's generation ended, by the sandbox: recordInfo's
+    ``completeTime`` (unix milliseconds, truncated), in unix seconds.
+
+    These requests count in the sandbox's ``record_requests``: read its counters first.
+    Tasks the sandbox does not know, or that have not ended, are left out.
+    """
+    ends: dict[str, float] = {}
+    with requests.Session() as session:
+        session.trust_env = False
+        session.headers["Authorization"] = f"Bearer {api_key}"
+        url = f"{sandbox.url}{naive.RECORD_INFO_PATH}"
+        for task_id in task_ids:
+            response = session.get(url, params={"taskId": task_id}, timeout=RECORD_TIMEOUT_S)
+            data = response.json().get("data") if response.ok else None
+            complete = data.get("completeTime") if isinstance(data, dict) else None
+            if isinstance(complete, int):
+                ends[task_id] = complete / MS_PER_S
+    return ends
+
+
+@dataclass(frozen=True)
+class FinishDelays:
+    """Seconds from each job's generation end upstream to its record's ``finished_at``.
+
+    The generation end is the sandbox's (``time.time()`` in its process, truncated to
+    the millisecond, so a delay reads up to 1 ms long); ``finished_at`` is the Redis
+    server's clock (``TIME``), read by the script that stores the final state. Both are
+    this machine's real-time clock.
+
+    :param delays: of each job that succeeded, in the order of its generation end.
+    :param ends: the generation ends, in the same order (unix seconds).
+    :param polled: of those jobs, how many were polled (recordInfo) at least once.
+    :param missing: jobs left out: unfinished, failed, or without a known generation end.
+    """
+
+    delays: list[float]
+    ends: list[float]
+    polled: int
+    missing: int
+
+    @property
+    def count(self) -> int:
+        return len(self.delays)
+
+    def p(self, share: float) -> float:
+        return percentile(self.delays, share) if self.delays else math.nan
+
+    def text(self) -> str:
+        """``12 ms / 48 ms``: p50 / p99 in milliseconds."""
+        return f"{_ms(self.p(0.5))} / {_ms(self.p(0.99))}"
+
+    def note(self) -> str:
+        if not self.delays:
+            return f"no job to measure ({self.missing} left out)"
+        text = (
+            f"{self.count} jobs: p50 {_ms(self.p(0.5))}, p90 {_ms(self.p(0.9))}, "
+            f"p99 {_ms(self.p(0.99))}, max {_ms(max(self.delays))}"
+        )
+        if self.polled:
+            text += f"; {self.polled} of them polled at least once"
+        if self.missing:
+            text += f"; {self.missing} jobs left out (unfinished, failed or end unknown)"
+        return text
+
+
+def finish_delays(records: Sequence[JobRecord], ends: dict[str, float], total: int) -> FinishDelays:
+    """The delays of the records that succeeded and whose task's end is known.
+
+    :param records: finished records.
+    :param ends: generation end by upstream task id (:func:`completion_times`).
+    :param total: jobs enqueued (those without a usable record count as missing).
+    """
+    pairs: list[tuple[float, JobRecord]] = []
+    for record in records:
+        end = ends.get(record.upstream_task_id or "")
+        if record.state is JobState.SUCCEEDED and record.finished_at is not None and end:
+            pairs.append((end, record))
+    pairs.sort(key=lambda pair: pair[0])
+    delays = [(record.finished_at or 0.0) - end for end, record in pairs]
+    polled = sum(1 for _, record in pairs if record.polls > 0)
+    return FinishDelays(delays, [end for end, _ in pairs], polled, total - len(pairs))
+
+
+def finish_delays_of(stack: Stack, sandbox: ManagedProcess, done: PipelineRun) -> FinishDelays:
+    """The finish delays of a run's jobs, asking the sandbox when their tasks ended.
+
+    Call it after ``done`` read the sandbox's counters and before the sandbox is reset.
+    """
+    task_ids = [r.upstream_task_id for r in done.records if r.upstream_task_id]
+    ends = completion_times(sandbox, stack.api_key, task_ids)
+    return finish_delays(done.records, ends, done.upstream.jobs)
+
+
+def _ms(seconds: float) -> str:
+    """``0.0123`` -> ``12 ms``; ``2.5`` -> ``2.50 s``."""
+    if math.isnan(seconds):
+        return "n/a"
+    if abs(seconds) >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1000:.0f} ms"

@@ -7,21 +7,11 @@ in :attr:`Run.upstream`, which is why ``--only requests`` runs them too.
 from __future__ import annotations
 
 from bench.report import Figure, ratio
-from bench.sections.common import Run, Upstream
+from bench.sections.common import Run
 from bench.sections.end_to_end import E2E_KEY, NAIVE_KEY
 from bench.sections.overhead import OVERHEAD_KEY
 
 SECTION = "5 upstream requests"
-
-
-def _per_job(counts: Upstream) -> tuple[float, float]:
-    jobs = max(counts.jobs, 1)
-    return counts.create_requests / jobs, counts.record_requests / jobs
-
-
-def _per_job_text(counts: Upstream) -> str:
-    create, record = _per_job(counts)
-    return f"{create + record:.2f} ({create:.2f} create + {record:.2f} record)"
 
 
 def requests_section(run: Run) -> list[Figure]:
@@ -29,14 +19,14 @@ def requests_section(run: Run) -> list[Figure]:
     figures: list[Figure] = []
     e2e, naive_counts, overhead = (run.upstream.get(k) for k in (E2E_KEY, NAIVE_KEY, OVERHEAD_KEY))
     if e2e is not None:
-        baseline = f"naive: {_per_job_text(naive_counts)}" if naive_counts else ""
+        baseline = f"naive: {naive_counts.per_job_text()}" if naive_counts else ""
         figures.append(
             Figure(
                 SECTION,
                 f"per job, {E2E_KEY}",
-                _per_job_text(e2e),
+                e2e.per_job_text(),
                 baseline,
-                ratio(sum(_per_job(e2e)), sum(_per_job(naive_counts))) if naive_counts else "",
+                ratio(e2e.total_per_job, naive_counts.total_per_job) if naive_counts else "",
                 f"{e2e.create_requests} createTask + {e2e.record_requests} recordInfo "
                 f"for {e2e.jobs} jobs",
             )
@@ -46,9 +36,9 @@ def requests_section(run: Run) -> list[Figure]:
             Figure(
                 SECTION,
                 f"per job, {OVERHEAD_KEY}",
-                _per_job_text(overhead),
+                overhead.per_job_text(),
                 "2.00 minimum (1 create + 1 record)",
-                ratio(sum(_per_job(overhead)), 2.0),
+                ratio(overhead.total_per_job, 2.0),
                 f"{overhead.create_requests} createTask + {overhead.record_requests} "
                 f"recordInfo for {overhead.jobs} jobs",
             )
