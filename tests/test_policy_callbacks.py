@@ -25,8 +25,9 @@ from sandbox.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signat
 from sandbox.launch import free_port, start_redis
 from sandbox.server import SandboxServer
 from tests.policy_kit import INPUT, accepted, make_services, new_job, sent, token_of
-from worker import keys
+from worker import keys, submit_policy
 from worker.callbacks import CallbackRefused, signature_for, verify
+from worker.errors import ValidationFailedError
 from worker.models import JobRecord, JobState
 from worker.poll_policy import poll_step
 from worker.runtime import Services
@@ -701,3 +702,21 @@ def test_the_receiver_and_the_sandbox_sign_like_kie_ai() -> None:
 
     assert signature_for("kie-webhook-key", "task_ideogram_1", "1700000000") == expected
     assert webhook_signature("kie-webhook-key", "task_ideogram_1", 1700000000) == expected
+
+
+def test_a_refusal_after_the_task_was_adopted_does_not_end_the_job(cb: Services) -> None:
+    """The callback adopted the attempt's task while its worker still waited for the answer;
+    whatever that answer says then, the job keeps its task."""
+    job_id, _ = new_job(cb)
+    status, job = cb.store.begin(job_id, 0, 30)
+    assert status == "ok" and job is not None
+    attempt = cb.store.new_attempt_id()
+    assert cb.store.begin_attempt(job_id, attempt, cb.settings.attempt_settle_s).status == "ok"
+    assert cb.store.accept(job_id, "", "task-adopted", 30) == "accepted"
+
+    answer = ValidationFailedError("refused")
+    assert submit_policy._after_error(cb, job, attempt, answer) == "adopted_meanwhile"
+
+    done = record(cb, job_id)
+    assert done.state is JobState.SUBMITTED and done.upstream_task_id == "task-adopted"
+    assert done.fail_code is None and done.unknown_outcomes == 0

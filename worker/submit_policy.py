@@ -210,9 +210,15 @@ def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -
         "code": exc.fail_code,
         "msg": svc.redactor.redact(exc.message or type(exc).__name__),
     }
-    svc.store.end_attempt(
+    closed = svc.store.end_attempt(
         job.job_id, attempt_id, unknown=exc.ambiguous, **{LAST_ERROR_FIELD: last_error}
     )
+    if not closed:
+        # Someone else closed the attempt: a callback adopted the task it created. The
+        # job has its task now, and this answer must not end it.
+        svc.store.park(job, 0.0)
+        logger.warning("job %s: createTask %s after its task was adopted", job.job_id, exc)
+        return "adopted_meanwhile"
     if exc.ambiguous:
         _note_unknown(svc, job.job_id, f"createTask {exc}")
     if exc.family is Family.PERMANENT:
