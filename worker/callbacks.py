@@ -151,10 +151,10 @@ def handle(svc: Services, verified: Verified, job_id_param: str | None) -> str:
     job_id = svc.store.job_for_task(verified.task_id)
     if job_id is None:
         return _adopt(svc, verified, job_id_param)
-    record = svc.store.get(job_id)
-    if record is None:
+    exists, task_id = svc.store.task_of(job_id)
+    if not exists:
         raise CallbackRefused("unknown_task")
-    if record.upstream_task_id != verified.task_id:
+    if task_id != verified.task_id:
         return "extra"  # a further charge, already on the record; it never decides the job
     return _finish(svc, job_id, verified)
 

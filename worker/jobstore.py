@@ -279,6 +279,11 @@ class JobStore:
         raw = self.redis.get(keys.task(task_id))
         return None if raw is None else decode_text(raw)
 
+    def task_of(self, job_id: str) -> tuple[bool, str | None]:
+        """``(the job exists, its upstream task id)`` in one small read (hot in callbacks)."""
+        state, task = self.redis.hmget(keys.job(job_id), ["state", "upstream_task_id"])
+        return state is not None, None if task is None else json.loads(task)
+
     def list_by_state(
         self, state: JobState, limit: int, after: tuple[float, str] | None = None
     ) -> tuple[list[JobRecord], tuple[float, str] | None]:

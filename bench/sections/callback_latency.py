@@ -63,6 +63,7 @@ def callback_latency_section(run: Run) -> list[Figure]:
             prompts=prompts(jobs, pace),
             settings=upstream.settings,
             timeout=longest + PIPELINE_TIMEOUT_S,
+            watch=upstream.api,
         )
         delays = finish_delays_of(run.stack, upstream.sandbox, done)
     submitted = [r.submitted_at for r in done.records if r.submitted_at is not None]
@@ -76,7 +77,7 @@ def callback_latency_section(run: Run) -> list[Figure]:
             delays.text(),
             f"goal: p99 <= {GOAL_P99_S * 1000:.0f} ms",
             f"{p99 / GOAL_P99_S * 100:.1f} %" if delays.count else "n/a",
-            f"{delays.note()}; {_pacing(delays)}; {_phases(delays, fill_end)}; "
+            f"{delays.note()}; {delays.spread()}; {_phases(delays, fill_end)}; "
             f"from the sandbox's generation end (its clock, ms) to the record's finished_at "
             f"(Redis TIME), one machine's clock; includes the sandbox's callback tick "
             f"(up to {SCHEDULER_TICK_S * 1000:.0f} ms); sandbox: "
@@ -84,20 +85,22 @@ def callback_latency_section(run: Run) -> list[Figure]:
             f"{stats['callbacks_failed']} failed; {done.upstream.create_requests} createTask + "
             f"{done.upstream.record_requests} recordInfo",
         ),
+        _app_cpu_figure(done.watched_cpu, int(stats["callbacks_sent"])),
     ]
 
 
-def _pacing(delays: FinishDelays) -> str:
-    """How the generation ends were spread."""
-    if len(delays.ends) < 2:
-        return "one generation end"
-    span = delays.ends[-1] - delays.ends[0]
-    gaps = [later - earlier for earlier, later in zip(delays.ends, delays.ends[1:], strict=False)]
-    return (
-        f"generation ends spread over {span:.1f} s ({(len(delays.ends) - 1) / span:.1f}/s, "
-        f"largest gap {max(gaps) * 1000:.0f} ms)"
-        if span > 0
-        else "every generation ended at once"
+def _app_cpu_figure(cpu_seconds: float, callbacks: int) -> Figure:
+    """The HTTP app's CPU per callback, and the rate one app process would sustain."""
+    per_callback = cpu_seconds / max(callbacks, 1)
+    return Figure(
+        SECTION,
+        "HTTP app CPU per callback (1 uvicorn process)",
+        f"{per_callback * 1000:.1f} ms",
+        f"{1 / per_callback:.0f} callbacks/s at one core" if per_callback > 0 else "",
+        "",
+        f"{cpu_seconds:.1f} s of CPU of the app process from the first enqueue to the last "
+        f"job finished, for {callbacks} callbacks: one app process (one Python thread of "
+        "work at a time) handles about the reference rate, so a burst above it queues",
     )
 
 

@@ -1,13 +1,14 @@
 """Section 7: upstream requests per job at a 5 s generation, callbacks on against polling only.
 
-The same sandbox and the same number of jobs, one worker process (concurrency 2) each
-time, the pipeline's default poll settings: with callbacks on (``KIE_CALLBACK_URL`` to
-the HTTP app, signed callbacks) the first safety-net poll comes
+The same sandbox and the same number of jobs each time, one worker process (concurrency
+2), the pipeline's default poll settings, the jobs enqueued at section 6's pace (so the
+generations end, and the callbacks come, paced too). With callbacks on
+(``KIE_CALLBACK_URL`` to the HTTP app, signed callbacks) the first safety-net poll comes
 ``REMIX_CALLBACK_POLL_S`` (60 s) after acceptance, so a job whose callback arrives is
-never polled; polling only, recordInfo comes after ``REMIX_POLL_INITIAL_S`` (2 s) and
-then every 1.5 times longer. Requests are the sandbox's counters (createTask +
-recordInfo). The second figure is the time from the generation's end to the record
-stored (see section 6) in both runs.
+never polled; polling only, recordInfo comes ``REMIX_POLL_INITIAL_S`` (2 s) after
+acceptance and then 1.5 times later each time. Requests are the sandbox's counters
+(createTask + recordInfo). The second figure is the time from the generation's end to
+the record stored (as in section 6) in both runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _default(name: str) -> float:
 
 def callback_requests_section(run: Run) -> list[Figure]:
     """Requests per job with callbacks against polling only, same jobs, same sandbox."""
-    jobs = run.plan.callback_requests_jobs
+    jobs, pace = run.plan.callback_requests_jobs, run.plan.callback_pace
     polls = {name.upper(): f"{_default(name):g}" for name in POLL_SETTINGS}
     with callback_upstream(run.stack, GENERATION_S, polls) as upstream:
         callbacks = run_pipeline(
@@ -48,6 +49,7 @@ def callback_requests_section(run: Run) -> list[Figure]:
             upstream.sandbox,
             upstream.control,
             prompts=["bench callbacks on"] * jobs,
+            pace=pace,
             settings=upstream.settings,
         )
         callback_delays = finish_delays_of(run.stack, upstream.sandbox, callbacks)
@@ -56,6 +58,7 @@ def callback_requests_section(run: Run) -> list[Figure]:
             upstream.sandbox,
             upstream.control,
             prompts=["bench polling only"] * jobs,
+            pace=pace,
             settings={"KIE_RATE_LIMIT": NO_RATE_LIMIT, **polls},
         )
         polling_delays = finish_delays_of(run.stack, upstream.sandbox, polling)
@@ -79,13 +82,14 @@ def callback_requests_section(run: Run) -> list[Figure]:
         ),
         Figure(
             SECTION,
-            "generation end -> record stored, p50 / p99",
+            f"generation end -> record stored, p50 / p99 (enqueued {pace:g}/s)",
             callback_delays.text(),
             f"polling only: {polling_delays.text()}",
             ratio(callback_delays.p(0.5), polling_delays.p(0.5))
             if callback_delays.count and polling_delays.count
             else "",
-            f"ratio of the p50s; with callbacks {callback_delays.note()}; "
+            f"ratio of the p50s; with callbacks {callback_delays.note()}, "
+            f"{callback_delays.spread()}; "
             f"polling only {polling_delays.note()}",
         ),
     ]

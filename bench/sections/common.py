@@ -22,6 +22,7 @@ import requests
 from celery import Celery
 
 from bench import naive
+from bench.procfs import tree_usage
 from bench.report import Figure
 from bench.stack import Stack
 from producers import enqueue_remix
@@ -129,13 +130,22 @@ def enqueue_jobs(count: int, prompt: str) -> Batch:
     return enqueue_prompts([prompt] * count)
 
 
-def enqueue_prompts(prompts: Sequence[str]) -> Batch:
-    """Enqueue one job per prompt through the public producer API, one after the other."""
-    started = time.time()
-    ids = [
-        enqueue_remix(prompt=prompt, image_url=SOURCE_IMAGE, reference_image_urls=[REFERENCE_IMAGE])
-        for prompt in prompts
-    ]
+def enqueue_prompts(prompts: Sequence[str], pace: float | None = None) -> Batch:
+    """Enqueue one job per prompt through the public producer API, one after the other.
+
+    :param pace: jobs per second at most (the ``i``-th goes in ``i / pace`` s after the
+        first); as fast as the producer goes when None.
+    """
+    started, began = time.time(), time.monotonic()
+    ids = []
+    for index, prompt in enumerate(prompts):
+        if pace is not None:
+            time.sleep(max(0.0, began + index / pace - time.monotonic()))
+        ids.append(
+            enqueue_remix(
+                prompt=prompt, image_url=SOURCE_IMAGE, reference_image_urls=[REFERENCE_IMAGE]
+            )
+        )
     return Batch(ids, started, time.time())
 
 
@@ -293,12 +303,14 @@ class PipelineRun:
     :param records: the records of those that finished.
     :param upstream: the sandbox's createTask and recordInfo counts for the batch.
     :param stats: the sandbox's counters (``/_sandbox/stats``) at the end.
+    :param watched_cpu: CPU seconds of the process asked to be watched (0 for none).
     """
 
     batch: Batch
     records: list[JobRecord]
     upstream: Upstream
     stats: dict[str, Any]
+    watched_cpu: float = 0.0
 
 
 def run_pipeline(
@@ -309,22 +321,32 @@ def run_pipeline(
     prompts: Sequence[str],
     settings: dict[str, str],
     timeout: float = PIPELINE_TIMEOUT_S,
+    pace: float | None = None,
+    watch: ManagedProcess | None = None,
 ) -> PipelineRun:
     """One pipeline worker (concurrency 2) works off one job per prompt, from a fresh
-    Redis and a fresh sandbox; returns once every job finished (or ``timeout``)."""
+    Redis and a fresh sandbox; returns once every job finished (or ``timeout`` after the
+    last enqueue).
+
+    :param pace: enqueue at most this many jobs per second (as fast as possible: None).
+    :param watch: a process whose CPU time from the first enqueue to the end is kept.
+    """
     stack = run.stack
     stack.flush()
     control.reset()
     workers = stack.start_workers(sandbox, 1, concurrency=CONCURRENCY, settings=settings)
+    cpu = 0.0 if watch is None else tree_usage(watch.popen.pid).cpu_seconds
     try:
-        batch = enqueue_prompts(prompts)
+        batch = enqueue_prompts(prompts, pace)
         wait_for_states(batch.ids, (), timeout)
         records = finished_records(batch.ids)
+        if watch is not None:
+            cpu = tree_usage(watch.popen.pid).cpu_seconds - cpu
     finally:
         stack.stop(workers)
     stats = control.stats()
     upstream = Upstream(len(prompts), int(stats["create_requests"]), int(stats["record_requests"]))
-    return PipelineRun(batch, records, upstream, stats)
+    return PipelineRun(batch, records, upstream, stats, cpu)
 
 
 def pipeline_throughput(
@@ -489,6 +511,19 @@ class FinishDelays:
     def text(self) -> str:
         """``12 ms / 48 ms``: p50 / p99 in milliseconds."""
         return f"{_ms(self.p(0.5))} / {_ms(self.p(0.99))}"
+
+    def spread(self) -> str:
+        """How the generation ends were spread: over how long, how many a second."""
+        if len(self.ends) < 2:
+            return "one generation end"
+        span = self.ends[-1] - self.ends[0]
+        if span <= 0:
+            return "every generation ended at once"
+        gaps = [later - earlier for earlier, later in zip(self.ends, self.ends[1:], strict=False)]
+        return (
+            f"generation ends spread over {span:.1f} s ({(len(self.ends) - 1) / span:.1f}/s, "
+            f"largest gap {max(gaps) * 1000:.0f} ms)"
+        )
 
     def note(self) -> str:
         if not self.delays:
