@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producers import get_job
 from producers.fleet import pause_submissions, resume_submissions
+from producers.http_guard import BATCH_BODY_MAX, JOB_BODY_MAX
 from sandbox.control import SandboxControl
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port, start_api
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, TEST_REDIS_URL, unique_prompt
@@ -357,11 +358,11 @@ def _chunked(chunks: int) -> Iterator[bytes]:
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/v1/jobs", {"json": job_body("x" * 70_000)}),
+        ("/v1/jobs", {"json": job_body("x" * (JOB_BODY_MAX + 1000))}),
         # Just over the cap (the body may end in the chunk that crosses it), and far over.
-        ("/v1/jobs", {"content": _chunked(70)}),
+        ("/v1/jobs", {"content": _chunked(JOB_BODY_MAX // 1000 + 2)}),
         ("/v1/jobs", {"content": _chunked(1000)}),
-        ("/v1/jobs:batch", {"json": {"jobs": [job_body("p" * 9000)] * 1000}}),
+        ("/v1/jobs:batch", {"content": _chunked(BATCH_BODY_MAX // 1000 + 2)}),
         ("/v1/jobs/abc/cancel", {"content": b"x" * 10_000}),
     ],
     ids=["job", "job-chunked-just-over", "job-chunked", "batch", "cancel"],
