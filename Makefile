@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -q
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo api test lint bench chaos clean distclean
+.PHONY: venv demo api dev constraints test lint bench chaos clean distclean
 
 venv: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: venv
 # The HTTP API (docs at http://$(HOST):$(PORT)/docs); set REMIX_API_TOKENS in production.
 api: venv
 	$(BIN)/uvicorn producers.http:app --host $(HOST) --port $(PORT)
+
+# The whole pipeline against the local sandbox: Procfile.dev (Procfile: production only).
+dev: venv
+	$(BIN)/honcho start -f Procfile.dev
+
+# Regenerate the image's pinned dependencies from this venv (deploy/constraints.txt).
+constraints: venv
+	$(BIN)/python deploy/freeze_constraints.py
 
 # pytest exits 5 when it collects no tests; that fails the target like any other error.
 test: venv

@@ -1,15 +1,18 @@
 """What other services use to enqueue remix jobs and read their outcome."""
 
 from producers.api import JobNotCancellable, cancel_job, enqueue_remix, get_job, wait_for_job
+from producers.retry import JobNotRetryable, retry_job
 from worker.models import InvalidRequestError, JobRecord, JobState
 
 __all__ = [
     "InvalidRequestError",
     "JobNotCancellable",
+    "JobNotRetryable",
     "JobRecord",
     "JobState",
     "cancel_job",
     "enqueue_remix",
     "get_job",
+    "retry_job",
     "wait_for_job",
 ]

@@ -25,6 +25,7 @@ import kombu.exceptions
 import redis
 
 from worker.jobstore import NewJob
+from worker.logs import job_fields
 from worker.models import InvalidRequestError, JobRecord, validate_request
 from worker.runtime import services
 from worker.webhook_urls import check_webhook_url
@@ -90,9 +91,16 @@ def enqueue_remix(
 
 
 def enqueue_validated(
-    payload: dict[str, Any], idempotency_key: str | None, notify_url: str | None
+    payload: dict[str, Any],
+    idempotency_key: str | None,
+    notify_url: str | None,
+    *,
+    retry_of: str | None = None,
 ) -> tuple[str, bool]:
-    """Enqueue a request already validated; returns ``(job_id, created)``."""
+    """Enqueue a request already validated; returns ``(job_id, created)``.
+
+    ``retry_of``: the job this one replays (``remixq retry``), kept on the new record.
+    """
     svc = services()
     job_id, created = svc.store.create(
         uuid.uuid4().hex,
@@ -100,10 +108,18 @@ def enqueue_validated(
         due_in=svc.settings.lease_s,
         idempotency_key=idempotency_key,
         notify_url=notify_url,
+        retry_of=retry_of,
     )
     if created:
+        _log_queued(job_id, retry_of)
         _send_first_steps([(job_id, payload)])
     return job_id, created
+
+
+def _log_queued(job_id: str, retry_of: str | None = None) -> None:
+    """The one line of a job's first state, ``queued`` (the others are the worker's)."""
+    replay = f" (a retry of {retry_of})" if retry_of else ""
+    logger.info("job %s queued%s", job_id, replay, extra=job_fields(job_id, state="queued"))
 
 
 def enqueue_many_validated(
@@ -120,6 +136,8 @@ def enqueue_many_validated(
     new = [NewJob(uuid.uuid4().hex, payload, key, url) for payload, key, url in jobs]
     owners = svc.store.create_many(new, due_in=svc.settings.lease_s, check=check)
     created = [job for job, (_, fresh) in zip(new, owners, strict=True) if fresh]
+    for job in created:
+        _log_queued(job.job_id)
     _send_first_steps([(job.job_id, job.request) for job in created])
     return owners
 
@@ -141,7 +159,7 @@ def cancel_job(job_id: str) -> JobRecord:
     if record is None:
         raise KeyError(f"no job {job_id!r}")
     if outcome == "cancelled":
-        logger.info("job %s cancelled", job_id)
+        logger.info("job %s cancelled", job_id, extra=job_fields(job_id, state="cancelled"))
         with contextlib.suppress(Exception):
             svc.results.store(record)
     return record

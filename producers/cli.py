@@ -1,7 +1,8 @@
 """The ``remixq`` command: submit jobs, read their records, run the sandbox and the demo.
 
-Exit codes: 0 done; 1 a job failed (with ``--wait``) or Redis could not be reached;
-2 bad input. Every error is one line on stderr (``error: ...``), never a traceback.
+Exit codes: 0 done; 1 a job failed (with ``--wait``), a job was skipped by ``retry``, or
+Redis could not be reached; 2 bad input (an unknown job id for ``status``, ``cancel`` and
+``retry`` included). Every error is one line on stderr (``error: ...``), never a traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from producers.display import (
     watch_jobs,
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
+from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
+from worker.runtime import services
 from worker.settings import ConfigurationError, get_settings
 
 EXIT_FAILED = 1
@@ -429,6 +432,72 @@ def cancel(job_id: str, as_json: bool) -> None:
         except JobNotCancellable as exc:
             raise CliError(str(exc)) from None
     click.echo(record_json(record) if as_json else f"cancelled {job_id}")
+
+
+#: States ``remixq retry --state`` may replay: the finished ones.
+RETRY_STATES = [state.value for state in JobState if state.finished]
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option(
+    "--state",
+    type=click.Choice(RETRY_STATES),
+    help="Retry every job in this state that finished since --since (instead of JOB_ID).",
+)
+@click.option(
+    "--since",
+    help="With --state: a duration back from now (30m, 2h, 1d) or an "
+    "ISO 8601 time (2026-11-29T10:00:00Z).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also retry jobs accepted upstream or with a createTask of unknown outcome "
+    "(they may be paid for again).",
+)
+def retry(job_id: str | None, state: str | None, since: str | None, force: bool) -> None:
+    """Enqueue a new job with the request (and notify_url) of a finished one.
+
+    The new record's retry_of names the old job; a job retried before answers its earlier
+    retry. Skipped, unless --force: jobs accepted upstream and jobs with a createTask of
+    unknown outcome; never retried: unfinished jobs. One line per job: `retried OLD as NEW`,
+    `OLD was already retried as NEW` or `skipped OLD: why`.
+
+    Exit codes: 0 every job retried (or already was), also when none matched; 1 some job
+    skipped, or Redis unreachable; 2 bad input, or JOB_ID unknown.
+    """
+    outcomes = _retry_outcomes(job_id, state, since, force)
+    if job_id is not None and outcomes[0].skipped and outcomes[0].skipped.reason == "missing":
+        raise BadInput(f"no job {job_id!r} (unknown, or expired)")
+    for outcome in outcomes:
+        click.echo(outcome.line())
+    if any(outcome.skipped is not None for outcome in outcomes):
+        _exit(EXIT_FAILED)
+
+
+def _retry_outcomes(
+    job_id: str | None, state: str | None, since: str | None, force: bool
+) -> list[RetryOutcome]:
+    """Retry the one job named, or every job of ``state`` finished since ``since``."""
+    if (job_id is None) == (state is None):
+        raise BadInput("give either JOB_ID or --state STATE --since WHEN")
+    if job_id is not None and since is not None:
+        raise BadInput("--since goes with --state, not with JOB_ID")
+    with redis_errors():
+        if job_id is not None:
+            return [retry_one(job_id, force)]
+        if state is None or since is None:
+            raise BadInput("--state needs --since (a duration such as 2h, or an ISO 8601 time)")
+        try:
+            moment = parse_since(since, services().clock.now())
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        records = finished_since(JobState(state), moment)
+        outcomes = [retry_one(record.job_id, force, record) for record in records]
+    if not outcomes:
+        click.echo(f"no {state} job finished since {since}", err=True)
+    return outcomes
 
 
 @main.command()

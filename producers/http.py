@@ -44,6 +44,7 @@ from producers.longpoll import FinishedWatch
 from producers.metrics_export import LIVE_WORKER_S, fleet_registry
 from worker import keys
 from worker.jobstore import decode_text
+from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
 from worker.runtime import services
 from worker.settings import Settings, get_settings
@@ -127,14 +128,21 @@ class AccessArgsRedactor(logging.Filter):
 
 
 def setup_logging(redactor: Redactor) -> None:
-    """Log to stderr when nobody configured logging; redact secrets from every line."""
+    """Log to stderr when nobody configured logging; redact secrets from every line.
+
+    The job fields and the format (JSON with ``REMIX_LOG_JSON``) go on before the redacting
+    filters, so those see (and redact) the fields too.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-    install_log_redaction(redactor, [logging.getLogger(name) for name in UVICORN_LOGGERS])
+    uvicorn_loggers = [logging.getLogger(name) for name in UVICORN_LOGGERS]
+    access_logger = logging.getLogger(ACCESS_LOGGER)
+    install_log_format(get_settings().remix_log_json, [*uvicorn_loggers, access_logger])
+    install_log_redaction(redactor, uvicorn_loggers)
     for access in logging.getLogger(ACCESS_LOGGER).handlers:
         if not any(isinstance(f, AccessArgsRedactor) for f in access.filters):
             access.addFilter(AccessArgsRedactor(redactor))

@@ -320,6 +320,36 @@ def start_api(
     return process
 
 
+def start_flower(
+    env: Mapping[str, str],
+    port: int | None = None,
+    *,
+    basic_auth: str,
+    log_path: str | Path | None = None,
+    timeout: float = API_START_TIMEOUT_S,
+) -> ManagedProcess:
+    """Run Flower (``celery -A worker.app flower``) on 127.0.0.1 behind basic auth.
+
+    Flower reads ``flowerconfig.py`` from the repository root (the tasks page's columns).
+    It needs no upstream key, so none is passed; ``FLOWER_UNAUTHENTICATED_API`` is removed
+    from its environment, so its API answers only with the credentials.
+
+    :param env: variables added to this process's environment (``REDIS_URL``, ...).
+    :param basic_auth: ``user:password``.
+    :raises LaunchError: when it exits or does not answer in time (with its log's end).
+    """
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "celery", "-A", WORKER_APP, "flower"]
+    command += [f"--address={LOOPBACK}", f"--port={port}", f"--basic-auth={basic_auth}"]
+    full_env = {**os.environ, **env}
+    for name in ("FLOWER_UNAUTHENTICATED_API", "KIE_API_KEY"):
+        full_env.pop(name, None)
+    process = _spawn(command, full_env, log_path, "remixq-flower-")
+    process.url = f"http://{LOOPBACK}:{port}"
+    _await_ready(process, lambda: _http_answers(f"{process.url}/healthcheck"), timeout, "Flower")
+    return process
+
+
 def _http_answers(url: str) -> bool:
     """Whether an HTTP server answers ``url`` with any status."""
     try:

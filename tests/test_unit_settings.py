@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker.settings import ConfigurationError, Settings, load_settings
@@ -58,3 +60,116 @@ def test_the_lease_outlives_one_upstream_request(monkeypatch: pytest.MonkeyPatch
     settings = Settings()
     assert settings.lease_s > settings.kie_request_deadline_s
     assert settings.attempt_settle_s > settings.lease_s
+
+
+SECRET_VARIABLES = [
+    "KIE_API_KEY",
+    "KIE_WEBHOOK_HMAC_KEY",
+    "IDEOGRAM_API_KEY",
+    "REMIX_API_TOKENS",
+    "REMIX_NOTIFY_HMAC_KEY",
+]
+
+
+@pytest.fixture
+def no_secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in SECRET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"{name}_FILE", raising=False)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("raw", [KEY + "\n", KEY, KEY + "\r\n"])
+def test_every_secret_may_be_read_from_the_file_its_file_variable_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, raw: str
+) -> None:
+    secret_file = tmp_path / name.lower()
+    secret_file.write_bytes(raw.encode())
+    monkeypatch.setenv(f"{name}_FILE", str(secret_file))
+    secret = getattr(load_settings(), name.lower())
+    assert secret is not None and secret.get_secret_value() == KEY
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_tokens_from_a_file_are_split_like_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "tokens").write_text("token-a, token-b\n")
+    monkeypatch.setenv("REMIX_API_TOKENS_FILE", str(tmp_path / "tokens"))
+    settings = load_settings()
+    assert settings.api_tokens() == ["token-a", "token-b"]
+    assert "token-a" in settings.secrets() and "token-b" in settings.secrets()
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_an_unreadable_secret_file_is_one_line_naming_the_variable_and_the_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere" / "kie_api_key"
+    monkeypatch.setenv("KIE_API_KEY_FILE", str(missing))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "KIE_API_KEY_FILE" in message and str(missing) in message
+    assert "No such file" in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_directory_as_secret_file_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KIE_WEBHOOK_HMAC_KEY_FILE", str(tmp_path))
+    with pytest.raises(
+        ConfigurationError, match="KIE_WEBHOOK_HMAC_KEY_FILE: cannot read"
+    ) as caught:
+        load_settings()
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_secret_file_that_is_not_text_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "key").write_bytes(KEY.encode() + b"\xff\xfe")
+    monkeypatch.setenv("KIE_API_KEY_FILE", str(tmp_path / "key"))
+    with pytest.raises(ConfigurationError, match="not UTF-8") as caught:
+        load_settings()
+    assert KEY[:8] not in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+def test_a_secret_set_both_ways_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "secret").write_text(KEY + "\n")
+    monkeypatch.setenv(name, "other-" + KEY)
+    monkeypatch.setenv(f"{name}_FILE", str(tmp_path / "secret"))
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert f"{name} and {name}_FILE are both set" in message
+    assert KEY[:8] not in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_secret_file_goes_through_the_same_checks_as_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "key").write_text(f"{KEY[:5]}\n{KEY[5:]}\n")
+    monkeypatch.setenv("KIE_API_KEY_FILE", str(tmp_path / "key"))
+    with pytest.raises(ConfigurationError, match="control character") as caught:
+        load_settings()
+    assert KEY[:8] not in str(caught.value)
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv("KIE_API_KEY_FILE", str(tmp_path / "empty"))
+    assert load_settings().kie_api_key is None
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_an_empty_file_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIE_API_KEY", KEY)
+    monkeypatch.setenv("KIE_API_KEY_FILE", "")
+    secret = load_settings().kie_api_key
+    assert secret is not None and secret.get_secret_value() == KEY

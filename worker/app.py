@@ -30,10 +30,18 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_ready,
+)
 from kombu import Exchange, Queue
 
 from worker.dispatcher import DispatcherStep
+from worker.logs import enter_task, install_log_format, leave_task
 from worker.publisher import (
     NOTIFY_QUEUE,
     NOTIFY_TASK,
@@ -100,10 +108,15 @@ def celery_config() -> dict[str, Any]:
             NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
         },
         result_expires=settings.remix_job_ttl_s,
-        # Task events cost several Redis messages per task; Flower switches them on in
-        # the workers it watches (its --enable_events, on by default).
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events, so that Flower sees every job: a worker sends three per task
+        # (received, started, succeeded or failed), one PUBLISH each on the celeryev
+        # fanout channel, which Redis drops when no Flower listens. Flower would switch
+        # them on by itself, but only every 5 s: the tasks of a worker just (re)started
+        # would be missing. Whoever publishes a message (enqueue_remix, the HTTP app, a
+        # worker's dispatcher) also sends its "task-sent" event, one more PUBLISH per
+        # message, so that a queued job shows in Flower (PENDING) before a worker takes it.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         worker_hijack_root_logger=True,
     )
 
@@ -172,10 +185,15 @@ def drop_stale_bindings(client: redis.Redis) -> int:
 
 
 def _redact_logs(logger: logging.Logger | None = None, **_: Any) -> None:
-    """Every handler Celery sets up gets a filter that removes secrets (and tracebacks' too)."""
-    redactor = Redactor(get_settings().secrets())
-    install_log_redaction(redactor, [logger] if logger is not None else [])
+    """Every handler Celery sets up gets the job fields and the chosen format
+    (:mod:`worker.logs`), then a filter that removes secrets (tracebacks' and fields' too)."""
+    settings = get_settings()
+    targets = [logger] if logger is not None else []
+    install_log_format(settings.remix_log_json, targets)  # first: redaction sees its fields
+    install_log_redaction(Redactor(settings.secrets()), targets)
 
 
 after_setup_logger.connect(_redact_logs, weak=False)
 after_setup_task_logger.connect(_redact_logs, weak=False)
+task_prerun.connect(enter_task, weak=False)  # celery's lines about a task name its jobs
+task_postrun.connect(leave_task, weak=False)

@@ -40,6 +40,8 @@ from worker import keys
 from worker.errors import NotFoundError, UpstreamError, ValidationFailedError
 from worker.jobstore import ATTEMPT_FIELD
 from worker.kie import TaskInfo, parse_task_info
+from worker.logs import job_context
+from worker.models import JobState
 from worker.poll_policy import finish_from_info
 from worker.runtime import Services
 
@@ -150,7 +152,16 @@ def handle(svc: Services, verified: Verified, job_id_param: str | None) -> str:
     """
     job_id = svc.store.job_for_task(verified.task_id)
     if job_id is None:
-        return _adopt(svc, verified, job_id_param)
+        if not job_id_param:
+            return _adopt(svc, verified, job_id_param)
+        with job_context(job_id_param[:MAX_ID_CHARS], upstream_task_id=verified.task_id):
+            return _adopt(svc, verified, job_id_param)
+    with job_context(job_id, upstream_task_id=verified.task_id):
+        return _known(svc, job_id, verified)
+
+
+def _known(svc: Services, job_id: str, verified: Verified) -> str:
+    """A callback for a task recorded for ``job_id``: finish the job, or note an extra."""
     exists, task_id = svc.store.task_of(job_id)
     if not exists:
         raise CallbackRefused("unknown_task")
@@ -186,10 +197,12 @@ def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
         outcome == "again" and _task_of(svc, job_id) == verified.task_id
     )
     logger.warning(
-        "job %s: callback for upstream task %s of a createTask whose answer was lost: %s",
+        "job %s%s: callback for upstream task %s of a createTask whose answer was lost: %s",
         job_id,
+        " submitted" if adopted else "",
         verified.task_id,
         "adopted" if adopted else f"recorded ({outcome})",
+        extra={"state": JobState.SUBMITTED.value} if adopted else {},
     )
     if outcome in ("accepted_after_unknown", "extra"):
         svc.metrics.count("possibly_paid_twice_total")

@@ -114,6 +114,8 @@ class NewJob:
     idempotency_key: str | None = None
     notify_url: str | None = None
     provider: str = PROVIDER
+    #: The job this one replays (``remixq retry``).
+    retry_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class JobStore:
         idempotency_key: str | None = None,
         provider: str = PROVIDER,
         notify_url: str | None = None,
+        retry_of: str | None = None,
     ) -> tuple[str, bool]:
         """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
 
@@ -189,7 +192,7 @@ class JobStore:
         nothing is written and the earlier job's id comes back; ``created`` is False
         whenever no new record was written (also when ``job_id`` already exists).
         """
-        job = NewJob(job_id, request, idempotency_key, notify_url, provider)
+        job = NewJob(job_id, request, idempotency_key, notify_url, provider, retry_of)
         owner, created = self._create(*self._create_call(job, due_in))
         return decode_text(owner), bool(created)
 
@@ -239,7 +242,11 @@ class JobStore:
     def _create_call(self, job: NewJob, due_in: float) -> tuple[list[str], list[Any]]:
         """The keys and arguments of ``create.lua`` for one job."""
         record = JobRecord(
-            job_id=job.job_id, state=JobState.QUEUED, provider=job.provider, created_at=0
+            job_id=job.job_id,
+            state=JobState.QUEUED,
+            provider=job.provider,
+            created_at=0,
+            retry_of=job.retry_of,
         )
         fields = record.model_dump(mode="json", exclude={"created_at"})
         fields[REQUEST_FIELD] = job.request

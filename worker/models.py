@@ -209,6 +209,8 @@ class JobRecord(BaseModel):
     extra_task_ids: list[str] = Field(default_factory=list)
     #: Delivery of the completion webhook, for a job enqueued with a ``notify_url``.
     notification: Notification | None = None
+    #: The job this one replays (``remixq retry``), written when it is created.
+    retry_of: str | None = None
 
     @property
     def finished(self) -> bool:

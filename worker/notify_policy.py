@@ -38,6 +38,7 @@ from requests.adapters import HTTPAdapter
 
 from worker import http
 from worker.backoff import full_jitter
+from worker.logs import job_context
 from worker.models import JobRecord, Notification
 from worker.notify_store import NotifyStore, NotifyTarget, notify_store
 from worker.runtime import Services
@@ -104,7 +105,13 @@ def notify_step(svc: Services, job_id: str, token: int, receiver: str) -> str:
 
     ``delivered``, ``retry``, ``failed``; ``stale`` (a newer message owns the webhook),
     ``missing`` (the record expired) or ``dropped`` (nothing pending to deliver).
+    Its log lines carry the job's fields (:mod:`worker.logs`).
     """
+    with job_context(job_id):
+        return _notify_step(svc, job_id, token, receiver)
+
+
+def _notify_step(svc: Services, job_id: str, token: int, receiver: str) -> str:
     store = notify_store(svc)
     target = store.target(job_id)
     if target is None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from worker.logs import job_fields
 from worker.models import JobState
 from worker.runtime import Services
+from worker.task_outcomes import note_outcome
 
 logger = logging.getLogger("worker.jobs")
 
@@ -19,6 +21,7 @@ def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bo
     """Move a job to ``state``; False (and nothing changed) when it had already finished."""
     if not svc.store.finish(job_id, state, **fields):
         return False
+    note_outcome(job_id, state, fields)
     record = svc.store.get(job_id)
     if record is not None:
         svc.results.store(record)
@@ -32,6 +35,7 @@ def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bo
         f" ({fields['fail_code']}: {fields.get('fail_msg') or ''})"
         if fields.get("fail_code")
         else "",
+        extra=job_fields(job_id, state=state.value),
     )
     return True
 

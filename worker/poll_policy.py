@@ -20,6 +20,7 @@ from worker.backoff import poll_delay
 from worker.errors import UpstreamError
 from worker.jobstore import LAST_ERROR_FIELD, Job
 from worker.kie import TaskInfo
+from worker.logs import job_context, job_fields, note
 from worker.models import JobState
 from worker.outcome import fail_job, finish_job
 from worker.runtime import Services
@@ -47,11 +48,20 @@ POLLED = frozenset({"succeeded", "failed", "pending", "poll_error", "timeout"})
 
 
 def poll_step(svc: Services, job_id: str, token: int) -> str:
-    """One step of the poll policy; returns what happened (for logs and tests)."""
+    """One step of the poll policy; returns what happened (for logs and tests).
+
+    Every line logged during the step carries the job's fields (:mod:`worker.logs`).
+    """
+    with job_context(job_id):
+        return _poll_step(svc, job_id, token)
+
+
+def _poll_step(svc: Services, job_id: str, token: int) -> str:
     status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
     if job is None:
         return status
     task_id = job.record.upstream_task_id
+    note(upstream_task_id=task_id, attempt=job.record.submit_attempts or None)
     if not task_id:
         svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
         return "no_task"
@@ -62,9 +72,11 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
     started = time.monotonic()
     try:
         info = svc.client().record_info(task_id)
+        note(upstream_code="200")
         _count_request(svc, "200", started)
         return apply_task_info(svc, job, info, next_delay)
     except UpstreamError as exc:
+        note(upstream_code=exc.fail_code)
         _count_request(svc, exc.fail_code, started)
         return _after_error(svc, job, exc, next_delay)
     except (redis.ConnectionError, redis.TimeoutError):
@@ -108,6 +120,7 @@ def finish_from_info(svc: Services, job_id: str, info: TaskInfo) -> str | None:
     if info.state == "fail":
         redact = svc.redactor.redact
         code = redact(info.fail_code or "fail")
+        note(upstream_code=code)
         fail_job(svc, job_id, code, redact(info.fail_msg or "generation failed upstream"))
         return "failed"
     return None
@@ -150,5 +163,10 @@ def _park_or_time_out(
         fail_job(svc, job.job_id, "timeout", message)
         return "timeout"
     fields = {LAST_ERROR_FIELD: last_error} if last_error else {}
-    svc.store.park(job, min(delay, until_deadline + DEADLINE_EPSILON_S), state, **fields)
+    parked = svc.store.park(job, min(delay, until_deadline + DEADLINE_EPSILON_S), state, **fields)
+    if parked and state is not None:
+        # The one line of this state change (the others: accept and finish_job).
+        logger.info(
+            "job %s %s", job.job_id, state.value, extra=job_fields(job.job_id, state=state.value)
+        )
     return "pending" if last_error is None else "poll_error"

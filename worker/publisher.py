@@ -75,7 +75,7 @@ class Publisher:
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
-            kwargsrepr=repr({"job_ids": [job[0] for job in jobs]}),
+            kwargsrepr=poll_repr(jobs),
             headers={SENT_AT_HEADER: self.clock.now()},
         )
 
@@ -94,11 +94,32 @@ class Publisher:
         )
 
 
-#: Characters of the prompt shown with a submit in Flower.
+#: Most characters of the prompt shown with a submit in Flower (whole words, then "…").
 PROMPT_PREVIEW_CHARS = 60
+#: Most job ids a poll names in Flower (a batch holds up to 25; the rest are counted).
+POLL_IDS_SHOWN = 25
 
 
 def _submit_repr(job_id: str, request: Any, token: int) -> str:
+    """What Flower shows of a submit: the job id and the prompt's first words, never the
+    image URLs (a signed URL is a credential) nor anything else of the request."""
     prompt = request.get("prompt", "") if isinstance(request, dict) else ""
-    preview = prompt if len(prompt) <= PROMPT_PREVIEW_CHARS else prompt[:PROMPT_PREVIEW_CHARS] + "…"
-    return repr({"job_id": job_id, "prompt": preview, "dispatch": token})
+    return repr({"prompt": prompt_preview(str(prompt)), "job_id": job_id, "dispatch": token})
+
+
+def prompt_preview(prompt: str, limit: int = PROMPT_PREVIEW_CHARS) -> str:
+    """The prompt's first words, at most ``limit`` characters, on one line."""
+    words = " ".join(prompt.split())
+    if len(words) <= limit:
+        return words
+    cut = words[: limit + 1].rsplit(" ", 1)[0] if " " in words[:limit] else words[:limit]
+    return cut.rstrip() + "…"
+
+
+def poll_repr(jobs: Sequence[tuple[str, int, float]]) -> str:
+    """What Flower shows of a poll: the job ids of its batch (Flower's search finds them)."""
+    ids = [job[0] for job in jobs]
+    shown: dict[str, Any] = {"job_ids": ids[:POLL_IDS_SHOWN]}
+    if len(ids) > POLL_IDS_SHOWN:
+        shown["more"] = len(ids) - POLL_IDS_SHOWN
+    return repr(shown)

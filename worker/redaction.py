@@ -99,6 +99,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.redactor:
             return True
+        self._redact_extra(record)
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: let the handler report it as usual
@@ -114,6 +115,20 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self.redactor.redact(record.stack_info)
         return True
+
+    def _redact_extra(self, record: logging.LogRecord) -> None:
+        """Redact the fields given as ``extra`` (structured logs write them out as they are)."""
+        for name, value in list(vars(record).items()):
+            if (
+                name in _STANDARD_ATTRIBUTES
+                or isinstance(value, bool | int | float)
+                or value is None
+            ):
+                continue
+            text = value if isinstance(value, str) else str(value)
+            redacted = self.redactor.redact(text)
+            if redacted != text:
+                setattr(record, name, redacted)
 
     def _redact_message(self, record: logging.LogRecord, redacted: str) -> None:
         """Redact the format string and each argument, keeping the arguments' shape.
@@ -136,6 +151,13 @@ class RedactingFilter(logging.Filter):
             rendered = ""
         if not rendered or redact(rendered) != rendered:
             record.msg, record.args = redacted, None
+
+
+#: What every ``LogRecord`` has; any other attribute came from ``extra`` (or a filter).
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
 
 
 def _redacted_arg(redact: Callable[[str], str], value: Any) -> Any:

