@@ -12,7 +12,7 @@ from typing import Any
 from worker import keys
 from worker.gates import resume_key
 from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
-from worker.runtime import known_api_keys, limiter_for, pause_for, services
+from worker.runtime import known_api_keys, limiter_for, pause_for, services, spend_cap_for
 
 #: Where the Redis transport keeps delivered but unacknowledged messages.
 UNACKED_HASH = "unacked"
@@ -34,10 +34,25 @@ def _key_status(key_id: str, rate_limit: str) -> dict[str, Any]:
         "sent_in_window": usage.used_in_window,
         "reserved_ahead": usage.reserved_ahead,
         "blocked_for_s": round(usage.blocked_for, 2),
+        "spend": _spend_status(key_id),
         "paused": None
         if pause is None
         else {"reason": pause.reason, "message": pause.message, "since": pause.since_s},
     }
+
+
+def _spend_status(key_id: str) -> list[dict[str, Any]]:
+    """Per window of the key's spend cap (none: no cap): createTasks that were or may have
+    been accepted in it (unknown outcomes count), its limit, and reservations ahead."""
+    return [
+        {
+            "window_s": usage.window,
+            "limit": usage.limit,
+            "spent": usage.spent,
+            "reserved_ahead": usage.reserved_ahead,
+        }
+        for usage in spend_cap_for(key_id).usage()
+    ]
 
 
 def fleet_status() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What a submit must pass before it may send createTask: the key's pause and its budget.
+"""What a submit must pass before it may send createTask: the key's pause, its spend cap
+and its rate budget.
 
 Each gate answers ``None`` (go on) or a :class:`Wait`: park the job in the schedule for
 that long. A wait is not a retry: it spends no retry budget, sends nothing upstream and
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import RateLimitedError, UpstreamError
-from worker.jobstore import LAST_ERROR_FIELD, SLOT_FIELD, Job, JobStore
+from worker.jobstore import LAST_ERROR_FIELD, SLOT_FIELD, SPEND_FIELD, Job, JobStore
 from worker.pause import MAX_PROBE_INTERVAL_S, FleetPause, PauseState, RecentAnswers
 from worker.ratelimit import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S, SharedRateLimiter
 from worker.runtime import Services
@@ -32,6 +33,8 @@ WAKE_JITTER_S = 1.0
 RELEASE_SPREAD_S = 2.0
 #: Hold of the whole key per 429 in a run of 429s that came without ``Retry-After``.
 RATE_LIMITED_RUN_HOLD_S = 2.0
+#: A job held by the spend cap past its submit deadline wakes this long after it, to fail.
+DEADLINE_WAKE_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,59 @@ def budget_gate(svc: Services, job: Job) -> Wait | None:
         wait = reservation.delay - RESERVE_AHEAD_S
         return Wait(_jittered(wait, RESERVE_AHEAD_S / 4), {SLOT_FIELD: None})
     return Wait(reservation.delay, {SLOT_FIELD: reservation.at})
+
+
+# ------------------------------------------------------------------ the spend cap
+
+
+def spend_gate(svc: Services, job: Job) -> Wait | None:
+    """Send only within the key's spend cap (``REMIX_SPEND_CAP``); otherwise wait for it.
+
+    Runs before the rate budget, so that a job never holds a rate moment it may not spend.
+    The job keeps one spend reservation (``SPEND_FIELD``) until an attempt consumes it
+    (``attempt_begin.lua``): a job that waited and comes back uses it instead of reserving
+    again. A reservation whose moment passed unused (the job then waited for the rate
+    budget) is replaced, in the same step, by a fresh one: a spend counts at the moment
+    it is sent, or the windows would not hold.
+    """
+    cap = svc.spend
+    if not cap.enabled:
+        return None
+    held = job.spend
+    if held is not None:
+        late_by = cap.now() - float(held["at"])
+        if late_by < -EARLINESS_TOLERANCE_S:
+            return _spend_wait(svc, job, -late_by, held)
+        if late_by <= LATENESS_TOLERANCE_S:
+            return None
+    member, reservation = cap.reserve(RESERVE_AHEAD_S, replacing=held["id"] if held else None)
+    if not reservation.reserved:
+        # Wake once a moment is within reach; spread the crowd over the horizon. A held
+        # job costs one schedule member and no message meanwhile.
+        wait = _jittered(reservation.delay - RESERVE_AHEAD_S, RESERVE_AHEAD_S / 4)
+        return _spend_wait(svc, job, wait, None)
+    svc.metrics.count("spend_reservations_total")
+    fresh = {"id": member, "at": reservation.at}
+    if reservation.delay > EARLINESS_TOLERANCE_S:
+        return _spend_wait(svc, job, reservation.delay, fresh)
+    if not svc.store.set_internal(job.job_id, SPEND_FIELD, fresh):
+        cap.refund(member)  # the job finished meanwhile (cancelled)
+    return None
+
+
+def _spend_wait(svc: Services, job: Job, seconds: float, held: dict[str, Any] | None) -> Wait:
+    """Park the job (still queued, no retry spent) for the cap, but not past its submit
+    deadline: it then wakes to fail like any job never accepted in time."""
+    svc.metrics.count("spend_cap_waits_total")
+    deadline = job.record.created_at + svc.settings.remix_submit_deadline_s
+    until_deadline = max(0.0, deadline - svc.clock.now()) + DEADLINE_WAKE_MARGIN_S
+    return Wait(min(seconds, until_deadline), {SPEND_FIELD: held, SLOT_FIELD: None})
+
+
+def refund_spend(svc: Services, spend: dict[str, Any] | None) -> None:
+    """Give back a spend reservation whose createTask was definitely not accepted."""
+    if spend is not None and svc.spend.refund(str(spend["id"])):
+        svc.metrics.count("spend_refunds_total")
 
 
 def resume_key(

@@ -35,6 +35,8 @@ REQUEST_FIELD = "_request"
 DISPATCH_FIELD = "_dispatch"
 ATTEMPT_FIELD = "_attempt"
 SLOT_FIELD = "_slot"
+#: The job's spend reservation not yet used by an attempt: ``{"id": member, "at": moment}``.
+SPEND_FIELD = "_spend"
 RETRIES_FIELD = "_retries"
 HOLDS_FIELD = "_holds"
 LAST_ERROR_FIELD = "_last_error"
@@ -81,6 +83,7 @@ class Job:
     request: Any
     attempt: str | None
     slot: float | None
+    spend: dict[str, Any] | None
     retries: int
     holds: int
     last_error: dict[str, Any] | None
@@ -98,6 +101,7 @@ class Job:
             request=fields.get(REQUEST_FIELD),
             attempt=fields.get(ATTEMPT_FIELD),
             slot=fields.get(SLOT_FIELD),
+            spend=fields.get(SPEND_FIELD),
             retries=int(fields.get(RETRIES_FIELD) or 0),
             holds=int(fields.get(HOLDS_FIELD) or 0),
             last_error=fields.get(LAST_ERROR_FIELD),
@@ -139,12 +143,14 @@ class AttemptStart:
     ``open`` (another attempt may still be in flight; ``settles_in`` seconds left),
     ``await_callback`` (an earlier attempt's outcome is unknown and its callback may still
     come; ``settles_in`` seconds left), ``finished`` or ``missing``. ``counted_unknown``:
-    an earlier attempt was just found never to have recorded its outcome.
+    an earlier attempt was just found never to have recorded its outcome. ``spend``: the
+    spend reservation the opened attempt consumed (``{"id", "at"}``), if any.
     """
 
     status: str
     counted_unknown: bool = False
     settles_in: float = 0.0
+    spend: dict[str, Any] | None = None
 
 
 class JobStore:
@@ -489,7 +495,8 @@ class JobStore:
         )
         status = decode_text(reply[0])
         if status == "ok":
-            return AttemptStart(status, counted_unknown=int(reply[1]) == 1)
+            spend = json.loads(reply[2]) if len(reply) > 2 else None
+            return AttemptStart(status, counted_unknown=int(reply[1]) == 1, spend=spend)
         if status == "open":
             return AttemptStart(status, settles_in=float(reply[1]))
         if status == "await_callback":

@@ -21,6 +21,8 @@ SCHEDULE = PREFIX + "schedule"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 #: Ids of the API keys workers use (hash: key id -> its rate limit), never the keys.
 KNOWN_API_KEYS = PREFIX + "keys"
+#: Spend caps of the API keys workers use (hash: key id -> its ``REMIX_SPEND_CAP``).
+KNOWN_SPEND_CAPS = PREFIX + "keys:spend_caps"
 #: Counters (hash): pauses by reason, unknown createTask outcomes, ...
 METRICS = PREFIX + "metrics"
 #: Recent poll lateness samples, for the benchmark.
@@ -62,6 +64,12 @@ def rate_log(api_key_id: str) -> str:
 def rate_blocked(api_key_id: str) -> str:
     """Moment until which every send of one API key holds (after an upstream 429)."""
     return f"{PREFIX}ratelimit:{api_key_id}:blocked"
+
+
+def spend_log(api_key_id: str) -> str:
+    """Sorted set of the spend reservations of one API key (createTasks that were or may
+    be accepted), scored by their moment; a refused attempt's member is removed."""
+    return f"{PREFIX}spend:{api_key_id}:log"
 
 
 def pause(api_key_id: str) -> str:

@@ -40,7 +40,14 @@ from worker.pause import FleetPause
 from worker.publisher import Publisher
 from worker.ratelimit import SharedRateLimiter
 from worker.redaction import Redactor
-from worker.settings import Settings, get_settings, parse_rate_limit, set_overrides
+from worker.settings import (
+    Settings,
+    get_settings,
+    parse_rate_limit,
+    parse_spend_cap,
+    set_overrides,
+)
+from worker.spendcap import SpendCap
 
 #: How long a worker's Redis commands keep retrying through an outage.
 WORKER_REDIS_RETRY_S = 15.0
@@ -177,6 +184,7 @@ class Services:
     store: JobStore
     clock: RedisClock
     limiter: SharedRateLimiter
+    spend: SpendCap
     pause: FleetPause
     publisher: Publisher
     metrics: Metrics
@@ -230,6 +238,7 @@ def build_services(
         store=JobStore(backend, ttl_s=settings.remix_job_ttl_s),
         clock=clock,
         limiter=SharedRateLimiter(broker, key_id, limit, window),
+        spend=SpendCap(broker, key_id, settings.spend_caps),
         pause=FleetPause(broker, key_id, settings.remix_pause_probe_s),
         publisher=Publisher(app, clock),
         metrics=Metrics(broker),
@@ -319,6 +328,10 @@ def register_api_key() -> None:
     """Make this worker's key known to ``remixq status``/``pause``/``resume``."""
     svc = services()
     svc.broker.hset(keys.KNOWN_API_KEYS, svc.api_key_id, svc.settings.kie_rate_limit)
+    if svc.spend.enabled:
+        svc.broker.hset(keys.KNOWN_SPEND_CAPS, svc.api_key_id, svc.settings.remix_spend_cap or "")
+    else:
+        svc.broker.hdel(keys.KNOWN_SPEND_CAPS, svc.api_key_id)
 
 
 def known_api_keys() -> dict[str, str]:
@@ -339,3 +352,13 @@ def limiter_for(key_id: str, rate_limit: str) -> SharedRateLimiter:
 
 def pause_for(key_id: str) -> FleetPause:
     return FleetPause(services().broker, key_id, services().settings.remix_pause_probe_s)
+
+
+def spend_cap_for(key_id: str) -> SpendCap:
+    """The spend cap a worker registered for ``key_id`` (or this process's own; may be off)."""
+    svc = services()
+    raw = svc.broker.hget(keys.KNOWN_SPEND_CAPS, key_id)
+    text = decode_text(raw) if raw is not None else None
+    if text is None and key_id == svc.api_key_id:
+        text = svc.settings.remix_spend_cap
+    return SpendCap(svc.broker, key_id, parse_spend_cap(text))

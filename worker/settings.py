@@ -121,6 +121,22 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def parse_spend_cap(text: str | None) -> list[tuple[int, float]]:
+    """Parse ``"500/1d,60/1h"`` into ``[(500, 86400.0), (60, 3600.0)]``.
+
+    Each comma-separated part is a rate (see :func:`parse_rate_limit`): accepted createTasks
+    allowed per window. Blank or ``None`` means no cap (an empty list). Two parts with the
+    same window are refused: one of them would be meaningless, probably a typo.
+    """
+    if text is None or not text.strip():
+        return []
+    caps = [parse_rate_limit(part) for part in text.split(",")]
+    windows = [window for _, window in caps]
+    if len(set(windows)) != len(windows):
+        raise ValueError(f"spend cap {text!r} names the same window twice")
+    return caps
+
+
 class Settings(BaseSettings):
     """All knobs of the pipeline; see the README's configuration table."""
 
@@ -137,6 +153,9 @@ class Settings(BaseSettings):
     kie_callback_url: str | None = None
     kie_webhook_hmac_key: SecretStr | None = None
     kie_rate_limit: str = "20/10s"
+    #: Accepted createTasks allowed per API key, fleet-wide, in one or more windows
+    #: (``500/1d,60/1h``); unset: no cap.
+    remix_spend_cap: str | None = None
     kie_connect_timeout_s: float = Field(5.0, gt=0)
     kie_read_timeout_s: float = Field(20.0, gt=0)
     kie_request_deadline_s: float = Field(30.0, gt=0)
@@ -239,6 +258,11 @@ class Settings(BaseSettings):
         parse_rate_limit(value)
         return value
 
+    @field_validator("remix_spend_cap")
+    @classmethod
+    def _check_spend_cap(cls, value: str | None) -> str | None:
+        return value if parse_spend_cap(value) else None
+
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         if self.remix_poll_initial_s > self.remix_poll_max_s:
@@ -298,6 +322,11 @@ class Settings(BaseSettings):
     def rate_limit(self) -> tuple[int, float]:
         """``KIE_RATE_LIMIT`` as ``(requests, window_seconds)``."""
         return parse_rate_limit(self.kie_rate_limit)
+
+    @property
+    def spend_caps(self) -> list[tuple[int, float]]:
+        """``REMIX_SPEND_CAP`` as ``[(accepted createTasks, window_seconds), ...]``."""
+        return parse_spend_cap(self.remix_spend_cap)
 
     @property
     def lease_s(self) -> float:

@@ -45,7 +45,14 @@ from worker.errors import (
     RateLimitedError,
     UpstreamError,
 )
-from worker.gates import budget_gate, hold_after_rate_limited, pause_gate, trip_pause
+from worker.gates import (
+    budget_gate,
+    hold_after_rate_limited,
+    pause_gate,
+    refund_spend,
+    spend_gate,
+    trip_pause,
+)
 from worker.jobstore import (
     HOLDS_FIELD,
     LAST_ERROR_FIELD,
@@ -105,7 +112,7 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return "failed"
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
-    for gate in (pause_gate, budget_gate):
+    for gate in (pause_gate, spend_gate, budget_gate):
         wait = gate(svc, job)
         if wait is not None:
             svc.store.park(job, wait.seconds, **wait.fields)
@@ -142,7 +149,7 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
     except UpstreamError as exc:
         note(upstream_code=exc.fail_code)
         _count_request(svc, "create_task", exc.fail_code, started)
-        return _after_error(svc, job, attempt_id, exc)
+        return _after_error(svc, job, attempt_id, exc, spend=opened.spend)
     except BaseException:
         # Whatever happened, the request may have gone out: its outcome is unknown.
         svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
@@ -221,8 +228,20 @@ def _answer_kind(exc: UpstreamError) -> str:
     return "other"
 
 
-def _after_error(svc: Services, job: Job, attempt_id: str, exc: UpstreamError) -> str:
-    """Close the attempt and act on the error's family (the one decision table)."""
+def _after_error(
+    svc: Services,
+    job: Job,
+    attempt_id: str,
+    exc: UpstreamError,
+    spend: dict[str, Any] | None = None,
+) -> str:
+    """Close the attempt and act on the error's family (the one decision table).
+
+    A definite refusal gives the attempt's spend reservation back; an answer that may
+    hide an accepted task (``exc.ambiguous``) keeps it: it may have been charged.
+    """
+    if not exc.ambiguous:
+        refund_spend(svc, spend)
     recent = _note_answer(svc, _answer_kind(exc))
     last_error = {
         "code": exc.fail_code,
@@ -336,6 +355,7 @@ def _end_past_submit_deadline(svc: Services, job: Job) -> str:
             return settled.status
         if settled.counted_unknown:
             _note_unknown(svc, job.job_id, "an attempt never recorded its outcome")
+    refund_spend(svc, job.spend)  # reserved while waiting, never used by an attempt
     last = job.last_error or {}
     limit = svc.settings.remix_submit_deadline_s
     message = f"not accepted upstream within {limit:g}s"

@@ -4,6 +4,9 @@
 -- with upstream callbacks on, not before the callback wait has passed since the last
 -- unknown outcome (the upstream may yet call back with the task that attempt created).
 -- The attempt id is the owner's token: opening the same id twice is harmless.
+-- Opening an attempt consumes the job's spend reservation ('_spend', see
+-- worker/spendcap.py) in the same step: it is handed to the caller (to give back if the
+-- upstream refuses) and cleared, so that a later attempt reserves its own.
 --
 -- KEYS[1]  the job's hash
 -- ARGV[1]  attempt id
@@ -11,7 +14,8 @@
 -- ARGV[3]  time to live of the record, in seconds
 -- ARGV[4]  'open' to open the attempt, 'settle' only to close a settled earlier one
 -- ARGV[5]  seconds to wait for a callback after an unknown outcome (0: callbacks off)
--- Returns {'ok', 1 if an earlier attempt was just counted unknown else 0},
+-- Returns {'ok', 1 if an earlier attempt was just counted unknown else 0, the spend
+-- reservation consumed (JSON, 'null' for none)},
 -- {'accepted'}, {'finished'}, {'missing'}, {'open', seconds until it settles} or
 -- {'await_callback', seconds left, 1 if an earlier attempt was just counted unknown}.
 -- With 'settle', 'ok' means no attempt is open any more (none was opened).
@@ -42,7 +46,9 @@ local unknown_at = tonumber(redis.call('HGET', KEYS[1], '_unknown_at') or '')
 if wait > 0 and unknown_at and unknown_at + wait > now then
   return {'await_callback', tostring(unknown_at + wait - now), marked}
 end
-redis.call('HSET', KEYS[1], '_attempt', mine, 'attempt_started_at', string.format('%.6f', now))
+local spend = redis.call('HGET', KEYS[1], '_spend') or 'null'
+redis.call('HSET', KEYS[1], '_attempt', mine, 'attempt_started_at', string.format('%.6f', now),
+  '_spend', 'null')
 redis.call('HINCRBY', KEYS[1], 'submit_attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {'ok', marked}
+return {'ok', marked, spend}

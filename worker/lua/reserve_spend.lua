@@ -1,0 +1,43 @@
+-- Reserve the earliest moment at which one more createTask keeps every window of the
+-- key's spend cap within its limit (a sliding log of spend reservations, like the rate
+-- budget's in reserve.lua but with several windows), unless that moment is further ahead
+-- than the caller may wait. A reservation that is replaced (its moment passed unused) is
+-- removed first, in the same step, so that a job never holds two.
+--
+-- KEYS[1]  the key's log of spend reservations (sorted set: member -> moment)
+-- ARGV[1]  how far ahead a moment may be reserved, in seconds
+-- ARGV[2]  a unique member for the new reservation
+-- ARGV[3]  the member of a reservation this one replaces ('' for none)
+-- ARGV[4]  the number of windows N
+-- ARGV[5], ARGV[6] ... ARGV[3 + 2N], ARGV[4 + 2N]  accepted createTasks allowed, window
+--          in seconds, for each window
+-- Returns {'1' reserved or '0', delay in seconds, the moment} as strings (a Lua number
+-- would be truncated to an integer on the way back).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local ahead, count = tonumber(ARGV[1]), tonumber(ARGV[4])
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[1], ARGV[3]) end
+local longest = 0
+for i = 0, count - 1 do
+  local window = tonumber(ARGV[6 + 2 * i])
+  if window > longest then longest = window end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - longest)
+local at = now
+local size = redis.call('ZCARD', KEYS[1])
+for i = 0, count - 1 do
+  local limit, window = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
+  -- At most limit - 1 reservations may lie after (at - window): the one limit-th from
+  -- the end must be at least a window before the moment.
+  if size >= limit then
+    local nth = redis.call('ZRANGE', KEYS[1], size - limit, size - limit, 'WITHSCORES')
+    local free = tonumber(nth[2]) + window
+    if free > at then at = free end
+  end
+end
+if at - now > ahead then
+  return {'0', tostring(at - now), tostring(at)}
+end
+redis.call('ZADD', KEYS[1], at, ARGV[2])
+redis.call('EXPIRE', KEYS[1], math.ceil(longest + ahead + 1))
+return {'1', tostring(at - now), tostring(at)}
