@@ -24,6 +24,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
+from worker import cancelling
 from worker.jobstore import NewJob
 from worker.logs import job_fields
 from worker.models import InvalidRequestError, JobRecord, validate_request
@@ -150,7 +151,7 @@ def cancel_job(job_id: str) -> JobRecord:
     otherwise. Cancelling a cancelled job again returns its record.
     """
     svc = services()
-    outcome = svc.store.cancel(job_id)
+    outcome = cancelling.cancel(svc, job_id)
     if outcome == "missing":
         raise KeyError(f"no job {job_id!r}")
     if outcome not in ("cancelled", "already"):

@@ -162,9 +162,6 @@ def test_a_secret_file_goes_through_the_same_checks_as_the_variable(
     with pytest.raises(ConfigurationError, match="control character") as caught:
         load_settings()
     assert KEY[:8] not in str(caught.value)
-    (tmp_path / "empty").write_text("\n")
-    monkeypatch.setenv("KIE_API_KEY_FILE", str(tmp_path / "empty"))
-    assert load_settings().kie_api_key is None
 
 
 @pytest.mark.usefixtures("no_secrets_in_env")
@@ -173,3 +170,38 @@ def test_an_empty_file_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KIE_API_KEY_FILE", "")
     secret = load_settings().kie_api_key
     assert secret is not None and secret.get_secret_value() == KEY
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("content", ["", " \n", "  \r\n"])
+def test_an_empty_secret_file_is_refused_not_read_as_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, content: str
+) -> None:
+    """An empty tokens file must not open the API; an empty HMAC key file must not turn
+    signing off."""
+    (tmp_path / "secret").write_text(content)
+    monkeypatch.setenv(f"{name}_FILE", str(tmp_path / "secret"))
+    with pytest.raises(ConfigurationError, match=f"{name}_FILE: .* is empty"):
+        load_settings()
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_byte_order_mark_in_a_secret_file_is_not_part_of_the_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "key").write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\n")
+    monkeypatch.setenv("KIE_API_KEY_FILE", str(tmp_path / "key"))
+    key = load_settings().kie_api_key
+    assert key is not None and key.get_secret_value() == KEY
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", ["KIE_API_KEY", "IDEOGRAM_API_KEY"])
+def test_an_api_key_outside_ascii_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "\u201c" + KEY + "\u201d")
+    with pytest.raises(ConfigurationError, match="outside ASCII") as caught:
+        load_settings()
+    assert KEY[:8] not in str(caught.value)

@@ -110,9 +110,14 @@ def read_secret_file(name: str, path: str) -> str:
     if len(raw) > SECRET_FILE_MAX_BYTES:
         raise ValueError(f"{variable}: {path!r} is larger than {SECRET_FILE_MAX_BYTES} bytes")
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig: an editor's byte-order mark is not part of the secret.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{variable}: {path!r} is not UTF-8 text") from None
+    if not text.strip():
+        # Naming a file is asking for the secret: an empty one must not turn it off.
+        raise ValueError(f"{variable}: {path!r} is empty")
+    return text
 
 
 def _blank(value: Any) -> bool:
@@ -236,6 +241,15 @@ class Settings(BaseSettings):
     @classmethod
     def _clean_secret(cls, value: Any) -> Any:
         return clean_secret(value)
+
+    @field_validator("kie_api_key", "ideogram_api_key")
+    @classmethod
+    def _check_header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # The key goes into an HTTP header: a character outside ASCII (a pasted byte-order
+        # mark, a typographic quote) would fail every request, after its attempt opened.
+        if value is not None and not value.get_secret_value().isascii():
+            raise ValueError("contains a character outside ASCII (never valid in an API key)")
+        return value
 
     @field_validator("redis_url", "result_backend_url")
     @classmethod

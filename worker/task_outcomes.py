@@ -16,7 +16,7 @@ received by the HTTP app, a cancel) is not in Flower.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -58,9 +58,17 @@ class JobsFailed(Exception):
     is never retried: the message is acknowledged like that of any finished task.
     """
 
-    def __init__(self, outcomes: list[Outcome]) -> None:
-        self.job_ids = [outcome.job_id for outcome in outcomes]
-        super().__init__("; ".join(outcome.describe() for outcome in outcomes))
+    def __init__(self, message: str, job_ids: Sequence[str] = ()) -> None:
+        # Built from its message alone, as pickle and Celery rebuild it (``cls(*args)``):
+        # otherwise Celery wraps it as unpickleable and logs it as an unexpected error.
+        self.job_ids = list(job_ids)
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome]) -> JobsFailed:
+        """The failure naming each failed job and its ``fail_code``."""
+        message = "; ".join(outcome.describe() for outcome in outcomes)
+        return cls(message, [outcome.job_id for outcome in outcomes])
 
 
 #: The outcomes recorded by the running task (None outside :func:`recording_outcomes`).

@@ -103,7 +103,7 @@ def reported(summary: dict[str, str], outcomes: list[Outcome]) -> dict[str, str]
     """
     failed = failures(outcomes)
     if failed:
-        raise JobsFailed(failed)
+        raise JobsFailed.of(failed)
     return summary
 
 
