@@ -112,3 +112,17 @@ def _read_request(conn: socket.socket) -> None:
             length = int(value.strip())
     while len(body) < length:
         body += conn.recv(4096)
+
+
+def redis_value(client: redis.Redis, key: bytes) -> bytes:
+    """Everything a key holds, as text to search (for secrets that must not be there)."""
+    readers = {
+        b"string": client.get,
+        b"hash": client.hgetall,
+        b"list": lambda k: client.lrange(k, 0, -1),
+        b"set": client.smembers,
+        b"zset": lambda k: client.zrange(k, 0, -1),
+    }
+    kind = client.type(key)
+    reader = readers.get(kind.encode() if isinstance(kind, str) else kind)
+    return repr(reader(key)).encode() if reader else b""

@@ -23,7 +23,7 @@ from producers import cancel_job, enqueue_remix, get_job, wait_for_job
 from producers.fleet import pause_submissions, resume_submissions
 from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, TEST_REDIS_URL, unique_prompt
-from tests.helpers import wait_until
+from tests.helpers import redis_value, wait_until
 from tests.webhook_receiver import WebhookReceiver, free_port, receiver
 from worker import keys
 from worker.models import InvalidRequestError, JobRecord, JobState
@@ -296,7 +296,7 @@ def test_the_hmac_key_is_in_no_log_and_no_redis_value(
 
     secret = HMAC_KEY.encode()
     for key in redis_client.scan_iter("*"):
-        assert secret not in key and secret not in _dump_value(redis_client, key), key
+        assert secret not in key and secret not in redis_value(redis_client, key), key
     assert HMAC_KEY not in json.dumps(notification_of(job_id))
     got = hooks.deliveries(path)[-1]
     assert secret not in got.body and HMAC_KEY not in json.dumps(got.headers)
@@ -304,16 +304,3 @@ def test_the_hmac_key_is_in_no_log_and_no_redis_value(
     assert f"job {job_id}: webhook delivered".encode() in logs  # really the workers' logs
     assert f"job {job_id}: webhook to".encode() in logs
     assert secret not in logs and producer_token.encode() not in logs
-
-
-def _dump_value(client: redis.Redis, key: bytes) -> bytes:
-    readers = {
-        b"string": client.get,
-        b"hash": client.hgetall,
-        b"list": lambda k: client.lrange(k, 0, -1),
-        b"set": client.smembers,
-        b"zset": lambda k: client.zrange(k, 0, -1),
-    }
-    kind = client.type(key)
-    reader = readers.get(kind.encode() if isinstance(kind, str) else kind)
-    return repr(reader(key)).encode() if reader else b""

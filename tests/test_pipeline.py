@@ -17,7 +17,7 @@ from producers import enqueue_remix, get_job, wait_for_job
 from sandbox.control import SandboxControl
 from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt
-from tests.helpers import accepted, create_requests, wait_until
+from tests.helpers import accepted, create_requests, redis_value, wait_until
 from worker.app import app
 from worker.errors import JobFailed
 from worker.models import JobState
@@ -185,18 +185,6 @@ def test_bad_input_enqueues_nothing(redis_client: redis.Redis) -> None:
     assert redis_client.llen("submit") == before_queue
 
 
-def _dump_value(client: redis.Redis, key: bytes) -> bytes:
-    readers = {
-        b"string": client.get,
-        b"hash": client.hgetall,
-        b"list": lambda k: client.lrange(k, 0, -1),
-        b"set": client.smembers,
-        b"zset": lambda k: client.zrange(k, 0, -1),
-    }
-    reader = readers.get(client.type(key))
-    return repr(reader(key)).encode() if reader else b""
-
-
 def test_api_key_never_stored_in_redis_or_logged(
     control: SandboxControl,
     redis_client: redis.Redis,
@@ -211,7 +199,7 @@ def test_api_key_never_stored_in_redis_or_logged(
 
     secret = SECRET_API_KEY.encode()
     for key in redis_client.scan_iter("*"):
-        value = _dump_value(redis_client, key)
+        value = redis_value(redis_client, key)
         assert secret not in value and secret not in key, key
     for worker in fleet:
         assert worker.log_path is not None

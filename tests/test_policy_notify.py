@@ -28,7 +28,7 @@ from celery import Celery
 
 from sandbox.launch import redis_ping
 from sandbox.server import SandboxServer
-from tests.helpers import raw_http_server, wait_until
+from tests.helpers import raw_http_server, redis_value, wait_until
 from tests.policy_kit import INPUT, make_services, new_job
 from tests.webhook_receiver import Delivery, WebhookReceiver, free_port, loopback_name, receiver
 from worker import keys
@@ -476,20 +476,6 @@ def test_the_key_is_in_no_record_and_no_redis_value(
     for key in policy_redis.scan_iter("*"):
         assert HMAC_KEY.encode() not in redis_value(policy_redis, key), key
     assert all(HMAC_KEY not in json.dumps(d.headers) for d in hooks.deliveries())
-
-
-def redis_value(client: redis.Redis, key: bytes) -> bytes:
-    """Everything a key holds, as text to search."""
-    readers = {
-        b"string": client.get,
-        b"hash": client.hgetall,
-        b"list": lambda k: client.lrange(k, 0, -1),
-        b"set": client.smembers,
-        b"zset": lambda k: client.zrange(k, 0, -1),
-    }
-    kind = client.type(key)
-    reader = readers.get(kind.encode() if isinstance(kind, str) else kind)
-    return repr(reader(key)).encode() if reader else b""
 
 
 # ------------------------------------------------------------------ Redis lost mid-delivery

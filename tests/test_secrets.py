@@ -14,7 +14,7 @@ from celery.result import AsyncResult
 from producers import enqueue_remix, wait_for_job
 from sandbox.control import SandboxControl
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, StartWorkers, unique_prompt
-from tests.helpers import accepted
+from tests.helpers import accepted, redis_value
 from worker.app import app
 from worker.models import JobState
 
@@ -42,7 +42,7 @@ def test_a_key_from_a_secret_file_works_and_never_shows(
     assert all(accepted(control, p) >= 1 for p in prompts)
     secret_parts = _fragments(SECRET_API_KEY)
     for key in redis_client.scan_iter("*"):
-        value = _dump(redis_client, key)
+        value = redis_value(redis_client, key)
         assert not any(part in value or part in key for part in secret_parts), key
     for job_id in job_ids:
         result = repr(AsyncResult(job_id, app=app).get(timeout=5)).encode()
@@ -51,15 +51,3 @@ def test_a_key_from_a_secret_file_works_and_never_shows(
     log = worker.log_path.read_bytes()
     assert b"remix.submit" in log
     assert not any(part in log for part in secret_parts)
-
-
-def _dump(client: redis.Redis, key: bytes) -> bytes:
-    readers = {
-        b"string": client.get,
-        b"hash": client.hgetall,
-        b"list": lambda k: client.lrange(k, 0, -1),
-        b"set": client.smembers,
-        b"zset": lambda k: client.zrange(k, 0, -1),
-    }
-    reader = readers.get(client.type(key))
-    return repr(reader(key)).encode() if reader else b""

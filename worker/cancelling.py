@@ -16,7 +16,7 @@ import redis
 
 from worker import keys
 from worker.jobstore import SPEND_FIELD
-from worker.runtime import Services, known_api_key_ids
+from worker.runtime import Services, known_api_keys
 
 
 def cancel(svc: Services, job_id: str) -> str:
@@ -31,6 +31,6 @@ def give_back_spend(svc: Services, job_id: str) -> None:
     with contextlib.suppress(redis.RedisError):
         spend = svc.store.get_internal(job_id, SPEND_FIELD)
         if isinstance(spend, dict) and spend.get("id"):
-            for key_id in known_api_key_ids(svc):
+            for key_id in known_api_keys(svc):
                 if svc.broker.zrem(keys.spend_log(key_id), str(spend["id"])):
                     svc.metrics.count("spend_refunds_total")

@@ -32,7 +32,8 @@ STRENGTH_STEP = 0.1
 MAX_SEED = 2**31 - 1
 
 
-def _http_url(value: str) -> str:
+def check_http_url(value: str) -> str:
+    """An http(s) URL with a host and a valid port; raises ``ValueError`` otherwise."""
     parts = urlsplit(value)
     try:
         parts.port  # noqa: B018 - raises for a port out of range
@@ -73,7 +74,7 @@ def _strength_step(value: float) -> float:
     return round(value, 1)
 
 
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
+HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 
 
 class RemixRequest(BaseModel):

@@ -334,17 +334,9 @@ def register_api_key() -> None:
         svc.broker.hdel(keys.KNOWN_SPEND_CAPS, svc.api_key_id)
 
 
-def known_api_key_ids(svc: Services) -> list[str]:
-    """The ids of every key a worker registered, and this process's own when it has one."""
-    found = {decode_text(k) for k in svc.broker.hkeys(keys.KNOWN_API_KEYS)}
-    if svc.settings.kie_api_key is not None:
-        found.add(svc.api_key_id)
-    return sorted(found)
-
-
-def known_api_keys() -> dict[str, str]:
+def known_api_keys(svc: Services | None = None) -> dict[str, str]:
     """Key id -> its ``KIE_RATE_LIMIT``, for every key a worker registered (and our own)."""
-    svc = services()
+    svc = svc or services()
     found = {
         decode_text(k): decode_text(v) for k, v in svc.broker.hgetall(keys.KNOWN_API_KEYS).items()
     }

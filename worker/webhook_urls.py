@@ -15,6 +15,8 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from worker.models import check_http_url
+
 MAX_URL_CHARS = 2000
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
@@ -66,16 +68,11 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
     """Check a URL as written; returns it, raises ``ValueError`` with a one-line reason."""
     if not isinstance(url, str) or len(url) > MAX_URL_CHARS:
         raise ValueError(f"must be an http(s) URL of at most {MAX_URL_CHARS} characters")
+    check_http_url(url)
+    if not url.isprintable():
+        raise ValueError("must be an http(s) URL")
     parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - raises for a port out of range
-    except ValueError:
-        raise ValueError("must be an http(s) URL") from None
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or any(c.isspace() or not c.isprintable() for c in url)
-    ):
+    if parts.hostname is None:
         raise ValueError("must be an http(s) URL")
     if parts.username or parts.password:
         raise ValueError("must not carry a user name or password")
