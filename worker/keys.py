@@ -128,3 +128,8 @@ def finished_channel(database: int) -> str:
     deployments (or tests) sharing one Redis server do not hear each other's jobs.
     """
     return f"{PREFIX}finished:{database}"
+
+
+def blob(blob_id: str) -> str:
+    """The bytes of one source image a producer stored for a job (:mod:`worker.blobs`)."""
+    return f"{PREFIX}blob:{blob_id}"

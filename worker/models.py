@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 PROVIDER = "kie"
+#: The upstreams a job may be sent to (``provider``); ``kie`` is the default.
+PROVIDERS = ("kie", "ideogram-remix")
 MAX_PROMPT_CHARS = 5000
 MAX_NEGATIVE_PROMPT_CHARS = 500
 STRENGTH_STEP = 0.1

@@ -31,6 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker import keys
+from worker.blobs import BlobStore, RedisBlobStore
 from worker.clock import RedisClock
 from worker.errors import JobFailed
 from worker.jobstore import JobStore, decode_text
@@ -192,6 +193,7 @@ class Services:
     api_key_id: str
     broker: redis.Redis
     redactor: Redactor
+    blobs: BlobStore
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def client(self) -> KieClient:
@@ -213,6 +215,15 @@ def new_kie_client(settings: Settings) -> KieClient:
         request_deadline=settings.kie_request_deadline_s,
         secrets=tuple(settings.secrets()),
     )
+
+
+#: Blobs outlive the longest a job may wait to be sent by this much.
+BLOB_TTL_MARGIN_S = 3600
+
+
+def blob_ttl_s(settings: Settings) -> int:
+    """How long a source image is kept: as long as its job may still be sent, and more."""
+    return int(settings.remix_submit_deadline_s + settings.attempt_settle_s + BLOB_TTL_MARGIN_S)
 
 
 def build_services(
@@ -246,6 +257,7 @@ def build_services(
         api_key_id=key_id,
         broker=broker,
         redactor=Redactor(settings.secrets()),
+        blobs=RedisBlobStore(backend, ttl_s=blob_ttl_s(settings)),
     )
 
 
