@@ -77,6 +77,7 @@ class Request:
     :param query: the parsed query string.
     :param authorization: the ``Authorization`` header, if sent.
     :param body: the raw body.
+    :param content_type: the ``Content-Type`` header, if sent.
     """
 
     method: str
@@ -84,6 +85,8 @@ class Request:
     query: dict[str, list[str]]
     authorization: str | None
     body: bytes
+    #: The ``Content-Type`` header (multipart requests carry their boundary in it).
+    content_type: str | None = None
 
 
 @dataclass(frozen=True)

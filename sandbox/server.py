@@ -74,6 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
             query=parse_qs(url.query),
             authorization=self.headers.get("Authorization"),
             body=body,
+            content_type=self.headers.get("Content-Type"),
         )
         try:
             reply = self.server.api.handle(request)
