@@ -11,7 +11,7 @@ from typing import Any
 
 from worker import keys
 from worker.gates import resume_key
-from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
+from worker.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import known_api_keys, limiter_for, pause_for, services, spend_cap_for
 
 #: Where the Redis transport keeps delivered but unacknowledged messages.
@@ -61,9 +61,11 @@ def fleet_status() -> dict[str, Any]:
     by_state = _jobs_by_state()
     return {
         "queues": {
-            name: svc.broker.llen(name) for name in (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
+            name: svc.broker.llen(name)
+            for name in (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
         },
         "webhooks_pending": svc.store.redis.zcard(keys.NOTIFY_SCHEDULE),
+        "archives_pending": svc.store.redis.zcard(keys.ARCHIVE_SCHEDULE),
         "held_by_workers": svc.broker.hlen(UNACKED_HASH),
         "scheduled": svc.store.schedule_size(),
         "jobs_by_state": dict(sorted(by_state.items())),

@@ -28,11 +28,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from worker import keys
 from worker.dispatcher import HEARTBEAT_S
-from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
+from worker.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import HISTOGRAMS, Services, services
 
 NAMESPACE = "remixq"
-QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
 #: A worker whose last heartbeat is older than this is not counted as live.
 LIVE_WORKER_S = 3 * HEARTBEAT_S
 #: The label name of each counter family stored with a ``:label`` suffix.
@@ -44,6 +44,7 @@ LABEL_NAMES = {
     "callbacks_total": "outcome",
     "callbacks_refused_total": "reason",
     "notify_total": "outcome",
+    "archive_total": "outcome",
 }
 DEFAULT_LABEL_NAME = "label"
 HELP = {
@@ -63,6 +64,8 @@ HELP = {
     "lease_resends_total": "Jobs sent again because their step was lost",
     "notify_total": "Completion webhook tries, by outcome",
     "notify_lease_resends_total": "Completion webhooks sent again after a lost delivery",
+    "archive_total": "Archiving tries of result images, by outcome",
+    "archive_lease_resends_total": "Archiving sent again after a lost step",
     "create_task_seconds": "Latency of createTask requests",
     "record_info_seconds": "Latency of recordInfo requests",
     "job_seconds": "Time from enqueue to the end of a job",

@@ -309,8 +309,8 @@ def test_status_without_id_summarises_jobs_and_queues(cli_redis: redis.Redis) ->
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["jobs_by_state"] == {"queued": 2}
-    assert summary["queues"] == {"submit": 2, "poll": 0, "notify": 0}
-    assert summary["webhooks_pending"] == 0
+    assert summary["queues"] == {"submit": 2, "poll": 0, "notify": 0, "archive": 0}
+    assert summary["webhooks_pending"] == 0 and summary["archives_pending"] == 0
     assert summary["held_by_workers"] == 0 and summary["in_flight_upstream"] == 0
 
 

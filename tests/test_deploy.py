@@ -297,7 +297,7 @@ def test_the_scaled_object_scales_the_worker_deployment_on_its_queues() -> None:
         assert redis_url == f"redis://{metadata['address']}/{metadata['databaseIndex']}"
         assert int(metadata["listLength"]) >= 1
         lists.add(metadata["listName"])
-    assert lists == {"submit", "poll", "notify"}
+    assert lists == {"submit", "poll", "notify", "archive"}
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def test_fleet_status_reports_queues_states_and_budget(control: SandboxControl) 
     status = fleet_status()
 
     assert status["in_flight_upstream"] >= 3
-    assert set(status["queues"]) == {"submit", "poll", "notify"}
+    assert set(status["queues"]) == {"submit", "poll", "notify", "archive"}
     assert status["keys"] and status["keys"][0]["rate_limit"] == WORKER_SETTINGS["KIE_RATE_LIMIT"]
     assert status["keys"][0]["sent_in_window"] >= 1
 

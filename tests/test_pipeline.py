@@ -267,18 +267,19 @@ def _deliveries(fleet: list[ManagedProcess], job_id: str) -> int:
 def test_a_worker_without_q_consumes_every_queue_each_behind_its_own_exchange(
     fleet: list[ManagedProcess], redis_client: redis.Redis
 ) -> None:
-    """``submit``, ``poll`` and ``notify`` (completion webhooks): a worker started without
-    ``-Q`` (as the Procfile starts it) consumes all three, and each queue's exchange routes
-    to that queue only."""
+    """``submit``, ``poll``, ``notify`` (completion webhooks) and ``archive`` (result
+    images): a worker started without ``-Q`` (as the Procfile starts it) consumes all four,
+    and each queue's exchange routes to that queue only."""
     from worker.app import QUEUES
 
     assert [(q.name, q.exchange.name, q.routing_key) for q in QUEUES] == [
         ("submit", "submit", "submit"),
         ("poll", "poll", "poll"),
         ("notify", "notify", "notify"),
+        ("archive", "archive", "archive"),
     ]
     replies = app.control.inspect(destination=[fleet[0].name], timeout=5).active_queues() or {}
-    assert {q["name"] for q in replies[fleet[0].name]} == {"submit", "poll", "notify"}
+    assert {q["name"] for q in replies[fleet[0].name]} == {"submit", "poll", "notify", "archive"}
     for queue in QUEUES:
         bindings = redis_client.smembers(f"_kombu.binding.{queue.name}")
         assert bindings

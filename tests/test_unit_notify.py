@@ -17,8 +17,8 @@ from producers.cli import parse_assignments, parse_batch_line
 from worker.dispatcher import _slots_of
 from worker.models import JobRecord, JobState, Notification
 from worker.notify_policy import (
-    _describe,
     delivery_id,
+    describe_request_error,
     signature,
     webhook_body,
     webhook_headers,
@@ -166,6 +166,6 @@ def test_worker_slots_are_read_from_heartbeats(member: bytes | str, slots: int) 
 def test_a_failed_try_is_described_without_its_url(
     exc: requests.RequestException, text: str
 ) -> None:
-    described = _describe(exc, expired=False, total=10)
+    described = describe_request_error(exc, expired=False, total=10)
     assert text in described and "secret" not in described
-    assert _describe(exc, expired=True, total=10) == "no answer within 10 s"
+    assert describe_request_error(exc, expired=True, total=10) == "no answer within 10 s"

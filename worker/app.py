@@ -15,8 +15,9 @@ due. So no task has a countdown, every delivered message runs at once, and:
 
 ``worker_prefetch_multiplier = 1``: each process reserves only the message it is about to
 run. Each queue has an exchange of its own, so a message published to one exchange lands
-in one queue only. A worker started without ``-Q`` consumes all three queues: ``submit``,
-``poll`` and ``notify`` (completion webhooks, :mod:`worker.notify_store`).
+in one queue only. A worker started without ``-Q`` consumes all four queues: ``submit``,
+``poll``, ``notify`` (completion webhooks, :mod:`worker.notify_store`) and ``archive``
+(copies of result images, :mod:`worker.archive_schedule`).
 
 Importing this module does not take over a host application's Celery: the app is not
 made current, and the kombu guard (:mod:`worker.broker_guard`) is installed in worker
@@ -43,6 +44,8 @@ from kombu import Exchange, Queue
 from worker.dispatcher import DispatcherStep
 from worker.logs import enter_task, install_log_format, leave_task
 from worker.publisher import (
+    ARCHIVE_QUEUE,
+    ARCHIVE_TASK,
     NOTIFY_QUEUE,
     NOTIFY_TASK,
     POLL_QUEUE,
@@ -65,6 +68,7 @@ QUEUES = (
     Queue(SUBMIT_QUEUE, Exchange(SUBMIT_QUEUE, type="direct"), routing_key=SUBMIT_QUEUE),
     Queue(POLL_QUEUE, Exchange(POLL_QUEUE, type="direct"), routing_key=POLL_QUEUE),
     Queue(NOTIFY_QUEUE, Exchange(NOTIFY_QUEUE, type="direct"), routing_key=NOTIFY_QUEUE),
+    Queue(ARCHIVE_QUEUE, Exchange(ARCHIVE_QUEUE, type="direct"), routing_key=ARCHIVE_QUEUE),
 )
 #: How kombu's Redis transport stores bindings (``_kombu.binding.<exchange>``).
 _BINDING_KEYS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
@@ -106,6 +110,7 @@ def celery_config() -> dict[str, Any]:
             SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
             POLL_TASK: {"queue": POLL_QUEUE},
             NOTIFY_TASK: {"queue": NOTIFY_QUEUE},
+            ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
         },
         result_expires=settings.remix_job_ttl_s,
         # Task events, so that Flower sees every job: a worker sends three per task

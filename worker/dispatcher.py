@@ -26,7 +26,9 @@ not multiply its own backlog.
 The same thread hands out due completion webhooks (:mod:`worker.notify_store`) as
 ``remix.notify`` messages, after the jobs' steps and apart from them: an error there is
 logged and never keeps a job's step from being sent. With its heartbeat every worker
-says how many task slots it has, so webhooks can be kept to half of the fleet's.
+says how many task slots it has, so webhooks can be kept to half of the fleet's. Due
+archiving of result images (:mod:`worker.archive_schedule`) goes out the same way, as
+``remix.archive`` messages, after the webhooks and just as apart from the jobs' steps.
 """
 
 from __future__ import annotations
@@ -37,14 +39,22 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from celery import bootsteps
 
 from worker import keys
+from worker.archive_schedule import dispatch_archives
 from worker.jobstore import Dispatch
 from worker.notify_store import dispatch_notifications
-from worker.publisher import NOTIFY_QUEUE, POLL_QUEUE, SENT_AT_HEADER, SUBMIT_QUEUE
+from worker.publisher import (
+    ARCHIVE_QUEUE,
+    NOTIFY_QUEUE,
+    POLL_QUEUE,
+    SENT_AT_HEADER,
+    SUBMIT_QUEUE,
+)
 from worker.runtime import Services, services
 
 logger = logging.getLogger("worker.dispatcher")
@@ -57,7 +67,7 @@ CLAIM_LIMIT = 500
 TICK_S = 0.05
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
-QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE)
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
 #: Seconds between two heartbeats of a worker process; one silent 3x this long is gone.
 HEARTBEAT_S = 5.0
 #: Heartbeats older than this are dropped from the list of workers.
@@ -82,7 +92,7 @@ class Dispatcher:
         self.fleet_slots = self.slots
         self._last_heartbeat = float("-inf")
         self._last_prune = time.monotonic()
-        self._webhooks_failing = False
+        self._failing: set[str] = set()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def heartbeat(self) -> None:
@@ -108,28 +118,32 @@ class Dispatcher:
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
         waiting = oldest_waiting(self.svc)
         sent = self._dispatch_jobs(waiting)
-        return sent + self._dispatch_webhooks(waiting.get(NOTIFY_QUEUE))
+        sent += self._dispatch_apart(
+            "completion webhooks",
+            lambda: dispatch_notifications(self.svc, waiting.get(NOTIFY_QUEUE), self.fleet_slots),
+        )
+        return sent + self._dispatch_apart(
+            "archiving", lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE))
+        )
 
-    def _dispatch_webhooks(self, oldest: float | None) -> int:
-        """Send the due completion webhooks; an error is logged (once per outage), not raised.
+    def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
+        """Send due webhooks or archiving; an error is logged (once per outage), not raised.
 
-        A webhook whose message was not sent stays in the notify schedule and comes back
-        after its lease, so nothing is lost by not raising.
+        An entry whose message was not sent stays in its schedule and comes back after its
+        lease, so nothing is lost by not raising.
         """
         try:
-            sent = dispatch_notifications(self.svc, oldest, self.fleet_slots)
+            sent = dispatch()
         except Exception as exc:
-            if not self._webhooks_failing:
+            if what not in self._failing:
                 logger.warning(
-                    "dispatcher: cannot send completion webhooks (%s: %s); retrying",
-                    type(exc).__name__,
-                    exc,
+                    "dispatcher: cannot send %s (%s: %s); retrying", what, type(exc).__name__, exc
                 )
-            self._webhooks_failing = True
+            self._failing.add(what)
             return 0
-        if self._webhooks_failing:
-            logger.warning("dispatcher: completion webhooks are sent again")
-        self._webhooks_failing = False
+        if what in self._failing:
+            logger.warning("dispatcher: %s are sent again", what)
+        self._failing.discard(what)
         return sent
 
     def _dispatch_jobs(self, waiting: dict[str, float]) -> int:

@@ -74,6 +74,15 @@ def _record_from(fields: dict[str, Any]) -> JobRecord:
     return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
 
 
+def read_record(client: redis.Redis, job_id: str) -> tuple[JobRecord, dict[str, Any]] | None:
+    """The public record and every field (internal ones too, decoded); None: no such job."""
+    raw = client.hgetall(keys.job(job_id))
+    if not raw:
+        return None
+    fields = _decode_fields(raw)
+    return _record_from(fields), fields
+
+
 @dataclass(frozen=True)
 class Job:
     """A job as one step sees it: the public record and the internal fields it needs."""
@@ -159,11 +168,13 @@ class JobStore:
     Parameters:
         client: a redis-py client for the result backend's database.
         ttl_s: how long a record (and an idempotency key) lives after its last write.
+        archive: a job that succeeds is put in the archive schedule (``REMIX_ARCHIVE_URL``).
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, archive: bool = False) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self.archive = archive
         database = int(client.connection_pool.connection_kwargs.get("db") or 0)
         #: Where the id of each job that finishes is published (see ``keys.finished_channel``).
         self.finished_channel = keys.finished_channel(database)
@@ -437,13 +448,20 @@ class JobStore:
             "" if token is None else token,
             "" if due_in is None else max(0.0, due_in),
             self.finished_channel,
+            "1" if self.archive else "",
             *_encode(fields),
         ]
         return int(self._update(keys=self._finishing_keys(job_id), args=args))
 
     @staticmethod
     def _finishing_keys(job_id: str) -> list[str]:
-        return [keys.job(job_id), keys.SCHEDULE, *keys.state_indexes(), keys.NOTIFY_SCHEDULE]
+        return [
+            keys.job(job_id),
+            keys.SCHEDULE,
+            *keys.state_indexes(),
+            keys.NOTIFY_SCHEDULE,
+            keys.ARCHIVE_SCHEDULE,
+        ]
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job never sent upstream; see ``cancel.lua`` for the answers."""

@@ -133,3 +133,8 @@ def finished_channel(database: int) -> str:
 def blob(blob_id: str) -> str:
     """The bytes of one source image a producer stored for a job (:mod:`worker.blobs`)."""
     return f"{PREFIX}blob:{blob_id}"
+
+
+#: Sorted set of succeeded jobs whose result images are to be archived, scored by when
+#: their next try is due (``REMIX_ARCHIVE_URL``; :mod:`worker.archive_schedule`).
+ARCHIVE_SCHEDULE = PREFIX + "archive"

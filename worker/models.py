@@ -180,13 +180,35 @@ class Notification(BaseModel):
     last_error: str | None = None
 
 
+class ArchivedImage(BaseModel):
+    """One result image stored in the archive (``REMIX_ARCHIVE_URL``)."""
+
+    #: ``file:///dir/<job_id>/0.png`` or ``s3://bucket/prefix/<job_id>/0.png``.
+    location: str
+    bytes: int
+    sha256: str
+    content_type: str
+    #: The upstream result URL it was fetched from (an entry of ``result_urls``).
+    source_url: str
+
+
+class Archive(BaseModel):
+    """Archiving of a succeeded job's result images (with ``REMIX_ARCHIVE_URL`` set)."""
+
+    state: Literal["pending", "done", "failed"]
+    attempts: int = 0
+    archived_at: float | None = None
+    last_error: str | None = None
+
+
 class JobRecord(BaseModel):
     """One job as producers see it (the public record of the design document).
 
     Once a job has finished, its ``state``, results and failure never change. Only these
     may still change: ``extra_task_ids`` and ``possibly_paid_twice`` (a further upstream
-    charge found later, by a callback or a lost answer) and ``notification`` (delivery
-    of the completion webhook).
+    charge found later, by a callback or a lost answer), ``notification`` (delivery
+    of the completion webhook), and ``archive`` and ``archived`` (archiving of the result
+    images, written by ``archive_end.lua``).
     """
 
     job_id: str
@@ -212,6 +234,10 @@ class JobRecord(BaseModel):
     extra_task_ids: list[str] = Field(default_factory=list)
     #: Delivery of the completion webhook, for a job enqueued with a ``notify_url``.
     notification: Notification | None = None
+    #: Archiving of the result images, for a job that succeeded while archiving was on.
+    archive: Archive | None = None
+    #: The archived copies of ``result_urls``, in their order (once ``archive`` is done).
+    archived: list[ArchivedImage] = Field(default_factory=list)
     #: The job this one replays (``remixq retry``), written when it is created.
     retry_of: str | None = None
 

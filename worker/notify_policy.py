@@ -161,7 +161,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         except AddressRefused as exc:
             return Attempt(f"refused: {exc}", refused=True)
         except requests.RequestException as exc:
-            return Attempt(_describe(exc, expired=limit.expired, total=total))
+            return Attempt(describe_request_error(exc, expired=limit.expired, total=total))
         except Exception as exc:  # an odd URL or answer urllib3 chokes on: still a try
             return Attempt(f"request failed ({type(exc).__name__})")
         status = response.status_code
@@ -173,7 +173,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
     return Attempt(f"HTTP {status}")
 
 
-def _describe(exc: requests.RequestException, *, expired: bool, total: float) -> str:
+def describe_request_error(exc: requests.RequestException, *, expired: bool, total: float) -> str:
     """A short reason without the URL (requests' messages carry its path and query)."""
     if expired:
         return f"no answer within {total:g} s"

@@ -27,18 +27,16 @@ fields (``_notify_*``), never the job's state or results.
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from worker import keys
-from worker.jobstore import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text
+from worker.jobstore import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text, read_record
 from worker.lua import load_script
 from worker.models import JobRecord, Notification
-from worker.runtime import Services
+from worker.runtime import PerClient, Services
 from worker.settings import Settings
 
 #: The webhook's token: only the message carrying the latest one may deliver.
@@ -56,8 +54,6 @@ HOLD_FIRST_S = 0.25
 RECEIVER_TTL_S = 86400
 #: The fleet-wide limit when the fleet's size is unknown (a claim made outside a worker).
 UNLIMITED = 1_000_000
-
-_RECORD_FIELDS = frozenset(JobRecord.model_fields)
 
 
 def notify_lease_s(settings: Settings) -> float:
@@ -155,11 +151,10 @@ class NotifyStore:
 
     def target(self, job_id: str) -> NotifyTarget | None:
         """The job's public record, webhook URL and webhook token (None: no such job)."""
-        raw = self.redis.hgetall(keys.job(job_id))
-        if not raw:
+        found = read_record(self.redis, job_id)
+        if found is None:
             return None
-        fields = {decode_text(k): json.loads(v) for k, v in raw.items()}
-        record = JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
+        record, fields = found
         url = fields.get(NOTIFY_URL_FIELD)
         return NotifyTarget(
             record=record,
@@ -204,23 +199,12 @@ class NotifyStore:
         return int(self.redis.zcard(keys.NOTIFY_SCHEDULE))
 
 
-_lock = threading.Lock()
-_stores: dict[int, tuple[redis.Redis, NotifyStore]] = {}
-_MAX_CACHED = 16
+_stores = PerClient(NotifyStore)
 
 
 def notify_store(svc: Services) -> NotifyStore:
     """The webhook store on ``svc``'s job records (built once per Redis client)."""
-    client = svc.store.redis
-    found = _stores.get(id(client))
-    if found is not None and found[0] is client:
-        return found[1]
-    with _lock:
-        if len(_stores) >= _MAX_CACHED:
-            _stores.clear()
-        store = NotifyStore(client)
-        _stores[id(client)] = (client, store)
-        return store
+    return _stores.get(svc.store.redis)
 
 
 def dispatch_notifications(
@@ -240,13 +224,11 @@ def dispatch_notifications(
     resent = sum(1 for item in claimed if item.resent)
     if resent:
         svc.metrics.count("notify_lease_resends_total", resent)
-    sent = 0
-    try:
-        with svc.publisher.producer() as producer:
-            for item in claimed:
-                svc.publisher.notify(item.job_id, item.token, item.receiver, producer=producer)
-                sent += 1
-    except BaseException:
-        store.unsent(claimed[sent:])
-        raise
+    svc.publisher.send_each(
+        claimed,
+        lambda item, producer: svc.publisher.notify(
+            item.job_id, item.token, item.receiver, producer=producer
+        ),
+        store.unsent,
+    )
     return len(claimed)

@@ -6,24 +6,29 @@ dispatch token that entitles it to act on the job; its Celery task id is the job
 ``remix.notify`` carries one finished job's completion webhook: the job id, the webhook's
 token and its receiver (``scheme://host:port``, never the full URL, which may hold a
 secret of the producer's).
+``remix.archive`` carries one succeeded job whose result images are to be archived: the
+job id and its archive token.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from celery import Celery
 
 from worker.clock import Clock
 
+T = TypeVar("T")
 SUBMIT_TASK = "remix.submit"
 POLL_TASK = "remix.poll"
 NOTIFY_TASK = "remix.notify"
+ARCHIVE_TASK = "remix.archive"
 SUBMIT_QUEUE = "submit"
 POLL_QUEUE = "poll"
 NOTIFY_QUEUE = "notify"
+ARCHIVE_QUEUE = "archive"
 #: Message header holding when the message was sent (fleet clock), so the dispatcher can
 #: tell whether a job's message may still be waiting behind it.
 SENT_AT_HEADER = "remixq_sent_at"
@@ -49,6 +54,24 @@ class Publisher:
         """One pooled broker producer for several messages."""
         with self.app.producer_or_acquire() as producer:
             yield producer
+
+    def send_each(
+        self,
+        items: Sequence[T],
+        send: Callable[[T, Any], None],
+        unsent: Callable[[list[T]], Any],
+    ) -> None:
+        """``send(item, producer)`` for each item over one producer; when the broker
+        refuses, ``unsent(the items not sent)`` runs and the error is raised."""
+        sent = 0
+        try:
+            with self.producer() as producer:
+                for item in items:
+                    send(item, producer)
+                    sent += 1
+        except BaseException:
+            unsent(list(items[sent:]))
+            raise
 
     def submit(
         self, job_id: str, request: Any, token: int, *, producer: Any = None, retry: bool = True
@@ -90,6 +113,17 @@ class Publisher:
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+    def archive(self, job_id: str, token: int, *, producer: Any = None, retry: bool = True) -> None:
+        self.app.send_task(
+            ARCHIVE_TASK,
+            kwargs={"job_id": job_id, "dispatch": token},
+            queue=ARCHIVE_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
             headers={SENT_AT_HEADER: self.clock.now()},
         )
 

@@ -22,8 +22,9 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from celery import states
@@ -204,6 +205,33 @@ class Services:
         return client
 
 
+T = TypeVar("T")
+
+
+class PerClient(Generic[T]):
+    """One ``T`` per Redis client, built on first use: a store that registers its Lua
+    scripts is built once per client, not once per step."""
+
+    #: Clients remembered at most (tests build many); past it the cache starts again.
+    MOST_CACHED = 16
+
+    def __init__(self, factory: Callable[[redis.Redis], T]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._built: dict[int, tuple[redis.Redis, T]] = {}
+
+    def get(self, client: redis.Redis) -> T:
+        found = self._built.get(id(client))
+        if found is not None and found[0] is client:
+            return found[1]
+        with self._lock:
+            if len(self._built) >= self.MOST_CACHED:
+                self._built.clear()
+            built = self._factory(client)
+            self._built[id(client)] = (client, built)
+            return built
+
+
 def new_kie_client(settings: Settings) -> KieClient:
     if settings.kie_api_key is None:
         raise RuntimeError("KIE_API_KEY is not set")
@@ -246,7 +274,7 @@ def build_services(
     clock = RedisClock(backend)
     return Services(
         settings=settings,
-        store=JobStore(backend, ttl_s=settings.remix_job_ttl_s),
+        store=JobStore(backend, ttl_s=settings.remix_job_ttl_s, archive=settings.archive_enabled),
         clock=clock,
         limiter=SharedRateLimiter(broker, key_id, limit, window),
         spend=SpendCap(broker, key_id, settings.spend_caps),

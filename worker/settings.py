@@ -14,6 +14,7 @@ expire while its job may still run.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from typing import Any
@@ -42,6 +43,8 @@ SECRET_NAMES = (
     "remix_api_tokens",
     "remix_notify_hmac_key",
 )
+#: boto3's secret environment variables: redacted like the settings' secrets.
+AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: A secret file larger than this is not a secret (a wrong path, a directory dump).
 SECRET_FILE_MAX_BYTES = 64 * 1024
 
@@ -126,6 +129,24 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def check_archive_url(value: str) -> str:
+    """``file:///absolute/dir`` or ``s3://bucket[/prefix]``; raises ``ValueError`` otherwise."""
+    parts = urlsplit(value)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError("a file:// URL must name an absolute directory (file:///dir)")
+        if parts.query or parts.fragment:
+            raise ValueError("a file:// URL takes no ?query or #fragment")
+        return value
+    if parts.scheme == "s3":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc):
+            raise ValueError("an s3:// URL must name a valid bucket (s3://bucket/prefix)")
+        if parts.query or parts.fragment:
+            raise ValueError("an s3:// URL takes no ?query or #fragment")
+        return value
+    raise ValueError("must be file:///absolute/dir or s3://bucket/prefix")
+
+
 def parse_spend_cap(text: str | None) -> list[tuple[int, float]]:
     """Parse ``"500/1d,60/1h"`` into ``[(500, 86400.0), (60, 3600.0)]``.
 
@@ -200,6 +221,21 @@ class Settings(BaseSettings):
     #: Base and longest delay of the backoff (full jitter) between webhook deliveries.
     remix_notify_retry_base_s: float = Field(5.0, gt=0)
     remix_notify_retry_max_s: float = Field(3600.0, gt=0)
+    #: Where finished jobs' result images are archived: ``file:///abs/dir`` or
+    #: ``s3://bucket/prefix``; unset: archiving is off.
+    remix_archive_url: str | None = None
+    #: Endpoint of an S3-compatible store (MinIO, moto ...); unset: AWS itself. Credentials
+    #: come from boto3's usual chain (environment, shared files, instance role).
+    remix_archive_s3_endpoint_url: str | None = None
+    #: Largest result image archived; a bigger one is not read past this many bytes.
+    remix_archive_max_bytes: int = Field(50 * 1000 * 1000, gt=0)
+    #: Total time one image download may take, connecting included.
+    remix_archive_timeout_s: float = Field(120.0, gt=0)
+    #: How many times a job's archiving is tried before it is given up (and reported).
+    remix_archive_max_attempts: int = Field(8, ge=1)
+    #: Base and longest delay of the backoff (full jitter) between archiving tries.
+    remix_archive_retry_base_s: float = Field(10.0, gt=0)
+    remix_archive_retry_max_s: float = Field(1800.0, gt=0)
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
@@ -266,6 +302,23 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL without a #fragment")
         return value.strip()
 
+    @field_validator("remix_archive_url")
+    @classmethod
+    def _check_archive_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return check_archive_url(value.strip())
+
+    @field_validator("remix_archive_s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL")
+        return value.strip()
+
     @field_validator("kie_rate_limit")
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:
@@ -283,6 +336,8 @@ class Settings(BaseSettings):
             raise ValueError("REMIX_POLL_INITIAL_S must not exceed REMIX_POLL_MAX_S")
         if self.remix_notify_retry_base_s > self.remix_notify_retry_max_s:
             raise ValueError("REMIX_NOTIFY_RETRY_BASE_S must not exceed REMIX_NOTIFY_RETRY_MAX_S")
+        if self.remix_archive_retry_base_s > self.remix_archive_retry_max_s:
+            raise ValueError("REMIX_ARCHIVE_RETRY_BASE_S must not exceed REMIX_ARCHIVE_RETRY_MAX_S")
         if self.kie_request_deadline_s >= self.remix_deadline_s:
             raise ValueError("KIE_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
         longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
@@ -326,6 +381,11 @@ class Settings(BaseSettings):
             return []
         raw = self.remix_api_tokens.get_secret_value().split(",")
         return [token.strip() for token in raw if token.strip()]
+
+    @property
+    def archive_enabled(self) -> bool:
+        """Whether finished jobs' result images are archived (``REMIX_ARCHIVE_URL`` is set)."""
+        return self.remix_archive_url is not None
 
     @property
     def backend_url(self) -> str:
@@ -377,6 +437,8 @@ class Settings(BaseSettings):
         )
         values = [secret.get_secret_value() for secret in found if secret is not None]
         values += self.api_tokens()
+        # The archive's S3 credentials are boto3's, not settings, but just as secret.
+        values += [os.environ[name] for name in AWS_SECRET_VARIABLES if os.environ.get(name)]
         for url in (self.redis_url, self.backend_url):
             password = urlsplit(url).password
             if password:

@@ -1,4 +1,5 @@
-"""The pipeline's Celery tasks: ``remix.submit``, ``remix.poll`` and ``remix.notify``.
+"""The pipeline's Celery tasks: ``remix.submit``, ``remix.poll``, ``remix.notify`` and
+``remix.archive``.
 
 They are thin: decode the message, run one step of the policy (:mod:`worker.submit_policy`,
 :mod:`worker.poll_policy`) and deal with infrastructure errors. A step that cannot reach
@@ -18,10 +19,11 @@ from celery import Task
 
 from worker import keys
 from worker.app import app
+from worker.archive_policy import archive_step
 from worker.notify_policy import notify_step
 from worker.outcome import fail_job
 from worker.poll_policy import POLLED, poll_step
-from worker.publisher import NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
+from worker.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.runtime import Services, services
 from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
@@ -230,3 +232,24 @@ def remix_notify(
         )
     except Exception:
         logger.exception("job %s: unexpected error in a webhook delivery", job_id)
+
+
+@app.task(name=ARCHIVE_TASK, bind=True, ignore_result=True)
+def remix_archive(self: Task, job_id: Any = "", dispatch: Any = 0, **_: Any) -> str:
+    """Archive one succeeded job's result images (:func:`worker.archive_policy.archive_step`).
+
+    Whatever goes wrong here, the entry stays in the archive schedule and is sent again
+    after its lease; nothing here touches a job's state or results.
+    """
+    svc = services()
+    try:
+        return archive_step(svc, str(job_id), int(dispatch))
+    except REDIS_ERRORS as exc:
+        logger.warning(
+            "job %s: Redis unavailable while archiving (%s); it is sent again after its lease",
+            job_id,
+            exc,
+        )
+    except Exception:
+        logger.exception("job %s: unexpected error while archiving", job_id)
+    return "error"
