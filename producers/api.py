@@ -27,7 +27,7 @@ import redis
 from worker import cancelling
 from worker.jobstore import NewJob
 from worker.logs import job_fields
-from worker.models import InvalidRequestError, JobRecord, validate_request
+from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
 from worker.runtime import services
 from worker.webhook_urls import check_webhook_url
 
@@ -61,16 +61,21 @@ CANCEL_REFUSALS = {
 
 def enqueue_remix(
     prompt: str,
-    image_url: str,
-    reference_image_urls: list[str],
+    image_url: str | None = None,
+    reference_image_urls: list[str] | None = None,
     idempotency_key: str | None = None,
     notify_url: str | None = None,
+    *,
+    provider: str = PROVIDER,
     **other_input_fields: Any,
 ) -> str:
     """Validate a remix request and enqueue it; returns the job id.
 
     Parameters:
-        prompt, image_url, reference_image_urls: the required createTask input fields.
+        prompt, image_url, reference_image_urls: the required createTask input fields
+            (for ``provider="kie"``).
+        provider: the upstream: ``kie`` (default) or ``ideogram-remix`` (the legacy remix
+            relay, which takes the source image as ``image_file`` only).
         idempotency_key: the same key returns the same job id and enqueues nothing new.
         notify_url: an http(s) URL the finished job's record is POSTed to (signed with
             ``REMIX_NOTIFY_HMAC_KEY``), at least once, tried up to
@@ -78,17 +83,29 @@ def enqueue_remix(
         other_input_fields: any optional input field (``strength=0.5``, ``num_images="2"`` ...).
     """
     request = validate_request(
-        {
-            "prompt": prompt,
-            "image_url": image_url,
-            "reference_image_urls": reference_image_urls,
-            **other_input_fields,
-        }
+        request_fields(prompt, image_url, reference_image_urls, other_input_fields), provider
     )
     check_idempotency_key(idempotency_key)
     svc = services()
     check_notify_url(notify_url, allow_private=svc.settings.remix_notify_allow_private)
-    return enqueue_validated(request.upstream_input(), idempotency_key, notify_url)[0]
+    payload = request.upstream_input()
+    return enqueue_validated(payload, idempotency_key, notify_url, provider=provider)[0]
+
+
+def request_fields(
+    prompt: str,
+    image_url: str | None,
+    reference_image_urls: list[str] | None,
+    other_input_fields: dict[str, Any],
+) -> dict[str, Any]:
+    """The request dict to validate: the fields given, none invented (so that a provider
+    that takes no ``image_url`` hears of one only when it was given)."""
+    fields: dict[str, Any] = {"prompt": prompt}
+    if image_url is not None:
+        fields["image_url"] = image_url
+    if reference_image_urls is not None:
+        fields["reference_image_urls"] = reference_image_urls
+    return {**fields, **other_input_fields}
 
 
 def enqueue_validated(
@@ -97,10 +114,12 @@ def enqueue_validated(
     notify_url: str | None,
     *,
     retry_of: str | None = None,
+    provider: str = PROVIDER,
 ) -> tuple[str, bool]:
     """Enqueue a request already validated; returns ``(job_id, created)``.
 
     ``retry_of``: the job this one replays (``remixq retry``), kept on the new record.
+    ``provider``: the upstream the job goes to (the payload was validated for it).
     """
     svc = services()
     job_id, created = svc.store.create(
@@ -110,10 +129,11 @@ def enqueue_validated(
         idempotency_key=idempotency_key,
         notify_url=notify_url,
         retry_of=retry_of,
+        provider=provider,
     )
     if created:
         _log_queued(job_id, retry_of)
-        _send_first_steps([(job_id, payload)])
+        _send_first_steps([(job_id, payload)], provider)
     return job_id, created
 
 
@@ -166,7 +186,7 @@ def cancel_job(job_id: str) -> JobRecord:
     return record
 
 
-def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]], provider: str = PROVIDER) -> None:
     """Publish the first submits; if the broker is away, the schedule sends them instead."""
     if not jobs:
         return
@@ -175,7 +195,9 @@ def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
     try:
         with svc.publisher.producer() as producer:
             for job_id, payload in jobs:
-                svc.publisher.submit(job_id, payload, 0, producer=producer, retry=False)
+                svc.publisher.submit(
+                    job_id, payload, 0, producer=producer, retry=False, provider=provider
+                )
                 sent += 1
     except _PUBLISH_ERRORS as exc:
         unsent = [job_id for job_id, _ in jobs[sent:]]

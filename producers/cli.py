@@ -41,7 +41,14 @@ from producers.display import (
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
-from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
+from worker.models import (
+    PROVIDER,
+    PROVIDERS,
+    InvalidRequestError,
+    JobRecord,
+    JobState,
+    validate_request,
+)
 from worker.runtime import services
 from worker.settings import ConfigurationError, get_settings
 
@@ -54,6 +61,7 @@ OPTION_FIELDS = {
     "image_url": "--image-url",
     "reference_image_urls": "--reference-image-url",
     "idempotency_key": "--idempotency-key",
+    "provider": "--provider",
     "notify_url": "--notify-url",
 }
 IDEMPOTENCY_FIELD = "idempotency_key"
@@ -312,13 +320,19 @@ def main() -> None:
 
 @main.command()
 @click.option("--prompt", required=True, help="What the remix should show (1..5000 characters).")
-@click.option("--image-url", required=True, help="http(s) URL of the source image.")
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDERS),
+    default=PROVIDER,
+    show_default=True,
+    help="The upstream: kie.ai, or the legacy remix relay (which takes an image file only).",
+)
+@click.option("--image-url", help="http(s) URL of the source image (kie).")
 @click.option(
     "--reference-image-url",
     "reference_image_urls",
     multiple=True,
-    required=True,
-    help="http(s) URL of the character reference image (repeatable; the first is used).",
+    help="http(s) URL of the character reference image (kie; repeatable; the first is used).",
 )
 @click.option(
     "--set",
@@ -341,7 +355,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON.")
 def submit(
     prompt: str,
-    image_url: str,
+    provider: str,
+    image_url: str | None,
     reference_image_urls: tuple[str, ...],
     assignments: tuple[str, ...],
     idempotency_key: str | None,
@@ -352,14 +367,16 @@ def submit(
 ) -> None:
     """Validate and enqueue one remix job; print its id (or its record with --json)."""
     fields = parse_assignments(assignments)
+    _require_url_options(provider, image_url, reference_image_urls)
     with redis_errors():
         try:
             job_id = enqueue_remix(
                 prompt,
                 image_url,
-                list(reference_image_urls),
+                list(reference_image_urls) or None,
                 idempotency_key=idempotency_key,
                 notify_url=notify_url,
+                provider=provider,
                 **fields,
             )
         except InvalidRequestError as exc:
@@ -370,6 +387,20 @@ def submit(
             _wait_and_report(job_id, timeout, as_json)
         elif as_json:
             click.echo(record_json(_existing(job_id)))
+
+
+def _require_url_options(
+    provider: str, image_url: str | None, reference_image_urls: tuple[str, ...]
+) -> None:
+    """kie.ai jobs name their images by URL: say which option is missing, as click would."""
+    if provider != PROVIDER:
+        return
+    for option, given in (
+        ("--image-url", image_url),
+        ("--reference-image-url", reference_image_urls),
+    ):
+        if not given:
+            raise BadInput(f"missing option {option} (required for provider {PROVIDER})")
 
 
 def _existing(job_id: str) -> JobRecord:

@@ -143,14 +143,16 @@ def _retry(job_id: str, force: bool, record: JobRecord | None) -> tuple[str, boo
         raise JobNotRetryable(job_id, "no_request")
     notify_url = store.get_internal(job_id, NOTIFY_URL_FIELD)
     try:
-        payload = validate_request(raw).upstream_input()
+        payload = validate_request(raw, record.provider).upstream_input()
     except InvalidRequestError as exc:
         raise JobNotRetryable(job_id, "invalid_request", str(exc)) from None
     try:
         check_notify_url(notify_url, allow_private=services().settings.remix_notify_allow_private)
     except InvalidRequestError as exc:
         raise JobNotRetryable(job_id, "invalid_notify_url", str(exc)) from None
-    return enqueue_validated(payload, RETRY_KEY_PREFIX + job_id, notify_url, retry_of=job_id)
+    return enqueue_validated(
+        payload, RETRY_KEY_PREFIX + job_id, notify_url, retry_of=job_id, provider=record.provider
+    )
 
 
 def finished_since(state: JobState, since: float) -> Iterator[JobRecord]:

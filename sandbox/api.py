@@ -22,7 +22,17 @@ from sandbox.callbacks import Callback, Outcome
 from sandbox.config import Endpoint, FaultStyle, SandboxConfig, describe_error
 from sandbox.images import render_png
 from sandbox.pages import TOO_MANY_REQUESTS, html_page, is_html_page, text_page
-from sandbox.state import SUCCESS, SlidingWindow, Stats, Task
+from sandbox.relay import (
+    RELAY_MODEL,
+    REMIX_PATH,
+    STATUS_PATH,
+    RelayRequest,
+    peek_relay_prompt,
+    read_relay_request,
+    sync_answer,
+    task_envelope,
+)
+from sandbox.state import FAIL, FAIL_MSG, SUCCESS, SlidingWindow, Stats, Task
 from sandbox.validation import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_IMAGES,
@@ -198,6 +208,7 @@ class SandboxApi:
             ("GET", STATS_PATH): lambda _request: json_reply(OK, self.stats()),
             ("POST", RESET_PATH): self._reset,
             ("GET", HEALTH_PATH): lambda _request: HEALTHY,
+            ("POST", REMIX_PATH): self._relay_remix,
         }
 
     @property
@@ -247,6 +258,9 @@ class SandboxApi:
         file_match = FILE_PATH.fullmatch(request.path)
         if request.method == "GET" and file_match is not None:
             return self._file(file_match)
+        status_match = STATUS_PATH.fullmatch(request.path)
+        if request.method == "GET" and status_match is not None:
+            return self._relay_status(request, status_match.group("task_id"))
         return json_reply(NOT_FOUND, {"code": NOT_FOUND, "msg": "not found"})
 
     def due_callbacks(self, now: float) -> list[Callback]:
@@ -326,7 +340,13 @@ class SandboxApi:
             return json_reply(NOT_FOUND, {"code": NOT_FOUND, "msg": "file not found"})
         return Reply(OK, render_png(task.task_id, index, task.prompt, task.image_size), PNG_TYPE)
 
-    def _guarded(self, endpoint: Endpoint, request: Request, answer: Callable[[], Reply]) -> Reply:
+    def _guarded(
+        self,
+        endpoint: Endpoint,
+        request: Request,
+        answer: Callable[[], Reply],
+        api_key: str | None = None,
+    ) -> Reply:
         """Injected faults and maintenance first, then authentication, then ``answer``.
 
         The answer found may then be dropped, replaced by a gateway's timeout page, cut or
@@ -340,7 +360,7 @@ class SandboxApi:
         reply = (
             self._maintenance_error()
             or self._injected_fault(endpoint)
-            or self._auth_error(request)
+            or self._auth_error(request, api_key)
             or answer()
         )
         reply = self._delivery_fault(endpoint, reply)
@@ -413,9 +433,9 @@ class SandboxApi:
                 return self._error(code)
         return None
 
-    def _auth_error(self, request: Request) -> Reply | None:
+    def _auth_error(self, request: Request, api_key: str | None = None) -> Reply | None:
         scheme, _, token = (request.authorization or "").partition(" ")
-        expected = self._config.api_key.encode()
+        expected = (api_key or self._config.api_key).encode()
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
             return None
         self._stats.auth_headers_seen_invalid += 1
@@ -430,22 +450,26 @@ class SandboxApi:
             directives = parse_directives(task_input["prompt"])
         except RequestError as exc:
             return self._error(422, str(exc))
+        now = time.time()
+        refused = self._refused(directives) or self._rate_limited(now)
+        return refused or self._accept(body, task_input, directives, now)
+
+    def _refused(self, directives: Directives) -> Reply | None:
+        """The code a prompt's directive asks for, or 402 when the credits are spent."""
         if directives.create_code is not None:
             return self._error(directives.create_code)
         credits = self._config.credits
         if credits is not None and credits <= 0:
             return self._error(402)
-        now = time.time()
-        limited = self._rate_limited(now)
-        return limited or self._accept(body, task_input, directives, now)
+        return None
 
-    def _rate_limited(self, now: float) -> Reply | None:
+    def _rate_limited(self, now: float, api_key: str | None = None) -> Reply | None:
         """A 429 when the key's window is full; the request is dropped."""
         config = self._config
         window = config.rate_limit_window
         if window is None:
             return None
-        wait = self._window.wait_time(config.api_key, window[0], window[1], now)
+        wait = self._window.wait_time(api_key or config.api_key, window[0], window[1], now)
         if wait <= 0:
             return None
         self._stats.rate_limited += 1
@@ -489,6 +513,90 @@ class SandboxApi:
         if task is None:
             return self._error(404, f"task {task_id} not found")
         return _success(task.record(time.time(), self.base_url))
+
+    # ------------------------------------------------------------ the legacy remix relay
+
+    def _relay_key(self) -> str:
+        return self._config.relay_api_key or self._config.api_key
+
+    def _relay_remix(self, request: Request) -> Reply:
+        prompt = peek_relay_prompt(request.content_type, request.body)
+        with self._lock:
+            self._stats.relay_requests += 1
+            if prompt is not None:
+                self._stats.relay_requests_by_prompt[prompt] += 1
+            answer = lambda: self._relay_create(request)  # noqa: E731
+            reply = self._guarded("remix", request, answer, self._relay_key())
+            _count(self._stats.relay_by_code, reply)
+        return reply
+
+    def _relay_create(self, request: Request) -> Reply:
+        """The relay's checks, directives, credits and rate limit; then the images or a task."""
+        try:
+            relay = read_relay_request(request.content_type, request.body)
+            directives = parse_directives(relay.prompt)
+        except RequestError as exc:
+            return json_reply(BAD_REQUEST, {"code": BAD_REQUEST, "message": str(exc)})
+        now = time.time()
+        refused = self._refused(directives) or self._rate_limited(now, self._relay_key())
+        return refused or self._relay_accept(relay, directives, now)
+
+    def _relay_accept(self, relay: RelayRequest, directives: Directives, now: float) -> Reply:
+        config = self._config
+        sync = config.relay_mode == "sync"
+        seconds = config.generation_seconds if directives.seconds is None else directives.seconds
+        task = Task(
+            task_id=self._new_task_id(now),
+            model=RELAY_MODEL,
+            param=json.dumps(relay.image_request, ensure_ascii=False),
+            prompt=relay.prompt,
+            num_images=relay.num_images,
+            image_size=DEFAULT_IMAGE_SIZE,
+            callback_url=None,
+            created_at=now + seconds if sync else now,
+            duration=0.0 if sync else seconds,
+            fails=directives.fail,
+        )
+        self._tasks[task.task_id] = task
+        self._window.record(self._relay_key(), now)
+        if config.credits is not None:
+            config.credits -= 1
+        self._stats.relay_accepted += 1
+        self._stats.relay_accepted_by_prompt[task.prompt] += 1
+        self._stats.relay_last_request = {
+            "image_request": relay.image_request,
+            "image_type": relay.image_type,
+            "image_bytes": len(relay.image),
+        }
+        if not sync:
+            envelope = task_envelope(task.task_id, config.relay_state_names["waiting"])
+            return replace(json_reply(OK, envelope), created=task)
+        if task.fails:
+            return replace(self._error(500, FAIL_MSG), created=task, delay=seconds)
+        answer = sync_answer(task.result_urls(self.base_url), relay, self._rng.randrange(2**31))
+        return replace(json_reply(OK, answer), created=task, delay=seconds)
+
+    def _relay_status(self, request: Request, task_id: str) -> Reply:
+        with self._lock:
+            self._stats.relay_status_requests += 1
+            answer = lambda: self._relay_lookup(task_id)  # noqa: E731
+            return self._guarded("remixStatus", request, answer, self._relay_key())
+
+    def _relay_lookup(self, task_id: str) -> Reply:
+        task = self._tasks.get(task_id)
+        if task is None or task.model != RELAY_MODEL:
+            return json_reply(
+                NOT_FOUND, {"code": NOT_FOUND, "message": f"task {task_id} not found"}
+            )
+        state, _ = task.state_at(time.time())
+        extra: dict[str, Any] = {}
+        if state == SUCCESS:
+            images = [{"url": url} for url in task.result_urls(self.base_url)]
+            extra["task_result"] = {"images": images}
+        elif state == FAIL:
+            extra["task_status_msg"] = FAIL_MSG
+        names = self._config.relay_state_names
+        return json_reply(OK, task_envelope(task_id, names.get(state, state), extra))
 
     def _new_task_id(self, now: float) -> str:
         while True:

@@ -87,7 +87,7 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     "fault_endpoints",
     multiple=True,
     type=click.Choice(get_args(Endpoint)),
-    help="Endpoints random faults hit (repeatable; default both).",
+    help="Endpoints random faults hit (repeatable; default all).",
 )
 @click.option(
     "--fault-style",
@@ -176,6 +176,18 @@ def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     help="Sign callbacks with this key (env SANDBOX_WEBHOOK_HMAC_KEY).",
 )
 @click.option("--seed", type=int, help="Seed of the fault RNG, for repeatable runs.")
+@click.option(
+    "--relay-mode",
+    type=click.Choice(["sync", "async"]),
+    default=DEFAULTS.relay_mode,
+    show_default=True,
+    help="The legacy remix relay answers with the images (sync) or a task id (async).",
+)
+@click.option(
+    "--relay-api-key",
+    envvar="SANDBOX_RELAY_API_KEY",
+    help="The relay's Bearer key (env SANDBOX_RELAY_API_KEY); default: --api-key.",
+)
 def sandbox_command(host: str, port: int, **settings: Any) -> None:
     """Serve a local stand-in for the kie.ai API, with fault injection."""
     if not settings["fault_endpoints"]:

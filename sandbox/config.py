@@ -11,8 +11,9 @@ from worker.settings import parse_rate_limit
 
 FaultCode = Literal[429, 455, 500]
 FaultStyle = Literal["http", "body", "page", "mixed"]
-Endpoint = Literal["createTask", "recordInfo"]
-ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo")
+#: ``remix`` and ``remixStatus`` are the legacy remix relay's request and status.
+Endpoint = Literal["createTask", "recordInfo", "remix", "remixStatus"]
+ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo", "remix", "remixStatus")
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 DEFAULT_API_KEY = "sk-sandbox"
@@ -28,10 +29,10 @@ class SandboxConfig(BaseModel):
     Random faults (``faults``, ``reset_rate``, ``html_rate``, ``slow_rate``, ``cut_rate``,
     ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate`` and
     ``gateway_rate``
-    hits accepted createTask requests whatever ``fault_endpoints`` says; ``maintenance``
-    hits createTask, recordInfo and the credit endpoint. ``retry_after``, when set, is the
-    ``Retry-After`` header of every 429 answer, sent verbatim (it overrides
-    ``retry_after_header``).
+    hits accepted createTask (and relay remix) requests whatever ``fault_endpoints`` says;
+    ``maintenance`` hits createTask, recordInfo, the credit endpoint and the relay.
+    ``retry_after``, when set, is the ``Retry-After`` header of every 429 answer, sent
+    verbatim (it overrides ``retry_after_header``).
     """
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")
@@ -57,6 +58,21 @@ class SandboxConfig(BaseModel):
     maintenance: bool = False
     webhook_hmac_key: str | None = None
     seed: int | None = None
+    #: The legacy remix relay: ``sync`` answers with the images after generating them
+    #: (``generation_seconds``) inside the request; ``async`` answers with a task id.
+    relay_mode: Literal["sync", "async"] = "sync"
+    #: The relay's bearer key (None: the same as ``api_key``).
+    relay_api_key: str | None = Field(default=None, min_length=1)
+    #: The relay's name of each task state, as its status endpoint reports it.
+    relay_state_names: dict[str, str] = Field(
+        default_factory=lambda: {
+            "waiting": "submitted",
+            "queuing": "submitted",
+            "generating": "processing",
+            "success": "succeed",
+            "fail": "failed",
+        }
+    )
 
     @field_validator("faults", mode="before")
     @classmethod

@@ -129,6 +129,15 @@ class Stats:
     create_requests_by_prompt: Counter[str] = field(default_factory=Counter)
     accepted_by_prompt: Counter[str] = field(default_factory=Counter)
     ambiguous_by_prompt: Counter[str] = field(default_factory=Counter)
+    #: The legacy remix relay: requests, accepted ones (sync or async), answers by code.
+    relay_requests: int = 0
+    relay_accepted: int = 0
+    relay_by_code: Counter[int] = field(default_factory=Counter)
+    relay_requests_by_prompt: Counter[str] = field(default_factory=Counter)
+    relay_accepted_by_prompt: Counter[str] = field(default_factory=Counter)
+    relay_status_requests: int = 0
+    #: The ``image_request`` and the image's type and size of the last accepted request.
+    relay_last_request: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self, tasks: int) -> dict[str, Any]:
         """The counters as a JSON-ready dict, with ``tasks`` (the number of tasks held)."""
@@ -143,6 +152,8 @@ def _jsonable(value: Any) -> Any:
         return {str(key): count for key, count in value.items()}
     if isinstance(value, list):
         return list(value)
+    if isinstance(value, dict):
+        return dict(value)
     return value
 
 

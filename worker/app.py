@@ -135,12 +135,21 @@ app.steps["worker"].add(DispatcherStep)
 
 @worker_init.connect
 def _start_worker(**_: Any) -> None:
-    """Refuse to start without an upstream key; set up what only a worker needs."""
+    """Refuse to start without an upstream key; set up what only a worker needs.
+
+    One upstream is enough: kie.ai (``KIE_API_KEY``) or the legacy remix relay
+    (``IDEOGRAM_BASE_URL`` and ``IDEOGRAM_API_KEY``). Jobs for the other then fail with
+    ``provider_not_configured``.
+    """
     settings = get_settings()
-    if settings.kie_api_key is None:
-        raise SystemExit("remixq worker: KIE_API_KEY is not set; refusing to start")
     from worker import broker_guard
-    from worker.runtime import register_api_key, set_worker_role
+    from worker.runtime import configured_providers, register_api_key, set_worker_role
+
+    if not configured_providers(settings):
+        raise SystemExit(
+            "remixq worker: neither KIE_API_KEY nor IDEOGRAM_BASE_URL with IDEOGRAM_API_KEY "
+            "is set; refusing to start"
+        )
 
     broker_guard.install()
     set_worker_role()

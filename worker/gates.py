@@ -70,9 +70,9 @@ def pause_gate(svc: Services, job: Job) -> Wait | None:
 
 
 def probe_key(svc: Services, reason: str) -> bool:
-    """One cheap request that says whether the key can submit again."""
+    """One cheap request that says whether the key can submit again (its provider's)."""
     try:
-        credits = svc.client().credit()
+        credits = svc.status_client().credit()
     except UpstreamError as exc:
         logger.info("probe after %s: still unavailable (%s)", reason, exc.fail_code)
         return False

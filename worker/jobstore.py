@@ -29,7 +29,7 @@ import redis
 
 from worker import keys
 from worker.lua import load_script
-from worker.models import PROVIDER, JobRecord, JobState
+from worker.models import PROVIDER, JobRecord, JobState, upstream_model
 
 REQUEST_FIELD = "_request"
 DISPATCH_FIELD = "_dispatch"
@@ -42,6 +42,8 @@ HOLDS_FIELD = "_holds"
 LAST_ERROR_FIELD = "_last_error"
 REFUSED_402_FIELD = "_refused_402"
 NOTIFY_URL_FIELD = "_notify_url"
+#: The images a relay answered at once, kept until the job has finished with them.
+RELAY_RESULTS_FIELD = "_relay_results"
 #: What a cancelled job's ``fail_msg`` says.
 CANCELLED_MESSAGE = "cancelled before it was sent upstream"
 
@@ -262,6 +264,7 @@ class JobStore:
             job_id=job.job_id,
             state=JobState.QUEUED,
             provider=job.provider,
+            model=upstream_model(job.provider, job.request),
             created_at=0,
             retry_of=job.retry_of,
         )

@@ -147,6 +147,21 @@ def _read_code(value: Any) -> int | None:
     return None
 
 
+def non_json_error(status: int, text: str, retry_after: float | None) -> UpstreamError:
+    """The error for an answer that is not a JSON object (``text`` already redacted).
+
+    The HTTP status decides; a 200 is a malformed answer, and a 5xx page is a gateway's,
+    which may have passed the request on (ambiguous).
+    """
+    shown = excerpt(text)
+    if status == SUCCESS_CODE:
+        return BadAnswerError(f"answer is not a JSON object: {shown}")
+    message = f"non-JSON answer (HTTP {status}): {shown}"
+    if status >= 500:
+        return ServerError(message, retry_after=retry_after, status=status, ambiguous=True)
+    return error_for_code(status, message, retry_after=retry_after)
+
+
 def error_from_response(
     status: int, body_text: str, headers: Any, secrets: tuple[str | None, ...] = ()
 ) -> tuple[UpstreamError | None, Any]:
@@ -161,15 +176,7 @@ def error_from_response(
     except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict):
-        shown = excerpt(redactor.redact(body_text))
-        if status == SUCCESS_CODE:
-            return BadAnswerError(f"answer is not a JSON object: {shown}"), None
-        message = f"non-JSON answer (HTTP {status}): {shown}"
-        if status >= 500:  # a gateway's page: the upstream may have acted on the request
-            return ServerError(
-                message, retry_after=retry_after, status=status, ambiguous=True
-            ), None
-        return error_for_code(status, message, retry_after=retry_after), None
+        return non_json_error(status, redactor.redact(body_text), retry_after), None
     code = _read_code(body.get("code"))
     if status != SUCCESS_CODE and code in (None, SUCCESS_CODE):
         code = status

@@ -24,6 +24,11 @@ from pydantic import (
     ValidationError,
 )
 
+from worker.fields import not_a_boolean, not_blank
+from worker.ideogram_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
+from worker.ideogram_models import PROVIDER as IDEOGRAM_PROVIDER
+from worker.ideogram_models import IdeogramRemixRequest
+
 PROVIDER = "kie"
 #: The upstreams a job may be sent to (``provider``); ``kie`` is the default.
 PROVIDERS = ("kie", "ideogram-remix")
@@ -50,18 +55,6 @@ def check_http_url(value: str) -> str:
     return value
 
 
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
-    return value
-
-
-def _not_a_boolean(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not true or false")
-    return value
-
-
 def _num_images(value: Any) -> Any:
     # The upstream enum is a string ("1".."4"); an int is accepted and converted.
     if isinstance(value, int) and not isinstance(value, bool):
@@ -84,7 +77,7 @@ class RemixRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
-    prompt: Annotated[str, AfterValidator(_not_blank)] = Field(
+    prompt: Annotated[str, AfterValidator(not_blank)] = Field(
         min_length=1, max_length=MAX_PROMPT_CHARS
     )
     image_url: HttpUrl
@@ -108,7 +101,7 @@ class RemixRequest(BaseModel):
     strength: (
         Annotated[
             float,
-            BeforeValidator(_not_a_boolean),
+            BeforeValidator(not_a_boolean),
             Field(ge=0.1, le=1.0),
             AfterValidator(_strength_step),
         ]
@@ -123,6 +116,22 @@ class RemixRequest(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+#: The request model of each provider.
+REQUEST_MODELS: dict[str, type[RemixRequest] | type[IdeogramRemixRequest]] = {
+    PROVIDER: RemixRequest,
+    IDEOGRAM_PROVIDER: IdeogramRemixRequest,
+}
+KIE_MODEL = "ideogram/character-remix"
+
+
+def upstream_model(provider: str, request: Any) -> str:
+    """The record's ``model``: kie.ai's model name, or the relay's model of the request."""
+    if provider != IDEOGRAM_PROVIDER:
+        return KIE_MODEL
+    chosen = request.get("model") if isinstance(request, dict) else None
+    return chosen if isinstance(chosen, str) and chosen else IDEOGRAM_DEFAULT_MODEL
+
+
 class InvalidRequestError(ValueError):
     """A request that breaks a documented constraint; ``str()`` is one line."""
 
@@ -135,20 +144,29 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line naming every bad field: ``strength: must be a multiple of 0.1; ...``."""
     parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "request"
+        where = ".".join(str(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "is not a known input field"
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)
     return "invalid request: " + "; ".join(parts)
 
 
-def validate_request(data: Any) -> RemixRequest:
-    """Validate a request dict, raising :class:`InvalidRequestError` (a ``ValueError``)."""
+def validate_request(data: Any, provider: str = PROVIDER) -> RemixRequest | IdeogramRemixRequest:
+    """Validate a request dict for ``provider``'s model, raising :class:`InvalidRequestError`.
+
+    Either model's ``upstream_input()`` is what the job stores and the worker sends.
+    """
+    model = REQUEST_MODELS.get(provider) if isinstance(provider, str) else None
+    if model is None:
+        known = ", ".join(PROVIDERS)
+        raise InvalidRequestError(
+            f"invalid request: provider must be one of {known}, not {str(provider)[:40]!r}"
+        )
     if not isinstance(data, dict):
         raise InvalidRequestError("invalid request: expected a JSON object of input fields")
     try:
-        return RemixRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequestError(
             describe_validation_error(exc), list(map(dict, exc.errors()))
@@ -214,7 +232,7 @@ class JobRecord(BaseModel):
     job_id: str
     state: JobState
     provider: str = PROVIDER
-    model: str = "ideogram/character-remix"
+    model: str = KIE_MODEL
     upstream_task_id: str | None = None
     result_urls: list[str] = Field(default_factory=list)
     fail_code: str | None = None

@@ -7,6 +7,10 @@ fails it: not a 5xx, not a 401, 402 or 404, not a malformed answer. It is polled
 until ``REMIX_DEADLINE_S`` after it was accepted; the poll that falls due at the deadline
 asks once more before it declares the job ``timeout``, so a job that finished in the
 last interval is reported as the success it is.
+
+A job of the legacy remix relay is polled at the relay's status endpoint (the relay never
+calls back). A relay job whose images came in the remix answer itself (task id
+``sync-...``) never asks the relay: it finishes with the images kept at acceptance.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import redis
 
 from worker.backoff import poll_delay
 from worker.errors import UpstreamError
-from worker.jobstore import LAST_ERROR_FIELD, Job
+from worker.jobstore import LAST_ERROR_FIELD, RELAY_RESULTS_FIELD, Job
 from worker.kie import TaskInfo
 from worker.logs import job_context, job_fields, note
 from worker.models import JobState
 from worker.outcome import fail_job, finish_job
-from worker.runtime import Services
+from worker.runtime import IDEOGRAM_PROVIDER, ProviderNotConfigured, Services
 
 logger = logging.getLogger("worker.poll")
 
@@ -32,6 +36,16 @@ class UnexpectedError(UpstreamError):
     """An exception no upstream answer explains (a bug): the job is polled again."""
 
     code = "internal_error"
+
+
+class NotConfiguredError(UpstreamError):
+    """This worker has no settings for the job's provider: another worker may have."""
+
+    code = "provider_not_configured"
+
+
+#: Task ids of relay answers that held the images (see ``worker.submit_policy``).
+SYNC_TASK_PREFIX = "sync-"
 
 
 #: The last poll is scheduled this long after the deadline, so it falls past it.
@@ -65,13 +79,19 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
     if not task_id:
         svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
         return "no_task"
+    if job.record.provider == IDEOGRAM_PROVIDER and task_id.startswith(SYNC_TASK_PREFIX):
+        return _finish_sync(svc, job)
     polls = svc.store.increment(job_id, "polls")
     if polls is None:
         return "finished"
+    try:
+        svc = svc.for_provider(job.record.provider)
+    except ProviderNotConfigured as exc:
+        return _after_error(svc, job, NotConfiguredError(str(exc)), next_poll_delay(svc, polls))
     next_delay = next_poll_delay(svc, polls)
     started = time.monotonic()
     try:
-        info = svc.client().record_info(task_id)
+        info = svc.status_client().record_info(task_id)
         note(upstream_code="200")
         _count_request(svc, "200", started)
         return apply_task_info(svc, job, info, next_delay)
@@ -93,9 +113,20 @@ def next_poll_delay(svc: Services, polls: int) -> float:
     delay = poll_delay(
         polls + 1, initial=settings.remix_poll_initial_s, maximum=settings.remix_poll_max_s
     )
-    if settings.callbacks_enabled:
+    if settings.callbacks_enabled and svc.provider != IDEOGRAM_PROVIDER:
         delay = max(delay, settings.remix_callback_poll_s)
     return delay
+
+
+def _finish_sync(svc: Services, job: Job) -> str:
+    """A relay job that had its images in the remix answer: finish it with them."""
+    results = svc.store.get_internal(job.job_id, RELAY_RESULTS_FIELD)
+    if isinstance(results, list) and results:
+        finish_job(svc, job.job_id, JobState.SUCCEEDED, result_urls=[str(u) for u in results])
+        return "succeeded"
+    message = "the relay's images were not kept with the job; it is not asked again"
+    fail_job(svc, job.job_id, "unknown_outcome", message)
+    return "failed"
 
 
 def _count_request(svc: Services, code: str, started: float) -> None:

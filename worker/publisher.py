@@ -21,6 +21,8 @@ from celery import Celery
 from worker.clock import Clock
 
 T = TypeVar("T")
+#: The upstream a ``remix.submit`` without a ``provider`` argument is for.
+DEFAULT_PROVIDER = "kie"
 SUBMIT_TASK = "remix.submit"
 POLL_TASK = "remix.poll"
 NOTIFY_TASK = "remix.notify"
@@ -74,11 +76,21 @@ class Publisher:
             raise
 
     def submit(
-        self, job_id: str, request: Any, token: int, *, producer: Any = None, retry: bool = True
+        self,
+        job_id: str,
+        request: Any,
+        token: int,
+        *,
+        producer: Any = None,
+        retry: bool = True,
+        provider: str = DEFAULT_PROVIDER,
     ) -> None:
+        kwargs: dict[str, Any] = {"request": request, "job_id": job_id, "dispatch": token}
+        if provider != DEFAULT_PROVIDER:  # kie.ai's messages stay as they always were
+            kwargs["provider"] = provider
         self.app.send_task(
             SUBMIT_TASK,
-            kwargs={"request": request, "job_id": job_id, "dispatch": token},
+            kwargs=kwargs,
             task_id=job_id,
             queue=SUBMIT_QUEUE,
             producer=producer,

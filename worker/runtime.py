@@ -19,6 +19,7 @@ other settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import threading
@@ -35,9 +36,10 @@ from worker import keys
 from worker.blobs import BlobStore, RedisBlobStore
 from worker.clock import RedisClock
 from worker.errors import JobFailed
+from worker.ideogram import IdeogramClient
 from worker.jobstore import JobStore, decode_text
 from worker.kie import KieClient
-from worker.models import JobRecord, JobState
+from worker.models import PROVIDER, PROVIDERS, JobRecord, JobState
 from worker.pause import FleetPause
 from worker.publisher import Publisher
 from worker.ratelimit import SharedRateLimiter
@@ -47,6 +49,7 @@ from worker.settings import (
     get_settings,
     parse_rate_limit,
     parse_spend_cap,
+    parse_state_map,
     set_overrides,
 )
 from worker.spendcap import SpendCap
@@ -104,6 +107,42 @@ def api_key_id(settings: Settings) -> str:
     key = settings.kie_api_key
     raw = key.get_secret_value() if key else ""
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+IDEOGRAM_PROVIDER = PROVIDERS[1]
+
+
+def ideogram_key_id(settings: Settings) -> str:
+    """The relay key's name: its own, so the relay's limit and pause never touch kie.ai's."""
+    key = settings.ideogram_api_key
+    raw = key.get_secret_value() if key else ""
+    return hashlib.sha256(f"{IDEOGRAM_PROVIDER}:{raw}".encode()).hexdigest()[:12]
+
+
+class ProviderNotConfigured(Exception):
+    """A job names a provider this process has no URL or key for; ``str()`` is one line."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        needs = "KIE_API_KEY" if provider == PROVIDER else "IDEOGRAM_BASE_URL and IDEOGRAM_API_KEY"
+        super().__init__(f"provider {provider} is not configured on this worker (set {needs})")
+
+
+@dataclass(frozen=True)
+class ProviderParts:
+    """The per-key state of one upstream: its rate limit, pause and spend cap."""
+
+    api_key_id: str
+    rate_limit: str
+    limiter: SharedRateLimiter
+    pause: FleetPause
+    spend: SpendCap
+
+
+def configured_providers(settings: Settings) -> list[str]:
+    """The providers this process has settings for, kie.ai first."""
+    found = [PROVIDER] if settings.kie_api_key is not None else []
+    return found + ([IDEOGRAM_PROVIDER] if settings.ideogram_configured else [])
 
 
 #: Bucket bounds (seconds) of the upstream request latency histograms.
@@ -195,6 +234,9 @@ class Services:
     broker: redis.Redis
     redactor: Redactor
     blobs: BlobStore
+    #: The upstream the per-key parts above belong to (see :meth:`for_provider`).
+    provider: str = PROVIDER
+    providers: dict[str, ProviderParts] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def client(self) -> KieClient:
@@ -203,6 +245,36 @@ class Services:
         if client is None:
             client = self._local.client = new_kie_client(self.settings)
         return client
+
+    def relay_client(self) -> IdeogramClient:
+        """This thread's client of the legacy remix relay."""
+        client: IdeogramClient | None = getattr(self._local, "relay_client", None)
+        if client is None:
+            client = self._local.relay_client = new_ideogram_client(self.settings)
+        return client
+
+    def status_client(self) -> KieClient | IdeogramClient:
+        """The client that asks for a task's state at this provider's upstream."""
+        return self.relay_client() if self.provider == IDEOGRAM_PROVIDER else self.client()
+
+    def for_provider(self, name: str) -> Services:
+        """These services with the rate limit, pause, spend cap and key of ``name``.
+
+        Raises :class:`ProviderNotConfigured` when this process has no settings for it.
+        """
+        if name not in configured_providers(self.settings):
+            raise ProviderNotConfigured(name)
+        if name == self.provider:
+            return self
+        parts = self.providers[name]
+        return dataclasses.replace(
+            self,
+            provider=name,
+            api_key_id=parts.api_key_id,
+            limiter=parts.limiter,
+            pause=parts.pause,
+            spend=parts.spend,
+        )
 
 
 T = TypeVar("T")
@@ -245,6 +317,36 @@ def new_kie_client(settings: Settings) -> KieClient:
     )
 
 
+def new_ideogram_client(settings: Settings) -> IdeogramClient:
+    if settings.ideogram_base_url is None or settings.ideogram_api_key is None:
+        raise ProviderNotConfigured(IDEOGRAM_PROVIDER)
+    return IdeogramClient(
+        settings.ideogram_base_url,
+        settings.ideogram_api_key,
+        status_path=settings.ideogram_status_path,
+        state_map=parse_state_map(settings.ideogram_state_map),
+        connect_timeout=settings.ideogram_connect_timeout_s,
+        read_timeout=settings.ideogram_read_timeout_s,
+        request_deadline=settings.ideogram_request_deadline_s,
+        status_read_timeout=settings.kie_read_timeout_s,
+        status_deadline=settings.kie_request_deadline_s,
+        secrets=tuple(settings.secrets()),
+    )
+
+
+def _provider_parts(
+    settings: Settings, broker: redis.Redis, key_id: str, rate_limit: str
+) -> ProviderParts:
+    limit, window = parse_rate_limit(rate_limit)
+    return ProviderParts(
+        api_key_id=key_id,
+        rate_limit=rate_limit,
+        limiter=SharedRateLimiter(broker, key_id, limit, window),
+        pause=FleetPause(broker, key_id, settings.remix_pause_probe_s),
+        spend=SpendCap(broker, key_id, settings.spend_caps),
+    )
+
+
 #: Blobs outlive the longest a job may wait to be sent by this much.
 BLOB_TTL_MARGIN_S = 3600
 
@@ -269,23 +371,27 @@ def build_services(
         if settings.backend_url == settings.redis_url
         else redis_client(settings.redis_url, redis_retry_s)
     )
-    key_id = api_key_id(settings)
-    limit, window = parse_rate_limit(settings.kie_rate_limit)
+    kie = _provider_parts(settings, broker, api_key_id(settings), settings.kie_rate_limit)
+    providers = {PROVIDER: kie}
+    if settings.ideogram_configured:
+        relay_id, relay_limit = ideogram_key_id(settings), settings.ideogram_rate_limit
+        providers[IDEOGRAM_PROVIDER] = _provider_parts(settings, broker, relay_id, relay_limit)
     clock = RedisClock(backend)
     return Services(
         settings=settings,
         store=JobStore(backend, ttl_s=settings.remix_job_ttl_s, archive=settings.archive_enabled),
         clock=clock,
-        limiter=SharedRateLimiter(broker, key_id, limit, window),
-        spend=SpendCap(broker, key_id, settings.spend_caps),
-        pause=FleetPause(broker, key_id, settings.remix_pause_probe_s),
+        limiter=kie.limiter,
+        spend=kie.spend,
+        pause=kie.pause,
         publisher=Publisher(app, clock),
         metrics=Metrics(broker),
         results=CeleryResults(app),
-        api_key_id=key_id,
+        api_key_id=kie.api_key_id,
         broker=broker,
         redactor=Redactor(settings.secrets()),
         blobs=RedisBlobStore(backend, ttl_s=blob_ttl_s(settings)),
+        providers=providers,
     )
 
 
@@ -364,24 +470,31 @@ def _unregister_pool(closed: Any) -> None:
 # ----------------------------------------------------------------- the keys workers use
 
 
+def _own_keys(svc: Services) -> list[ProviderParts]:
+    """The parts of each provider this process has a key for."""
+    return [svc.providers[name] for name in configured_providers(svc.settings)]
+
+
 def register_api_key() -> None:
-    """Make this worker's key known to ``remixq status``/``pause``/``resume``."""
+    """Make this worker's keys (one per provider) known to ``remixq status`` and ``pause``."""
     svc = services()
-    svc.broker.hset(keys.KNOWN_API_KEYS, svc.api_key_id, svc.settings.kie_rate_limit)
-    if svc.spend.enabled:
-        svc.broker.hset(keys.KNOWN_SPEND_CAPS, svc.api_key_id, svc.settings.remix_spend_cap or "")
-    else:
-        svc.broker.hdel(keys.KNOWN_SPEND_CAPS, svc.api_key_id)
+    for parts in _own_keys(svc):
+        svc.broker.hset(keys.KNOWN_API_KEYS, parts.api_key_id, parts.rate_limit)
+        if parts.spend.enabled:
+            cap = svc.settings.remix_spend_cap or ""
+            svc.broker.hset(keys.KNOWN_SPEND_CAPS, parts.api_key_id, cap)
+        else:
+            svc.broker.hdel(keys.KNOWN_SPEND_CAPS, parts.api_key_id)
 
 
 def known_api_keys(svc: Services | None = None) -> dict[str, str]:
-    """Key id -> its ``KIE_RATE_LIMIT``, for every key a worker registered (and our own)."""
+    """Key id -> its rate limit, for every key a worker registered (and our own)."""
     svc = svc or services()
     found = {
         decode_text(k): decode_text(v) for k, v in svc.broker.hgetall(keys.KNOWN_API_KEYS).items()
     }
-    if svc.settings.kie_api_key is not None:
-        found.setdefault(svc.api_key_id, svc.settings.kie_rate_limit)
+    for parts in _own_keys(svc):
+        found.setdefault(parts.api_key_id, parts.rate_limit)
     return found
 
 
@@ -399,6 +512,6 @@ def spend_cap_for(key_id: str) -> SpendCap:
     svc = services()
     raw = svc.broker.hget(keys.KNOWN_SPEND_CAPS, key_id)
     text = decode_text(raw) if raw is not None else None
-    if text is None and key_id == svc.api_key_id:
+    if text is None and key_id in {parts.api_key_id for parts in _own_keys(svc)}:
         text = svc.settings.remix_spend_cap
     return SpendCap(svc.broker, key_id, parse_spend_cap(text))

@@ -45,6 +45,10 @@ SECRET_NAMES = (
 )
 #: boto3's secret environment variables: redacted like the settings' secrets.
 AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: The relay's task states (lower case) onto the poll policy's; see ``IDEOGRAM_STATE_MAP``.
+DEFAULT_IDEOGRAM_STATE_MAP = "submitted=waiting,processing=generating,succeed=success,failed=fail"
+#: The poll policy's states a relay state may be mapped onto.
+POLL_STATES = frozenset({"waiting", "queuing", "generating", "success", "fail"})
 #: A secret file larger than this is not a secret (a wrong path, a directory dump).
 SECRET_FILE_MAX_BYTES = 64 * 1024
 
@@ -63,6 +67,24 @@ def parse_rate_limit(text: str) -> tuple[int, float]:
     if int(count) < 1 or window <= 0:
         raise ValueError(f"rate limit {text!r} must allow at least 1 request per positive window")
     return int(count), window
+
+
+def parse_state_map(text: str) -> dict[str, str]:
+    """``submitted=waiting,succeed=success`` -> ``{"submitted": "waiting", ...}``.
+
+    Relay states are matched without regard to case; success and fail must be named.
+    """
+    found: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        relay, sep, ours = (part.strip() for part in entry.partition("="))
+        if not sep or not relay or ours not in POLL_STATES:
+            raise ValueError(
+                f"entry {entry!r} is not relay_state=one of {', '.join(sorted(POLL_STATES))}"
+            )
+        found[relay.lower()] = ours
+    if not {"success", "fail"} <= set(found.values()):
+        raise ValueError("must name the relay's states for success and fail")
+    return found
 
 
 def check_redis_url(value: str) -> str:
@@ -239,6 +261,15 @@ class Settings(BaseSettings):
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
+    #: The relay's status endpoint (an assumption: the relay documents none).
+    ideogram_status_path: str = "/ideogram/remix/{task_id}"
+    #: The relay's task states onto the poll's (``relay=waiting|queuing|generating|success|fail``).
+    ideogram_state_map: str = DEFAULT_IDEOGRAM_STATE_MAP
+    ideogram_rate_limit: str = "20/10s"
+    ideogram_connect_timeout_s: float = Field(5.0, gt=0)
+    #: The relay may generate inside the request: its read timeout is long.
+    ideogram_read_timeout_s: float = Field(180.0, gt=0)
+    ideogram_request_deadline_s: float = Field(200.0, gt=0)
 
     #: Paths of files holding the secrets above (Kubernetes or Docker secrets); a secret
     #: may come from its variable or from its file, not both.
@@ -309,9 +340,9 @@ class Settings(BaseSettings):
             return None
         return check_archive_url(value.strip())
 
-    @field_validator("remix_archive_s3_endpoint_url")
+    @field_validator("remix_archive_s3_endpoint_url", "ideogram_base_url")
     @classmethod
-    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+    def _check_http_base_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         parts = urlsplit(value.strip())
@@ -319,7 +350,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.strip()
 
-    @field_validator("kie_rate_limit")
+    @field_validator("ideogram_status_path")
+    @classmethod
+    def _check_status_path(cls, value: str) -> str:
+        if not value.startswith("/") or "{task_id}" not in value:
+            raise ValueError("must be a path starting with / and holding {task_id}")
+        return value
+
+    @field_validator("ideogram_state_map")
+    @classmethod
+    def _check_state_map(cls, value: str) -> str:
+        parse_state_map(value)
+        return value
+
+    @field_validator("kie_rate_limit", "ideogram_rate_limit")
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:
         parse_rate_limit(value)
@@ -340,6 +384,8 @@ class Settings(BaseSettings):
             raise ValueError("REMIX_ARCHIVE_RETRY_BASE_S must not exceed REMIX_ARCHIVE_RETRY_MAX_S")
         if self.kie_request_deadline_s >= self.remix_deadline_s:
             raise ValueError("KIE_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
+        if self.ideogram_base_url and self.ideogram_request_deadline_s >= self.remix_deadline_s:
+            raise ValueError("IDEOGRAM_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
         longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
         if self.remix_job_ttl_s < longest_job + TTL_MARGIN_S:
             raise ValueError(
@@ -406,10 +452,23 @@ class Settings(BaseSettings):
     def lease_s(self) -> float:
         """How long a dispatched job step may take before the schedule sends it again.
 
-        A step makes at most one upstream request (``KIE_REQUEST_DEADLINE_S``) plus a
-        few Redis calls. It is also how soon a SIGKILLed worker's jobs move again.
+        A step makes at most one upstream request (``KIE_REQUEST_DEADLINE_S``, or
+        ``IDEOGRAM_REQUEST_DEADLINE_S`` when the relay is configured) plus a few Redis
+        calls. It is also how soon a SIGKILLed worker's jobs move again.
         """
-        return self.kie_request_deadline_s + LEASE_MARGIN_S
+        return self.longest_request_s + LEASE_MARGIN_S
+
+    @property
+    def ideogram_configured(self) -> bool:
+        """Whether this process may send jobs to the relay (its URL and key are set)."""
+        return self.ideogram_base_url is not None and self.ideogram_api_key is not None
+
+    @property
+    def longest_request_s(self) -> float:
+        """The total deadline of the longest upstream request this process may make."""
+        if self.ideogram_base_url is None:
+            return self.kie_request_deadline_s
+        return max(self.kie_request_deadline_s, self.ideogram_request_deadline_s)
 
     @property
     def attempt_settle_s(self) -> float:

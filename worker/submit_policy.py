@@ -14,6 +14,12 @@ copy, a duplicate publish) can never both send.
 The accepted task id is logged the moment it arrives and then written, trying again
 through a Redis outage of any length (the worker holds it; see :func:`record_acceptance`).
 
+The legacy remix relay (provider ``ideogram-remix``) may generate inside its request. An
+answer with images records the acceptance (task id ``sync-<attempt id>``) and finishes
+the job in the same step, both retried through Redis errors. For the relay an attempt of
+unknown outcome is never sent again: nothing can tell whether the relay made (and
+charged) it, so the job fails ``unknown_outcome`` and a person decides (``remixq retry``).
+
 The one window left: an attempt whose answer never arrived (a read timeout, a reset or
 a cut body after sending, the worker killed mid-request). The upstream may have created
 the task; nothing we can ask tells us. Its outcome is recorded as *unknown*
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -38,6 +45,7 @@ from tenacity import (
 )
 
 from worker.backoff import full_jitter
+from worker.blobs import BlobMissing
 from worker.errors import (
     Family,
     InsufficientCreditsError,
@@ -53,19 +61,22 @@ from worker.gates import (
     spend_gate,
     trip_pause,
 )
+from worker.ideogram import RemixAnswer
+from worker.ideogram_models import IdeogramRemixRequest
 from worker.jobstore import (
     HOLDS_FIELD,
     LAST_ERROR_FIELD,
     REFUSED_402_FIELD,
+    RELAY_RESULTS_FIELD,
     RETRIES_FIELD,
     SLOT_FIELD,
     Job,
 )
 from worker.logs import job_context, job_fields, note
-from worker.models import InvalidRequestError, JobState, validate_request
-from worker.outcome import fail_job
+from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
+from worker.outcome import fail_job, finish_job
 from worker.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
-from worker.runtime import Services
+from worker.runtime import IDEOGRAM_PROVIDER, ProviderNotConfigured, Services
 
 logger = logging.getLogger("worker.submit")
 
@@ -76,6 +87,9 @@ RECORD_PATIENCE_S = 3600.0
 #: Longest wait between two tries, so the id is written within a second of Redis's return.
 RECORD_RETRY_WAIT_S = 1.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+#: The task id recorded for a relay answer that held the images themselves.
+SYNC_TASK_PREFIX = "sync-"
+UNKNOWN_OUTCOME = "unknown_outcome"
 
 
 class AcceptedButUnrecorded(Exception):
@@ -106,9 +120,16 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         svc.store.park(job, 0.0)  # accepted meanwhile: the schedule polls it now
         return "has_task"
     try:
-        request = validate_request(job.request)
+        svc = svc.for_provider(job.record.provider)
+        send = _sender(svc, job, validate_request(job.request, job.record.provider))
     except InvalidRequestError as exc:
         fail_job(svc, job_id, "invalid_request", str(exc))
+        return "failed"
+    except ProviderNotConfigured as exc:
+        fail_job(svc, job_id, "provider_not_configured", str(exc))
+        return "failed"
+    except BlobMissing as exc:
+        fail_job(svc, job_id, "image_missing", str(exc))
         return "failed"
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
@@ -117,19 +138,41 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         if wait is not None:
             svc.store.park(job, wait.seconds, **wait.fields)
             return gate.__name__.removesuffix("_gate")
-    return _attempt(svc, job, request.upstream_input())
+    return _attempt(svc, job, send)
 
 
-def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
+Sender = Callable[[], RemixAnswer]
+
+
+def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixRequest) -> Sender:
+    """The one upstream request of an attempt (the relay's image is read here, up front)."""
+    if isinstance(request, IdeogramRemixRequest):
+        image = svc.blobs.get(request.image_file)
+        ref = request.image_file
+        return lambda: svc.relay_client().remix(request.image_request(), image, ref)
+    task_input = request.upstream_input()
+    callback_url = svc.settings.callback_url_for(job.job_id)
+    return lambda: RemixAnswer(task_id=svc.client().create_task(task_input, callback_url))
+
+
+def _relay(svc: Services) -> bool:
+    return svc.provider == IDEOGRAM_PROVIDER
+
+
+def _attempt(svc: Services, job: Job, send: Sender) -> str:
     attempt_id = svc.store.new_attempt_id()
     opened = svc.store.begin_attempt(
         job.job_id,
         attempt_id,
         svc.settings.attempt_settle_s,
-        callback_wait_s=svc.settings.callback_wait_s,
+        callback_wait_s=0.0 if _relay(svc) else svc.settings.callback_wait_s,
     )
     if opened.counted_unknown:
         _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
+    lost_before = opened.counted_unknown or job.record.unknown_outcomes > 0
+    if opened.status == "ok" and _relay(svc) and lost_before:
+        svc.store.end_attempt(job.job_id, attempt_id, unknown=False)
+        return _fail_unknown_outcome(svc, job.job_id, "an earlier request's answer was lost")
     if opened.status == "accepted":
         svc.store.park(job, 0.0)
         return "has_task"
@@ -145,7 +188,7 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
     svc.store.unhold(svc.api_key_id, job.job_id)
     started = time.monotonic()
     try:
-        task_id = svc.client().create_task(task_input, svc.settings.callback_url_for(job.job_id))
+        answer = send()
     except UpstreamError as exc:
         note(upstream_code=exc.fail_code)
         _count_request(svc, "create_task", exc.fail_code, started)
@@ -154,9 +197,27 @@ def _attempt(svc: Services, job: Job, task_input: dict[str, Any]) -> str:
         # Whatever happened, the request may have gone out: its outcome is unknown.
         svc.store.end_attempt(job.job_id, attempt_id, unknown=True)
         raise
-    note(upstream_task_id=task_id, upstream_code="200")
     _count_request(svc, "create_task", "200", started)
-    return record_acceptance(svc, job.job_id, attempt_id, task_id)
+    if answer.task_id is not None:
+        note(upstream_task_id=answer.task_id, upstream_code="200")
+        return record_acceptance(svc, job.job_id, attempt_id, answer.task_id)
+    task_id = SYNC_TASK_PREFIX + attempt_id
+    note(upstream_task_id=task_id, upstream_code="200")
+    record_acceptance(svc, job.job_id, attempt_id, task_id, results=answer.result_urls)
+    _retrying_redis(job.job_id, task_id)(
+        finish_job, svc, job.job_id, JobState.SUCCEEDED, result_urls=answer.result_urls
+    )
+    return "succeeded"
+
+
+def _fail_unknown_outcome(svc: Services, job_id: str, why: str) -> str:
+    """The relay may have made (and charged) the images: the job is not sent again."""
+    message = (
+        f"{why}; the relay may have made and charged it, and nothing can tell, so it is "
+        f"not sent again: `remixq retry --force {job_id}` sends it anew"
+    )
+    fail_job(svc, job_id, UNKNOWN_OUTCOME, message)
+    return "failed"
 
 
 def _count_request(svc: Services, kind: str, code: str, started: float) -> None:
@@ -182,12 +243,37 @@ def _say_unrecorded(job_id: str, task_id: str) -> Any:
     return before_sleep
 
 
-def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str) -> str:
+def _retrying_redis(job_id: str, task_id: str, reraise: bool = True) -> Retrying:
+    """Tries a write again through a Redis outage for up to :data:`RECORD_PATIENCE_S`."""
+    return Retrying(
+        # Any Redis error: an outage, a failover's read-only replica, a full memory.
+        retry=retry_if_exception_type(redis.RedisError),
+        stop=stop_after_delay(RECORD_PATIENCE_S),
+        wait=wait_exponential(multiplier=0.2, max=RECORD_RETRY_WAIT_S),
+        before_sleep=_say_unrecorded(job_id, task_id),
+        reraise=reraise,
+    )
+
+
+def _accept(
+    svc: Services, job_id: str, attempt_id: str, task_id: str, results: list[str] | None
+) -> str:
+    if results:  # kept first, so that a poll of the sync task finishes the job with them
+        fields: dict[str, Any] = {RELAY_RESULTS_FIELD: results}
+        svc.store.update(job_id, **fields)
+    first_poll = svc.settings.remix_poll_initial_s if _relay(svc) else svc.settings.first_poll_s
+    return svc.store.accept(job_id, attempt_id, task_id, first_poll)
+
+
+def record_acceptance(
+    svc: Services, job_id: str, attempt_id: str, task_id: str, results: list[str] | None = None
+) -> str:
     """Write the accepted task id, trying again through a Redis outage of any length.
 
     Only this process knows the task id (a retry message would need the broker, which is
     usually the very Redis that is down), so it keeps trying for up to
     :data:`RECORD_PATIENCE_S`, and raises :class:`AcceptedButUnrecorded` after that.
+    ``results``: the images a relay answered at once, kept with the acceptance.
     """
     logger.info(
         "job %s submitted: createTask accepted as upstream task %s",
@@ -195,16 +281,9 @@ def record_acceptance(svc: Services, job_id: str, attempt_id: str, task_id: str)
         task_id,
         extra=job_fields(job_id, upstream_task_id=task_id, state=JobState.SUBMITTED.value),
     )
-    retrying = Retrying(
-        # Any Redis error: an outage, a failover's read-only replica, a full memory.
-        retry=retry_if_exception_type(redis.RedisError),
-        stop=stop_after_delay(RECORD_PATIENCE_S),
-        wait=wait_exponential(multiplier=0.2, max=RECORD_RETRY_WAIT_S),
-        before_sleep=_say_unrecorded(job_id, task_id),
-        reraise=False,
-    )
+    retrying = _retrying_redis(job_id, task_id, reraise=False)
     try:
-        outcome = retrying(svc.store.accept, job_id, attempt_id, task_id, svc.settings.first_poll_s)
+        outcome = retrying(_accept, svc, job_id, attempt_id, task_id, results)
     except Exception as exc:
         raise AcceptedButUnrecorded(job_id, attempt_id, task_id) from exc
     _note_answer(svc, "other")
@@ -258,6 +337,8 @@ def _after_error(
         return "adopted_meanwhile"
     if exc.ambiguous:
         _note_unknown(svc, job.job_id, f"createTask {exc}")
+        if _relay(svc):
+            return _fail_unknown_outcome(svc, job.job_id, f"remix request: {last_error['msg']}")
     if exc.family is Family.PERMANENT:
         fail_job(svc, job.job_id, exc.fail_code, last_error["msg"])
         return "failed"
@@ -298,6 +379,8 @@ def _hold_for_key(
 
 def _key_has_credits(svc: Services) -> bool:
     """Whether the key has credits now (a 402 that repeats may be the job's own)."""
+    if _relay(svc):
+        return False  # the relay has no balance to ask
     try:
         return svc.client().credit() > 0
     except UpstreamError:

@@ -20,6 +20,7 @@ from celery import Task
 from worker import keys
 from worker.app import app
 from worker.archive_policy import archive_step
+from worker.models import PROVIDER, PROVIDERS
 from worker.notify_policy import notify_step
 from worker.outcome import fail_job
 from worker.poll_policy import POLLED, poll_step
@@ -49,27 +50,38 @@ def remix_submit(
     request: Any = None,
     job_id: Any = None,
     dispatch: Any = 0,
+    provider: Any = PROVIDER,
     **unexpected: Any,
 ) -> dict[str, str]:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may send
     ``remix.submit`` with only ``request``. ``dispatch`` is the schedule's token (0 for
-    the first message). A message that breaks these rules fails its job with
-    ``invalid_request`` (under the task's id when its ``job_id`` is unusable).
+    the first message). ``provider`` names the upstream (``kie`` or ``ideogram-remix``);
+    it matters only for a first message that creates its record. A message that breaks
+    these rules fails its job with ``invalid_request`` (under the task's id when its
+    ``job_id`` is unusable).
 
     Returns what the step did (Flower's result column); raises :class:`JobsFailed` when
     it failed the job, so Flower lists the job's row (its task id is the job id) as
     FAILURE with the job's ``fail_code``.
     """
-    problem = message_problem(job_id, dispatch, unexpected, positional)
+    problem = message_problem(job_id, dispatch, unexpected, positional, provider)
     job_id = job_id if is_usable_job_id(job_id) else self.request.id
+    provider = provider if problem is None else PROVIDER
     with recording_outcomes() as outcomes:
-        step = _submit(services(), job_id, request, dispatch, problem)
+        step = _submit(services(), job_id, request, dispatch, problem, provider)
     return reported({"job_id": job_id, "step": step}, outcomes)
 
 
-def _submit(svc: Services, job_id: str, request: Any, dispatch: Any, problem: str | None) -> str:
+def _submit(
+    svc: Services,
+    job_id: str,
+    request: Any,
+    dispatch: Any,
+    problem: str | None,
+    provider: str = PROVIDER,
+) -> str:
     """Run the step and deal with infrastructure errors; returns what happened, in a word."""
     try:
         if problem is not None:
@@ -77,7 +89,7 @@ def _submit(svc: Services, job_id: str, request: Any, dispatch: Any, problem: st
             return "malformed"
         if dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
-            svc.store.create(job_id, request, due_in=svc.settings.lease_s)
+            svc.store.create(job_id, request, due_in=svc.settings.lease_s, provider=provider)
         return submit_step(svc, job_id, dispatch)
     except AcceptedButUnrecorded as exc:
         logger.critical(
@@ -120,7 +132,11 @@ def is_usable_job_id(job_id: Any) -> bool:
 
 
 def message_problem(
-    job_id: Any, dispatch: Any, unexpected: dict[str, Any], positional: tuple[Any, ...] = ()
+    job_id: Any,
+    dispatch: Any,
+    unexpected: dict[str, Any],
+    positional: tuple[Any, ...] = (),
+    provider: Any = PROVIDER,
 ) -> str | None:
     """What is wrong with a ``remix.submit`` message's arguments, in one line (None: fine)."""
     if positional:
@@ -134,6 +150,8 @@ def message_problem(
         )
     if isinstance(dispatch, bool) or not isinstance(dispatch, int) or dispatch < 0:
         return "invalid request: dispatch must be a whole number of at least 0"
+    if not isinstance(provider, str) or provider not in PROVIDERS:
+        return f"invalid request: provider must be one of {', '.join(PROVIDERS)}"
     return None
 
 

@@ -1,0 +1,76 @@
+"""``remixq submit --provider``: the relay's jobs through the command, with no worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.helpers import empty_database
+from tests.relay_kit import RELAY, png_bytes
+from tests.test_cli import (
+    CLI_REDIS_URL,
+    IMAGE,
+    JOB_KEYS,
+    assert_refused,
+    enqueued,
+    remixq,
+    submit_messages,
+)
+from worker.blobs import RedisBlobStore
+from worker.jobstore import decode_text
+
+
+@pytest.fixture
+def cli_redis() -> Iterator[redis.Redis]:
+    """The commands' Redis database, empty at the start and the end of the test."""
+    with empty_database(CLI_REDIS_URL, "the CLI tests") as client:
+        yield client
+
+
+def test_a_relay_job_is_enqueued_with_its_provider(cli_redis: redis.Redis) -> None:
+    ref = RedisBlobStore(cli_redis, ttl_s=600).put(png_bytes(), "image/png", "src.png")
+    result = remixq(
+        "submit",
+        "--provider",
+        RELAY,
+        "--prompt",
+        "a knight",
+        "--set",
+        f"image_file={json.dumps(ref.model_dump())}",
+        "--set",
+        "model=V_1_TURBO",
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    ((_, kwargs),) = submit_messages(cli_redis)
+    assert kwargs["provider"] == RELAY and kwargs["job_id"] == job_id
+    assert kwargs["request"]["image_file"] == ref.model_dump()
+    record = {
+        decode_text(k): decode_text(v) for k, v in cli_redis.hgetall(f"remixq:job:{job_id}").items()
+    }
+    assert json.loads(record["provider"]) == RELAY and json.loads(record["model"]) == "V_1_TURBO"
+
+
+def test_a_kie_job_carries_no_provider_argument(cli_redis: redis.Redis) -> None:
+    result = remixq(
+        "submit", "--prompt", "a knight", "--image-url", IMAGE, "--reference-image-url", IMAGE
+    )
+    assert result.returncode == 0, result.stderr
+    ((_, kwargs),) = submit_messages(cli_redis)
+    assert "provider" not in kwargs
+
+
+def test_a_url_for_the_relay_is_refused_in_one_line(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", "--provider", RELAY, "--prompt", "x", "--image-url", IMAGE)
+    assert_refused(result, "image_url", "image_file only")
+    assert enqueued(cli_redis) == (0, set())
+    assert not list(cli_redis.scan_iter(match=JOB_KEYS))
+
+
+def test_an_unknown_provider_is_refused(cli_redis: redis.Redis) -> None:
+    result = remixq("submit", "--provider", "midjourney", "--prompt", "x")
+    assert result.returncode == 2 and "--provider" in result.stderr
+    assert enqueued(cli_redis) == (0, set())
