@@ -41,7 +41,14 @@ from producers.display import (
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
-from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
+from worker.blobs import BlobStoreError, BlobStoreFull
+from worker.models import (
+    InvalidRequestError,
+    JobRecord,
+    JobState,
+    refuse_file_fields,
+    validate_request,
+)
 from worker.runtime import services
 from worker.settings import ConfigurationError, get_settings
 
@@ -53,6 +60,8 @@ OPTION_FIELDS = {
     "prompt": "--prompt",
     "image_url": "--image-url",
     "reference_image_urls": "--reference-image-url",
+    "image_file": "--image-file",
+    "reference_image_files": "--reference-image-file",
     "idempotency_key": "--idempotency-key",
     "notify_url": "--notify-url",
 }
@@ -256,6 +265,7 @@ def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
         raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
     key = data.pop(IDEMPOTENCY_FIELD, None)
     notify_url = data.pop(NOTIFY_URL_FIELD, None)
+    refuse_file_fields(data, "remixq submit --image-file (one job at a time)")
     validate_request(data)
     check_idempotency_key(key)
     check_notify_url(notify_url, allow_private=get_settings().remix_notify_allow_private)
@@ -312,13 +322,24 @@ def main() -> None:
 
 @main.command()
 @click.option("--prompt", required=True, help="What the remix should show (1..5000 characters).")
-@click.option("--image-url", required=True, help="http(s) URL of the source image.")
+@click.option("--image-url", help="http(s) URL of the source image.")
+@click.option(
+    "--image-file",
+    metavar="PATH",
+    help="The source image as a local JPEG, PNG or WebP file (<= 10 MB), instead of --image-url.",
+)
 @click.option(
     "--reference-image-url",
     "reference_image_urls",
     multiple=True,
-    required=True,
     help="http(s) URL of the character reference image (repeatable; the first is used).",
+)
+@click.option(
+    "--reference-image-file",
+    "reference_image_files",
+    multiple=True,
+    metavar="PATH",
+    help="A character reference image as a local file (repeatable; after the URLs).",
 )
 @click.option(
     "--set",
@@ -341,8 +362,10 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON.")
 def submit(
     prompt: str,
-    image_url: str,
+    image_url: str | None,
+    image_file: str | None,
     reference_image_urls: tuple[str, ...],
+    reference_image_files: tuple[str, ...],
     assignments: tuple[str, ...],
     idempotency_key: str | None,
     notify_url: str | None,
@@ -350,20 +373,32 @@ def submit(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Validate and enqueue one remix job; print its id (or its record with --json)."""
+    """Validate and enqueue one remix job; print its id (or its record with --json).
+
+    The source image is --image-url or --image-file; give at least one reference
+    (--reference-image-url, --reference-image-file). Files are read and checked here.
+    """
     fields = parse_assignments(assignments)
+    if (image_url is None) == (image_file is None):
+        raise BadInput("give exactly one of --image-url and --image-file")
+    if not reference_image_urls and not reference_image_files:
+        raise BadInput("give at least one --reference-image-url or --reference-image-file")
     with redis_errors():
         try:
             job_id = enqueue_remix(
                 prompt,
                 image_url,
-                list(reference_image_urls),
+                list(reference_image_urls) or None,
                 idempotency_key=idempotency_key,
                 notify_url=notify_url,
+                image_file=image_file,
+                reference_image_files=list(reference_image_files) or None,
                 **fields,
             )
         except InvalidRequestError as exc:
             raise BadInput(str(exc)) from None
+        except (BlobStoreFull, BlobStoreError) as exc:
+            raise CliError(str(exc)) from None
         if not as_json:
             click.echo(job_id)
         if wait:

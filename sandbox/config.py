@@ -11,8 +11,8 @@ from worker.settings import parse_rate_limit
 
 FaultCode = Literal[429, 455, 500]
 FaultStyle = Literal["http", "body", "page", "mixed"]
-Endpoint = Literal["createTask", "recordInfo"]
-ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo")
+Endpoint = Literal["createTask", "recordInfo", "upload"]
+ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo", "upload")
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 DEFAULT_API_KEY = "sk-sandbox"
@@ -29,9 +29,9 @@ class SandboxConfig(BaseModel):
     ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate`` and
     ``gateway_rate``
     hits accepted createTask requests whatever ``fault_endpoints`` says; ``maintenance``
-    hits createTask, recordInfo and the credit endpoint. ``retry_after``, when set, is the
-    ``Retry-After`` header of every 429 answer, sent verbatim (it overrides
-    ``retry_after_header``).
+    hits createTask, recordInfo, the file upload and the credit endpoint. ``retry_after``,
+    when set, is the ``Retry-After`` header of every 429 answer, sent verbatim (it
+    overrides ``retry_after_header``).
     """
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")

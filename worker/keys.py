@@ -133,3 +133,11 @@ def finished_channel(database: int) -> str:
 def blob(blob_id: str) -> str:
     """The bytes of one source image a producer stored for a job (:mod:`worker.blobs`)."""
     return f"{PREFIX}blob:{blob_id}"
+
+
+#: Sorted set of the stored blobs' ids, scored by when they expire (Redis clock).
+BLOB_EXPIRIES = PREFIX + "blobs:expiries"
+#: Hash: blob id -> its size in bytes (the blobs counted in :data:`BLOB_BYTES`).
+BLOB_SIZES = PREFIX + "blobs:sizes"
+#: The total bytes of the stored blobs, which ``REMIX_BLOB_MAX_BYTES`` caps.
+BLOB_BYTES = PREFIX + "blobs:bytes"
