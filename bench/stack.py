@@ -89,7 +89,11 @@ class Stack:
 
         :param sandbox: the upstream it talks to; None for a process that never does.
         """
-        upstream = {} if sandbox is None else {"KIE_BASE_URL": sandbox.url or ""}
+        upstream = (
+            {}
+            if sandbox is None
+            else {"KIE_BASE_URL": sandbox.url or "", "KIE_UPLOAD_BASE_URL": sandbox.url or ""}
+        )
         return {
             **{name.upper(): "" for name in UNSET_SETTINGS},
             "REDIS_URL": self.redis_url,

@@ -4,6 +4,10 @@ A request is validated completely before anything is written or enqueued; bad in
 raises :class:`~worker.models.InvalidRequestError`, a ``ValueError`` whose message is one
 line naming every bad field.
 
+Source images given as files are read and checked here, in the producer, then stored in
+the blob store (:mod:`worker.blobs`) only once the whole request is valid; the job's
+request, and so its Celery message, carries references to them, never the bytes.
+
 Enqueueing is one atomic write: the job's record, its request and its place in the
 schedule. From then on the job *will* be sent, by the schedule if by nothing else; the
 ``remix.submit`` message published right after is only the fast path. So
@@ -16,15 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import kombu.exceptions
 import redis
 
 from worker import cancelling
+from worker.blobs import BlobRef, new_ref
+from worker.images import load_image
 from worker.jobstore import NewJob
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
@@ -59,6 +67,9 @@ CANCEL_REFUSALS = {
 }
 
 
+ImageSource = str | os.PathLike[str] | bytes
+
+
 def enqueue_remix(
     prompt: str,
     image_url: str | None = None,
@@ -67,45 +78,110 @@ def enqueue_remix(
     notify_url: str | None = None,
     *,
     provider: str = PROVIDER,
+    image_file: ImageSource | None = None,
+    reference_image_files: Sequence[ImageSource] | None = None,
     **other_input_fields: Any,
 ) -> str:
     """Validate a remix request and enqueue it; returns the job id.
 
     Parameters:
-        prompt, image_url, reference_image_urls: the required createTask input fields
-            (for ``provider="kie"``).
+        prompt: the prompt.
+        image_url, reference_image_urls: the source image and the references, as URLs.
         provider: the upstream: ``kie`` (default) or ``ideogram-remix`` (the legacy remix
             relay, which takes the source image as ``image_file`` only).
         idempotency_key: the same key returns the same job id and enqueues nothing new.
         notify_url: an http(s) URL the finished job's record is POSTed to (signed with
             ``REMIX_NOTIFY_HMAC_KEY``), at least once, tried up to
             ``REMIX_NOTIFY_MAX_ATTEMPTS`` times; the record's ``notification`` says how it went.
+        image_file, reference_image_files: source images as files: a path (read here,
+            in this process) or the bytes. JPEG, PNG or WebP by content, at most 10 MB
+            each. For kie, exactly one of ``image_url``/``image_file`` and at least one
+            reference in all. The bytes go to the blob store (``REMIX_BLOB_URL``), never
+            into a Celery message.
         other_input_fields: any optional input field (``strength=0.5``, ``num_images="2"`` ...).
     """
-    request = validate_request(
-        request_fields(prompt, image_url, reference_image_urls, other_input_fields), provider
-    )
+    blobs = _load_files(image_file, reference_image_files)
+    data: dict[str, Any] = {"prompt": prompt, **other_input_fields}
+    for name, value in (("image_url", image_url), ("reference_image_urls", reference_image_urls)):
+        if value is not None:
+            data[name] = value
+    return enqueue_request(data, blobs, idempotency_key, notify_url, provider=provider)[0]
+
+
+def _load_files(
+    image_file: ImageSource | None, reference_image_files: Sequence[ImageSource] | None
+) -> FileBlobs:
+    """Read and check the files (one-line errors); nothing is stored yet."""
+    if isinstance(reference_image_files, str | bytes | os.PathLike):
+        raise InvalidRequestError(
+            "invalid request: reference_image_files: must be a list of file paths or bytes"
+        )
+    main = None if image_file is None else file_blob(image_file, "image_file")
+    refs = [
+        file_blob(source, f"reference_image_files[{index}]")
+        for index, source in enumerate(reference_image_files or [])
+    ]
+    return FileBlobs(main, refs)
+
+
+def file_blob(source: ImageSource, field: str, name: str | None = None) -> tuple[BlobRef, bytes]:
+    """One source image read and checked (one-line errors), with its reference."""
+    data, content_type, file_name = load_image(source, field, name)
+    return new_ref(data, content_type, file_name), data
+
+
+@dataclass(frozen=True)
+class FileBlobs:
+    """Source images read and checked, with their references, not stored yet."""
+
+    image: tuple[BlobRef, bytes] | None = None
+    references: list[tuple[BlobRef, bytes]] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[tuple[BlobRef, bytes]]:
+        return [*([self.image] if self.image else []), *self.references]
+
+    def fields(self) -> dict[str, Any]:
+        """The request fields naming the files (blob references, never bytes)."""
+        found: dict[str, Any] = {}
+        if self.image is not None:
+            found["image_file"] = self.image[0].model_dump()
+        if self.references:
+            found["reference_image_files"] = [ref.model_dump() for ref, _ in self.references]
+        return found
+
+
+def enqueue_request(
+    data: dict[str, Any],
+    blobs: FileBlobs,
+    idempotency_key: str | None,
+    notify_url: str | None,
+    *,
+    provider: str = PROVIDER,
+) -> tuple[str, bool]:
+    """Validate everything, then store the files, then enqueue (the HTTP app's path too).
+
+    Returns ``(job_id, created)``, as :func:`enqueue_validated` does.
+
+    An idempotent repeat that finds its job stores nothing; when a concurrent producer
+    wins the key between the check and the write, the files just stored are deleted.
+    """
+    request = validate_request({**data, **blobs.fields()}, provider=provider)
     check_idempotency_key(idempotency_key)
     svc = services()
     check_notify_url(notify_url, allow_private=svc.settings.remix_notify_allow_private)
-    payload = request.upstream_input()
-    return enqueue_validated(payload, idempotency_key, notify_url, provider=provider)[0]
-
-
-def request_fields(
-    prompt: str,
-    image_url: str | None,
-    reference_image_urls: list[str] | None,
-    other_input_fields: dict[str, Any],
-) -> dict[str, Any]:
-    """The request dict to validate: the fields given, none invented (so that a provider
-    that takes no ``image_url`` hears of one only when it was given)."""
-    fields: dict[str, Any] = {"prompt": prompt}
-    if image_url is not None:
-        fields["image_url"] = image_url
-    if reference_image_urls is not None:
-        fields["reference_image_urls"] = reference_image_urls
-    return {**fields, **other_input_fields}
+    if blobs.all and idempotency_key is not None:
+        owner = svc.store.idempotency_owner(idempotency_key)
+        if owner is not None:
+            return owner, False
+    svc.blobs.store(blobs.all)
+    job_id, created = enqueue_validated(
+        request.stored(), idempotency_key, notify_url, provider=provider
+    )
+    if not created and blobs.all:
+        with contextlib.suppress(Exception):
+            svc.blobs.delete(ref for ref, _ in blobs.all)
+    return job_id, created
 
 
 def enqueue_validated(

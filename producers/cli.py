@@ -41,12 +41,14 @@ from producers.display import (
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
+from worker.blobs import BlobStoreError, BlobStoreFull
 from worker.models import (
     PROVIDER,
     PROVIDERS,
     InvalidRequestError,
     JobRecord,
     JobState,
+    refuse_file_fields,
     validate_request,
 )
 from worker.runtime import services
@@ -60,6 +62,8 @@ OPTION_FIELDS = {
     "prompt": "--prompt",
     "image_url": "--image-url",
     "reference_image_urls": "--reference-image-url",
+    "image_file": "--image-file",
+    "reference_image_files": "--reference-image-file",
     "idempotency_key": "--idempotency-key",
     "provider": "--provider",
     "notify_url": "--notify-url",
@@ -264,6 +268,7 @@ def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
         raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
     key = data.pop(IDEMPOTENCY_FIELD, None)
     notify_url = data.pop(NOTIFY_URL_FIELD, None)
+    refuse_file_fields(data, "remixq submit --image-file (one job at a time)")
     validate_request(data)
     check_idempotency_key(key)
     check_notify_url(notify_url, allow_private=get_settings().remix_notify_allow_private)
@@ -327,12 +332,24 @@ def main() -> None:
     show_default=True,
     help="The upstream: kie.ai, or the legacy remix relay (which takes an image file only).",
 )
-@click.option("--image-url", help="http(s) URL of the source image (kie).")
+@click.option("--image-url", help="http(s) URL of the source image.")
+@click.option(
+    "--image-file",
+    metavar="PATH",
+    help="The source image as a local JPEG, PNG or WebP file (<= 10 MB), instead of --image-url.",
+)
 @click.option(
     "--reference-image-url",
     "reference_image_urls",
     multiple=True,
     help="http(s) URL of the character reference image (kie; repeatable; the first is used).",
+)
+@click.option(
+    "--reference-image-file",
+    "reference_image_files",
+    multiple=True,
+    metavar="PATH",
+    help="A character reference image as a local file (repeatable; after the URLs).",
 )
 @click.option(
     "--set",
@@ -357,7 +374,9 @@ def submit(
     prompt: str,
     provider: str,
     image_url: str | None,
+    image_file: str | None,
     reference_image_urls: tuple[str, ...],
+    reference_image_files: tuple[str, ...],
     assignments: tuple[str, ...],
     idempotency_key: str | None,
     notify_url: str | None,
@@ -365,9 +384,15 @@ def submit(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Validate and enqueue one remix job; print its id (or its record with --json)."""
+    """Validate and enqueue one remix job; print its id (or its record with --json).
+
+    The source image is --image-url or --image-file; give at least one reference
+    (--reference-image-url, --reference-image-file). Files are read and checked here.
+    """
     fields = parse_assignments(assignments)
-    _require_url_options(provider, image_url, reference_image_urls)
+    _require_image_options(
+        provider, image_url, image_file, reference_image_urls, reference_image_files
+    )
     with redis_errors():
         try:
             job_id = enqueue_remix(
@@ -377,10 +402,14 @@ def submit(
                 idempotency_key=idempotency_key,
                 notify_url=notify_url,
                 provider=provider,
+                image_file=image_file,
+                reference_image_files=list(reference_image_files) or None,
                 **fields,
             )
         except InvalidRequestError as exc:
             raise BadInput(str(exc)) from None
+        except (BlobStoreFull, BlobStoreError) as exc:
+            raise CliError(str(exc)) from None
         if not as_json:
             click.echo(job_id)
         if wait:
@@ -389,18 +418,21 @@ def submit(
             click.echo(record_json(_existing(job_id)))
 
 
-def _require_url_options(
-    provider: str, image_url: str | None, reference_image_urls: tuple[str, ...]
+def _require_image_options(
+    provider: str,
+    image_url: str | None,
+    image_file: str | None,
+    reference_image_urls: tuple[str, ...],
+    reference_image_files: tuple[str, ...],
 ) -> None:
-    """kie.ai jobs name their images by URL: say which option is missing, as click would."""
+    """kie.ai jobs need one source image and a reference, each as a URL or a file; the
+    relay's own checks (image file only) come from its request model."""
     if provider != PROVIDER:
         return
-    for option, given in (
-        ("--image-url", image_url),
-        ("--reference-image-url", reference_image_urls),
-    ):
-        if not given:
-            raise BadInput(f"missing option {option} (required for provider {PROVIDER})")
+    if (image_url is None) == (image_file is None):
+        raise BadInput("give exactly one of --image-url and --image-file")
+    if not reference_image_urls and not reference_image_files:
+        raise BadInput("give at least one --reference-image-url or --reference-image-file")
 
 
 def _existing(job_id: str) -> JobRecord:

@@ -261,6 +261,7 @@ def _worker_env(redis_url: str, sandbox_url: str) -> dict[str, str]:
         "RESULT_BACKEND_URL": redis_url,
         "KIE_API_KEY": DEFAULT_API_KEY,
         "KIE_BASE_URL": sandbox_url,
+        "KIE_UPLOAD_BASE_URL": sandbox_url,
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
         **WORKER_SETTINGS,

@@ -1,6 +1,7 @@
 """The HTTP app other services use: ``uvicorn producers.http:app`` (the Procfile's ``api:``).
 
-Routes: the jobs (:mod:`producers.http_jobs`), the upstream's callbacks
+Routes: the jobs (:mod:`producers.http_jobs`, files as multipart uploads in
+:mod:`producers.http_uploads`), the upstream's callbacks
 (:mod:`producers.http_callbacks`), ``GET /healthz`` and ``GET /metrics``; the OpenAPI
 document at ``/openapi.json`` (viewer at ``/docs``).
 
@@ -40,6 +41,7 @@ from producers.http_callbacks import router as callbacks_router
 from producers.http_guard import GuardMiddleware
 from producers.http_jobs import ErrorResponse, bearer
 from producers.http_jobs import router as jobs_router
+from producers.http_uploads import router as uploads_router
 from producers.longpoll import FinishedWatch
 from producers.metrics_export import LIVE_WORKER_S, fleet_registry
 from worker import keys
@@ -176,6 +178,7 @@ app = FastAPI(
 )
 app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_tokens())
 app.include_router(jobs_router)
+app.include_router(uploads_router)
 app.include_router(callbacks_router)
 
 

@@ -11,7 +11,8 @@ its route's cap is refused with ``413`` after at most cap + one chunk was read.
 * Caps are sized for the largest *legal* request as a JSON encoder may write it: a
   5,000-character prompt of emoji written as ``\\ud83d\\ude00`` escapes is 60 KB, its
   negative prompt 6 KB more, so one job may have :data:`JOB_BODY_MAX` and a batch of
-  1,000 such requests :data:`BATCH_BODY_MAX`. The callback route caps its own body
+  1,000 such requests :data:`BATCH_BODY_MAX`; the upload route, which carries image
+  files, :data:`UPLOAD_BODY_MAX`. The callback route caps its own body
   (``KIE_CALLBACK_MAX_BYTES``).
 
 The routes declare the bearer scheme too (``HTTPBearer(auto_error=False)``), so the OpenAPI
@@ -33,6 +34,10 @@ logger = logging.getLogger("producers.http")
 JOB_BODY_MAX = 96 * 1024
 #: Largest body of ``POST /v1/jobs:batch`` (1,000 requests of the worst legal case).
 BATCH_BODY_MAX = 72 * 1024 * 1024
+#: Largest body of ``POST /v1/jobs:upload``: a source image and a few references of up to
+#: 10 MB each would not fit all at once; three of them with the form's overhead do. The
+#: guard holds the body in memory before the route runs, so this bounds a request's memory.
+UPLOAD_BODY_MAX = 32 * 1024 * 1024
 #: Largest body of any other route (none of them reads one).
 OTHER_BODY_MAX = 4 * 1024
 #: At most this much of a refused body is read (and dropped) before the 413 goes out.
@@ -40,7 +45,11 @@ DRAIN_MAX = 32 * 1024 * 1024
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 #: Routes under this prefix authenticate themselves and cap their own bodies.
 SELF_GUARDED_PREFIX = "/v1/callbacks/"
-BODY_CAPS = {("POST", "/v1/jobs"): JOB_BODY_MAX, ("POST", "/v1/jobs:batch"): BATCH_BODY_MAX}
+BODY_CAPS = {
+    ("POST", "/v1/jobs"): JOB_BODY_MAX,
+    ("POST", "/v1/jobs:batch"): BATCH_BODY_MAX,
+    ("POST", "/v1/jobs:upload"): UPLOAD_BODY_MAX,
+}
 
 
 def body_cap(method: str, path: str) -> int | None:

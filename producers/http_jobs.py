@@ -21,6 +21,7 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from producers.api import (
@@ -35,7 +36,16 @@ from producers.api import (
 from producers.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
 from worker import keys
 from worker.jobstore import NOTIFY_URL_FIELD, REQUEST_FIELD
-from worker.models import InvalidRequestError, JobRecord, JobState, RemixRequest
+from worker.models import (
+    FILE_FIELDS,
+    PROVIDER,
+    PROVIDERS,
+    HttpUrl,
+    InvalidRequestError,
+    JobRecord,
+    JobState,
+    RemixRequest,
+)
 from worker.runtime import services
 from worker.settings import get_settings
 from worker.webhook_urls import MAX_URL_CHARS
@@ -45,6 +55,10 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_CURSOR_CHARS = 512
 MAX_JOB_ID_CHARS = 200
+#: The route that takes source images as files.
+UPLOAD_ROUTE = "/v1/jobs:upload"
+#: Upstreams whose source image can only be a file (refused by the JSON route).
+FILE_ONLY_PROVIDERS = ("ideogram-remix",)
 
 #: Documents the bearer scheme in the OpenAPI document; the check is in
 #: :mod:`producers.http_guard`, before the body is read.
@@ -137,11 +151,41 @@ class JobRequest(RemixRequest):
             raise ValueError(str(exc).removeprefix("invalid request: notify_url: ")) from None
         return value
 
+    # JSON takes URLs only: files come as multipart uploads (POST /v1/jobs:upload).
+    image_url: HttpUrl
+    reference_image_urls: list[HttpUrl] = Field(min_length=1)
+    image_file: SkipJsonSchema[None] = None  # type: ignore[assignment]
+    reference_image_files: SkipJsonSchema[None] = None  # type: ignore[assignment]
+
+    @field_validator(*FILE_FIELDS, mode="before")
+    @classmethod
+    def _no_files(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"files are taken by POST {UPLOAD_ROUTE} (multipart/form-data)")
+        return value
+
     def payload(self) -> dict[str, Any]:
         """The createTask input, exactly as ``enqueue_remix`` stores it."""
         return self.model_dump(
-            mode="json", exclude_none=True, exclude={"idempotency_key", "notify_url"}
+            mode="json", exclude_none=True, exclude={"idempotency_key", "notify_url", "provider"}
         )
+
+
+class OneJobRequest(JobRequest):
+    """A remix request of ``POST /v1/jobs``: a :class:`JobRequest` and its upstream."""
+
+    provider: str = Field(
+        PROVIDER, description=f"The upstream the job is sent to: {', '.join(PROVIDERS)}."
+    )
+
+    @field_validator("provider")
+    @classmethod
+    def _takes_urls(cls, value: str) -> str:
+        if value not in PROVIDERS:
+            raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+        if value in FILE_ONLY_PROVIDERS:
+            raise ValueError(f"{value} takes its source image as a file: use POST {UPLOAD_ROUTE}")
+        return value
 
 
 class BatchRequest(BaseModel):
@@ -209,15 +253,27 @@ def _decoded(raw: Any) -> Any:
 
 
 def _enqueue_one(
-    payload: dict[str, Any], key: str | None, notify: str | None
+    payload: dict[str, Any], key: str | None, notify: str | None, provider: str = PROVIDER
 ) -> tuple[JobRecord, bool]:
-    job_id, created = enqueue_validated(payload, key, notify)
+    job_id, created = enqueue_validated(payload, key, notify, provider=provider)
     if not created and _stored([job_id])[0] != (payload, notify):
         raise IdempotencyConflict([0], job_id)
     record = services().store.get(job_id)
     if record is None:  # the key outlived its job's record: it cannot be used again yet
         raise IdempotencyConflict([0], job_id)
     return record, created
+
+
+#: The ``Idempotency-Key`` header of the enqueue routes.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        description="Same as the request's `idempotency_key` (they must agree).",
+    ),
+]
 
 
 @router.post(
@@ -231,22 +287,12 @@ def _enqueue_one(
     },
 )
 async def create_job(
-    body: JobRequest,
-    response: Response,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=MAX_IDEMPOTENCY_KEY_CHARS,
-            description="Same as the body's `idempotency_key` (they must agree).",
-        ),
-    ] = None,
+    body: OneJobRequest, response: Response, idempotency_key: IdempotencyKeyHeader = None
 ) -> JobRecord:
     key = _one_key(body.idempotency_key, idempotency_key)
     try:
         record, created = await run_in_threadpool(
-            _enqueue_one, body.payload(), key, body.notify_url
+            _enqueue_one, body.payload(), key, body.notify_url, body.provider
         )
     except IdempotencyConflict as exc:
         raise HTTPException(

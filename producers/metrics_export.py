@@ -39,6 +39,7 @@ LIVE_WORKER_S = 3 * HEARTBEAT_S
 LABEL_NAMES = {
     "create_task_total": "code",
     "record_info_total": "code",
+    "upload_total": "code",
     "jobs_finished_total": "outcome",
     "pauses_total": "reason",
     "callbacks_total": "outcome",
@@ -50,6 +51,7 @@ DEFAULT_LABEL_NAME = "label"
 HELP = {
     "create_task_total": "createTask answers by code (429: rate limited upstream)",
     "record_info_total": "recordInfo answers (polls) by code",
+    "upload_total": "File Upload answers (source images given as files) by code",
     "jobs_finished_total": "Jobs finished, by outcome (succeeded, or the fail code)",
     "retries_total": "createTask retries after a retryable error",
     "pauses_total": "Submission pauses of an API key, by reason",

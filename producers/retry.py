@@ -50,6 +50,7 @@ SKIP_REASONS = {
         "--force retries it anyway"
     ),
     "no_request": "its request is not stored",
+    "files": "its source images were files, deleted when it finished: submit it again",
     "invalid_request": "its request is no longer valid",
     "invalid_notify_url": "its notify_url is refused by the current settings",
 }
@@ -143,9 +144,12 @@ def _retry(job_id: str, force: bool, record: JobRecord | None) -> tuple[str, boo
         raise JobNotRetryable(job_id, "no_request")
     notify_url = store.get_internal(job_id, NOTIFY_URL_FIELD)
     try:
-        payload = validate_request(raw, record.provider).upstream_input()
+        request = validate_request(raw, record.provider)
     except InvalidRequestError as exc:
         raise JobNotRetryable(job_id, "invalid_request", str(exc)) from None
+    if request.files():
+        raise JobNotRetryable(job_id, "files")
+    payload = request.upstream_input()
     try:
         check_notify_url(notify_url, allow_private=services().settings.remix_notify_allow_private)
     except InvalidRequestError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import hmac
 import json
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from sandbox.callbacks import Callback, Outcome
 from sandbox.config import Endpoint, FaultStyle, SandboxConfig, describe_error
 from sandbox.images import render_png
+from sandbox.multipart import MultipartError, Part, parse_form
 from sandbox.pages import TOO_MANY_REQUESTS, html_page, is_html_page, text_page
 from sandbox.relay import (
     RELAY_MODEL,
@@ -42,6 +44,7 @@ from sandbox.validation import (
     peek_prompt,
     validate_create_body,
 )
+from worker.images import sniff_image_type
 
 CREATE_PATH = "/api/v1/jobs/createTask"
 RECORD_PATH = "/api/v1/jobs/recordInfo"
@@ -51,6 +54,8 @@ STATS_PATH = "/_sandbox/stats"
 RESET_PATH = "/_sandbox/reset"
 HEALTH_PATH = "/healthz"
 FILE_PATH = re.compile(r"/files/(?P<task_id>[^/]+)/(?P<index>\d+)\.png")
+UPLOAD_PATH = "/api/file-stream-upload"
+UPLOADED_PATH = re.compile(r"/uploads/(?P<upload_id>[0-9a-f]+)/(?P<name>[^/]+)")
 
 JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
@@ -180,6 +185,11 @@ def _success(data: Any) -> Reply:
     return json_reply(OK, _envelope(data))
 
 
+def _form_text(form: dict[str, list[Part]], name: str) -> str:
+    parts = form.get(name) or []
+    return parts[0].data.decode("utf-8", "replace") if parts else ""
+
+
 def _count(counter: Counter[int], reply: Reply) -> None:
     """Count the reply's code (resets have none)."""
     if reply.code is not None:
@@ -198,11 +208,14 @@ class SandboxApi:
         self._stats = Stats()
         self._window = SlidingWindow()
         self._callbacks_due: list[tuple[float, str]] = []
+        #: Uploaded files by id: ``(file name, bytes, content type)``.
+        self._uploads: dict[str, tuple[str, bytes, str]] = {}
         self.base_url = ""
         self._routes: dict[tuple[str, str], Callable[[Request], Reply]] = {
             ("POST", CREATE_PATH): self._create_task,
             ("GET", RECORD_PATH): self._record_info,
             ("GET", CREDIT_PATH): self._credit,
+            ("POST", UPLOAD_PATH): self._upload,
             ("GET", CONFIG_PATH): lambda _request: json_reply(OK, self.config_json()),
             ("POST", CONFIG_PATH): self._configure,
             ("GET", STATS_PATH): lambda _request: json_reply(OK, self.stats()),
@@ -244,6 +257,7 @@ class SandboxApi:
         with self._lock:
             self._tasks.clear()
             self._callbacks_due.clear()
+            self._uploads.clear()
             self._window.clear()
             self._stats = Stats()
 
@@ -261,6 +275,9 @@ class SandboxApi:
         status_match = STATUS_PATH.fullmatch(request.path)
         if request.method == "GET" and status_match is not None:
             return self._relay_status(request, status_match.group("task_id"))
+        uploaded_match = UPLOADED_PATH.fullmatch(request.path)
+        if request.method == "GET" and uploaded_match is not None:
+            return self._uploaded(uploaded_match)
         return json_reply(NOT_FOUND, {"code": NOT_FOUND, "msg": "not found"})
 
     def due_callbacks(self, now: float) -> list[Callback]:
@@ -315,6 +332,50 @@ class SandboxApi:
             credits = self._config.credits
             balance = UNLIMITED_CREDITS if credits is None else credits
             return self._maintenance_error() or self._auth_error(request) or _success(balance)
+
+    def _upload(self, request: Request) -> Reply:
+        with self._lock:
+            self._stats.upload_requests += 1
+            reply = self._guarded("upload", request, lambda: self._store_upload(request))
+            _count(self._stats.upload_by_code, reply)
+        return reply
+
+    def _store_upload(self, request: Request) -> Reply:
+        """The File Upload API: a multipart ``file``, ``uploadPath`` and ``fileName``."""
+        try:
+            form = parse_form(request.content_type, request.body)
+        except MultipartError as exc:
+            return self._error(422, str(exc))
+        files = form.get("file") or []
+        if len(files) != 1 or not files[0].data:
+            return self._error(422, "exactly one non-empty file part is required")
+        content_type = sniff_image_type(files[0].data)
+        if content_type is None:
+            return self._error(422, "file is not a JPEG, PNG or WebP image")
+        names = form.get("fileName") or []
+        name = names[0].data.decode("utf-8", "replace") if names else files[0].filename or ""
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "upload"
+        upload_id = secrets.token_hex(8)
+        self._uploads[upload_id] = (name, files[0].data, content_type)
+        self._stats.uploaded_sha256.append(hashlib.sha256(files[0].data).hexdigest())
+        url = f"{self.base_url}/uploads/{upload_id}/{name}"
+        return _success(
+            {
+                "fileName": name,
+                "filePath": f"{_form_text(form, 'uploadPath')}/{name}",
+                "downloadUrl": url,
+                "fileSize": len(files[0].data),
+                "mimeType": content_type,
+                "uploadedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+
+    def _uploaded(self, match: re.Match[str]) -> Reply:
+        with self._lock:
+            found = self._uploads.get(match.group("upload_id"))
+        if found is None or found[0] != match.group("name"):
+            return json_reply(NOT_FOUND, {"code": NOT_FOUND, "msg": "file not found"})
+        return Reply(OK, found[1], found[2])
 
     def _configure(self, request: Request) -> Reply:
         parsed, patch = _parse_json(request.body)

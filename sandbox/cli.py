@@ -205,7 +205,8 @@ def sandbox_command(host: str, port: int, **settings: Any) -> None:
     )
     key_hint = config.api_key if config.api_key == DEFAULT_API_KEY else "<your --api-key>"
     click.echo(
-        f"kie.ai sandbox on {server.url} - use KIE_BASE_URL={server.url} KIE_API_KEY={key_hint}"
+        f"kie.ai sandbox on {server.url} - use KIE_BASE_URL={server.url} "
+        f"KIE_UPLOAD_BASE_URL={server.url} KIE_API_KEY={key_hint}"
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

@@ -11,9 +11,10 @@ from worker.settings import parse_rate_limit
 
 FaultCode = Literal[429, 455, 500]
 FaultStyle = Literal["http", "body", "page", "mixed"]
-#: ``remix`` and ``remixStatus`` are the legacy remix relay's request and status.
-Endpoint = Literal["createTask", "recordInfo", "remix", "remixStatus"]
-ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo", "remix", "remixStatus")
+#: ``remix`` and ``remixStatus`` are the legacy remix relay's request and status;
+#: ``upload`` is the File Upload API.
+Endpoint = Literal["createTask", "recordInfo", "remix", "remixStatus", "upload"]
+ALL_ENDPOINTS: tuple[Endpoint, ...] = ("createTask", "recordInfo", "remix", "remixStatus", "upload")
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 DEFAULT_API_KEY = "sk-sandbox"
@@ -30,9 +31,9 @@ class SandboxConfig(BaseModel):
     ``trickle_rate``) hit only the endpoints named in ``fault_endpoints``; ``drop_rate`` and
     ``gateway_rate``
     hits accepted createTask (and relay remix) requests whatever ``fault_endpoints`` says;
-    ``maintenance`` hits createTask, recordInfo, the credit endpoint and the relay.
-    ``retry_after``, when set, is the ``Retry-After`` header of every 429 answer, sent
-    verbatim (it overrides ``retry_after_header``).
+    ``maintenance`` hits createTask, recordInfo, the file upload, the credit endpoint and
+    the relay. ``retry_after``, when set, is the ``Retry-After`` header of every 429
+    answer, sent verbatim (it overrides ``retry_after_header``).
     """
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")

@@ -125,6 +125,10 @@ class Stats:
     callbacks_failed: int = 0
     callbacks_refused: int = 0
     auth_headers_seen_invalid: int = 0
+    upload_requests: int = 0
+    upload_by_code: Counter[int] = field(default_factory=Counter)
+    #: The sha256 of every file stored by the upload endpoint, in order.
+    uploaded_sha256: list[str] = field(default_factory=list)
     accepted_at: list[float] = field(default_factory=list)
     create_requests_by_prompt: Counter[str] = field(default_factory=Counter)
     accepted_by_prompt: Counter[str] = field(default_factory=Counter)

@@ -99,6 +99,7 @@ def worker_env(sandbox_url: str, **overrides: str) -> dict[str, str]:
         RESULT_BACKEND_URL=TEST_REDIS_URL,
         KIE_API_KEY=SECRET_API_KEY,
         KIE_BASE_URL=sandbox_url,
+        KIE_UPLOAD_BASE_URL=sandbox_url,
         **FAST_SETTINGS,
     )
     env.pop("KIE_CALLBACK_URL", None)

@@ -63,6 +63,7 @@ def make_services(
         "redis_url": POLICY_REDIS_URL,
         "result_backend_url": POLICY_REDIS_URL,
         "kie_base_url": upstream_url,
+        "kie_upload_base_url": upstream_url,
         "kie_api_key": API_KEY,
         **FAST,
         **overrides,

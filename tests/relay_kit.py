@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from producers.api import enqueue_validated
-from worker.blobs import BlobRef
+from worker.blobs import BlobRef, put
 from worker.models import validate_request
 from worker.runtime import Services
 
@@ -26,7 +26,7 @@ def png_bytes(colour: tuple[int, int, int] = (200, 40, 90)) -> bytes:
 
 def relay_payload(svc: Services, prompt: str, **fields: Any) -> tuple[dict[str, Any], BlobRef]:
     """A validated relay request whose source image is stored in ``svc.blobs``."""
-    ref = svc.blobs.put(png_bytes(), "image/png", "src.png")
+    ref = put(svc.blobs, png_bytes(), "image/png", "src.png")
     data = {"prompt": prompt, "image_file": ref.model_dump(), **fields}
     return validate_request(data, RELAY).upstream_input(), ref
 

@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from producers.cli import BadInput, parse_assignment, parse_assignments, parse_batch
+from sandbox.images import render_png
 from sandbox.launch import free_port
 from tests.helpers import empty_database
 
@@ -240,7 +241,7 @@ def test_batch_reports_every_bad_line(cli_redis: redis.Redis, tmp_path: Path) ->
     ]
     assert all(line.startswith("error: line ") for line in lines)
     assert "colour: is not a known input field" in lines[2]
-    assert "image_url: Field required" in lines[3]
+    assert "give exactly one of image_url and image_file" in lines[3]
     assert enqueued(cli_redis) == (0, set())
 
 
@@ -422,3 +423,52 @@ def test_the_demo_never_prints_a_redis_password() -> None:
     assert "Pw" not in shown and "9x" not in shown
     assert shown == "redis://:***@127.0.0.1:6379/0"
     assert shown_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_submit_with_image_files_enqueues_references_not_bytes(
+    cli_redis: redis.Redis, tmp_path: Path
+) -> None:
+    image = render_png("cli-file", 0, "cli file", "square")
+    (tmp_path / "base.png").write_bytes(image)
+    (tmp_path / "ref.txt").write_bytes(image)  # a PNG by content, whatever its name
+
+    result = remixq(
+        "submit",
+        "--prompt",
+        "x",
+        "--image-file",
+        str(tmp_path / "base.png"),
+        "--reference-image-file",
+        str(tmp_path / "ref.txt"),
+    )
+
+    assert result.returncode == 0, result.stderr
+    [(_headers, kwargs)] = submit_messages(cli_redis)
+    request = kwargs["request"]
+    assert request["image_file"]["name"] == "base.png"
+    assert [r["name"] for r in request["reference_image_files"]] == ["ref.png"]
+    assert "image_url" not in request and "reference_image_urls" not in request
+    blob = cli_redis.get(f"remixq:blob:{request['image_file']['blob']}")
+    assert blob == image
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--image-file", "{missing}"], ["image_file: no such file"]),
+        (["--image-file", "{text}"], ["image_file: not a JPEG, PNG or WebP image"]),
+        (["--image-file", "{dir}"], ["image_file", "not a regular file"]),
+        (["--image-url", IMAGE, "--image-file", "{text}"], ["exactly one of --image-url"]),
+    ],
+)
+def test_a_bad_image_file_exits_2_with_one_line_and_writes_nothing(
+    cli_redis: redis.Redis, tmp_path: Path, args: list[str], expected: list[str]
+) -> None:
+    (tmp_path / "notes.png").write_text("not an image")
+    where = {"missing": tmp_path / "nope.png", "text": tmp_path / "notes.png", "dir": tmp_path}
+    filled = [arg.format(**where) for arg in args]
+
+    result = remixq("submit", "--prompt", "x", *filled, "--reference-image-url", REFERENCE)
+
+    assert_refused(result, *expected)
+    assert enqueued(cli_redis) == (0, set()) and not list(cli_redis.scan_iter("remixq:blob:*"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -19,7 +21,6 @@ from tests.test_cli import (
     remixq,
     submit_messages,
 )
-from worker.blobs import RedisBlobStore
 from worker.jobstore import decode_text
 
 
@@ -30,16 +31,17 @@ def cli_redis() -> Iterator[redis.Redis]:
         yield client
 
 
-def test_a_relay_job_is_enqueued_with_its_provider(cli_redis: redis.Redis) -> None:
-    ref = RedisBlobStore(cli_redis, ttl_s=600).put(png_bytes(), "image/png", "src.png")
+def test_a_relay_job_is_enqueued_with_its_provider(cli_redis: redis.Redis, tmp_path: Path) -> None:
+    image = tmp_path / "src.png"
+    image.write_bytes(png_bytes())
     result = remixq(
         "submit",
         "--provider",
         RELAY,
         "--prompt",
         "a knight",
-        "--set",
-        f"image_file={json.dumps(ref.model_dump())}",
+        "--image-file",
+        str(image),
         "--set",
         "model=V_1_TURBO",
     )
@@ -47,7 +49,9 @@ def test_a_relay_job_is_enqueued_with_its_provider(cli_redis: redis.Redis) -> No
     job_id = result.stdout.strip()
     ((_, kwargs),) = submit_messages(cli_redis)
     assert kwargs["provider"] == RELAY and kwargs["job_id"] == job_id
-    assert kwargs["request"]["image_file"] == ref.model_dump()
+    sent = kwargs["request"]["image_file"]
+    assert sent["sha256"] == hashlib.sha256(png_bytes()).hexdigest()
+    assert sent["content_type"] == "image/png" and sent["name"] == "src.png"
     record = {
         decode_text(k): decode_text(v) for k, v in cli_redis.hgetall(f"remixq:job:{job_id}").items()
     }

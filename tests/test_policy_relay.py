@@ -21,6 +21,7 @@ from sandbox.server import SandboxServer
 from tests.policy_kit import API_KEY, make_services, new_job, sent, token_of
 from tests.relay_kit import RELAY, RELAY_API_KEY, new_relay_job
 from worker import keys
+from worker.blobs import put
 from worker.errors import UnexpectedCodeError
 from worker.models import JobState
 from worker.poll_policy import poll_step
@@ -221,7 +222,7 @@ def test_a_sync_read_timeout_fails_unknown_outcome_after_one_request(
 
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "unknown_outcome"
-    assert record.unknown_outcomes == 1 and "retry --force" in (record.fail_msg or "")
+    assert record.unknown_outcomes == 1 and "submit it again" in (record.fail_msg or "")
     assert submit_step(svc, job_id, token_of(svc, job_id)) == "finished"
     time.sleep(2.0)  # the relay finishes generating; nothing is sent again
     assert relay_sent(relay_upstream, prompt) == 1
@@ -254,7 +255,7 @@ def test_the_relay_refuses_aspect_ratio_with_resolution(
     """The model refuses it at enqueue; the relay itself too, as a permanent error."""
     from tests.relay_kit import png_bytes
 
-    ref = rsvc.blobs.put(png_bytes(), "image/png", "src.png")
+    ref = put(rsvc.blobs, png_bytes(), "image/png", "src.png")
     both = {"prompt": "both", "aspect_ratio": "ASPECT_1_1", "resolution": "RESOLUTION_1024_1024"}
     with pytest.raises(UnexpectedCodeError) as caught:
         rsvc.relay_client().remix(both, png_bytes(), ref)

@@ -141,18 +141,18 @@ def test_an_unknown_provider_is_one_line_naming_the_known_ones() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         validate_request({"prompt": "a cat"}, "midjourney")
     assert str(caught.value) == (
-        "invalid request: provider must be one of kie, ideogram-remix, not 'midjourney'"
+        "invalid request: provider: must be one of kie, ideogram-remix, not 'midjourney'"
     )
 
 
 def test_the_kie_model_still_refuses_relay_fields() -> None:
-    with pytest.raises(InvalidRequestError, match="image_file: is not a known input field"):
+    with pytest.raises(InvalidRequestError, match="image_weight: is not a known input field"):
         validate_request(
             {
                 "prompt": "a",
                 "image_url": "https://e.test/a.png",
                 "reference_image_urls": ["https://e.test/b.png"],
-                "image_file": REF,
+                "image_weight": 50,
             }
         )
 

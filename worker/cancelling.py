@@ -2,7 +2,8 @@
 
 The decision is ``cancel.lua``'s (one atomic step on the job store, against the same
 fields the submit claim reads). A job cancelled while it held a spend-cap reservation
-never sends, so the reservation goes back to its key's log. That log is in the broker's
+never sends, so the reservation goes back to its key's log, and its source files leave
+the blob store. That log is in the broker's
 Redis (perhaps another server), so this is a second step; reservation ids are unique, so
 each known key's log is asked. Best effort: a reservation left behind only makes the
 fleet spend less.
@@ -16,6 +17,7 @@ import redis
 
 from worker import keys
 from worker.jobstore import SPEND_FIELD
+from worker.outcome import delete_blobs
 from worker.runtime import Services, known_api_keys
 
 
@@ -24,6 +26,7 @@ def cancel(svc: Services, job_id: str) -> str:
     outcome = svc.store.cancel(job_id)
     if outcome == "cancelled":
         give_back_spend(svc, job_id)
+        delete_blobs(svc, job_id)
     return outcome
 
 

@@ -129,6 +129,14 @@ class IdeogramRemixRequest(BaseModel):
             raise ValueError("aspect_ratio and resolution cannot be given together")
         return self
 
+    def files(self) -> list[BlobRef]:
+        """The source images given as files: the one image."""
+        return [self.image_file]
+
+    def stored(self) -> dict[str, Any]:
+        """The request as a job keeps it (the same as :meth:`upstream_input`)."""
+        return self.upstream_input()
+
     def upstream_input(self) -> dict[str, Any]:
         """The stored request: the ``image_request`` fields and the ``image_file`` reference."""
         return self.model_dump(mode="json", exclude_none=True)

@@ -29,14 +29,17 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
-def load_image(source: str | os.PathLike[str] | bytes, field: str) -> tuple[bytes, str, str]:
+def load_image(
+    source: str | os.PathLike[str] | bytes, field: str, name: str | None = None
+) -> tuple[bytes, str, str]:
     """Read and check one source image; returns ``(bytes, content_type, file_name)``.
 
-    ``source`` is a path (read here, in the producer) or the bytes themselves. Raises
-    :class:`~worker.models.InvalidRequestError` with one line naming ``field``.
+    ``source`` is a path (read here, in the producer) or the bytes themselves; ``name``
+    (say, an uploaded file's name) gives bytes a file name stem other than ``image``.
+    Raises :class:`~worker.models.InvalidRequestError` with one line naming ``field``.
     """
     if isinstance(source, bytes | bytearray | memoryview):
-        data, name = bytes(source), "image"
+        data, name = bytes(source), Path(name or "image").stem
     elif isinstance(source, str | os.PathLike):
         data, name = _read_file(Path(source), field), Path(source).stem or "image"
     else:

@@ -44,6 +44,8 @@ REFUSED_402_FIELD = "_refused_402"
 NOTIFY_URL_FIELD = "_notify_url"
 #: The images a relay answered at once, kept until the job has finished with them.
 RELAY_RESULTS_FIELD = "_relay_results"
+#: Source files already uploaded for the job: ``{blob id: {"url": ..., "uploaded_at": ...}}``.
+UPLOADS_FIELD = "_uploads"
 #: What a cancelled job's ``fail_msg`` says.
 CANCELLED_MESSAGE = "cancelled before it was sent upstream"
 
@@ -99,6 +101,7 @@ class Job:
     holds: int
     last_error: dict[str, Any] | None
     refused_402: int
+    uploads: dict[str, Any]
 
     @property
     def job_id(self) -> str:
@@ -117,6 +120,7 @@ class Job:
             holds=int(fields.get(HOLDS_FIELD) or 0),
             last_error=fields.get(LAST_ERROR_FIELD),
             refused_402=int(fields.get(REFUSED_402_FIELD) or 0),
+            uploads=dict(fields.get(UPLOADS_FIELD) or {}),
         )
 
 
@@ -276,6 +280,11 @@ class JobStore:
         if job.idempotency_key is not None:
             job_keys.append(keys.idempotency(job.idempotency_key))
         return job_keys, [job.job_id, self.ttl_s, due_in, *_encode(fields)]
+
+    def idempotency_owner(self, key: str) -> str | None:
+        """The id of the job ``key`` already names, if any (what ``create`` would answer)."""
+        owner = self.redis.get(keys.idempotency(key))
+        return None if owner is None else decode_text(owner)
 
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""

@@ -138,3 +138,9 @@ def blob(blob_id: str) -> str:
 #: Sorted set of succeeded jobs whose result images are to be archived, scored by when
 #: their next try is due (``REMIX_ARCHIVE_URL``; :mod:`worker.archive_schedule`).
 ARCHIVE_SCHEDULE = PREFIX + "archive"
+#: Sorted set of the stored blobs' ids, scored by when they expire (Redis clock).
+BLOB_EXPIRIES = PREFIX + "blobs:expiries"
+#: Hash: blob id -> its size in bytes (the blobs counted in :data:`BLOB_BYTES`).
+BLOB_SIZES = PREFIX + "blobs:sizes"
+#: The total bytes of the stored blobs, which ``REMIX_BLOB_MAX_BYTES`` caps.
+BLOB_BYTES = PREFIX + "blobs:bytes"

@@ -22,8 +22,10 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    model_validator,
 )
 
+from worker.blobs import BlobRef
 from worker.fields import not_a_boolean, not_blank
 from worker.ideogram_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
 from worker.ideogram_models import PROVIDER as IDEOGRAM_PROVIDER
@@ -80,8 +82,13 @@ class RemixRequest(BaseModel):
     prompt: Annotated[str, AfterValidator(not_blank)] = Field(
         min_length=1, max_length=MAX_PROMPT_CHARS
     )
-    image_url: HttpUrl
-    reference_image_urls: list[HttpUrl] = Field(min_length=1)
+    #: The source image: a URL, or a file a producer stored (``image_file``), not both.
+    image_url: HttpUrl | None = None
+    reference_image_urls: list[HttpUrl] | None = Field(None, min_length=1)
+    #: Source images given as files (kept in the blob store; never sent as such: the
+    #: worker uploads them and sends the URLs, see :meth:`upstream_input`).
+    image_file: BlobRef | None = None
+    reference_image_files: list[BlobRef] | None = Field(None, min_length=1)
     rendering_speed: Literal["TURBO", "BALANCED", "QUALITY"] | None = None
     style: Literal["AUTO", "REALISTIC", "FICTION"] | None = None
     expand_prompt: StrictBool | None = None
@@ -111,9 +118,47 @@ class RemixRequest(BaseModel):
     image_urls: list[HttpUrl] | None = Field(None, min_length=1)
     reference_mask_urls: HttpUrl | None = None
 
-    def upstream_input(self) -> dict[str, Any]:
-        """The createTask ``input``: only the fields that were given."""
+    @model_validator(mode="after")
+    def _one_source_and_a_reference(self) -> RemixRequest:
+        if (self.image_url is None) == (self.image_file is None):
+            raise ValueError("give exactly one of image_url and image_file")
+        if not (self.reference_image_urls or self.reference_image_files):
+            raise ValueError(
+                "give at least one reference image (reference_image_urls or reference_image_files)"
+            )
+        return self
+
+    def files(self) -> list[BlobRef]:
+        """The source images given as files: ``image_file`` first, then the references."""
+        return [
+            *([self.image_file] if self.image_file else []),
+            *(self.reference_image_files or []),
+        ]
+
+    def stored(self) -> dict[str, Any]:
+        """The request as a job keeps it: the given fields, files as blob references."""
         return self.model_dump(mode="json", exclude_none=True)
+
+    def upstream_input(self, uploaded: dict[str, str] | None = None) -> dict[str, Any]:
+        """The createTask ``input``: only the fields that were given, never a file.
+
+        ``uploaded`` maps each file's blob id to the URL it was uploaded to; a file's URL
+        takes its place (``image_url``, and the reference URLs given first, then the
+        reference files, each in the order given). Raises ``KeyError`` for a file not
+        uploaded.
+        """
+        data = self.model_dump(
+            mode="json", exclude_none=True, exclude={"image_file", "reference_image_files"}
+        )
+        urls = uploaded or {}
+        if self.image_file is not None:
+            data["image_url"] = urls[self.image_file.blob]
+        if self.reference_image_files:
+            data["reference_image_urls"] = [
+                *(self.reference_image_urls or []),
+                *(urls[ref.blob] for ref in self.reference_image_files),
+            ]
+        return data
 
 
 #: The request model of each provider.
@@ -152,6 +197,18 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+#: The request fields naming files in the blob store, set only by a producer that read them.
+FILE_FIELDS = ("image_file", "reference_image_files")
+
+
+def refuse_file_fields(data: Any, instead: str) -> None:
+    """Refuse a request that names blobs itself (JSON bodies, batch lines): files come only
+    through a producer that reads them (``instead`` names how)."""
+    given = [name for name in FILE_FIELDS if isinstance(data, dict) and name in data]
+    if given:
+        raise InvalidRequestError(f"invalid request: {given[0]}: files are taken by {instead}")
+
+
 def validate_request(data: Any, provider: str = PROVIDER) -> RemixRequest | IdeogramRemixRequest:
     """Validate a request dict for ``provider``'s model, raising :class:`InvalidRequestError`.
 
@@ -161,7 +218,7 @@ def validate_request(data: Any, provider: str = PROVIDER) -> RemixRequest | Ideo
     if model is None:
         known = ", ".join(PROVIDERS)
         raise InvalidRequestError(
-            f"invalid request: provider must be one of {known}, not {str(provider)[:40]!r}"
+            f"invalid request: provider: must be one of {known}, not {str(provider)[:40]!r}"
         )
     if not isinstance(data, dict):
         raise InvalidRequestError("invalid request: expected a JSON object of input fields")

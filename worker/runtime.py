@@ -33,12 +33,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker import keys
-from worker.blobs import BlobStore, RedisBlobStore
+from worker.blobs import BlobStore, blob_store_for
 from worker.clock import RedisClock
 from worker.errors import JobFailed
 from worker.ideogram import IdeogramClient
 from worker.jobstore import JobStore, decode_text
 from worker.kie import KieClient
+from worker.kie_upload import KieUploadClient
 from worker.models import PROVIDER, PROVIDERS, JobRecord, JobState
 from worker.pause import FleetPause
 from worker.publisher import Publisher
@@ -276,6 +277,13 @@ class Services:
             spend=parts.spend,
         )
 
+    def uploader(self) -> KieUploadClient:
+        """This thread's File Upload client (source images given as files)."""
+        client: KieUploadClient | None = getattr(self._local, "uploader", None)
+        if client is None:
+            client = self._local.uploader = new_upload_client(self.settings)
+        return client
+
 
 T = TypeVar("T")
 
@@ -305,16 +313,23 @@ class PerClient(Generic[T]):
 
 
 def new_kie_client(settings: Settings) -> KieClient:
+    return KieClient(settings.kie_base_url, **_kie_client_options(settings))
+
+
+def new_upload_client(settings: Settings) -> KieUploadClient:
+    return KieUploadClient(settings.kie_upload_base_url, **_kie_client_options(settings))
+
+
+def _kie_client_options(settings: Settings) -> dict[str, Any]:
     if settings.kie_api_key is None:
         raise RuntimeError("KIE_API_KEY is not set")
-    return KieClient(
-        settings.kie_base_url,
-        settings.kie_api_key,
-        connect_timeout=settings.kie_connect_timeout_s,
-        read_timeout=settings.kie_read_timeout_s,
-        request_deadline=settings.kie_request_deadline_s,
-        secrets=tuple(settings.secrets()),
-    )
+    return {
+        "api_key": settings.kie_api_key,
+        "connect_timeout": settings.kie_connect_timeout_s,
+        "read_timeout": settings.kie_read_timeout_s,
+        "request_deadline": settings.kie_request_deadline_s,
+        "secrets": tuple(settings.secrets()),
+    }
 
 
 def new_ideogram_client(settings: Settings) -> IdeogramClient:
@@ -390,7 +405,9 @@ def build_services(
         api_key_id=kie.api_key_id,
         broker=broker,
         redactor=Redactor(settings.secrets()),
-        blobs=RedisBlobStore(backend, ttl_s=blob_ttl_s(settings)),
+        blobs=blob_store_for(
+            settings.remix_blob_url, backend, blob_ttl_s(settings), settings.remix_blob_max_bytes
+        ),
         providers=providers,
     )
 

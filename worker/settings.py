@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     kie_api_key: SecretStr | None = None
     kie_base_url: str = "https://api.kie.ai"
     kie_upload_base_url: str = "https://kieai.redpandaai.co"
+    #: Where producers keep source images given as files: unset, the job store's Redis;
+    #: ``file:///dir``, a directory producers and workers share; ``s3://bucket/prefix``.
+    remix_blob_url: str | None = None
+    #: Most bytes the blobs in Redis may hold together (a producer is refused beyond).
+    remix_blob_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     kie_callback_url: str | None = None
     kie_webhook_hmac_key: SecretStr | None = None
     kie_rate_limit: str = "20/10s"
@@ -333,9 +338,9 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL without a #fragment")
         return value.strip()
 
-    @field_validator("remix_archive_url")
+    @field_validator("remix_archive_url", "remix_blob_url")
     @classmethod
-    def _check_archive_url(cls, value: str | None) -> str | None:
+    def _check_store_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         return check_archive_url(value.strip())

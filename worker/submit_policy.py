@@ -11,6 +11,11 @@ another attempt may still be in flight, and the request's total deadline
 (``Settings.attempt_settle_s``). So two steps of one job (a redelivered message, a stale
 copy, a duplicate publish) can never both send.
 
+A job whose source images are files (in the blob store) has them uploaded through kie.ai's
+File Upload API after the gates and before the attempt is opened (an upload creates no
+task, so it needs no attempt); each URL is remembered on the job and reused while the
+upstream still keeps the file. See :func:`_upload_files`.
+
 The accepted task id is logged the moment it arrives and then written, trying again
 through a Redis outage of any length (the worker holds it; see :func:`record_acceptance`).
 
@@ -30,6 +35,7 @@ the task; nothing we can ask tells us. Its outcome is recorded as *unknown*
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -45,11 +51,12 @@ from tenacity import (
 )
 
 from worker.backoff import full_jitter
-from worker.blobs import BlobMissing
+from worker.blobs import BlobMissing, BlobStoreError
 from worker.errors import (
     Family,
     InsufficientCreditsError,
     MaintenanceError,
+    NetworkError,
     RateLimitedError,
     UpstreamError,
 )
@@ -70,8 +77,11 @@ from worker.jobstore import (
     RELAY_RESULTS_FIELD,
     RETRIES_FIELD,
     SLOT_FIELD,
+    SPEND_FIELD,
+    UPLOADS_FIELD,
     Job,
 )
+from worker.kie_upload import UPLOAD_LIFETIME_S
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
 from worker.outcome import fail_job, finish_job
@@ -90,6 +100,8 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 #: The task id recorded for a relay answer that held the images themselves.
 SYNC_TASK_PREFIX = "sync-"
 UNKNOWN_OUTCOME = "unknown_outcome"
+#: An uploaded file is uploaded again when the upstream would delete it within this long.
+UPLOAD_REUSE_MARGIN_S = 6 * 3600.0
 
 
 class AcceptedButUnrecorded(Exception):
@@ -121,15 +133,12 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return "has_task"
     try:
         svc = svc.for_provider(job.record.provider)
-        send = _sender(svc, job, validate_request(job.request, job.record.provider))
+        request = validate_request(job.request, job.record.provider)
     except InvalidRequestError as exc:
         fail_job(svc, job_id, "invalid_request", str(exc))
         return "failed"
     except ProviderNotConfigured as exc:
         fail_job(svc, job_id, "provider_not_configured", str(exc))
-        return "failed"
-    except BlobMissing as exc:
-        fail_job(svc, job_id, "image_missing", str(exc))
         return "failed"
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
@@ -138,19 +147,98 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         if wait is not None:
             svc.store.park(job, wait.seconds, **wait.fields)
             return gate.__name__.removesuffix("_gate")
+    send = _sender(svc, job, request)
+    if isinstance(send, str):
+        return send
     return _attempt(svc, job, send)
+
+
+def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, str] | str:
+    """Upload the job's files not uploaded yet (or no longer fresh); ``{blob id: URL}``.
+
+    Or what happened instead (the job failed, waits, or retries later). Each URL is
+    remembered on the job as soon as it is known, so a later step (a retry of createTask,
+    or of another file's upload) reuses it while the upstream still keeps the file.
+    """
+    uploads, urls = dict(job.uploads), {}
+    for ref in request.files():
+        done = uploads.get(ref.blob)
+        if isinstance(done, dict) and _fresh(svc, done):
+            urls[ref.blob] = str(done["url"])
+            continue
+        try:
+            data = svc.blobs.get(ref)
+        except BlobMissing as exc:
+            return _fail_unsent(svc, job, "image_missing", str(exc))
+        except BlobStoreError as exc:  # the store is away: tried again like a network error
+            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
+        try:
+            url = svc.uploader().upload(data, ref.name, ref.content_type)
+        except UpstreamError as exc:
+            svc.metrics.count(f"upload_total:{exc.fail_code}")
+            return _after_unsent_error(svc, job, exc, "upload")
+        svc.metrics.count("upload_total:200")
+        uploads[ref.blob] = {"url": url, "uploaded_at": svc.clock.now()}
+        urls[ref.blob] = url
+        remembered: dict[str, Any] = {UPLOADS_FIELD: uploads}
+        svc.store.update(job.job_id, token=job.token, **remembered)
+    return urls
+
+
+def _fresh(svc: Services, upload: dict[str, Any]) -> bool:
+    """Whether an uploaded file will outlive the task about to use it."""
+    at = upload.get("uploaded_at")
+    age = svc.clock.now() - at if isinstance(at, int | float) else math.inf
+    return age < UPLOAD_LIFETIME_S - UPLOAD_REUSE_MARGIN_S
+
+
+def _after_unsent_error(svc: Services, job: Job, exc: UpstreamError, what: str) -> str:
+    """An error before createTask (``what``: an ``upload``, or the ``image`` store), by the
+    same family table as createTask's; no attempt was open.
+
+    Its answers are not counted by the pause's breaker: the File Upload API is another
+    host, and a 455 there says nothing of createTask (a 402 still pauses the key: credits
+    are the key's). An upload whose answer was lost is just sent again (a new file).
+    """
+    last_error = {
+        "code": exc.fail_code,
+        "msg": svc.redactor.redact(f"{what}: {exc.message or type(exc).__name__}"),
+    }
+    noted: dict[str, Any] = {LAST_ERROR_FIELD: last_error}
+    svc.store.update(job.job_id, token=job.token, **noted)
+    if exc.family is Family.PERMANENT:
+        return _fail_unsent(svc, job, exc.fail_code, last_error["msg"])
+    if exc.family is Family.KEY:
+        return _hold_for_key(svc, job, exc, None, last_error["msg"], what=what)
+    return _retry_later(svc, job, exc, None, last_error, what=what)
+
+
+def _fail_unsent(svc: Services, job: Job, fail_code: str, message: str) -> str:
+    """Fail a job before any attempt was opened, giving back the spend it reserved."""
+    refund_spend(svc, svc.store.get_internal(job.job_id, SPEND_FIELD))
+    fail_job(svc, job.job_id, fail_code, message)
+    return "failed"
 
 
 Sender = Callable[[], RemixAnswer]
 
 
-def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixRequest) -> Sender:
-    """The one upstream request of an attempt (the relay's image is read here, up front)."""
+def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixRequest) -> Sender | str:
+    """The one upstream request of an attempt, its files read (the relay's) or uploaded
+    (kie's) first; or what happened instead (the job failed, waits, or retries later)."""
     if isinstance(request, IdeogramRemixRequest):
-        image = svc.blobs.get(request.image_file)
         ref = request.image_file
+        try:
+            image = svc.blobs.get(ref)
+        except BlobMissing as exc:
+            return _fail_unsent(svc, job, "image_missing", str(exc))
+        except BlobStoreError as exc:  # the store is away: tried again like a network error
+            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
         return lambda: svc.relay_client().remix(request.image_request(), image, ref)
-    task_input = request.upstream_input()
+    uploaded = _upload_files(svc, job, request)
+    if isinstance(uploaded, str):
+        return uploaded
+    task_input = request.upstream_input(uploaded)
     callback_url = svc.settings.callback_url_for(job.job_id)
     return lambda: RemixAnswer(task_id=svc.client().create_task(task_input, callback_url))
 
@@ -214,7 +302,7 @@ def _fail_unknown_outcome(svc: Services, job_id: str, why: str) -> str:
     """The relay may have made (and charged) the images: the job is not sent again."""
     message = (
         f"{why}; the relay may have made and charged it, and nothing can tell, so it is "
-        f"not sent again: `remixq retry --force {job_id}` sends it anew"
+        "not sent again: submit it again (with its image file) to have it made anew"
     )
     fail_job(svc, job_id, UNKNOWN_OUTCOME, message)
     return "failed"
@@ -348,7 +436,12 @@ def _after_error(
 
 
 def _hold_for_key(
-    svc: Services, job: Job, exc: UpstreamError, recent: RecentAnswers | None, message: str
+    svc: Services,
+    job: Job,
+    exc: UpstreamError,
+    recent: RecentAnswers | None,
+    message: str,
+    what: str = "createTask",
 ) -> str:
     """A whole-key answer: pause the key when it is more than a stray; the job waits.
 
@@ -373,7 +466,7 @@ def _hold_for_key(
     holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
     delay = full_jitter(holds, base=base, cap=cap, floor=floor)
     svc.store.park(job, delay, **fields)
-    logger.warning("job %s: createTask %s; held %.1fs (no retry spent)", job.job_id, exc, delay)
+    logger.warning("job %s: %s %s; held %.1fs (no retry spent)", job.job_id, what, exc, delay)
     return outcome
 
 
@@ -393,6 +486,7 @@ def _retry_later(
     exc: UpstreamError,
     recent: RecentAnswers | None,
     last_error: dict[str, str],
+    what: str = "createTask",
 ) -> str:
     settings = svc.settings
     retries = svc.store.increment(job.job_id, RETRIES_FIELD) or 1
@@ -416,7 +510,7 @@ def _retry_later(
         hold_after_rate_limited(svc, exc, recent)
     svc.store.park(job, delay, **{SLOT_FIELD: None})
     logger.warning(
-        "job %s: createTask %s (retry %d), again in %.1fs", job.job_id, exc, retries, delay
+        "job %s: %s %s (retry %d), again in %.1fs", job.job_id, what, exc, retries, delay
     )
     return "retry"
 

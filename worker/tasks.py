@@ -151,7 +151,7 @@ def message_problem(
     if isinstance(dispatch, bool) or not isinstance(dispatch, int) or dispatch < 0:
         return "invalid request: dispatch must be a whole number of at least 0"
     if not isinstance(provider, str) or provider not in PROVIDERS:
-        return f"invalid request: provider must be one of {', '.join(PROVIDERS)}"
+        return f"invalid request: provider: must be one of {', '.join(PROVIDERS)}"
     return None
 
 
