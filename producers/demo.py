@@ -59,6 +59,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SOURCE_IMAGE = "https://example.com/remixq-demo/source.png"
 REFERENCE_IMAGE = "https://example.com/remixq-demo/character.png"
 STYLE_IMAGE = "https://example.com/remixq-demo/style.png"
+#: Stands for the local source image the demo draws (``image_file`` jobs).
+LOCAL_SOURCE = "<the demo's local source image>"
+LOCAL_SOURCE_SIZE = (256, 256)
+LOCAL_SOURCE_COLOUR = (70, 130, 180)
 DEMO_JOBS: tuple[dict[str, Any], ...] = (
     {"prompt": "the character as a lighthouse keeper in a storm", "style": "FICTION"},
     {"prompt": "the character surfing a giant wave at dawn", "num_images": 2, "strength": 0.5},
@@ -82,6 +86,16 @@ DEMO_JOBS: tuple[dict[str, Any], ...] = (
         "prompt": "the character reading in a cosy library",
         "rendering_speed": "QUALITY",
         "image_urls": [STYLE_IMAGE],
+    },
+    # The source image as a local file: stored in the blob store, uploaded by the worker.
+    {"prompt": "the character as a paper cut-out", "image_file": LOCAL_SOURCE},
+    # The legacy remix relay, which takes the source image as a file only.
+    {
+        "prompt": "the character as a watercolour",
+        "provider": "ideogram-remix",
+        "image_file": LOCAL_SOURCE,
+        "style_type": "ANIME",
+        "aspect_ratio": "ASPECT_16_9",
     },
 )
 
@@ -178,8 +192,9 @@ def _run(
         ),
     )
     console.print(f"worker {worker.name if worker else ''} ready")
-    job_ids = [_enqueue(fields) for fields in DEMO_JOBS]
-    console.print(f"enqueued {len(job_ids)} jobs")
+    source = _draw_source_image(log_dir / "source.png")
+    job_ids = [_enqueue(fields, source) for fields in DEMO_JOBS]
+    console.print(f"enqueued {len(job_ids)} jobs (two with the local image {source})")
     records = watch_jobs(job_ids, JOB_TIMEOUT_S, console)
     saved = {job_id: _save_results(records[job_id], output_dir) for job_id in job_ids}
     console.print(_results_table(job_ids, records, saved))
@@ -262,6 +277,8 @@ def _worker_env(redis_url: str, sandbox_url: str) -> dict[str, str]:
         "KIE_API_KEY": DEFAULT_API_KEY,
         "KIE_BASE_URL": sandbox_url,
         "KIE_UPLOAD_BASE_URL": sandbox_url,
+        "IDEOGRAM_BASE_URL": sandbox_url,
+        "IDEOGRAM_API_KEY": DEFAULT_API_KEY,
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
         **WORKER_SETTINGS,
@@ -274,8 +291,20 @@ def _no_proxy() -> str:
     return ",".join(part for part in (current, LOOPBACK, "localhost") if part)
 
 
-def _enqueue(fields: dict[str, Any]) -> str:
-    return enqueue_remix(image_url=SOURCE_IMAGE, reference_image_urls=[REFERENCE_IMAGE], **fields)
+def _draw_source_image(path: Path) -> Path:
+    """A small PNG for the jobs whose source image is a local file."""
+    from PIL import Image
+
+    Image.new("RGB", LOCAL_SOURCE_SIZE, LOCAL_SOURCE_COLOUR).save(path, format="PNG")
+    return path
+
+
+def _enqueue(fields: dict[str, Any], source: Path) -> str:
+    request: dict[str, Any] = {k: (source if v == LOCAL_SOURCE else v) for k, v in fields.items()}
+    if request.get("provider") == "ideogram-remix":
+        return enqueue_remix(**request)
+    request.setdefault("image_url", None if "image_file" in request else SOURCE_IMAGE)
+    return enqueue_remix(reference_image_urls=[REFERENCE_IMAGE], **request)
 
 
 def _save_results(record: JobRecord | None, output_dir: Path) -> list[Saved]:
@@ -354,6 +383,8 @@ def _sandbox_summary(sandbox_url: str) -> str:
     for endpoint, total, codes in (
         ("createTask", "create_requests", "create_by_code"),
         ("recordInfo", "record_requests", "record_by_code"),
+        ("file upload", "upload_requests", "upload_by_code"),
+        ("relay remix", "relay_requests", "relay_by_code"),
     ):
         by_code = ", ".join(f"{code}: {n}" for code, n in sorted(stats.get(codes, {}).items()))
         parts.append(f"{endpoint} {stats.get(total, 0)} requests ({by_code})")
