@@ -33,6 +33,7 @@ from producers.http_jobs import (
 )
 from worker.blobs import BlobStoreError, BlobStoreFull
 from worker.models import (
+    MAX_REFERENCE_FILES,
     PROVIDER,
     InvalidRequestError,
     JobRecord,
@@ -44,7 +45,6 @@ from worker.runtime import services
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
 
 #: Reference files one request may carry.
-MAX_REFERENCE_FILES = 8
 #: Text parts read before the form is refused (one is used; the others are named in a 422).
 MAX_FIELDS = 16
 #: The parts of the form: ``request``, ``image_file``, ``reference_image_file``.

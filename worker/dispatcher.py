@@ -55,7 +55,7 @@ from worker.publisher import (
     SENT_AT_HEADER,
     SUBMIT_QUEUE,
 )
-from worker.runtime import Services, services
+from worker.runtime import Services, configured_providers, services
 
 logger = logging.getLogger("worker.dispatcher")
 
@@ -104,6 +104,9 @@ class Dispatcher:
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
         pipe.zadd(keys.WORKER_SLOTS, {f"{self.name} {self.slots}": now})
         pipe.zremrangebyscore(keys.WORKER_SLOTS, "-inf", now - LIVE_WORKER_S)
+        for provider in configured_providers(self.svc.settings):
+            pipe.zadd(keys.provider_workers(provider), {self.name: now})
+            pipe.zremrangebyscore(keys.provider_workers(provider), "-inf", now - LIVE_WORKER_S)
         pipe.zrangebyscore(keys.WORKER_SLOTS, now - LIVE_WORKER_S, "+inf")
         live = pipe.execute()[-1]
         self.fleet_slots = max(self.slots, sum(map(_slots_of, live)))

@@ -202,8 +202,16 @@ ERRORS_BY_CODE: dict[int, type[UpstreamError]] = {
 }
 
 
+#: Statuses a gateway answers when it gave up on, or lost, the answer of a request it may
+#: already have passed on (502 bad gateway, 504 gateway timeout, Cloudflare's 520, 522 and
+#: 524): whatever the body, the upstream may have acted on the request.
+GATEWAY_STATUSES = frozenset({502, 504, 520, 522, 524})
+
+
 def error_for_code(code: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
     """The typed error for an upstream ``code`` (from the body or the HTTP status)."""
+    if code in GATEWAY_STATUSES:
+        return ServerError(message, retry_after=retry_after, status=code, ambiguous=True)
     cls = ERRORS_BY_CODE.get(code)
     if cls is ServerError or (cls is None and code >= 500):
         return ServerError(message, retry_after=retry_after, status=code)

@@ -144,3 +144,9 @@ BLOB_EXPIRIES = PREFIX + "blobs:expiries"
 BLOB_SIZES = PREFIX + "blobs:sizes"
 #: The total bytes of the stored blobs, which ``REMIX_BLOB_MAX_BYTES`` caps.
 BLOB_BYTES = PREFIX + "blobs:bytes"
+
+
+def provider_workers(provider: str) -> str:
+    """Sorted set of the worker processes that can send ``provider``'s jobs, scored by
+    their last heartbeat (a job another worker could send waits for one of them)."""
+    return f"{PREFIX}workers:provider:{provider}"

@@ -37,6 +37,9 @@ PROVIDERS = ("kie", "ideogram-remix")
 MAX_PROMPT_CHARS = 5000
 MAX_NEGATIVE_PROMPT_CHARS = 500
 STRENGTH_STEP = 0.1
+#: Most reference images given as files (each one is uploaded before createTask, and the
+#: model uses only the first reference).
+MAX_REFERENCE_FILES = 8
 #: Seeds are 31-bit, as Ideogram's own API takes them.
 MAX_SEED = 2**31 - 1
 
@@ -88,7 +91,9 @@ class RemixRequest(BaseModel):
     #: Source images given as files (kept in the blob store; never sent as such: the
     #: worker uploads them and sends the URLs, see :meth:`upstream_input`).
     image_file: BlobRef | None = None
-    reference_image_files: list[BlobRef] | None = Field(None, min_length=1)
+    reference_image_files: list[BlobRef] | None = Field(
+        None, min_length=1, max_length=MAX_REFERENCE_FILES
+    )
     rendering_speed: Literal["TURBO", "BALANCED", "QUALITY"] | None = None
     style: Literal["AUTO", "REALISTIC", "FICTION"] | None = None
     expand_prompt: StrictBool | None = None

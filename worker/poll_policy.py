@@ -9,8 +9,9 @@ asks once more before it declares the job ``timeout``, so a job that finished in
 last interval is reported as the success it is.
 
 A job of the legacy remix relay is polled at the relay's status endpoint (the relay never
-calls back). A relay job whose images came in the remix answer itself (task id
-``sync-...``) never asks the relay: it finishes with the images kept at acceptance.
+calls back). A relay job whose images came in the remix answer itself (kept on the job
+with its acceptance; its task id is ``sync-...``) never asks the relay: it finishes with
+those images. The kept images decide, not the id, which a relay's own ids may resemble.
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ class NotConfiguredError(UpstreamError):
     code = "provider_not_configured"
 
 
-#: Task ids of relay answers that held the images (see ``worker.submit_policy``).
-SYNC_TASK_PREFIX = "sync-"
-
-
 #: The last poll is scheduled this long after the deadline, so it falls past it.
 DEADLINE_EPSILON_S = 0.05
 #: Upstream states that map onto job states while the job is still pending.
@@ -79,8 +76,13 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
     if not task_id:
         svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
         return "no_task"
-    if job.record.provider == IDEOGRAM_PROVIDER and task_id.startswith(SYNC_TASK_PREFIX):
-        return _finish_sync(svc, job)
+    if job.record.provider == IDEOGRAM_PROVIDER:
+        kept = svc.store.get_internal(job_id, RELAY_RESULTS_FIELD)
+        if isinstance(kept, list) and kept:
+            # The relay answered with the images themselves (written with the acceptance):
+            # there is nothing to ask it. A relay's own task id may look like ours.
+            finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=[str(u) for u in kept])
+            return "succeeded"
     polls = svc.store.increment(job_id, "polls")
     if polls is None:
         return "finished"
@@ -116,17 +118,6 @@ def next_poll_delay(svc: Services, polls: int) -> float:
     if settings.callbacks_enabled and svc.provider != IDEOGRAM_PROVIDER:
         delay = max(delay, settings.remix_callback_poll_s)
     return delay
-
-
-def _finish_sync(svc: Services, job: Job) -> str:
-    """A relay job that had its images in the remix answer: finish it with them."""
-    results = svc.store.get_internal(job.job_id, RELAY_RESULTS_FIELD)
-    if isinstance(results, list) and results:
-        finish_job(svc, job.job_id, JobState.SUCCEEDED, result_urls=[str(u) for u in results])
-        return "succeeded"
-    message = "the relay's images were not kept with the job; it is not asked again"
-    fail_job(svc, job.job_id, "unknown_outcome", message)
-    return "failed"
 
 
 def _count_request(svc: Services, code: str, started: float) -> None:

@@ -50,6 +50,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from worker import keys
 from worker.backoff import full_jitter
 from worker.blobs import BlobMissing, BlobStoreError
 from worker.errors import (
@@ -100,6 +101,8 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 #: The task id recorded for a relay answer that held the images themselves.
 SYNC_TASK_PREFIX = "sync-"
 UNKNOWN_OUTCOME = "unknown_outcome"
+#: How long a job waits for a worker that can send it (another provider's worker met it).
+PROVIDER_ELSEWHERE_WAIT_S = 2.0
 #: An uploaded file is uploaded again when the upstream would delete it within this long.
 UPLOAD_REUSE_MARGIN_S = 6 * 3600.0
 
@@ -138,8 +141,7 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         fail_job(svc, job_id, "invalid_request", str(exc))
         return "failed"
     except ProviderNotConfigured as exc:
-        fail_job(svc, job_id, "provider_not_configured", str(exc))
-        return "failed"
+        return _not_configured_here(svc, job, exc)
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
     for gate in (pause_gate, spend_gate, budget_gate):
@@ -151,6 +153,20 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
     if isinstance(send, str):
         return send
     return _attempt(svc, job, send)
+
+
+def _not_configured_here(svc: Services, job: Job, exc: ProviderNotConfigured) -> str:
+    """A job this worker cannot send: it waits for a worker of the fleet that can (one
+    sent a heartbeat lately), or fails at once when there is none."""
+    from worker.dispatcher import LIVE_WORKER_S
+
+    now = svc.clock.now()
+    if svc.broker.zcount(keys.provider_workers(job.record.provider), now - LIVE_WORKER_S, "+inf"):
+        wait = PROVIDER_ELSEWHERE_WAIT_S * random.uniform(0.5, 1.5)
+        svc.store.park(job, wait, **{SLOT_FIELD: None})
+        return "provider_elsewhere"
+    fail_job(svc, job.job_id, "provider_not_configured", str(exc))
+    return "failed"
 
 
 def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, str] | str:
