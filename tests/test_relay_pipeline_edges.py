@@ -12,7 +12,7 @@ from producers import wait_for_job
 from sandbox.launch import REPO_ROOT, ManagedProcess
 from tests.conftest import StartWorkers, unique_prompt
 from tests.relay_kit import RELAY_API_KEY, enqueue_relay_job
-from tests.test_attack_relay import SUCCESS_IMAGES, Answer, ScriptedRelay
+from tests.test_relay_edges import SUCCESS_IMAGES, Answer, ScriptedRelay
 from worker.runtime import services
 
 pytestmark = pytest.mark.integration
