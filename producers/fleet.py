@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker import keys
+from worker.dispatcher import queues_without_workers
 from worker.gates import resume_key
 from worker.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 from worker.runtime import known_api_keys, limiter_for, pause_for, services, spend_cap_for
@@ -66,6 +67,7 @@ def fleet_status() -> dict[str, Any]:
         },
         "webhooks_pending": svc.store.redis.zcard(keys.NOTIFY_SCHEDULE),
         "archives_pending": svc.store.redis.zcard(keys.ARCHIVE_SCHEDULE),
+        "queues_without_workers": queues_without_workers(svc),
         "held_by_workers": svc.broker.hlen(UNACKED_HASH),
         "scheduled": svc.store.schedule_size(),
         "jobs_by_state": dict(sorted(by_state.items())),

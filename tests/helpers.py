@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -59,12 +61,14 @@ def empty_database(url: str, who: str, *, empty_after: bool = True) -> Iterator[
 
 
 @contextlib.contextmanager
-def raw_http_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+def raw_http_server(
+    answer: Callable[[socket.socket], None], *, concurrent: bool = False
+) -> Iterator[str]:
     """A one-thread HTTP server on 127.0.0.1 whose every answer is written by ``answer``.
 
     For answers no well-behaved server gives (odd charsets, connection-delimited bodies
-    sent slowly). ``answer`` gets the connected socket after the request was read.
-    Yields the base URL.
+    sent slowly). ``answer`` gets the connected socket after the request was read; with
+    ``concurrent``, each connection is answered in a thread of its own. Yields the base URL.
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,11 +85,17 @@ def raw_http_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
                 continue
             except OSError:
                 return
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    _read_request(conn)
-                    answer(conn)
+            if concurrent:
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            else:
+                handle(conn)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                _read_request(conn)
+                answer(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -126,3 +136,22 @@ def redis_value(client: redis.Redis, key: bytes) -> bytes:
     kind = client.type(key)
     reader = readers.get(kind.encode() if isinstance(kind, str) else kind)
     return repr(reader(key)).encode() if reader else b""
+
+
+def whole_png(padding: int = 200) -> bytes:
+    """A structurally complete PNG (signature, IHDR, IDAT, a ``tEXt`` of ``padding`` bytes,
+    IEND): what the archive's completeness check accepts."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    pixels = zlib.compress(b"".join(b"\x00" + b"\x7f" * 3 * 32 for _ in range(32)))
+    header = struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"tEXt", b"c\x00" + b"x" * padding)
+        + chunk(b"IEND", b"")
+    )

@@ -456,7 +456,7 @@ def test_submit_with_image_files_enqueues_references_not_bytes(
     ("args", "expected"),
     [
         (["--image-file", "{missing}"], ["image_file: no such file"]),
-        (["--image-file", "{text}"], ["image_file: not a JPEG, PNG or WebP image"]),
+        (["--image-file", "{text}"], ["image_file: not a whole JPEG, PNG or WebP image"]),
         (["--image-file", "{dir}"], ["image_file", "not a regular file"]),
         (["--image-url", IMAGE, "--image-file", "{text}"], ["exactly one of --image-url"]),
     ],

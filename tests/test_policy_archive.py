@@ -64,9 +64,11 @@ def hooks() -> Iterator[WebhookReceiver]:
         yield server
 
 
-def succeeded_job(svc: Services, num_images: int = 1, **create: Any) -> str:
+def succeeded_job(
+    svc: Services, num_images: int = 1, job_id: str | None = None, **create: Any
+) -> str:
     """A job run through the sandbox until it succeeded (submit, then polls)."""
-    job_id = uuid.uuid4().hex
+    job_id = job_id or uuid.uuid4().hex
     request = {"prompt": f"archive {job_id[:8]}", **INPUT, "num_images": str(num_images)}
     svc.store.create(job_id, request, due_in=0.0, **create)
     assert submit_step(svc, job_id, 0) == "accepted"

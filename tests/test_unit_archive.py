@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import raw_http_server
+from tests.helpers import raw_http_server, whole_png
 from worker.archive_policy import FetchError, fetch_image
 from worker.archive_store import ArchiveError, DirectoryArchive, S3Archive, archive_store
 from worker.settings import ConfigurationError, Settings, load_settings
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
-JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 300
+PNG = whole_png()
+JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 300 + b"\xff\xd9"
 
 
 def answer_with(
@@ -81,6 +81,18 @@ def test_reading_stops_past_the_cap_without_a_length() -> None:
             "image/png",
             b"GIF89a" + b"\x00" * 40,
             "not a JPEG, PNG or WebP image (checked by content)",
+        ),
+        ("image/png", PNG[: len(PNG) // 2], "not a whole PNG image (cut short or malformed)"),
+        (
+            "image/png",
+            b"\x89PNG\r\n\x1a\n<html><body>This link has expired</body></html>",
+            "not a whole PNG image (cut short or malformed)",
+        ),
+        ("image/jpeg", JPEG[:-2], "not a whole JPG image (cut short or malformed)"),
+        (
+            "image/webp",
+            b"RIFF" + (100).to_bytes(4, "little") + b"WEBPVP8 " + b"\x00" * 20,
+            "not a whole WEBP image (cut short or malformed)",
         ),
     ],
 )
@@ -183,6 +195,8 @@ def test_the_archive_url_picks_the_store(tmp_path: Path) -> None:
         ("file://host/dir", "a file:// URL must name an absolute directory (file:///dir)"),
         ("s3://", "an s3:// URL must name a valid bucket (s3://bucket/prefix)"),
         ("s3://Bad_Bucket/x", "an s3:// URL must name a valid bucket (s3://bucket/prefix)"),
+        ("file:///srv/arch%00ive", "a store URL must not hold a control character (such as %00)"),
+        ("s3://bucket/a%0Ab", "a store URL must not hold a control character (such as %00)"),
     ],
 )
 def test_a_bad_archive_url_is_refused_in_one_line(url: str, message: str) -> None:
@@ -208,3 +222,13 @@ def test_a_directory_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         DirectoryArchive(blocker).put("job-1/0.png", PNG, "image/png")
     assert str(caught.value).startswith(f"cannot write {blocker}/job-1/0.png (")
     assert "\n" not in str(caught.value)
+
+
+def test_an_archive_step_ends_before_the_broker_redelivers_its_message() -> None:
+    settings = load_settings(remix_broker_visibility_timeout_s=120, remix_archive_timeout_s=60)
+    assert settings.archive_step_s == 60
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(remix_broker_visibility_timeout_s=120, remix_archive_timeout_s=61)
+    assert "REMIX_ARCHIVE_TIMEOUT_S must be at most REMIX_BROKER_VISIBILITY_TIMEOUT_S" in str(
+        caught.value
+    )

@@ -50,7 +50,7 @@ def test_a_file_one_byte_over_10_mb_is_refused(tmp_path: Path) -> None:
 
 def test_a_text_file_named_png_is_refused(tmp_path: Path) -> None:
     (tmp_path / "fake.png").write_text("hello, I am not an image")
-    _one_line_error(tmp_path / "fake.png", "not a JPEG, PNG or WebP")
+    _one_line_error(tmp_path / "fake.png", "not a whole JPEG, PNG or WebP")
 
 
 def test_a_png_named_txt_is_accepted_by_its_content(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_a_png_named_txt_is_accepted_by_its_content(tmp_path: Path) -> None:
 
 def test_bytes_are_checked_like_a_file() -> None:
     assert load_image(PNG, "image_file")[1:] == ("image/png", "image.png")
-    _one_line_error(b"GIF89a....", "not a JPEG, PNG or WebP")
+    _one_line_error(b"GIF89a....", "not a whole JPEG, PNG or WebP")
 
 
 def test_a_file_may_stand_for_the_source_image_and_is_never_sent_as_such() -> None:

@@ -298,8 +298,28 @@ def test_the_lease_covers_the_relays_longest_request() -> None:
         kie_api_key="k",
         ideogram_base_url="http://127.0.0.1:1",
         ideogram_api_key="r",
-        ideogram_request_deadline_s=200,
+        ideogram_request_deadline_s=90,
     )
-    assert both.lease_s == 215 and both.attempt_settle_s > 200
+    assert both.lease_s == 105 and both.attempt_settle_s > 90
     with pytest.raises(ConfigurationError, match="IDEOGRAM_REQUEST_DEADLINE_S must be shorter"):
         load_settings(ideogram_base_url="http://127.0.0.1:1", remix_deadline_s=100)
+
+
+def test_a_request_that_could_outlast_the_brokers_visibility_timeout_is_refused() -> None:
+    """A step still waiting for its upstream answer when the broker hands its message to
+    another worker would run twice: the settings refuse it, in one line."""
+    with pytest.raises(ConfigurationError, match="REMIX_BROKER_VISIBILITY_TIMEOUT_S") as caught:
+        load_settings(
+            ideogram_base_url="http://127.0.0.1:1",
+            ideogram_api_key="r",
+            ideogram_request_deadline_s=200,
+            remix_deadline_s=900,
+        )
+    assert "\n" not in str(caught.value)
+    raised = load_settings(
+        ideogram_base_url="http://127.0.0.1:1",
+        ideogram_api_key="r",
+        ideogram_request_deadline_s=200,
+        remix_broker_visibility_timeout_s=300,
+    )
+    assert raised.lease_s == 215

@@ -56,8 +56,6 @@ from worker.publisher import (
 from worker.redaction import Redactor, install_log_redaction
 from worker.settings import get_settings
 
-#: A message unacknowledged this long (its worker died) is delivered again.
-VISIBILITY_TIMEOUT_S = 120
 #: Seconds between the broker's sweeps for messages whose visibility ran out.
 RESTORE_INTERVAL_S = 5
 BROKER_SOCKET_TIMEOUT_S = 10
@@ -89,7 +87,9 @@ def celery_config() -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # A message unacknowledged this long (its worker died) is delivered again;
+            # no task may run longer (Settings.archive_step_s).
+            "visibility_timeout": settings.remix_broker_visibility_timeout_s,
             "unacked_restore_interval": RESTORE_INTERVAL_S,
             "unacked_restore_throttle": 1,
             "socket_timeout": BROKER_SOCKET_TIMEOUT_S,

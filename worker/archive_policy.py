@@ -4,19 +4,24 @@ A step runs for the ``remix.archive`` message carrying the job's latest archive 
 (see :mod:`worker.archive_schedule`). It downloads every URL of the record's
 ``result_urls`` and stores image ``n`` (counted from 0, in the order of ``result_urls``)
 as ``<job_id>/<n>.<ext>`` (:mod:`worker.archive_store`), then records ``archived``
-entries (location, bytes, sha256) and ``archive.state = done``. Any failure makes the
-whole step a failed try: it is tried again after a backoff with full jitter, until
-``REMIX_ARCHIVE_MAX_ATTEMPTS`` tries were made, then ``archive.state = failed`` with the
-last error. The job's state and results never change: archiving is a copy.
+entries (location, bytes, sha256) and ``archive.state = done``. Any failure, any
+exception included, makes the whole step a failed try: it is tried again after a backoff
+with full jitter, until ``REMIX_ARCHIVE_MAX_ATTEMPTS`` tries were made, then
+``archive.state = failed`` with the last error; a job id that cannot name a file fails
+at once. The job's state and results never change: archiving is a copy. A step's
+downloads share ``Settings.archive_step_s``, so it ends before the broker's visibility
+timeout would deliver its message to another slot.
 
 Only URLs the upstream returned are fetched. ``result_urls`` is written by the poll step
 (from recordInfo) or by a callback only after its signature was verified
 (:mod:`worker.callbacks`); a URL a producer gave is never downloaded by a worker. And
 only over http(s), a redirect included. A download is bounded every way: a size cap
 (``REMIX_ARCHIVE_MAX_BYTES``; nothing is read past it), an ``image/*`` content type
-whose bytes really are a JPEG, PNG or WebP image (sniffed), connect and read timeouts,
-and a total deadline (``REMIX_ARCHIVE_TIMEOUT_S``, enforced by cutting the socket,
-:mod:`worker.http`). No URL is logged or stored in an error: a signed URL is a credential.
+whose bytes really are a whole JPEG, PNG or WebP image (sniffed, then checked for
+completeness: :func:`worker.images.is_complete_image`), connect and read timeouts, and a
+total deadline (``REMIX_ARCHIVE_TIMEOUT_S``, enforced by cutting the socket,
+:mod:`worker.http`; a body the deadline cut is never kept, even one that looks complete).
+No URL is logged or stored in an error: a signed URL is a credential.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
@@ -31,9 +37,9 @@ import requests
 
 from worker import http
 from worker.archive_schedule import ArchiveSchedule, ArchiveTarget, archive_schedule
-from worker.archive_store import ArchiveError, ArchiveStore, archive_store
+from worker.archive_store import ArchiveError, ArchiveStore, archive_store, check_name
 from worker.backoff import full_jitter
-from worker.images import EXTENSIONS, sniff_image_type
+from worker.images import EXTENSIONS, is_complete_image, sniff_image_type
 from worker.logs import job_context
 from worker.models import Archive, ArchivedImage, check_http_url
 from worker.notify_policy import describe_request_error
@@ -51,6 +57,8 @@ CHUNK_BYTES = 64 * 1024
 USER_AGENT = "remixq-archive/1"
 #: The error of a try made by a worker without ``REMIX_ARCHIVE_URL``.
 NOT_HERE = "archiving is off on the worker that ran this try (REMIX_ARCHIVE_URL unset)"
+#: The error of a job whose id cannot name files (``tenant/abc``, ``..``): never retried.
+UNUSABLE_ID = "the job id cannot name an archive file (it holds '/' or '\\', or is '.' or '..')"
 
 
 class FetchError(Exception):
@@ -72,13 +80,24 @@ def fetch_image(
 ) -> Fetched:
     """Download one result image with every check of the module docstring."""
     session = session or _session()
+    late = f"no answer within {timeout_s:g} s"
     with http.deadline(timeout_s) as limit:
         try:
-            return _fetch(session, url, max_bytes)
+            fetched = _fetch(session, url, max_bytes)
         except requests.RequestException as exc:
             raise FetchError(
                 describe_request_error(exc, expired=limit.expired, total=timeout_s)
             ) from None
+        except FetchError:
+            if limit.expired:  # cut at the deadline: that is the error, not the bytes left
+                raise FetchError(late) from None
+            raise
+        limit.finish()
+        # The deadline cut the socket: a body without a length then reads as complete
+        # (the cut looks like the server closing), so its bytes are never kept.
+        if limit.expired:
+            raise FetchError(late)
+        return fetched
 
 
 def _fetch(session: requests.Session, url: str, max_bytes: int) -> Fetched:
@@ -123,6 +142,9 @@ def _read_image(response: requests.Response, max_bytes: int) -> Fetched:
     sniffed = sniff_image_type(bytes(data))
     if sniffed is None:
         raise FetchError("not a JPEG, PNG or WebP image (checked by content)")
+    if not is_complete_image(bytes(data), sniffed):
+        kind = EXTENSIONS[sniffed].upper()
+        raise FetchError(f"not a whole {kind} image (cut short or malformed)")
     return Fetched(bytes(data), sniffed)
 
 
@@ -169,39 +191,64 @@ def _archive_step(svc: Services, job_id: str, token: int) -> str:
     if target is None:
         schedule.end(job_id, token, "dropped")
         return "missing"
-    if target.token != token:
-        return "stale"
     pending = target.record.archive
-    if pending is None or pending.state != "pending":
+    if pending is None or pending.state != "pending":  # ended: whatever the token, no change
         schedule.end(job_id, token, "dropped")
         return "dropped"
-    store = store_for(svc.settings)
-    if store is None:  # a worker of a fleet set up unevenly: another may have the setting
-        return _record(svc, schedule, target, token, error=NOT_HERE)
+    if target.token != token:
+        return "stale"
     try:
-        archived = copy_images(svc.settings, store, target)
+        check_name(f"{job_id}/0.png")
+    except ValueError:
+        return _record(svc, schedule, target, token, error=UNUSABLE_ID, permanent=True)
+    # Any error of the try itself is a failed try, never an exception that records nothing
+    # (the entry would then be sent again after every lease, pending forever).
+    try:
+        store = store_for(svc.settings)
+        archived = None if store is None else copy_images(svc.settings, store, target)
     except (FetchError, ArchiveError) as exc:
         return _record(svc, schedule, target, token, error=str(exc))
+    except Exception as exc:
+        return _record(svc, schedule, target, token, error=unexpected(exc))
+    if archived is None:  # a worker of a fleet set up unevenly: another may have the setting
+        return _record(svc, schedule, target, token, error=NOT_HERE)
     return _record(svc, schedule, target, token, archived=archived)
+
+
+def unexpected(exc: Exception) -> str:
+    """One line for an error no check expected, without its message (it may hold a URL)."""
+    logger.warning("archiving: unexpected %s", type(exc).__name__)
+    return f"unexpected error ({type(exc).__name__})"
 
 
 def copy_images(
     settings: Settings, store: ArchiveStore, target: ArchiveTarget
 ) -> list[ArchivedImage]:
-    """Download every result image of the job and store it; raises on the first failure."""
+    """Download every result image of the job and store it; raises on the first failure.
+
+    The downloads share ``settings.archive_step_s`` (each still at most
+    ``REMIX_ARCHIVE_TIMEOUT_S``), so the step ends before the broker's visibility timeout
+    would hand its message to another slot.
+    """
     record = target.record
     archived = []
+    ends = time.monotonic() + settings.archive_step_s
     for n, url in enumerate(record.result_urls):
         try:
+            left = ends - time.monotonic()
+            if left <= 0:
+                raise FetchError(f"no time left in this try ({settings.archive_step_s:g} s)")
             fetched = fetch_image(
                 url,
                 max_bytes=settings.remix_archive_max_bytes,
-                timeout_s=settings.remix_archive_timeout_s,
+                timeout_s=min(settings.remix_archive_timeout_s, left),
             )
             name = f"{record.job_id}/{n}.{EXTENSIONS[fetched.content_type]}"
             location = store.put(name, fetched.data, fetched.content_type)
         except (FetchError, ArchiveError) as exc:
             raise type(exc)(f"image {n}: {exc}") from None
+        except Exception as exc:  # a malformed redirect (ValueError), a bug
+            raise ArchiveError(f"image {n}: {unexpected(exc)}") from None
         archived.append(
             ArchivedImage(
                 location=location,
@@ -222,8 +269,9 @@ def _record(
     *,
     error: str | None = None,
     archived: list[ArchivedImage] | None = None,
+    permanent: bool = False,
 ) -> str:
-    """Write the try's outcome and count it."""
+    """Write the try's outcome and count it (``permanent``: an error no retry can mend)."""
     settings = svc.settings
     job_id = target.record.job_id
     attempts = (target.record.archive.attempts if target.record.archive else 0) + 1
@@ -231,7 +279,7 @@ def _record(
     if error is None:
         outcome = "done"
         note = Archive(state="done", attempts=attempts, archived_at=svc.clock.now())
-    elif attempts >= settings.remix_archive_max_attempts:
+    elif permanent or attempts >= settings.remix_archive_max_attempts:
         outcome = "failed"
         note = Archive(state="failed", attempts=attempts, last_error=error)
     else:

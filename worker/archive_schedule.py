@@ -13,12 +13,16 @@ token and a lease (growing with the images, :func:`archive_lease_per_image_s`), 
 publishes one ``remix.archive`` message per job on queue ``archive``. A step that
 records no outcome within its lease (its message was lost, its worker killed) is due
 again and sent again; only the message carrying the latest token may act, so a stale
-copy is dropped.
+copy is dropped. Archive steps in flight count in the webhooks' fleet-wide limit: both
+together hold at most half of the fleet's worker slots, so slow result hosts never starve
+the submit and poll steps.
 
 Outcomes are written by ``archive_end.lua``: after the job finished, ``update.lua``
 refuses every write; this script writes only ``archive``, ``archived`` and the internal
 ``_archive_*`` fields, never the job's state or results, and when archiving ends (done
-or given up) it makes the job's webhook due in the same step.
+or given up) it makes the job's webhook due in the same step. An outcome retires its
+token (a second copy of the message, say one the broker delivered again, records
+nothing), and an archive that ended never changes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from worker import keys
 from worker.jobstore import SEND_MARGIN_S, decode_text, read_record
 from worker.lua import load_script
 from worker.models import Archive, ArchivedImage, JobRecord
+from worker.notify_store import HOLD_FIRST_S, most_in_fleet
 from worker.runtime import PerClient, Services
 from worker.settings import Settings
 
@@ -43,6 +48,8 @@ ARCHIVE_CLAIM_LIMIT = 100
 STORE_WRITE_S = 60.0
 #: And for the Redis work around the step.
 ARCHIVE_LEASE_MARGIN_S = 30.0
+#: Longest pause of an entry held back by the fleet-wide limit (see ``claim_archive.lua``).
+ARCHIVE_HOLD_MAX_S = 10.0
 
 
 def archive_lease_per_image_s(settings: Settings) -> float:
@@ -82,12 +89,19 @@ class ArchiveSchedule:
         self._end = load_script(client, "archive_end")
 
     def claim(
-        self, limit: int, settings: Settings, *, oldest_waiting: float | None = None
+        self,
+        limit: int,
+        settings: Settings,
+        *,
+        oldest_waiting: float | None = None,
+        fleet_slots: int | None = None,
     ) -> list[ArchiveDispatch]:
         """Up to ``limit`` due entries, each with a new token and a lease.
 
         ``oldest_waiting``: send time of the archive queue's oldest waiting message (None
-        when it is empty); see ``claim_archive.lua``.
+        when it is empty); ``fleet_slots``: the fleet's worker slots, of which archive
+        steps and webhooks together hold at most half (None: no fleet-wide limit); see
+        ``claim_archive.lua``.
         """
         args = [
             keys.JOB_PREFIX,
@@ -96,8 +110,12 @@ class ArchiveSchedule:
             "" if oldest_waiting is None else repr(oldest_waiting),
             SEND_MARGIN_S,
             ARCHIVE_LEASE_MARGIN_S,
+            most_in_fleet(fleet_slots),
+            HOLD_FIRST_S,
+            ARCHIVE_HOLD_MAX_S,
         ]
-        flat = self._claim(keys=[keys.ARCHIVE_SCHEDULE], args=args)
+        in_flight = [keys.ARCHIVE_IN_FLIGHT, keys.NOTIFY_IN_FLIGHT]
+        flat = self._claim(keys=[keys.ARCHIVE_SCHEDULE, *in_flight], args=args)
         return [
             ArchiveDispatch(
                 job_id=decode_text(flat[i]),
@@ -110,7 +128,10 @@ class ArchiveSchedule:
     def due_now(self, items: list[ArchiveDispatch]) -> None:
         """Make claimed entries due at once: their messages never left (broker refused)."""
         if items:
-            self.redis.zadd(keys.ARCHIVE_SCHEDULE, {item.job_id: 0 for item in items}, xx=True)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.ARCHIVE_SCHEDULE, {item.job_id: 0 for item in items}, xx=True)
+            pipe.zrem(keys.ARCHIVE_IN_FLIGHT, *(item.job_id for item in items))
+            pipe.execute()
 
     def target(self, job_id: str) -> ArchiveTarget | None:
         """The job's public record and archive token (None: no such job)."""
@@ -139,7 +160,12 @@ class ArchiveSchedule:
             entries,
             max(0.0, retry_in),
         ]
-        job_keys = [keys.job(job_id), keys.ARCHIVE_SCHEDULE, keys.NOTIFY_SCHEDULE]
+        job_keys = [
+            keys.job(job_id),
+            keys.ARCHIVE_SCHEDULE,
+            keys.NOTIFY_SCHEDULE,
+            keys.ARCHIVE_IN_FLIGHT,
+        ]
         return decode_text(self._end(keys=job_keys, args=args))
 
     def due(self, job_id: str) -> float | None:
@@ -160,14 +186,18 @@ def archive_schedule(svc: Services) -> ArchiveSchedule:
     return _schedules.get(svc.store.redis)
 
 
-def dispatch_archives(svc: Services, oldest_waiting: float | None = None) -> int:
+def dispatch_archives(
+    svc: Services, oldest_waiting: float | None = None, fleet_slots: int | None = None
+) -> int:
     """Claim the due archiving and publish one ``remix.archive`` each; returns how many.
 
     Those whose message the broker refused are made due again at once, then the error is
     raised: they are never lost, at worst sent after their lease.
     """
     schedule = archive_schedule(svc)
-    claimed = schedule.claim(ARCHIVE_CLAIM_LIMIT, svc.settings, oldest_waiting=oldest_waiting)
+    claimed = schedule.claim(
+        ARCHIVE_CLAIM_LIMIT, svc.settings, oldest_waiting=oldest_waiting, fleet_slots=fleet_slots
+    )
     if not claimed:
         return 0
     resent = sum(1 for item in claimed if item.resent)

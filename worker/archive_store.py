@@ -44,7 +44,8 @@ class ArchiveError(Exception):
     """The archive refused a write; ``str()`` is one line without credentials."""
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` when it is ``<job_id>/<file>`` inside the archive; ``ValueError`` otherwise."""
     parts = name.split("/")
     if len(parts) != 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
         raise ValueError(f"archive names are <job_id>/<file>, got {name!r}")
@@ -58,7 +59,7 @@ class DirectoryArchive:
         self.root = Path(root)
 
     def put(self, name: str, data: bytes, content_type: str) -> str:
-        target = self.root / _check_name(name)
+        target = self.root / check_name(name)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._write_atomically(target, data)
@@ -109,7 +110,7 @@ class S3Archive:
     def put(self, name: str, data: bytes, content_type: str) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        key = self.key_of(_check_name(name))
+        key = self.key_of(check_name(name))
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except ClientError as exc:

@@ -29,18 +29,25 @@ logged and never keeps a job's step from being sent. With its heartbeat every wo
 says how many task slots it has, so webhooks can be kept to half of the fleet's. Due
 archiving of result images (:mod:`worker.archive_schedule`) goes out the same way, as
 ``remix.archive`` messages, after the webhooks and just as apart from the jobs' steps.
+
+The heartbeat also says which queues the worker consumes (``-Q``). A fleet split by
+queues may leave one without a consumer (``-Q submit,poll`` and ``-Q notify`` with
+archiving on: nothing takes ``archive``, so archiving and the webhooks that wait for it
+never end); every worker then logs a warning while messages wait there, and ``remixq
+status`` lists the queue under ``queues_without_workers``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, cast
 
 from celery import bootsteps
 
@@ -86,10 +93,14 @@ class Dispatcher:
         slots: how many tasks this worker runs at once (its pool's size).
     """
 
-    def __init__(self, svc: Services, slots: int = 1) -> None:
+    def __init__(self, svc: Services, slots: int = 1, queues: Iterable[str] = QUEUES) -> None:
         self.svc = svc
         self.slots = max(1, slots)
         self.fleet_slots = self.slots
+        self.queues = sorted(queues)
+        self.fleet_queues = set(self.queues)
+        self._started = time.monotonic()
+        self._unconsumed: set[str] = set()
         self._last_heartbeat = float("-inf")
         self._last_prune = time.monotonic()
         self._failing: set[str] = set()
@@ -102,14 +113,44 @@ class Dispatcher:
         pipe = self.svc.broker.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
+        pipe.zadd(keys.WORKER_QUEUES, {f"{self.name} {','.join(self.queues)}": now})
+        pipe.zremrangebyscore(keys.WORKER_QUEUES, "-inf", now - LIVE_WORKER_S)
         pipe.zadd(keys.WORKER_SLOTS, {f"{self.name} {self.slots}": now})
         pipe.zremrangebyscore(keys.WORKER_SLOTS, "-inf", now - LIVE_WORKER_S)
         for provider in configured_providers(self.svc.settings):
             pipe.zadd(keys.provider_workers(provider), {self.name: now})
             pipe.zremrangebyscore(keys.provider_workers(provider), "-inf", now - LIVE_WORKER_S)
+        pipe.zrangebyscore(keys.WORKER_QUEUES, now - LIVE_WORKER_S, "+inf")
         pipe.zrangebyscore(keys.WORKER_SLOTS, now - LIVE_WORKER_S, "+inf")
-        live = pipe.execute()[-1]
+        *_, queues, live = pipe.execute()
         self.fleet_slots = max(self.slots, sum(map(_slots_of, live)))
+        self.fleet_queues = set(self.queues) | _queues_of(queues)
+
+    def leave(self) -> None:
+        """Take this worker out of the live fleet at once (a clean shutdown), so that its
+        slots and queues do not count for another :data:`LIVE_WORKER_S`."""
+        pipe = self.svc.broker.pipeline(transaction=False)
+        pipe.zrem(keys.WORKERS, self.name)
+        pipe.zrem(keys.WORKER_SLOTS, f"{self.name} {self.slots}")
+        pipe.zrem(keys.WORKER_QUEUES, f"{self.name} {','.join(self.queues)}")
+        for provider in configured_providers(self.svc.settings):
+            pipe.zrem(keys.provider_workers(provider), self.name)
+        pipe.execute()
+
+    def warn_unconsumed(self, waiting: Iterable[str]) -> None:
+        """Log once (until it changes) each queue holding messages that no live worker
+        consumes; only after every live worker had time for a heartbeat."""
+        if time.monotonic() - self._started < LIVE_WORKER_S:
+            return
+        unconsumed = set(waiting) - self.fleet_queues
+        for queue in sorted(unconsumed - self._unconsumed):
+            logger.warning(
+                "dispatcher: messages wait in queue %s and no live worker consumes it; start "
+                "a worker with -Q %s (or without -Q): until then they wait forever",
+                queue,
+                queue,
+            )
+        self._unconsumed = unconsumed
 
     def tick(self) -> int:
         """One round: claim what is due and send it; returns how many messages were sent."""
@@ -120,13 +161,15 @@ class Dispatcher:
             self._last_prune = time.monotonic()
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
         waiting = oldest_waiting(self.svc)
+        self.warn_unconsumed(waiting)
         sent = self._dispatch_jobs(waiting)
         sent += self._dispatch_apart(
             "completion webhooks",
             lambda: dispatch_notifications(self.svc, waiting.get(NOTIFY_QUEUE), self.fleet_slots),
         )
         return sent + self._dispatch_apart(
-            "archiving", lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE))
+            "archiving",
+            lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE), self.fleet_slots),
         )
 
     def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
@@ -189,6 +232,22 @@ def _slots_of(member: bytes | str) -> int:
     return int(size) if size.isdigit() else 1
 
 
+def _queues_of(members: Iterable[bytes | str]) -> set[str]:
+    """The queues named by ``WORKER_QUEUES`` members (``"<worker> <q>,<q>"``)."""
+    found: set[str] = set()
+    for member in members:
+        text = member.decode(errors="replace") if isinstance(member, bytes) else member
+        found.update(q for q in text.rsplit(" ", 1)[-1].split(",") if q)
+    return found
+
+
+def queues_without_workers(svc: Services) -> list[str]:
+    """The pipeline's queues that no live worker consumes (by their heartbeats)."""
+    since = svc.clock.now() - LIVE_WORKER_S
+    members = cast("list[bytes]", svc.broker.zrangebyscore(keys.WORKER_QUEUES, since, "+inf"))
+    return [queue for queue in QUEUES if queue not in _queues_of(members)]
+
+
 def oldest_waiting(svc: Services) -> dict[str, float]:
     """For each queue holding messages: when its oldest waiting message was sent.
 
@@ -217,8 +276,11 @@ def _sent_at(raw: bytes | str) -> float:
 class DispatcherThread:
     """Runs :meth:`Dispatcher.tick` in a loop until stopped."""
 
-    def __init__(self, make_dispatcher: Any = None, slots: int = 1) -> None:
-        self._make = make_dispatcher or (lambda: Dispatcher(services(), slots))
+    def __init__(
+        self, make_dispatcher: Any = None, slots: int = 1, queues: Iterable[str] = QUEUES
+    ) -> None:
+        self._make = make_dispatcher or (lambda: Dispatcher(services(), slots, queues))
+        self._dispatcher: Dispatcher | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="remixq-dispatcher", daemon=True)
 
@@ -229,13 +291,16 @@ class DispatcherThread:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._dispatcher is not None:
+            with contextlib.suppress(Exception):  # Redis gone: the heartbeat ages out
+                self._dispatcher.leave()
 
     def _run(self) -> None:
         dispatcher: Dispatcher | None = None
         failing = False
         while not self._stop.is_set():
             try:
-                dispatcher = dispatcher or self._make()
+                dispatcher = self._dispatcher = dispatcher or self._make()
                 sent = dispatcher.tick()
                 if failing:
                     logger.warning("dispatcher: Redis and the broker answer again")
@@ -262,7 +327,7 @@ class DispatcherStep(bootsteps.StartStopStep):
         self.thread: DispatcherThread | None = None
 
     def start(self, parent: Any) -> None:
-        self.thread = DispatcherThread(slots=_pool_size(parent))
+        self.thread = DispatcherThread(slots=_pool_size(parent), queues=_consumed(parent))
         self.thread.start()
 
     def stop(self, parent: Any) -> None:
@@ -270,6 +335,14 @@ class DispatcherStep(bootsteps.StartStopStep):
             self.thread.stop()
 
     shutdown = stop
+
+
+def _consumed(worker: Any) -> list[str]:
+    """The queues the worker consumes (``-Q``; every queue without it)."""
+    try:
+        return list(worker.app.amqp.queues.consume_from)
+    except AttributeError:
+        return list(QUEUES)
 
 
 def _pool_size(worker: Any) -> int:

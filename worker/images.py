@@ -3,11 +3,13 @@
 Producers read a file (or take bytes) here, before anything is enqueued, so a bad file
 gets one line naming what is wrong and nothing is written. The worker never reads a
 path: only the bytes a producer stored in the blob store (:mod:`worker.blobs`).
+:func:`is_complete_image` is the archive's check that a downloaded result is whole.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 from worker.models import InvalidRequestError
@@ -27,6 +29,36 @@ def sniff_image_type(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+def is_complete_image(data: bytes, content_type: str) -> bool:
+    """Whether ``data`` (sniffed as ``content_type``) is whole, cheaply, by its structure.
+
+    Not a decoder: a PNG must be a chain of chunks from ``IHDR`` to an ``IEND`` that ends
+    the data, a JPEG must end with its end-of-image marker (``FFD9``), a WebP's RIFF size
+    must equal its length. A body cut short, or a page behind an image's magic bytes,
+    fails; a file that is whole but corrupt inside may pass.
+    """
+    if content_type == "image/png":
+        return _png_chunks_complete(data)
+    if content_type == "image/jpeg":
+        return len(data) > 4 and data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")
+    if content_type == "image/webp":
+        return len(data) >= 12 and struct.unpack("<I", data[4:8])[0] + 8 == len(data)
+    return False
+
+
+def _png_chunks_complete(data: bytes) -> bool:
+    at, first = 8, True
+    while at + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        if first and kind != b"IHDR":
+            return False
+        first = False
+        at += 12 + length
+        if kind == b"IEND":
+            return at == len(data)
+    return False
 
 
 def load_image(
@@ -58,9 +90,9 @@ def check_image_bytes(data: bytes, field: str) -> str:
             f"{MAX_IMAGE_BYTES} bytes allowed"
         )
     content_type = sniff_image_type(data)
-    if content_type is None:
+    if content_type is None or not is_complete_image(data, content_type):
         raise InvalidRequestError(
-            f"invalid request: {field}: not a JPEG, PNG or WebP image (checked by content)"
+            f"invalid request: {field}: not a whole JPEG, PNG or WebP image (checked by content)"
         )
     return content_type
 

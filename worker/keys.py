@@ -42,6 +42,9 @@ WORKERS = PREFIX + "workers"
 #: Sorted set of ``"<worker> <pool size>"``, scored by the worker's last heartbeat: how
 #: many task slots the fleet has (webhooks may hold at most half of them).
 WORKER_SLOTS = PREFIX + "workers:slots"
+#: Sorted set of ``"<worker> <queue>,<queue>..."``, scored by the worker's last heartbeat:
+#: which queues the live fleet consumes (a queue no live worker consumes is reported).
+WORKER_QUEUES = PREFIX + "workers:queues"
 #: Histograms (one hash each: bucket bound -> count, plus ``sum`` and ``count``).
 HISTOGRAM_PREFIX = PREFIX + "hist:"
 #: Job states in the order of their index keys (see :func:`state_indexes`).
@@ -138,6 +141,9 @@ def blob(blob_id: str) -> str:
 #: Sorted set of succeeded jobs whose result images are to be archived, scored by when
 #: their next try is due (``REMIX_ARCHIVE_URL``; :mod:`worker.archive_schedule`).
 ARCHIVE_SCHEDULE = PREFIX + "archive"
+#: Sorted set of every archive step in flight, scored by when its lease ends (they count
+#: in the webhooks' fleet-wide limit, :data:`NOTIFY_IN_FLIGHT`).
+ARCHIVE_IN_FLIGHT = PREFIX + "archive:in_flight"
 #: Sorted set of the stored blobs' ids, scored by when they expire (Redis clock).
 BLOB_EXPIRIES = PREFIX + "blobs:expiries"
 #: Hash: blob id -> its size in bytes (the blobs counted in :data:`BLOB_BYTES`).

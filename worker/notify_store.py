@@ -17,8 +17,9 @@ twice. Each receiver (``scheme://host:port``) has a limit of deliveries in fligh
 while it is new or failing, one more per 2xx answer in a row, up to
 :data:`MOST_IN_FLIGHT_PER_RECEIVER`; a receiver that hangs holds at most one worker slot
 at a time. And all deliveries together hold at most half of the fleet's slots (the
-workers' heartbeats say how many there are), so however many receivers hang, the submit
-and poll steps keep the other half.
+workers' heartbeats say how many there are), archive steps included (they share the
+limit, :mod:`worker.archive_schedule`), so however many receivers or result hosts hang,
+the submit and poll steps keep the other half.
 
 Outcomes are written by ``notify_end.lua``: after the job finished, ``update.lua`` refuses
 every write, and this script writes only ``notification`` and the internal webhook
@@ -62,7 +63,8 @@ def notify_lease_s(settings: Settings) -> float:
 
 
 def most_in_fleet(fleet_slots: int | None) -> int:
-    """Deliveries allowed in flight at once: half the fleet's slots, at least one."""
+    """Deliveries and archive steps allowed in flight at once, together: half the fleet's
+    slots, at least one."""
     return UNLIMITED if fleet_slots is None else max(1, fleet_slots // 2)
 
 
@@ -128,7 +130,9 @@ class NotifyStore:
             settings.remix_notify_timeout_s,
             most_in_fleet(fleet_slots),
         ]
-        flat = self._claim(keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT], args=args)
+        flat = self._claim(
+            keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT, keys.ARCHIVE_IN_FLIGHT], args=args
+        )
         return [
             NotifyDispatch(
                 job_id=decode_text(flat[i]),

@@ -33,6 +33,9 @@ LEASE_MARGIN_S = 15.0
 #: An open createTask attempt is respected this much longer than a lease, for its worker
 #: to record an accepted task id through a Redis blip (it keeps trying longer than that).
 RECORD_RETRY_S = 30.0
+#: An archive step's downloads end this long before the broker's visibility timeout:
+#: time for its last write (an S3 PutObject with its retries ends within 50 s) and Redis.
+ARCHIVE_STEP_MARGIN_S = 60.0
 #: Job records outlive the longest a job can run by at least this much.
 TTL_MARGIN_S = 3600
 #: The secret settings; each may instead be read from the file ``<NAME>_FILE`` names.
@@ -152,8 +155,14 @@ def _blank(value: Any) -> bool:
 
 
 def check_archive_url(value: str) -> str:
-    """``file:///absolute/dir`` or ``s3://bucket[/prefix]``; raises ``ValueError`` otherwise."""
+    """``file:///absolute/dir`` or ``s3://bucket[/prefix]``; raises ``ValueError`` otherwise.
+
+    A control character (NUL included), written or %-encoded, is refused: no path or key
+    can hold it, so every write would fail.
+    """
     parts = urlsplit(value)
+    if _CONTROL_CHARACTER.search(value) or _CONTROL_CHARACTER.search(unquote(parts.path)):
+        raise ValueError("a store URL must not hold a control character (such as %00)")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError("a file:// URL must name an absolute directory (file:///dir)")
@@ -256,13 +265,18 @@ class Settings(BaseSettings):
     remix_archive_s3_endpoint_url: str | None = None
     #: Largest result image archived; a bigger one is not read past this many bytes.
     remix_archive_max_bytes: int = Field(50 * 1000 * 1000, gt=0)
-    #: Total time one image download may take, connecting included.
-    remix_archive_timeout_s: float = Field(120.0, gt=0)
+    #: Total time one image download may take, connecting included. All downloads of one
+    #: archive step share REMIX_BROKER_VISIBILITY_TIMEOUT_S - 60 s (see ``archive_step_s``).
+    remix_archive_timeout_s: float = Field(60.0, gt=0)
     #: How many times a job's archiving is tried before it is given up (and reported).
     remix_archive_max_attempts: int = Field(8, ge=1)
     #: Base and longest delay of the backoff (full jitter) between archiving tries.
     remix_archive_retry_base_s: float = Field(10.0, gt=0)
     remix_archive_retry_max_s: float = Field(1800.0, gt=0)
+
+    #: The broker's visibility timeout: a message unacknowledged this long (its worker
+    #: died, or its task is still running) is delivered again, so no task may run longer.
+    remix_broker_visibility_timeout_s: float = Field(120.0, gt=0)
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
@@ -272,9 +286,10 @@ class Settings(BaseSettings):
     ideogram_state_map: str = DEFAULT_IDEOGRAM_STATE_MAP
     ideogram_rate_limit: str = "20/10s"
     ideogram_connect_timeout_s: float = Field(5.0, gt=0)
-    #: The relay may generate inside the request: its read timeout is long.
-    ideogram_read_timeout_s: float = Field(180.0, gt=0)
-    ideogram_request_deadline_s: float = Field(200.0, gt=0)
+    #: The relay may generate inside the request: its read timeout is long. The total
+    #: deadline, plus a margin, must end before the broker's visibility timeout.
+    ideogram_read_timeout_s: float = Field(90.0, gt=0)
+    ideogram_request_deadline_s: float = Field(100.0, gt=0)
 
     #: Paths of files holding the secrets above (Kubernetes or Docker secrets); a secret
     #: may come from its variable or from its file, not both.
@@ -387,10 +402,25 @@ class Settings(BaseSettings):
             raise ValueError("REMIX_NOTIFY_RETRY_BASE_S must not exceed REMIX_NOTIFY_RETRY_MAX_S")
         if self.remix_archive_retry_base_s > self.remix_archive_retry_max_s:
             raise ValueError("REMIX_ARCHIVE_RETRY_BASE_S must not exceed REMIX_ARCHIVE_RETRY_MAX_S")
+        if self.remix_archive_timeout_s > self.archive_step_s:
+            raise ValueError(
+                "REMIX_ARCHIVE_TIMEOUT_S must be at most REMIX_BROKER_VISIBILITY_TIMEOUT_S - "
+                f"{ARCHIVE_STEP_MARGIN_S:.0f} s ({self.archive_step_s:g} s), so that an archive "
+                "step ends before the broker delivers its message again"
+            )
         if self.kie_request_deadline_s >= self.remix_deadline_s:
             raise ValueError("KIE_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
         if self.ideogram_base_url and self.ideogram_request_deadline_s >= self.remix_deadline_s:
             raise ValueError("IDEOGRAM_REQUEST_DEADLINE_S must be shorter than REMIX_DEADLINE_S")
+        if self.lease_s >= self.remix_broker_visibility_timeout_s:
+            # The broker would hand a step's message to a second worker while the first
+            # still waits for its upstream answer.
+            raise ValueError(
+                f"the longest upstream request (KIE_REQUEST_DEADLINE_S, or "
+                f"IDEOGRAM_REQUEST_DEADLINE_S with the relay) plus {LEASE_MARGIN_S:.0f} s must "
+                f"be shorter than REMIX_BROKER_VISIBILITY_TIMEOUT_S "
+                f"({self.remix_broker_visibility_timeout_s:g} s)"
+            )
         longest_job = self.remix_submit_deadline_s + self.attempt_settle_s + self.remix_deadline_s
         if self.remix_job_ttl_s < longest_job + TTL_MARGIN_S:
             raise ValueError(
@@ -462,6 +492,17 @@ class Settings(BaseSettings):
         calls. It is also how soon a SIGKILLed worker's jobs move again.
         """
         return self.longest_request_s + LEASE_MARGIN_S
+
+    @property
+    def archive_step_s(self) -> float:
+        """How long the downloads of one archive step may take, all images together.
+
+        A step must end before the broker's visibility timeout: past it, the broker hands
+        the same message (the same archive token) to another slot while the first still
+        runs. So the step's downloads share this budget and its last write gets
+        :data:`ARCHIVE_STEP_MARGIN_S`.
+        """
+        return self.remix_broker_visibility_timeout_s - ARCHIVE_STEP_MARGIN_S
 
     @property
     def ideogram_configured(self) -> bool:

@@ -256,8 +256,9 @@ def remix_notify(
 def remix_archive(self: Task, job_id: Any = "", dispatch: Any = 0, **_: Any) -> str:
     """Archive one succeeded job's result images (:func:`worker.archive_policy.archive_step`).
 
-    Whatever goes wrong here, the entry stays in the archive schedule and is sent again
-    after its lease; nothing here touches a job's state or results.
+    An error of the try itself is recorded by the step as a failed try; when Redis fails
+    (or a bug outside the try), the entry stays in the archive schedule and is sent again
+    after its lease. Nothing here touches a job's state or results.
     """
     svc = services()
     try:

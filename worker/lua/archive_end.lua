@@ -5,23 +5,37 @@
 -- up) the job's completion webhook, waiting for it, becomes due: a crash between the
 -- two cannot happen, they are one script.
 --
+-- An outcome retires the token it was recorded with, so a second copy of the same
+-- message (a broker redelivery) records nothing; and an archive that ended (done or
+-- failed) never changes again.
+--
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the archive schedule
 -- KEYS[3]  the schedule of completion webhooks
+-- KEYS[4]  every archive step in flight (sorted set: job id -> end of its lease)
 -- ARGV[1]  job id
 -- ARGV[2]  archive token the step held
 -- ARGV[3]  outcome: 'done', 'retry', 'failed', or 'dropped' (nothing to archive)
 -- ARGV[4]  JSON of the new `archive` ('' for 'dropped')
 -- ARGV[5]  JSON of the new `archived` list ('' to leave it)
 -- ARGV[6]  seconds until the next try ('retry' only)
--- Returns 'ok', 'stale' (a newer message owns the entry) or 'missing' (no such job).
+-- Returns 'ok', 'stale' (a newer message owns the entry, or this token already recorded
+-- an outcome, or archiving has ended) or 'missing' (no such job).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
   return 'missing'
 end
 if (tonumber(redis.call('HGET', KEYS[1], '_archive_token')) or 0) ~= tonumber(ARGV[2]) then
   return 'stale'
 end
+redis.call('ZREM', KEYS[4], ARGV[1])
+local ok_now, current = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'archive') or 'null')
+local ended = ok_now and type(current) == 'table' and current.state ~= 'pending'
+if ended and ARGV[3] ~= 'dropped' then
+  return 'stale'
+end
+redis.call('HINCRBY', KEYS[1], '_archive_token', 1)
 redis.call('HSET', KEYS[1], '_archive_sent_at', 'null')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6

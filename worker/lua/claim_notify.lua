@@ -14,10 +14,12 @@
 -- in the whole fleet (half its worker slots). A new or failing receiver gets one delivery
 -- at a time, so one that hangs holds at most one worker slot, and all of them together
 -- never hold more than half; a webhook over a limit waits in the schedule, re-checked
--- after a growing pause.
+-- after a growing pause. Archive steps in flight (claim_archive.lua) count in the
+-- fleet-wide limit too: webhooks and archiving together hold at most half the slots.
 --
 -- KEYS[1]  the schedule of completion webhooks
 -- KEYS[2]  every delivery in flight (sorted set: job id -> end of its lease)
+-- KEYS[3]  every archive step in flight (the same, for archiving)
 -- ARGV[1]  prefix of job hash keys (the job id is appended)
 -- ARGV[2]  prefix of receiver state hashes (the receiver is appended)
 -- ARGV[3]  prefix of receiver in-flight sorted sets (the receiver is appended)
@@ -28,9 +30,10 @@
 -- ARGV[8]  most deliveries in flight to one receiver
 -- ARGV[9]  first pause of a webhook held back by its receiver's limit, in seconds
 -- ARGV[10] longest such pause
--- ARGV[11] most deliveries in flight in the whole fleet
+-- ARGV[11] most deliveries and archive steps in flight in the whole fleet
 -- Returns a flat list: job id, token, receiver, due time, '1' when this sends the webhook
 -- again because its last message or delivery was lost (else '0'); five entries each.
+-- #include side_work.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(ARGV[5])
@@ -75,17 +78,12 @@ for i = 1, #due, 2 do
     redis.call('ZREM', KEYS[2], id)
     local streak = tonumber(redis.call('HGET', ARGV[2] .. receiver, 'streak')) or 0
     if redis.call('ZCARD', busy) >= math.min(most_in_flight, 1 + streak)
-        or redis.call('ZCARD', KEYS[2]) >= most_in_fleet then
-      local holds = redis.call('HINCRBY', key, '_notify_holds', 1)
-      local pause = math.min(hold_max, hold_first * 2 ^ math.min(holds - 1, 30))
-      redis.call('ZADD', KEYS[1], now + pause, id)
+        or side_work_in_flight(KEYS[2], KEYS[3], now) >= most_in_fleet then
+      hold_back(KEYS[1], key, '_notify', id, now, hold_first, hold_max)
     else
-      local token = redis.call('HINCRBY', key, '_notify_token', 1)
-      redis.call('HSET', key, '_notify_sent_at', string.format('%.6f', now), '_notify_holds', '0')
-      redis.call('ZADD', KEYS[1], now + lease, id)
+      local token = hand_out(KEYS[1], KEYS[2], key, '_notify', id, now, lease)
       redis.call('ZADD', busy, now + lease, id)
       redis.call('EXPIRE', busy, math.ceil(lease) + 60)
-      redis.call('ZADD', KEYS[2], now + lease, id)
       local lost = '0'
       if sent_at then lost = '1' end
       table.insert(out, id)

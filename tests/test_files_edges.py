@@ -1,0 +1,114 @@
+"""Adversarial tests of images from files: what the producers accept as an image.
+
+Real uvicorn (the HTTP app), real Redis (the test database), no worker: a body the
+route accepts is stored in the blob store and enqueued, and a worker would upload it and
+pay createTask (or the relay) for it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from sandbox.launch import ManagedProcess, start_api
+from tests.conftest import TEST_REDIS_URL
+from worker import keys
+from worker.models import InvalidRequestError, validate_request
+
+pytestmark = pytest.mark.integration
+TOKEN = f"tok-{uuid.uuid4().hex}"
+REFERENCE = "https://example.test/ref.png"
+
+#: Files that carry an image format's magic bytes and nothing of an image after them.
+NOT_IMAGES = {
+    "webp_header_only": b"RIFF\x00\x00\x00\x00WEBP",
+    "png_signature_then_text": b"\x89PNG\r\n\x1a\nthis is a text file, not a PNG",
+    "jpeg_soi_then_text": b"\xff\xd8\xffthis is a text file, not a JPEG",
+}
+
+
+@pytest.fixture(scope="module")
+def api(redis_client: redis.Redis, log_dir: Path) -> Iterator[ManagedProcess]:
+    env = {
+        "REDIS_URL": TEST_REDIS_URL,
+        "RESULT_BACKEND_URL": TEST_REDIS_URL,
+        "REMIX_API_TOKENS": TOKEN,
+        "KIE_CALLBACK_URL": "",
+    }
+    process = start_api(env, log_path=log_dir / "attack-files.log")
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("name", sorted(NOT_IMAGES))
+def test_magic_bytes_without_an_image_are_refused(
+    api: ManagedProcess, redis_client: redis.Redis, name: str
+) -> None:
+    """README: a file must be a JPEG, PNG or WebP *by its content* ("a text file named
+    .png is not"). Magic bytes followed by text are a text file: nothing may be stored or
+    enqueued, or a worker uploads it and pays for a task on a non-image."""
+    blobs_before = len(list(redis_client.scan_iter(keys.blob("*"))))
+    with httpx.Client(base_url=str(api.url), timeout=30) as http:
+        answer = http.post(
+            "/v1/jobs:upload",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            data={
+                "request": json.dumps(
+                    {"prompt": f"attack {name}", "reference_image_urls": [REFERENCE]}
+                )
+            },
+            files=[("image_file", ("photo.png", NOT_IMAGES[name], "image/png"))],
+        )
+    blobs_after = len(list(redis_client.scan_iter(keys.blob("*"))))
+    assert answer.status_code == 422, (
+        f"{name} ({len(NOT_IMAGES[name])} bytes) was accepted as an image: HTTP "
+        f"{answer.status_code}, blobs {blobs_before} -> {blobs_after}: {answer.text[:200]}"
+    )
+
+
+def test_a_job_does_not_upload_reference_files_the_model_never_uses(svc, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The Python API (and the CLI) take any number of ``reference_image_files`` (the HTTP
+    route stops at 8), and the README says the model uses only the first reference. A job
+    with 40 reference files makes its worker upload all 40 through the kie key's File
+    Upload API in one submit step (each one a request that may be rate-limited, each up
+    to the request deadline, all before the attempt) for 39 images nobody uses."""
+    from sandbox.images import render_png
+    from tests.policy_kit import token_of
+    from worker.blobs import new_ref
+
+    refs = []
+    for n in range(40):
+        data = render_png(f"ref{n}", n, f"ref {n}", "square")
+        ref = new_ref(data, "image/png", f"ref{n}.png")
+        svc.blobs.store([(ref, data)])
+        refs.append(ref.model_dump())
+    base = render_png("base", 0, "base", "square")
+    base_ref = new_ref(base, "image/png", "base.png")
+    svc.blobs.store([(base_ref, base)])
+    job_id = uuid.uuid4().hex
+    request = {
+        "prompt": f"many refs {job_id[:8]}",
+        "image_file": base_ref.model_dump(),
+        "reference_image_files": refs,
+    }
+    with pytest.raises(
+        InvalidRequestError, match="reference_image_files: List should have at most 8"
+    ):
+        validate_request(request)  # what a producer meets before anything is written
+    svc.store.create(job_id, request, due_in=0.0)  # a Celery-protocol producer's message
+
+    from worker.submit_policy import submit_step
+
+    step = submit_step(svc, job_id, token_of(svc, job_id))
+
+    uploaded = int(upstream.stats()["upload_requests"])
+    assert uploaded <= 2, (
+        f"one job made {uploaded} File Upload requests in a single submit step "
+        f"(step {step!r}) for a model that uses one source and the first reference"
+    )
