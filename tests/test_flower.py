@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from sandbox.control import SandboxControl
 from sandbox.launch import REPO_ROOT, ManagedProcess, start_flower, start_worker
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt, worker_env
 from tests.helpers import wait_until
+from worker.app import app as worker_app
 from worker.publisher import POLL_TASK, SUBMIT_TASK
 
 pytestmark = [pytest.mark.integration]
@@ -41,8 +43,26 @@ def flower(sandbox: ManagedProcess, log_dir: Path) -> Iterator[ManagedProcess]:
     process = start_flower(
         env, basic_auth=f"{FLOWER_USER}:{FLOWER_PASSWORD}", log_path=log_dir / "flower.log"
     )
-    yield process
-    process.stop()
+    try:
+        _await_event_capture(process)
+        yield process
+    finally:
+        process.stop()
+
+
+def _await_event_capture(flower: ManagedProcess) -> None:
+    """Wait until Flower records events: it answers HTTP a moment before its event
+    receiver takes messages, and an event published in between is lost (seen here). A
+    probe ``task-sent`` event (task name ``probe``) is sent until Flower lists it."""
+    probe = f"flower-probe-{uuid.uuid4().hex[:8]}"
+
+    def seen() -> bool:
+        with worker_app.events.default_dispatcher() as dispatcher:
+            dispatcher.send("task-sent", uuid=probe, name="probe")
+        time.sleep(0.2)
+        return probe in tasks(flower)
+
+    wait_until(seen, timeout=SEEN_TIMEOUT_S, interval=0.3)
 
 
 def api(flower: ManagedProcess, path: str, **params: Any) -> Any:
