@@ -9,41 +9,29 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from sandbox.launch import ManagedProcess, start_api
-from tests.conftest import TEST_REDIS_URL
+from sandbox.launch import ManagedProcess
+from tests import test_http_uploads
 from worker import keys
 from worker.models import InvalidRequestError, validate_request
 
 pytestmark = pytest.mark.integration
-TOKEN = f"tok-{uuid.uuid4().hex}"
 REFERENCE = "https://example.test/ref.png"
 
 #: Files that carry an image format's magic bytes and nothing of an image after them.
+#: The upload route's API process and its token (a module fixture of test_http_uploads).
+api = test_http_uploads.api
+TOKEN = test_http_uploads.TOKEN
+
 NOT_IMAGES = {
     "webp_header_only": b"RIFF\x00\x00\x00\x00WEBP",
     "png_signature_then_text": b"\x89PNG\r\n\x1a\nthis is a text file, not a PNG",
     "jpeg_soi_then_text": b"\xff\xd8\xffthis is a text file, not a JPEG",
 }
-
-
-@pytest.fixture(scope="module")
-def api(redis_client: redis.Redis, log_dir: Path) -> Iterator[ManagedProcess]:
-    env = {
-        "REDIS_URL": TEST_REDIS_URL,
-        "RESULT_BACKEND_URL": TEST_REDIS_URL,
-        "REMIX_API_TOKENS": TOKEN,
-        "KIE_CALLBACK_URL": "",
-    }
-    process = start_api(env, log_path=log_dir / "attack-files.log")
-    yield process
-    process.stop()
 
 
 @pytest.mark.parametrize("name", sorted(NOT_IMAGES))

@@ -36,7 +36,7 @@ from worker import keys
 from worker.jobstore import SEND_MARGIN_S, decode_text, read_record
 from worker.lua import load_script
 from worker.models import Archive, ArchivedImage, JobRecord
-from worker.notify_store import HOLD_FIRST_S, most_in_fleet
+from worker.notify_store import HOLD_FIRST_S, most_in_fleet, publish_claimed
 from worker.runtime import PerClient, Services
 from worker.settings import Settings
 
@@ -200,12 +200,10 @@ def dispatch_archives(
     )
     if not claimed:
         return 0
-    resent = sum(1 for item in claimed if item.resent)
-    if resent:
-        svc.metrics.count("archive_lease_resends_total", resent)
-    svc.publisher.send_each(
+    return publish_claimed(
+        svc,
         claimed,
+        "archive_lease_resends_total",
         lambda item, producer: svc.publisher.archive(item.job_id, item.token, producer=producer),
         schedule.due_now,
     )
-    return len(claimed)

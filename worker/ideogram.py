@@ -27,23 +27,20 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import requests
 from pydantic import SecretStr
 
 from worker.blobs import BlobRef
 from worker.errors import (
     BadAnswerError,
     MaintenanceError,
-    NetworkError,
     NotFoundError,
     RateLimitedError,
     UpstreamError,
     error_for_code,
-    error_for_exception,
     excerpt,
 )
-from worker.http import deadline, guarded_session
-from worker.kie import TaskInfo, _known_encoding, _read_code, non_json_error, parse_retry_after
+from worker.http import guarded_session
+from worker.kie import TaskInfo, _read_code, call_upstream, non_json_error, parse_retry_after
 from worker.redaction import Redactor
 
 REMIX_PATH = "/ideogram/remix"
@@ -233,26 +230,14 @@ class IdeogramClient:
     def _call(
         self, method: str, path: str, timing: tuple[tuple[float, float], float], **kwargs: Any
     ) -> Any:
-        where = self.base_url + path
-        timeout, total = timing
-        try:
-            with deadline(total) as limit:
-                response = self._session.request(method, where, timeout=timeout, **kwargs)
-                content = response.content
-        except requests.RequestException as exc:
-            if limit.expired:
-                raise self._deadline_error(where, total) from None
-            raise error_for_exception(exc, self.base_url) from None
-        text = content.decode(_known_encoding(response.encoding), errors="replace")
-        error, body = relay_error_from_response(
-            response.status_code, text, response.headers, self._secrets
+        return call_upstream(
+            self._session,
+            method,
+            self.base_url,
+            path,
+            timing,
+            lambda status, text, headers: relay_error_from_response(
+                status, text, headers, self._secrets
+            ),
+            **kwargs,
         )
-        if error is not None and limit.expired:
-            raise self._deadline_error(where, total)
-        if error is not None:
-            raise error
-        return body
-
-    @staticmethod
-    def _deadline_error(where: str, total: float) -> NetworkError:
-        return NetworkError(f"no complete answer from {where} in {total:g}s", ambiguous=True)

@@ -102,6 +102,8 @@ class Job:
     last_error: dict[str, Any] | None
     refused_402: int
     uploads: dict[str, Any]
+    #: The images a relay answered at once (``RELAY_RESULTS_FIELD``), if it did.
+    relay_results: list[str]
 
     @property
     def job_id(self) -> str:
@@ -121,6 +123,7 @@ class Job:
             last_error=fields.get(LAST_ERROR_FIELD),
             refused_402=int(fields.get(REFUSED_402_FIELD) or 0),
             uploads=dict(fields.get(UPLOADS_FIELD) or {}),
+            relay_results=[str(url) for url in fields.get(RELAY_RESULTS_FIELD) or []],
         )
 
 

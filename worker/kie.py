@@ -18,6 +18,7 @@ import email.utils
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +199,49 @@ def _known_encoding(name: str | None) -> str:
     return "utf-8"
 
 
+Interpret = Callable[[int, str, Any], tuple[UpstreamError | None, Any]]
+
+
+def call_upstream(
+    session: requests.Session,
+    method: str,
+    base_url: str,
+    path: str,
+    timing: tuple[tuple[float, float], float],
+    interpret: Interpret,
+    **kwargs: Any,
+) -> Any:
+    """One request within a total deadline; ``interpret`` (status, text, headers) turns
+    the answer into ``(error, data)``. Returns the data or raises a typed error.
+
+    Shared by every upstream client (kie.ai, its File Upload API, the legacy relay).
+    ``timing`` is ``((connect, read) timeouts, total seconds)``.
+    """
+    where = base_url + path
+    timeout, total = timing
+    try:
+        with deadline(total) as limit:
+            response = session.request(method, where, timeout=timeout, **kwargs)
+            content = response.content
+    except requests.RequestException as exc:
+        if limit.expired:
+            raise _deadline_error(where, total) from None
+        raise error_for_exception(exc, base_url) from None
+    # An answer read in full counts even if the deadline passed meanwhile: for
+    # createTask it holds a task id we must not throw away.
+    text = content.decode(_known_encoding(response.encoding), errors="replace")
+    error, data = interpret(response.status_code, text, response.headers)
+    if error is not None and limit.expired:
+        raise _deadline_error(where, total)  # cut off by the deadline, not a real answer
+    if error is not None:
+        raise error
+    return data
+
+
+def _deadline_error(where: str, total: float) -> NetworkError:
+    return NetworkError(f"no complete answer from {where} in {total:g}s", ambiguous=True)
+
+
 class KieClient:
     """Blocking client for createTask, recordInfo and the credit balance.
 
@@ -253,28 +297,12 @@ class KieClient:
         return parse_credit(self._call("GET", CREDIT_PATH))
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        where = self.base_url + path
-        try:
-            with deadline(self._deadline) as limit:
-                response = self._session.request(method, where, timeout=self._timeout, **kwargs)
-                content = response.content
-        except requests.RequestException as exc:
-            if limit.expired:
-                raise self._deadline_error(where) from None
-            raise error_for_exception(exc, self.base_url) from None
-        # An answer read in full counts even if the deadline passed meanwhile: for
-        # createTask it holds a task id we must not throw away.
-        text = content.decode(_known_encoding(response.encoding), errors="replace")
-        error, data = error_from_response(
-            response.status_code, text, response.headers, self._secrets
-        )
-        if error is not None and limit.expired:
-            raise self._deadline_error(where)  # cut off by the deadline, not a real answer
-        if error is not None:
-            raise error
-        return data
-
-    def _deadline_error(self, where: str) -> NetworkError:
-        return NetworkError(
-            f"no complete answer from {where} in {self._deadline:g}s", ambiguous=True
+        return call_upstream(
+            self._session,
+            method,
+            self.base_url,
+            path,
+            (self._timeout, self._deadline),
+            lambda status, text, headers: error_from_response(status, text, headers, self._secrets),
+            **kwargs,
         )

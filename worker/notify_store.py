@@ -28,6 +28,7 @@ fields (``_notify_*``), never the job's state or results.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,14 +226,32 @@ def dispatch_notifications(
     )
     if not claimed:
         return 0
-    resent = sum(1 for item in claimed if item.resent)
-    if resent:
-        svc.metrics.count("notify_lease_resends_total", resent)
-    svc.publisher.send_each(
+    return publish_claimed(
+        svc,
         claimed,
+        "notify_lease_resends_total",
         lambda item, producer: svc.publisher.notify(
             item.job_id, item.token, item.receiver, producer=producer
         ),
         store.unsent,
     )
+
+
+def publish_claimed(
+    svc: Services,
+    claimed: Sequence[Any],
+    resends_metric: str,
+    send: Callable[[Any, Any], None],
+    unsent: Callable[[list[Any]], Any],
+) -> int:
+    """Publish one message per claimed entry (webhooks, archives); returns how many.
+
+    Entries sent again after their lease ran out are counted as ``resends_metric``; those
+    whose message the broker refused are handed to ``unsent`` (due again), then the error
+    is raised.
+    """
+    resent = sum(1 for item in claimed if item.resent)
+    if resent:
+        svc.metrics.count(resends_metric, resent)
+    svc.publisher.send_each(claimed, send, unsent)
     return len(claimed)

@@ -23,7 +23,7 @@ import redis
 
 from worker.backoff import poll_delay
 from worker.errors import UpstreamError
-from worker.jobstore import LAST_ERROR_FIELD, RELAY_RESULTS_FIELD, Job
+from worker.jobstore import LAST_ERROR_FIELD, Job
 from worker.kie import TaskInfo
 from worker.logs import job_context, job_fields, note
 from worker.models import JobState
@@ -76,13 +76,11 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
     if not task_id:
         svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
         return "no_task"
-    if job.record.provider == IDEOGRAM_PROVIDER:
-        kept = svc.store.get_internal(job_id, RELAY_RESULTS_FIELD)
-        if isinstance(kept, list) and kept:
-            # The relay answered with the images themselves (written with the acceptance):
-            # there is nothing to ask it. A relay's own task id may look like ours.
-            finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=[str(u) for u in kept])
-            return "succeeded"
+    if job.relay_results:
+        # The relay answered with the images themselves (written with the acceptance):
+        # there is nothing to ask it. A relay's own task id may look like ours.
+        finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=job.relay_results)
+        return "succeeded"
     polls = svc.store.increment(job_id, "polls")
     if polls is None:
         return "finished"
