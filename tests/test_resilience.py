@@ -74,6 +74,9 @@ LONG_REDIS_OUTAGE_S = 20.0
 RECOVERY_AFTER_BROKER_S = 25.0
 #: The throttle that keeps jobs waiting for their createTask while others already poll:
 #: the upstream accepts 4 per second, and the fleet is told the same budget.
+#: A lost message's job must finish well within its 45 s lease (from enqueue to success:
+#: a worker's start, a 3 s broker outage and reconnection, the job's own 3 s generation).
+LOST_MESSAGE_RECOVERY_S = 35.0
 THROTTLE = "4/1s"
 #: Upstream 429s are retried; the retry budget must not be what the throttle tests.
 THROTTLED_MAX_RETRIES = "60"
@@ -433,6 +436,15 @@ def test_sigterm_warm_shutdown_finishes_the_in_flight_submit(
     assert [create_requests(upstream_control, p) for p in prompts] == [1] * len(prompts)
 
 
+def broker_and_backend(tmp_path: Path) -> tuple[PrivateRedis, PrivateRedis]:
+    """Two private servers, started: the broker and the job store (so one can go alone)."""
+    broker, backend = PrivateRedis(tmp_path / "broker"), PrivateRedis(tmp_path / "backend")
+    for server in (broker, backend):
+        server.directory.mkdir()
+        server.start()
+    return broker, backend
+
+
 def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
     upstream_control: SandboxControl, upstream: ManagedProcess, tmp_path: Path
 ) -> None:
@@ -443,10 +455,7 @@ def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
     for the broker's visibility timeout): parked jobs hold no message in any worker.
     """
     assert upstream.url is not None
-    broker, backend = PrivateRedis(tmp_path / "broker"), PrivateRedis(tmp_path / "backend")
-    for server in (broker, backend):
-        server.directory.mkdir()
-        server.start()
+    broker, backend = broker_and_backend(tmp_path)
     workers = Fleet(broker.url, upstream.url, tmp_path)
     try:
         # Slow answers keep tasks running when the broker goes: their acknowledgements
@@ -484,6 +493,46 @@ def test_broker_outage_every_job_moves_again_as_soon_as_it_returns(
     assert Counter(r.state for r in final) == {JobState.SUCCEEDED: len(job_ids)}
     assert_each_accepted_once(upstream_control, prompts)
     assert recovered_in < RECOVERY_AFTER_BROKER_S
+
+
+def test_a_message_lost_as_the_broker_went_down_moves_when_it_returns_not_after_its_lease(
+    upstream: ManagedProcess, tmp_path: Path
+) -> None:
+    """A message taken in the instant the broker went down is gone from the broker.
+
+    The lost message is made here by deleting the job's queued message (no worker ran yet)
+    before the broker goes down for a moment. The job must be sent again as soon as the
+    broker is back, well within its lease (45 s), because its step never began.
+    """
+    assert upstream.url is not None
+    broker, backend = broker_and_backend(tmp_path)
+    workers = Fleet(broker.url, upstream.url, tmp_path)
+    try:
+        store = JobStore(redis.Redis.from_url(backend.url), ttl_s=3600)
+        enqueued_at = time.monotonic()
+        job_ids = enqueue(broker.url, [unique_prompt("lost-message")], backend_url=backend.url)
+        with broker.admin() as admin:
+            assert admin.delete("submit") == 1  # the job's only message is gone
+        [worker] = workers.start(1, RESULT_BACKEND_URL=backend.url, KIE_REQUEST_DEADLINE_S="30")
+        wait_until(lambda: BROKER_CONNECTED in worker.log_tail(), RECONNECT_TIMEOUT_S, 0.1)
+
+        with broker.admin() as admin:
+            admin.shutdown()
+        assert broker.wait_exit() == 0
+        time.sleep(REDIS_DOWN_S)
+        broker.start()
+
+        [final] = wait_finished(store, job_ids, LOST_MESSAGE_RECOVERY_S, workers.logs())
+        finished_in = time.monotonic() - enqueued_at
+    finally:
+        workers.stop_all()
+        broker.stop()
+        backend.stop()
+
+    assert final.state is JobState.SUCCEEDED and final.submit_attempts == 1
+    assert finished_in < LOST_MESSAGE_RECOVERY_S, finished_in
+    assert worker.log_path is not None
+    assert "never began are sent again" in worker.log_path.read_text(errors="replace")
 
 
 def _policy_services(upstream_url: str, redis_url: str) -> Services:

@@ -41,7 +41,7 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from worker.dispatcher import DispatcherStep
+from worker.dispatcher import BrokerConnectionStep, DispatcherStep
 from worker.logs import enter_task, install_log_format, leave_task
 from worker.publisher import (
     ARCHIVE_QUEUE,
@@ -131,6 +131,7 @@ app = Celery("remixq", include=["worker.tasks"], set_as_current=False)
 # surfaces (as one line) where the configuration is first used.
 app.add_defaults(celery_config)
 app.steps["worker"].add(DispatcherStep)
+app.steps["consumer"].add(BrokerConnectionStep)
 
 
 @worker_init.connect

@@ -21,7 +21,9 @@ was killed) is due again and sent again (counted as ``lease_resends_total``). Th
 what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose latest
 message may still be waiting in its queue (it has not begun and the queue's oldest
 message is no younger than it) is left to that message, so that an overloaded fleet does
-not multiply its own backlog.
+not multiply its own backlog. After an outage the dispatcher does not wait for the leases
+of jobs whose message a worker took and then dropped with its broker connection (see
+:meth:`Dispatcher.after_outage`).
 
 The same thread hands out due completion webhooks (:mod:`worker.notify_store`) as
 ``remix.notify`` messages, after the jobs' steps and apart from them: an error there is
@@ -172,6 +174,24 @@ class Dispatcher:
             lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE), self.fleet_slots),
         )
 
+    def after_outage(self, began_at: float | None) -> int:
+        """Once Redis and the broker answer again: send again at once the jobs whose message
+        was handed out before the outage (``began_at``, fleet clock; None: unknown) and
+        was dropped by the worker that held it, instead of after their lease."""
+        stranded = self.svc.store.resend_stranded(
+            self.svc.settings.lease_s,
+            handed_out_before=began_at,
+            oldest_waiting=oldest_waiting(self.svc),
+        )
+        if stranded:
+            self.svc.metrics.incr("lease_resends_total", stranded)
+            logger.warning(
+                "dispatcher: %d job(s) whose message was taken before the outage and never "
+                "began are sent again",
+                stranded,
+            )
+        return stranded
+
     def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
         """Send due webhooks or archiving; an error is logged (once per outage), not raised.
 
@@ -282,6 +302,10 @@ class DispatcherThread:
         self._make = make_dispatcher or (lambda: Dispatcher(services(), slots, queues))
         self._dispatcher: Dispatcher | None = None
         self._stop = threading.Event()
+        self._returned = threading.Event()
+        self._lock = threading.Lock()
+        self._outage_began: float | None = None
+        self._outage_seen = False
         self._thread = threading.Thread(target=self._run, name="remixq-dispatcher", daemon=True)
 
     def start(self) -> None:
@@ -295,12 +319,26 @@ class DispatcherThread:
             with contextlib.suppress(Exception):  # Redis gone: the heartbeat ages out
                 self._dispatcher.leave()
 
+    def broker_lost(self) -> None:
+        """This worker's consumer lost its broker connection (and dropped the messages it
+        had taken but not started)."""
+        with self._lock:
+            if self._outage_began is None:
+                self._outage_began = _fleet_time(self._dispatcher)
+                self._outage_seen = True
+
+    def broker_returned(self) -> None:
+        """This worker's consumer is connected again: look for jobs it left stranded."""
+        self._returned.set()
+
     def _run(self) -> None:
         dispatcher: Dispatcher | None = None
         failing = False
         while not self._stop.is_set():
             try:
                 dispatcher = self._dispatcher = dispatcher or self._make()
+                if failing or self._returned.is_set():
+                    self._resend_stranded(dispatcher)
                 sent = dispatcher.tick()
                 if failing:
                     logger.warning("dispatcher: Redis and the broker answer again")
@@ -310,11 +348,28 @@ class DispatcherThread:
                     logger.warning(
                         "dispatcher: cannot dispatch (%s: %s); retrying", type(exc).__name__, exc
                     )
+                    self.broker_lost()
                 failing = True
                 self._stop.wait(ERROR_PAUSE_S)
                 continue
             if sent < CLAIM_LIMIT:
                 self._stop.wait(TICK_S)
+
+    def _resend_stranded(self, dispatcher: Dispatcher) -> None:
+        """After an outage this thread or the consumer saw: send the jobs it stranded."""
+        self._returned.clear()
+        with self._lock:
+            began, seen = self._outage_began, self._outage_seen
+        if not seen:
+            return
+        try:
+            dispatcher.after_outage(began)
+        except BaseException:
+            self._returned.set()  # tried again next round
+            raise
+        with self._lock:
+            if self._outage_began == began:
+                self._outage_began, self._outage_seen = None, False
 
 
 class DispatcherStep(bootsteps.StartStopStep):
@@ -328,6 +383,7 @@ class DispatcherStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         self.thread = DispatcherThread(slots=_pool_size(parent), queues=_consumed(parent))
+        parent.remixq_dispatcher = self.thread
         self.thread.start()
 
     def stop(self, parent: Any) -> None:
@@ -335,6 +391,47 @@ class DispatcherStep(bootsteps.StartStopStep):
             self.thread.stop()
 
     shutdown = stop
+
+
+class BrokerConnectionStep(bootsteps.StartStopStep):
+    """Tells the worker's dispatcher when its consumer loses and regains the broker.
+
+    A consumer step starts each time the consumer has connected (again) and stops each
+    time it loses the connection. The dispatcher's own Redis commands ride out a short
+    outage on their own, so this is how it learns of one.
+    """
+
+    requires: ClassVar[set[str]] = {"celery.worker.consumer.connection:Connection"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.connections = 0
+
+    def start(self, parent: Any) -> None:
+        self.connections += 1
+        thread = _dispatcher_of(parent)
+        if self.connections > 1 and thread is not None:
+            thread.broker_returned()
+
+    def stop(self, parent: Any) -> None:
+        thread = _dispatcher_of(parent)
+        if thread is not None:
+            thread.broker_lost()
+
+
+def _dispatcher_of(consumer: Any) -> DispatcherThread | None:
+    thread = getattr(getattr(consumer, "controller", None), "remixq_dispatcher", None)
+    return thread if isinstance(thread, DispatcherThread) else None
+
+
+def _fleet_time(dispatcher: Dispatcher | None) -> float | None:
+    """The fleet clock's reading now, or None when its Redis cannot be asked either."""
+    if dispatcher is None:
+        return None
+    try:
+        return dispatcher.svc.clock.now()
+    except Exception:
+        return None
 
 
 def _consumed(worker: Any) -> list[str]:

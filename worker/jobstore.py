@@ -197,6 +197,7 @@ class JobStore:
         self._increment = load_script(client, "increment")
         self._release_held = load_script(client, "release_held")
         self._due_now = load_script(client, "due_now")
+        self._resend_stranded = load_script(client, "resend_stranded")
         self._cancel = load_script(client, "cancel")
 
     # ------------------------------------------------------------------ creating, reading
@@ -422,6 +423,22 @@ class JobStore:
         if not ids:
             return 0
         return int(self._due_now(keys=[keys.SCHEDULE], args=[keys.JOB_PREFIX, *ids]))
+
+    def resend_stranded(
+        self,
+        lease_s: float,
+        *,
+        handed_out_before: float | None = None,
+        oldest_waiting: dict[str, float] | None = None,
+    ) -> int:
+        """After an outage: make due at once the jobs whose message was handed out before
+        ``handed_out_before`` (fleet clock; None: now), has not begun and cannot still be
+        waiting in its queue; returns how many (see ``resend_stranded.lua``)."""
+        waiting = oldest_waiting or {}
+        heads = [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
+        before = "" if handed_out_before is None else repr(handed_out_before)
+        args = [keys.JOB_PREFIX, lease_s, before, *heads, SEND_MARGIN_S]
+        return int(self._resend_stranded(keys=[keys.SCHEDULE], args=args))
 
     def scheduled(self, job_id: str) -> float | None:
         """When the job's next step is due (None when it is not in the schedule)."""

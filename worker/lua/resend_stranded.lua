@@ -1,0 +1,49 @@
+-- After an outage of the broker (or of this Redis): make due at once, to be sent again,
+-- the jobs whose latest message was handed out before the outage, has not begun and cannot
+-- be waiting in its queue any more. Such a message was taken by a worker whose broker
+-- connection then broke: the worker drops messages it had not started when its connection
+-- goes, and they come back only after the broker's visibility timeout; a message popped in
+-- the instant the broker went down may be gone altogether. Without this the job would
+-- wait for its lease.
+--
+-- A handed-out job is scheduled at most one lease ahead, so only that part of the schedule
+-- is read. A job may still be waiting in its queue under the same test as in
+-- claim_due.lua; such a job is left alone. The others are marked parked (like due_now.lua),
+-- so the next claim sends them whatever the queues hold.
+--
+-- KEYS[1]  the schedule
+-- ARGV[1]  prefix of job hash keys (the job id is appended)
+-- ARGV[2]  lease in seconds
+-- ARGV[3]  only jobs handed out before this time (fleet clock); '' for now
+-- ARGV[4]  send time of the oldest message waiting in the submit queue, '' when empty
+-- ARGV[5]  the same for the poll queue
+-- ARGV[6]  seconds a message may be sent after its job was handed out (a slow publish)
+-- Returns how many jobs were made due.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease = tonumber(ARGV[2])
+local before = tonumber(ARGV[3]) or now
+local oldest = {submit = tonumber(ARGV[4]), poll = tonumber(ARGV[5])}
+local margin = tonumber(ARGV[6])
+local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
+local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + lease)
+local count = 0
+for _, id in ipairs(ahead) do
+  local key = ARGV[1] .. id
+  local fields = redis.call('HMGET', key, 'state', 'upstream_task_id', '_dispatch', '_begun',
+    '_parked', '_dispatched_at')
+  local state, task = fields[1], fields[2]
+  local token, begun, parked = fields[3] or '0', fields[4], fields[5]
+  local dispatched_at = tonumber(fields[6])
+  local phase = 'submit'
+  if task and task ~= 'null' then phase = 'poll' end
+  local head = oldest[phase]
+  local may_wait = head and head <= (dispatched_at or 0) + margin
+  if state and not finished[state] and dispatched_at and dispatched_at < before
+      and begun ~= token and parked ~= token and not may_wait then
+    redis.call('ZADD', KEYS[1], now, id)
+    redis.call('HSET', key, '_parked', token)
+    count = count + 1
+  end
+end
+return count
