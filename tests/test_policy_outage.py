@@ -186,3 +186,31 @@ def test_a_reconnection_leaves_jobs_handed_out_after_the_connection_was_lost(
 
     assert svc.store.scheduled(job_id) == due
     assert token_of(svc, job_id) == 1
+
+
+def test_the_schedule_is_read_page_by_page(svc: Services) -> None:
+    stranded = [new_job(svc)[0] for _ in range(5)]
+    svc.store.claim_due(10, svc.settings.lease_s)
+    began = [new_job(svc)[0] for _ in range(3)]
+    for claimed in svc.store.claim_due(10, svc.settings.lease_s):
+        assert svc.store.begin(claimed.job_id, claimed.token, svc.settings.lease_s)[0] == "ok"
+
+    assert svc.store.resend_stranded(svc.settings.lease_s, page=2) == len(stranded)
+    again = svc.store.claim_due(20, svc.settings.lease_s)
+    assert sorted(d.job_id for d in again) == sorted(stranded)
+    assert not set(began) & {d.job_id for d in again}
+
+
+def test_after_a_job_store_failover_jobs_are_left_to_their_lease(svc: Services) -> None:
+    """The new server may lack the record that a step began while its createTask is still
+    in flight: only the lease outlasts that request."""
+    job_id, _ = hand_out(svc)
+    due = svc.store.scheduled(job_id)
+    dispatcher = Dispatcher(svc)
+    dispatcher.watch_store()
+    dispatcher._store_run_id = "the-server-before-the-failover"
+
+    assert dispatcher.after_outage(svc.clock.now()) == 0
+    assert svc.store.scheduled(job_id) == due
+    # The next outage, with the job store unchanged, is handled again.
+    assert dispatcher.after_outage(svc.clock.now() + 2 * svc.settings.lease_s) == 1

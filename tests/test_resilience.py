@@ -77,6 +77,10 @@ RECOVERY_AFTER_BROKER_S = 25.0
 #: A lost message's job must finish well within its 45 s lease (from enqueue to success:
 #: a worker's start, a 3 s broker outage and reconnection, the job's own 3 s generation).
 LOST_MESSAGE_RECOVERY_S = 35.0
+#: Longer than a worker's own Redis retries (15 s): the dispatcher's rounds fail.
+STORE_FAILOVER_S = 17.0
+#: The createTask answer comes after the job store is back (the request is in flight).
+CREATE_TASK_S = 24.0
 THROTTLE = "4/1s"
 #: Upstream 429s are retried; the retry budget must not be what the throttle tests.
 THROTTLED_MAX_RETRIES = "60"
@@ -128,6 +132,59 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+
+class SnapshotRedis:
+    """A redis-server whose data is whatever its last SAVE held (a failover to a replica
+    that had not received the last writes, or a restart that lost them)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://{LOOPBACK}:{self.port}/0"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                LOOPBACK,
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _pings(client), 10, 0.05)
+
+    def lose_writes_since_snapshot(self, down_s: float) -> None:
+        with redis.Redis.from_url(self.url) as admin, contextlib.suppress(redis.ConnectionError):
+            admin.shutdown(nosave=True)
+        assert self.popen is not None
+        self.popen.wait(10)
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -533,6 +590,53 @@ def test_a_message_lost_as_the_broker_went_down_moves_when_it_returns_not_after_
     assert finished_in < LOST_MESSAGE_RECOVERY_S, finished_in
     assert worker.log_path is not None
     assert "never began are sent again" in worker.log_path.read_text(errors="replace")
+
+
+def test_a_job_store_failover_that_lost_the_begin_does_not_send_a_second_create_task(
+    upstream_control: SandboxControl, upstream: ManagedProcess, tmp_path: Path
+) -> None:
+    """The job store fails over (longer than the workers' 15 s of retries) and the new
+    master lacks the last writes: the submit step's begin and its open attempt. The step is
+    alive, its createTask in flight. The lease (request deadline + margin) exists so that a
+    job is never sent again while its request may be in flight; the job must not be sent
+    again before that step's answer is recorded."""
+    assert upstream.url is not None
+    broker = PrivateRedis(tmp_path / "broker")
+    broker.directory.mkdir()
+    broker.start()
+    store_server = SnapshotRedis(tmp_path / "store")
+    store_server.start()
+    workers = Fleet(broker.url, upstream.url, tmp_path)
+    try:
+        upstream_control.configure(
+            fault_endpoints=["createTask"], slow_rate=1.0, slow_seconds=CREATE_TASK_S
+        )
+        store = JobStore(redis.Redis.from_url(store_server.url), ttl_s=3600)
+        prompt = unique_prompt("store-failover")
+        [job_id] = enqueue(broker.url, [prompt], backend_url=store_server.url)
+        with redis.Redis.from_url(store_server.url) as admin:
+            admin.save()  # what the replica holds: the job handed out, its step not begun
+        workers.start(
+            1,
+            RESULT_BACKEND_URL=store_server.url,
+            KIE_REQUEST_DEADLINE_S="40",
+            KIE_READ_TIMEOUT_S="35",
+        )
+        wait_until(lambda: create_requests(upstream_control, prompt) == 1, 30, 0.05)
+        assert store.get_internal(job_id, ATTEMPT_FIELD) not in (None, b"null", "null")
+
+        store_server.lose_writes_since_snapshot(STORE_FAILOVER_S)
+
+        [final] = wait_finished(store, [job_id], 60, workers.logs())
+    finally:
+        workers.stop_all()
+        broker.stop()
+        store_server.stop()
+
+    assert accepted(upstream_control, prompt) == 1, (
+        f"createTask accepted {accepted(upstream_control, prompt)} times; "
+        f"state {final.state}, logs: {workers.logs()}"
+    )
 
 
 def _policy_services(upstream_url: str, redis_url: str) -> Services:

@@ -106,6 +106,8 @@ class Dispatcher:
         self._last_heartbeat = float("-inf")
         self._last_prune = time.monotonic()
         self._failing: set[str] = set()
+        self._store_run_id: str | None = None
+        self._store_changed_at: float | None = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def heartbeat(self) -> None:
@@ -158,6 +160,7 @@ class Dispatcher:
         """One round: claim what is due and send it; returns how many messages were sent."""
         if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
             self.heartbeat()
+            self.watch_store()
             self._last_heartbeat = time.monotonic()
         if time.monotonic() - self._last_prune >= PRUNE_S:
             self._last_prune = time.monotonic()
@@ -177,7 +180,18 @@ class Dispatcher:
     def after_outage(self, began_at: float | None) -> int:
         """Once Redis and the broker answer again: send again at once the jobs whose message
         was handed out before the outage (``began_at``, fleet clock; None: unknown) and
-        was dropped by the worker that held it, instead of after their lease."""
+        was dropped by the worker that held it, instead of after their lease.
+
+        Not when the job store restarted or failed over meanwhile: it may have lost the
+        record that a step began (and opened its attempt), and that step may still wait
+        for its createTask answer; only the lease is long enough to outlast it.
+        """
+        if self._store_restarted_since(began_at):
+            logger.warning(
+                "dispatcher: the job store restarted or failed over during the outage and may "
+                "have lost its last writes; jobs taken before it are sent again after their lease"
+            )
+            return 0
         stranded = self.svc.store.resend_stranded(
             self.svc.settings.lease_s,
             handed_out_before=began_at,
@@ -191,6 +205,24 @@ class Dispatcher:
                 stranded,
             )
         return stranded
+
+    def watch_store(self) -> None:
+        """Note when the job store's server changed (a restart or a failover)."""
+        run_id = self.svc.store.server_run_id()
+        if self._store_run_id is not None and run_id != self._store_run_id:
+            self._store_changed_at = self.svc.clock.now()
+        self._store_run_id = run_id
+
+    def _store_restarted_since(self, began_at: float | None) -> bool:
+        known = self._store_run_id
+        self.watch_store()
+        if known is None or self._store_changed_at is None:
+            return False
+        since = (
+            began_at if began_at is not None else self.svc.clock.now() - self.svc.settings.lease_s
+        )
+        # A heartbeat may have seen the new server a moment before the outage was noticed.
+        return self._store_changed_at >= since - HEARTBEAT_S
 
     def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
         """Send due webhooks or archiving; an error is logged (once per outage), not raised.

@@ -52,6 +52,8 @@ CANCELLED_MESSAGE = "cancelled before it was sent upstream"
 _RECORD_FIELDS = frozenset(JobRecord.model_fields)
 #: A message may be sent this long after its job was handed out (a publish that retried).
 SEND_MARGIN_S = 5.0
+#: Jobs of the schedule read per call when looking for stranded jobs after an outage.
+STRANDED_PAGE = 1000
 
 
 def _encode(fields: dict[str, Any]) -> list[str]:
@@ -430,6 +432,7 @@ class JobStore:
         *,
         handed_out_before: float | None = None,
         oldest_waiting: dict[str, float] | None = None,
+        page: int = STRANDED_PAGE,
     ) -> int:
         """After an outage: make due at once the jobs whose message was handed out before
         ``handed_out_before`` (fleet clock; None: now), has not begun and cannot still be
@@ -438,7 +441,18 @@ class JobStore:
         heads = [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
         before = "" if handed_out_before is None else repr(handed_out_before)
         args = [keys.JOB_PREFIX, lease_s, before, *heads, SEND_MARGIN_S]
-        return int(self._resend_stranded(keys=[keys.SCHEDULE], args=args))
+        made_due = skip = 0
+        while True:
+            due, read = self._resend_stranded(keys=[keys.SCHEDULE], args=[*args, skip, page])
+            made_due += int(due)
+            skip += int(read) - int(due)
+            if int(read) < page:
+                return made_due
+
+    def server_run_id(self) -> str:
+        """The job store server's run id: it changes when the server restarts or fails over
+        (and may then have lost its last writes)."""
+        return str(self.redis.info("server").get("run_id", ""))
 
     def scheduled(self, job_id: str) -> float | None:
         """When the job's next step is due (None when it is not in the schedule)."""

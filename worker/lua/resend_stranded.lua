@@ -7,7 +7,7 @@
 -- wait for its lease.
 --
 -- A handed-out job is scheduled at most one lease ahead, so only that part of the schedule
--- is read. A job may still be waiting in its queue under the same test as in
+-- is read, one page per call (so that a big schedule does not block Redis). A job may still be waiting in its queue under the same test as in
 -- claim_due.lua; such a job is left alone. The others are marked parked (like due_now.lua),
 -- so the next claim sends them whatever the queues hold.
 --
@@ -18,7 +18,9 @@
 -- ARGV[4]  send time of the oldest message waiting in the submit queue, '' when empty
 -- ARGV[5]  the same for the poll queue
 -- ARGV[6]  seconds a message may be sent after its job was handed out (a slow publish)
--- Returns how many jobs were made due.
+-- ARGV[7]  how many jobs of that part of the schedule to skip (the pages read before)
+-- ARGV[8]  most jobs to read
+-- Returns {jobs made due, jobs read}; the next page skips the jobs read and not made due.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(ARGV[2])
@@ -26,7 +28,8 @@ local before = tonumber(ARGV[3]) or now
 local oldest = {submit = tonumber(ARGV[4]), poll = tonumber(ARGV[5])}
 local margin = tonumber(ARGV[6])
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
-local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + lease)
+local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + lease, 'LIMIT',
+  tonumber(ARGV[7]), tonumber(ARGV[8]))
 local count = 0
 for _, id in ipairs(ahead) do
   local key = ARGV[1] .. id
@@ -46,4 +49,4 @@ for _, id in ipairs(ahead) do
     count = count + 1
   end
 end
-return count
+return {count, #ahead}
