@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -155,3 +157,27 @@ def whole_png(padding: int = 200) -> bytes:
         + chunk(b"tEXt", b"c\x00" + b"x" * padding)
         + chunk(b"IEND", b"")
     )
+
+
+def start_snapshot_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1 that keeps only what a ``SAVE`` writes to ``directory``
+    (and loads it again when started there again); waits until it answers."""
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: redis_ping(f"redis://127.0.0.1:{port}/0"), 10)
+    return process

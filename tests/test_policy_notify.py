@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,9 +25,8 @@ import pytest
 import redis
 from celery import Celery
 
-from sandbox.launch import redis_ping
 from sandbox.server import SandboxServer
-from tests.helpers import raw_http_server, redis_value, wait_until
+from tests.helpers import raw_http_server, redis_value, start_snapshot_redis, wait_until
 from tests.policy_kit import INPUT, make_services, new_job
 from tests.webhook_receiver import Delivery, WebhookReceiver, free_port, loopback_name, receiver
 from worker import keys
@@ -488,35 +486,13 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         pytest.skip("redis-server is not installed")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    process = _start_redis(port, tmp_path)
+    process = start_snapshot_redis(port, tmp_path)
     yield url, tmp_path
     with_redis = redis.Redis.from_url(url)
     with contextlib.suppress(redis.RedisError):
         with_redis.shutdown(nosave=True)
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
-
-
-def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_until(lambda: redis_ping(f"redis://127.0.0.1:{port}/0"), 10)
-    return process
 
 
 def test_redis_lost_while_the_outcome_is_written_means_the_same_delivery_again(
@@ -542,7 +518,7 @@ def test_redis_lost_while_the_outcome_is_written_means_the_same_delivery_again(
     with pytest.raises(redis.ConnectionError):
         notify_step(svc, job_id, item.token, item.receiver)
 
-    _start_redis(port, directory)
+    start_snapshot_redis(port, directory)
     assert notification(svc, job_id)["state"] == "pending"  # not lost, not delivered
     assert notify_store(svc).due(job_id) is not None
     svc.store.redis.zadd(keys.NOTIFY_SCHEDULE, {job_id: 0})  # its lease runs out

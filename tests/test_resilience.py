@@ -48,7 +48,7 @@ from sandbox.launch import (
     start_worker,
 )
 from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
-from tests.helpers import accepted, create_requests, wait_until
+from tests.helpers import accepted, create_requests, start_snapshot_redis, wait_until
 from tests.policy_kit import make_services, new_job
 from worker import keys
 from worker.jobstore import ATTEMPT_FIELD, JobStore
@@ -146,25 +146,7 @@ class SnapshotRedis:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                LOOPBACK,
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), 10, 0.05)
+        self.popen = start_snapshot_redis(self.port, self.directory)
 
     def lose_writes_since_snapshot(self, down_s: float) -> None:
         with redis.Redis.from_url(self.url) as admin, contextlib.suppress(redis.ConnectionError):
@@ -178,13 +160,6 @@ class SnapshotRedis:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.terminate()
             self.popen.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture(scope="module")
