@@ -158,6 +158,7 @@ class ClaimsNothing(Dispatcher):
         self.looked = threading.Event()
 
     def tick(self) -> int:
+        self.heartbeat()  # which also measures the fleet clock
         return 0
 
     def after_outage(self, began_at: float | None) -> int:

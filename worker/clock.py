@@ -45,6 +45,14 @@ class RedisClock:
             self._sync()
         return time.monotonic() + self._offset
 
+    def last_known(self) -> float | None:
+        """The reading from the last measurement, without asking Redis (None before the
+        first): for callers that must not wait for a Redis that may be away."""
+        with self._lock:
+            if self._synced_at == -RESYNC_S:
+                return None
+            return time.monotonic() + self._offset
+
     def _sync(self) -> None:
         before = time.monotonic()
         seconds, micros = self._client.time()

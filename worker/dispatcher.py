@@ -457,13 +457,10 @@ def _dispatcher_of(consumer: Any) -> DispatcherThread | None:
 
 
 def _fleet_time(dispatcher: Dispatcher | None) -> float | None:
-    """The fleet clock's reading now, or None when its Redis cannot be asked either."""
-    if dispatcher is None:
-        return None
-    try:
-        return dispatcher.svc.clock.now()
-    except Exception:
-        return None
+    """The fleet clock now, from its last measurement (None before the first). Called from
+    the consumer's thread as it loses the broker: asking Redis could block it for as long
+    as the Redis client retries."""
+    return None if dispatcher is None else dispatcher.svc.clock.last_known()
 
 
 def _consumed(worker: Any) -> list[str]:
