@@ -159,9 +159,10 @@ def whole_png(padding: int = 200) -> bytes:
     )
 
 
-def start_snapshot_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+def start_snapshot_redis(port: int, directory: Path, *args: str) -> subprocess.Popen[bytes]:
     """A redis-server on 127.0.0.1 that keeps only what a ``SAVE`` writes to ``directory``
-    (and loads it again when started there again); waits until it answers."""
+    (and loads it again when started there again); waits until it answers. ``args``: more
+    of its command line options."""
     process = subprocess.Popen(
         [
             "redis-server",
@@ -175,9 +176,14 @@ def start_snapshot_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
             "",
             "--appendonly",
             "no",
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_until(lambda: redis_ping(f"redis://127.0.0.1:{port}/0"), 10)
+    try:
+        wait_until(lambda: redis_ping(f"redis://127.0.0.1:{port}/0"), 10)
+    except BaseException:
+        process.kill()
+        raise
     return process

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from tests.policy_kit import new_job, token_of
+from sandbox.launch import free_port
+from sandbox.server import SandboxServer
+from tests.helpers import start_snapshot_redis
+from tests.policy_kit import make_services, new_job, token_of
 from worker.dispatcher import Dispatcher, DispatcherThread
 from worker.publisher import SUBMIT_QUEUE
 from worker.runtime import Services
@@ -215,3 +220,32 @@ def test_after_a_job_store_failover_jobs_are_left_to_their_lease(svc: Services) 
     assert svc.store.scheduled(job_id) == due
     # The next outage, with the job store unchanged, is handled again.
     assert dispatcher.after_outage(svc.clock.now() + 2 * svc.settings.lease_s) == 1
+
+
+@pytest.fixture
+def redis_without_info(tmp_path: Path) -> Iterator[str]:
+    """A redis-server with INFO disabled, as some hosted services have it."""
+    port = free_port()
+    process = start_snapshot_redis(port, tmp_path, "--rename-command", "INFO", '""')
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_job_store_that_does_not_say_who_it_is_leaves_jobs_to_their_lease(
+    redis_without_info: str, upstream: SandboxServer
+) -> None:
+    """Without INFO nothing tells a failover that lost a step's begin from a step that
+    never began: the lease decides, and the dispatcher goes on working."""
+    svc = make_services(
+        upstream.url, redis_url=redis_without_info, result_backend_url=redis_without_info
+    )
+    job_id, _ = hand_out(svc)
+    due = svc.store.scheduled(job_id)
+    dispatcher = Dispatcher(svc)
+    dispatcher.tick()
+
+    assert dispatcher.after_outage(svc.clock.now()) == 0
+    assert svc.store.scheduled(job_id) == due

@@ -209,13 +209,17 @@ class Dispatcher:
     def watch_store(self) -> None:
         """Note when the job store's server changed (a restart or a failover)."""
         run_id = self.svc.store.server_run_id()
-        if self._store_run_id is not None and run_id != self._store_run_id:
+        if run_id != self._store_run_id and self._store_run_id is not None:
             self._store_changed_at = self.svc.clock.now()
         self._store_run_id = run_id
 
     def _store_restarted_since(self, began_at: float | None) -> bool:
+        """Whether the job store may have changed since ``began_at`` (True when it does
+        not say who it is: then nothing tells a lost write from a step not begun)."""
         known = self._store_run_id
         self.watch_store()
+        if self._store_run_id is None:
+            return True
         if known is None or self._store_changed_at is None:
             return False
         since = (

@@ -449,10 +449,15 @@ class JobStore:
             if int(read) < page:
                 return made_due
 
-    def server_run_id(self) -> str:
+    def server_run_id(self) -> str | None:
         """The job store server's run id: it changes when the server restarts or fails over
-        (and may then have lost its last writes)."""
-        return str(self.redis.info("server").get("run_id", ""))
+        (and may then have lost its last writes). None where the server does not tell
+        (``INFO`` disabled or renamed, as some hosted services do)."""
+        try:
+            run_id = self.redis.info("server").get("run_id")
+        except redis.ResponseError:
+            return None
+        return str(run_id) if run_id else None
 
     def scheduled(self, job_id: str) -> float | None:
         """When the job's next step is due (None when it is not in the schedule)."""
