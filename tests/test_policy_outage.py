@@ -249,3 +249,21 @@ def test_a_job_store_that_does_not_say_who_it_is_leaves_jobs_to_their_lease(
 
     assert dispatcher.after_outage(svc.clock.now()) == 0
     assert svc.store.scheduled(job_id) == due
+
+
+def test_a_job_store_failover_a_while_before_the_outage_still_leaves_jobs_to_their_lease(
+    svc: Services,
+) -> None:
+    """A step whose begin the failover lost may wait for its createTask answer for a whole
+    request deadline after it: an outage within a lease of the failover must not send its
+    job again."""
+    job_id, _ = hand_out(svc)
+    due = svc.store.scheduled(job_id)
+    dispatcher = Dispatcher(svc)
+    dispatcher.watch_store()
+    dispatcher._store_run_id = "the-server-before-the-failover"
+    dispatcher.watch_store()  # a heartbeat notices the new server
+
+    outage_began = svc.clock.now() + 15.0  # the broker goes away 15 s later
+    assert dispatcher.after_outage(outage_began) == 0
+    assert svc.store.scheduled(job_id) == due

@@ -182,9 +182,10 @@ class Dispatcher:
         was handed out before the outage (``began_at``, fleet clock; None: unknown) and
         was dropped by the worker that held it, instead of after their lease.
 
-        Not when the job store restarted or failed over meanwhile: it may have lost the
-        record that a step began (and opened its attempt), and that step may still wait
-        for its createTask answer; only the lease is long enough to outlast it.
+        Not when the job store restarted or failed over during the outage or within a lease
+        before it: it may have lost the record that a step began (and opened its attempt),
+        and that step may still wait for its createTask answer; only the lease is long
+        enough to outlast it.
         """
         if self._store_restarted_since(began_at):
             logger.warning(
@@ -225,8 +226,9 @@ class Dispatcher:
         since = (
             began_at if began_at is not None else self.svc.clock.now() - self.svc.settings.lease_s
         )
-        # A heartbeat may have seen the new server a moment before the outage was noticed.
-        return self._store_changed_at >= since - HEARTBEAT_S
+        # A step whose begin a failover lost may wait for its createTask answer for up to a
+        # lease after the failover (seen by a heartbeat up to HEARTBEAT_S after it).
+        return self._store_changed_at >= since - self.svc.settings.lease_s - HEARTBEAT_S
 
     def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
         """Send due webhooks or archiving; an error is logged (once per outage), not raised.
