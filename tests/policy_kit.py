@@ -20,6 +20,7 @@ from celery import Celery
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.helpers import empty_database
+from worker.blobs import BlobRef, new_ref
 from worker.runtime import Services, build_services
 from worker.settings import Settings
 
@@ -85,6 +86,13 @@ def new_job(svc: Services, prompt: str | None = None, **fields: Any) -> tuple[st
     job_id = uuid.uuid4().hex
     svc.store.create(job_id, {"prompt": prompt, **INPUT, **fields}, due_in=0.0)
     return job_id, prompt
+
+
+def stored_ref(svc: Services, data: bytes, name: str = "base.png") -> BlobRef:
+    """A PNG stored in the services' blob store, as a producer stores an image file."""
+    ref = new_ref(data, "image/png", name)
+    svc.blobs.store([(ref, data)])
+    return ref
 
 
 def token_of(svc: Services, job_id: str) -> int:

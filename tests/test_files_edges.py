@@ -67,18 +67,13 @@ def test_a_job_does_not_upload_reference_files_the_model_never_uses(svc, upstrea
     Upload API in one submit step (each one a request that may be rate-limited, each up
     to the request deadline, all before the attempt) for 39 images nobody uses."""
     from sandbox.images import render_png
-    from tests.policy_kit import token_of
-    from worker.blobs import new_ref
+    from tests.policy_kit import stored_ref, token_of
 
-    refs = []
-    for n in range(40):
-        data = render_png(f"ref{n}", n, f"ref {n}", "square")
-        ref = new_ref(data, "image/png", f"ref{n}.png")
-        svc.blobs.store([(ref, data)])
-        refs.append(ref.model_dump())
-    base = render_png("base", 0, "base", "square")
-    base_ref = new_ref(base, "image/png", "base.png")
-    svc.blobs.store([(base_ref, base)])
+    refs = [
+        stored_ref(svc, render_png(f"ref{n}", n, f"ref {n}", "square"), f"ref{n}.png").model_dump()
+        for n in range(40)
+    ]
+    base_ref = stored_ref(svc, render_png("base", 0, "base", "square"))
     job_id = uuid.uuid4().hex
     request = {
         "prompt": f"many refs {job_id[:8]}",

@@ -23,7 +23,7 @@ from sandbox.images import render_png
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port
 from sandbox.server import SandboxServer
 from tests.helpers import wait_until
-from tests.policy_kit import make_services
+from tests.policy_kit import make_services, stored_ref
 from worker.blobs import BlobMissing, BlobStoreError, FileBlobStore, new_ref
 from worker.blobs_s3 import S3BlobStore
 from worker.submit_policy import submit_step
@@ -131,8 +131,7 @@ def test_the_submit_step_uploads_from_any_store(
     if where == "s3":
         request.getfixturevalue("s3_env")
     svc = make_services(upstream.url, remix_blob_url=url)
-    ref = new_ref(IMAGE, "image/png", "me.png")
-    svc.blobs.store([(ref, IMAGE)])
+    ref = stored_ref(svc, IMAGE, "me.png")
     job_id = uuid.uuid4().hex
     request_fields = {
         "prompt": f"stores {where}",

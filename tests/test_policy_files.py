@@ -19,7 +19,7 @@ import requests
 
 from sandbox.images import render_png
 from sandbox.server import SandboxServer
-from tests.policy_kit import make_services, token_of
+from tests.policy_kit import make_services, stored_ref, token_of
 from worker import cancelling, keys
 from worker.blobs import BlobMissing, BlobRef, BlobStoreFull, RedisBlobStore, new_ref
 from worker.jobstore import UPLOADS_FIELD
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.integration
 
 def png(label: str) -> bytes:
     return render_png(label, 0, label, "square")
-
-
-def stored_ref(svc: Services, data: bytes, name: str = "base.png") -> BlobRef:
-    ref = new_ref(data, "image/png", name)
-    svc.blobs.store([(ref, data)])
-    return ref
 
 
 def file_job(svc: Services, ref: BlobRef, **fields: Any) -> tuple[str, str]:

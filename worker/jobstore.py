@@ -56,6 +56,13 @@ SEND_MARGIN_S = 5.0
 STRANDED_PAGE = 1000
 
 
+def _queue_heads(oldest_waiting: dict[str, float] | None) -> list[str]:
+    """The submit and poll queues' oldest waiting send times as script arguments ('' for an
+    empty queue), as ``claim_due.lua`` and ``resend_stranded.lua`` take them."""
+    waiting = oldest_waiting or {}
+    return [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
+
+
 def _encode(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
@@ -400,9 +407,7 @@ class JobStore:
         queues that hold any; a job whose latest message may still be waiting there is
         left to it (see ``claim_due.lua``).
         """
-        waiting = oldest_waiting or {}
-        heads = [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
-        args = [keys.JOB_PREFIX, limit, lease_s, *heads, SEND_MARGIN_S]
+        args = [keys.JOB_PREFIX, limit, lease_s, *_queue_heads(oldest_waiting), SEND_MARGIN_S]
         flat = self._claim_due(keys=[keys.SCHEDULE], args=args)
         claimed = []
         for i in range(0, len(flat), 6):
@@ -437,10 +442,8 @@ class JobStore:
         """After an outage: make due at once the jobs whose message was handed out before
         ``handed_out_before`` (fleet clock; None: now), has not begun and cannot still be
         waiting in its queue; returns how many (see ``resend_stranded.lua``)."""
-        waiting = oldest_waiting or {}
-        heads = [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
         before = "" if handed_out_before is None else repr(handed_out_before)
-        args = [keys.JOB_PREFIX, lease_s, before, *heads, SEND_MARGIN_S]
+        args = [keys.JOB_PREFIX, lease_s, before, *_queue_heads(oldest_waiting), SEND_MARGIN_S]
         made_due = skip = 0
         while True:
             due, read = self._resend_stranded(keys=[keys.SCHEDULE], args=[*args, skip, page])

@@ -20,7 +20,7 @@
 -- Returns a flat list: job id, token, phase ('submit' or 'poll'), request JSON ('' for
 -- 'poll'), due time, '1' when this sends the job again because its last step or message
 -- was lost (else '0'); six entries per job.
-local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
+-- #include dispatch_view.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(ARGV[3])
@@ -32,29 +32,22 @@ local out = {}
 for i = 1, #due, 2 do
   local id, score = due[i], due[i + 1]
   local key = ARGV[1] .. id
-  local fields = redis.call('HMGET', key, 'state', 'upstream_task_id', '_dispatch', '_begun',
-    '_parked', '_dispatched_at')
-  local state, task = fields[1], fields[2]
-  local token, begun, parked = fields[3] or '0', fields[4], fields[5]
-  local dispatched_at = tonumber(fields[6]) or 0
-  local phase = 'submit'
-  if task and task ~= 'null' then phase = 'poll' end
-  local head = oldest[phase]
-  if (not state) or finished[state] then
+  local job = dispatch_view(key)
+  if (not job.state) or FINISHED[job.state] then
     redis.call('ZREM', KEYS[1], id)
-  elseif begun ~= token and parked ~= token and head and head <= dispatched_at + margin then
+  elseif may_still_wait(job, oldest, margin) then
     redis.call('ZADD', KEYS[1], now + lease, id)
   else
     local lost = '0'
-    if parked ~= token then lost = '1' end
+    if not job.parked then lost = '1' end
     local next_token = redis.call('HINCRBY', key, '_dispatch', 1)
     redis.call('HSET', key, '_dispatched_at', string.format('%.6f', now))
     redis.call('ZADD', KEYS[1], now + lease, id)
     local request = ''
-    if phase == 'submit' then request = redis.call('HGET', key, '_request') or '' end
+    if job.phase == 'submit' then request = redis.call('HGET', key, '_request') or '' end
     table.insert(out, id)
     table.insert(out, tostring(next_token))
-    table.insert(out, phase)
+    table.insert(out, job.phase)
     table.insert(out, request)
     table.insert(out, score)
     table.insert(out, lost)

@@ -7,9 +7,10 @@
 -- wait for its lease.
 --
 -- A handed-out job is scheduled at most one lease ahead, so only that part of the schedule
--- is read, one page per call (so that a big schedule does not block Redis). A job may still be waiting in its queue under the same test as in
--- claim_due.lua; such a job is left alone. The others are marked parked (like due_now.lua),
--- so the next claim sends them whatever the queues hold.
+-- is read, one page per call (so that a big schedule does not block Redis). A job whose
+-- message may still be waiting in its queue (the test claim_due.lua applies) is left
+-- alone. The others are marked parked (like due_now.lua), so the next claim sends them
+-- whatever the queues hold.
 --
 -- KEYS[1]  the schedule
 -- ARGV[1]  prefix of job hash keys (the job id is appended)
@@ -21,31 +22,23 @@
 -- ARGV[7]  how many jobs of that part of the schedule to skip (the pages read before)
 -- ARGV[8]  most jobs to read
 -- Returns {jobs made due, jobs read}; the next page skips the jobs read and not made due.
+-- #include dispatch_view.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local lease = tonumber(ARGV[2])
 local before = tonumber(ARGV[3]) or now
 local oldest = {submit = tonumber(ARGV[4]), poll = tonumber(ARGV[5])}
 local margin = tonumber(ARGV[6])
-local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + lease, 'LIMIT',
   tonumber(ARGV[7]), tonumber(ARGV[8]))
 local count = 0
 for _, id in ipairs(ahead) do
   local key = ARGV[1] .. id
-  local fields = redis.call('HMGET', key, 'state', 'upstream_task_id', '_dispatch', '_begun',
-    '_parked', '_dispatched_at')
-  local state, task = fields[1], fields[2]
-  local token, begun, parked = fields[3] or '0', fields[4], fields[5]
-  local dispatched_at = tonumber(fields[6])
-  local phase = 'submit'
-  if task and task ~= 'null' then phase = 'poll' end
-  local head = oldest[phase]
-  local may_wait = head and head <= (dispatched_at or 0) + margin
-  if state and not finished[state] and dispatched_at and dispatched_at < before
-      and begun ~= token and parked ~= token and not may_wait then
+  local job = dispatch_view(key)
+  if job.state and not FINISHED[job.state] and job.dispatched_at and job.dispatched_at < before
+      and not job.begun and not job.parked and not may_still_wait(job, oldest, margin) then
     redis.call('ZADD', KEYS[1], now, id)
-    redis.call('HSET', key, '_parked', token)
+    redis.call('HSET', key, '_parked', job.token)
     count = count + 1
   end
 end
