@@ -109,6 +109,9 @@ class Dispatcher:
         self._store_run_id: str | None = None
         self._store_changed_at: float | None = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        #: This worker's members of WORKER_SLOTS and WORKER_QUEUES.
+        self._slots_member = f"{self.name} {self.slots}"
+        self._queues_member = f"{self.name} {','.join(self.queues)}"
 
     def heartbeat(self) -> None:
         """Say this worker process is alive (``/healthz`` lists live workers) and how many
@@ -117,9 +120,9 @@ class Dispatcher:
         pipe = self.svc.broker.pipeline(transaction=False)
         pipe.zadd(keys.WORKERS, {self.name: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
-        pipe.zadd(keys.WORKER_QUEUES, {f"{self.name} {','.join(self.queues)}": now})
+        pipe.zadd(keys.WORKER_QUEUES, {self._queues_member: now})
         pipe.zremrangebyscore(keys.WORKER_QUEUES, "-inf", now - LIVE_WORKER_S)
-        pipe.zadd(keys.WORKER_SLOTS, {f"{self.name} {self.slots}": now})
+        pipe.zadd(keys.WORKER_SLOTS, {self._slots_member: now})
         pipe.zremrangebyscore(keys.WORKER_SLOTS, "-inf", now - LIVE_WORKER_S)
         for provider in configured_providers(self.svc.settings):
             pipe.zadd(keys.provider_workers(provider), {self.name: now})
@@ -135,8 +138,8 @@ class Dispatcher:
         slots and queues do not count for another :data:`LIVE_WORKER_S`."""
         pipe = self.svc.broker.pipeline(transaction=False)
         pipe.zrem(keys.WORKERS, self.name)
-        pipe.zrem(keys.WORKER_SLOTS, f"{self.name} {self.slots}")
-        pipe.zrem(keys.WORKER_QUEUES, f"{self.name} {','.join(self.queues)}")
+        pipe.zrem(keys.WORKER_SLOTS, self._slots_member)
+        pipe.zrem(keys.WORKER_QUEUES, self._queues_member)
         for provider in configured_providers(self.svc.settings):
             pipe.zrem(keys.provider_workers(provider), self.name)
         pipe.execute()
