@@ -14,6 +14,7 @@ expire while its job may still run.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from functools import lru_cache
@@ -176,6 +177,32 @@ def check_archive_url(value: str) -> str:
             raise ValueError("an s3:// URL takes no ?query or #fragment")
         return value
     raise ValueError("must be file:///absolute/dir or s3://bucket/prefix")
+
+
+def check_callback_url(value: str) -> str:
+    """An https URL, or plain http to a loopback host; raises ``ValueError`` otherwise.
+
+    The upstream signs a callback's task id and timestamp, not its body: whoever reads a
+    signature on the way may send it first with a body of their own.
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ValueError("must be an http(s) URL without a #fragment")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            "must be an https URL (plain http only to a loopback host: 127.0.0.0/8, ::1, localhost)"
+        )
+    return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, an address in 127.0.0.0/8, or ``::1`` (written out, not resolved)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_spend_cap(text: str | None) -> list[tuple[int, float]]:
@@ -348,10 +375,7 @@ class Settings(BaseSettings):
     def _check_callback_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
-            raise ValueError("must be an http(s) URL without a #fragment")
-        return value.strip()
+        return check_callback_url(value.strip())
 
     @field_validator("remix_archive_url", "remix_blob_url")
     @classmethod
