@@ -11,7 +11,6 @@ the signature is the authentication.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -83,38 +82,24 @@ async def kie_callback(
 def respond(svc: Services, body: bytes, headers: Mapping[str, str], job_id: str | None) -> Response:
     """Answer one callback whose body was read: ``200`` acted on, ``401`` refused (for any
     reason, never said), ``503`` not handled now (Redis or the upstream away), so that the
-    upstream delivers it again; nothing is remembered of a delivery answered 503."""
+    upstream delivers it again; a delivery answered 503 gives its signature back."""
     now = time.time()
     try:
         verified = callbacks.verify(svc, body, headers, now)
     except callbacks.CallbackRefused as exc:
         return _refused(svc, exc.reason)
     try:
-        outcome = _act(svc, verified, job_id)
+        with callbacks.claimed(svc, verified, now):
+            outcome = callbacks.handle(svc, verified, job_id)
     except callbacks.CallbackRefused as exc:
-        if exc.reason != "replay":
-            _remember_quietly(svc, verified, now)
         return _refused(svc, exc.reason)
     except (redis.RedisError, callbacks.CallbackUnavailable) as exc:
         logger.warning("callback for upstream task %s not handled now: %s", verified.task_id, exc)
         svc.metrics.count("callbacks_unavailable_total")
         return Response(status_code=503)
-    _remember_quietly(svc, verified, now)
     svc.metrics.count("callbacks_total:valid")
     logger.info("callback for upstream task %s: %s", verified.task_id, outcome)
     return Response(status_code=200)
-
-
-def _act(svc: Services, verified: callbacks.Verified, job_id: str | None) -> str:
-    if callbacks.is_replay(svc, verified):
-        raise callbacks.CallbackRefused("replay")
-    return callbacks.handle(svc, verified, job_id)
-
-
-def _remember_quietly(svc: Services, verified: callbacks.Verified, now: float) -> None:
-    """Note the signature as used. Best effort: acting on a delivery again changes nothing."""
-    with contextlib.suppress(redis.RedisError):
-        callbacks.remember(svc, verified, now)
 
 
 def _refused(svc: Services, reason: str) -> Response:

@@ -9,6 +9,7 @@ delivers to, so every callback here is one the test sends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -28,6 +29,7 @@ from tests.policy_kit import INPUT, accepted, make_services, new_job, sent, toke
 from worker import keys, submit_policy
 from worker.callbacks import CallbackRefused, signature_for, verify
 from worker.errors import ValidationFailedError
+from worker.jobstore import JobStore
 from worker.models import JobRecord, JobState
 from worker.poll_policy import poll_step
 from worker.runtime import Services
@@ -720,3 +722,113 @@ def test_a_refusal_after_the_task_was_adopted_does_not_end_the_job(cb: Services)
     done = record(cb, job_id)
     assert done.state is JobState.SUBMITTED and done.upstream_task_id == "task-adopted"
     assert done.fail_code is None and done.unknown_outcomes == 0
+
+
+# ----------------------------------------------------------------------------- one delivery acts
+
+
+class HeldStore(JobStore):
+    """The job store, but the first callback to look its task up waits for ``go``."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store.redis, store.ttl_s, store.archive)
+        self.inside = threading.Event()
+        self.go = threading.Event()
+
+    def job_for_task(self, task_id: str) -> str | None:
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.go.wait(10)
+        return super().job_for_task(task_id)
+
+
+class FlakyStore(JobStore):
+    """The job store, but its first look at a job's task fails as if Redis were away."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store.redis, store.ttl_s, store.archive)
+        self.failed = False
+
+    def task_of(self, job_id: str) -> tuple[bool, str | None]:
+        if not self.failed:
+            self.failed = True
+            raise redis.ConnectionError("Redis went away (test)")
+        return super().task_of(job_id)
+
+
+def test_two_deliveries_of_one_signed_callback_at_once_are_acted_on_once(cb: Services) -> None:
+    """The first delivery is held inside its handling; a second one with the same signature
+    and another body comes meanwhile: it is refused, and only the first one's body counts."""
+    job_id, task_id = submitted_job(cb)
+    headers = headers_for(task_id)
+    held = HeldStore(cb.store)
+    first_svc = dataclasses.replace(cb, store=held)
+    answers: dict[str, int] = {}
+    first = threading.Thread(
+        target=lambda: answers.update(first=call(first_svc, task_id, headers=headers))
+    )
+    first.start()
+    try:
+        assert held.inside.wait(10)
+        answers["second"] = call(cb, task_id, body=body_for(task_id, "fail"), headers=headers)
+    finally:
+        held.go.set()
+        first.join(10)
+
+    assert answers == {"first": 200, "second": 401}
+    done = record(cb, job_id)
+    assert done.state is JobState.SUCCEEDED and done.result_urls == result_urls(task_id)
+    assert cb.metrics.read().get("callbacks_total:valid") == 1
+    assert refused(cb) == {"replay": 1}
+
+
+def test_many_deliveries_of_one_signed_callback_at_once_are_acted_on_once(cb: Services) -> None:
+    job_id, task_id = submitted_job(cb)
+    headers = headers_for(task_id)
+    bodies = [body_for(task_id, "success" if i % 2 else "fail") for i in range(12)]
+    start = threading.Barrier(len(bodies))
+    answers: list[int] = []
+
+    def deliver(body: bytes) -> None:
+        start.wait(10)
+        answers.append(call(cb, task_id, body=body, headers=headers))
+
+    racers = [threading.Thread(target=deliver, args=(body,)) for body in bodies]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(20)
+
+    assert sorted(answers) == [200] + [401] * (len(bodies) - 1)
+    assert record(cb, job_id).state in (JobState.SUCCEEDED, JobState.FAILED)
+    assert cb.metrics.read().get("callbacks_total:valid") == 1
+    assert refused(cb) == {"replay": len(bodies) - 1}
+
+
+def test_a_delivery_answered_503_for_a_redis_error_is_acted_on_when_delivered_again(
+    cb: Services,
+) -> None:
+    job_id, task_id = submitted_job(cb)
+    headers = headers_for(task_id)
+    flaky = dataclasses.replace(cb, store=FlakyStore(cb.store))
+
+    assert call(flaky, task_id, headers=headers) == 503
+    assert record(cb, job_id).state is JobState.SUBMITTED
+    assert cb.store.redis.keys(keys.callback_seen("*")) == []  # given back
+
+    assert call(flaky, task_id, headers=headers) == 200
+    assert record(cb, job_id).state is JobState.SUCCEEDED
+    assert call(flaky, task_id, headers=headers) == 401  # now it is a replay
+    assert refused(cb) == {"replay": 1}
+
+
+def test_a_refused_signed_callback_stays_remembered(cb: Services, upstream: SandboxServer) -> None:
+    job_id, task_id, _ = lost_answer_job(cb)
+    headers = headers_for(task_id)
+
+    assert call(cb, task_id, headers=headers) == 401  # no job_id: an unknown task
+    assert call(cb, task_id, job_id, headers=headers) == 401  # the same signature again
+
+    assert refused(cb) == {"unknown_task": 1, "replay": 1}
+    assert record(cb, job_id).upstream_task_id is None
+    assert record_infos(upstream) == 0

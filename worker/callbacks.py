@@ -15,11 +15,11 @@ kie.ai signs a callback with ``X-Webhook-Signature`` = base64(HMAC-SHA256(key,
   a further charge (``extra_task_ids``, ``possibly_paid_twice``).
 
 Every other callback is refused, and the caller is never told which check failed (the
-reason goes to the metrics and the log only). A signature is accepted once within the
-time window: it is remembered once its callback was acted on (or refused), so a replay is
-refused while a delivery that could not be handled (Redis or the upstream away:
-:class:`CallbackUnavailable`, answered 503) is handled when it is tried again. Handling is
-idempotent, so two copies of one delivery arriving together change nothing twice.
+reason goes to the metrics and the log only). A signature is acted on once within the
+time window: it is claimed atomically before its callback is handled (:func:`claimed`), so
+of two deliveries at once, whatever their bodies, one acts and the other is refused; a
+delivery that could not be handled (Redis or the upstream away: :class:`CallbackUnavailable`,
+answered 503) gives it back, and is handled when it is tried again.
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import redis
 
 from worker import keys
 from worker.errors import NotFoundError, UpstreamError, ValidationFailedError
@@ -132,15 +137,65 @@ def _seen_key(verified: Verified) -> str:
     return keys.callback_seen(hashlib.sha256(verified.signature.encode()).hexdigest())
 
 
-def is_replay(svc: Services, verified: Verified) -> bool:
-    """Whether this signature's callback was acted on (or refused) before."""
-    return bool(svc.store.redis.exists(_seen_key(verified)))
+@contextmanager
+def claimed(svc: Services, verified: Verified, now: float) -> Iterator[None]:
+    """Hold the callback's signature while acting on it (the ``with`` block).
+
+    It is taken atomically before anything is done, so of two deliveries of one signature
+    only one acts; the other gets :class:`CallbackRefused` ``replay``. Taken, it stays so for
+    as long as its timestamp is within the window, unless the block raises anything but
+    :class:`CallbackRefused` (Redis or the upstream away): then it is given back, so that
+    the same delivery tried again is acted on.
+    """
+    key, ttl = _seen_key(verified), _seen_ttl(svc, verified, now)
+    token = _unreleased_token(key, now) or uuid.uuid4().hex
+    try:
+        taken = svc.store.claim(key, token, ttl)
+    except redis.RedisError:
+        _note_unreleased(key, token, now + ttl)  # it may have been taken before the error
+        raise
+    if not taken:
+        raise CallbackRefused("replay")
+    try:
+        yield
+    except CallbackRefused:
+        raise
+    except BaseException:
+        _release(svc, key, token, now + ttl)
+        raise
 
 
-def remember(svc: Services, verified: Verified, now: float) -> None:
-    """Note a signature as used, for as long as its timestamp stays within the window."""
+def _seen_ttl(svc: Services, verified: Verified, now: float) -> int:
+    """Seconds until the signature's timestamp leaves the window, plus one."""
     valid_for = verified.timestamp + svc.settings.kie_callback_window_s - now
-    svc.store.redis.set(_seen_key(verified), "1", ex=max(1, math.ceil(valid_for) + 1))
+    return max(1, math.ceil(valid_for) + 1)
+
+
+#: Claims this process could not give back (Redis was away): key -> (token, until when).
+#: The next delivery of their signature here claims it with that token, so takes it over.
+_unreleased: dict[str, tuple[str, float]] = {}
+_unreleased_lock = threading.Lock()
+MAX_UNRELEASED = 10_000
+
+
+def _release(svc: Services, key: str, token: str, until: float) -> None:
+    try:
+        svc.store.release(key, token)
+    except redis.RedisError:
+        _note_unreleased(key, token, until)
+
+
+def _note_unreleased(key: str, token: str, until: float) -> None:
+    with _unreleased_lock:
+        if len(_unreleased) >= MAX_UNRELEASED:
+            _unreleased.pop(min(_unreleased, key=lambda k: _unreleased[k][1]))
+        _unreleased[key] = (token, until)
+
+
+def _unreleased_token(key: str, now: float) -> str | None:
+    with _unreleased_lock:
+        token, until = _unreleased.pop(key, ("", 0.0))
+    return token if until > now else None
 
 
 def handle(svc: Services, verified: Verified, job_id_param: str | None) -> str:

@@ -208,6 +208,8 @@ class JobStore:
         self._due_now = load_script(client, "due_now")
         self._resend_stranded = load_script(client, "resend_stranded")
         self._cancel = load_script(client, "cancel")
+        self._claim = load_script(client, "claim")
+        self._release = load_script(client, "release")
 
     # ------------------------------------------------------------------ creating, reading
 
@@ -332,6 +334,15 @@ class JobStore:
         """``(the job exists, its upstream task id)`` in one small read (hot in callbacks)."""
         state, task = self.redis.hmget(keys.job(job_id), ["state", "upstream_task_id"])
         return state is not None, None if task is None else json.loads(task)
+
+    def claim(self, key: str, token: str, ttl_s: int) -> bool:
+        """Take ``key`` for the holder of ``token`` for ``ttl_s`` seconds, unless another
+        holder has it (a callback's signature: one delivery acts on it)."""
+        return bool(self._claim(keys=[key], args=[token, ttl_s]))
+
+    def release(self, key: str, token: str) -> bool:
+        """Give back ``key`` if ``token`` still holds it; whether it was given back."""
+        return bool(self._release(keys=[key], args=[token]))
 
     def list_by_state(
         self, state: JobState, limit: int, after: tuple[float, str] | None = None
