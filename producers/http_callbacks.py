@@ -28,7 +28,7 @@ logger = logging.getLogger("producers.http.callbacks")
 router = APIRouter()
 CALLBACK_PATH = "/v1/callbacks/kie"
 #: Refusals of callbacks whose signature checked out (the others may be anyone's noise).
-SIGNED_REFUSALS = frozenset({"replay", "unknown_task", "unconfirmed"})
+SIGNED_REFUSALS = frozenset({"replay", "unknown_task", "unconfirmed", "bad_record"})
 
 
 class BodyTooLarge(Exception):

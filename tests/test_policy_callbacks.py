@@ -48,6 +48,10 @@ WINDOW_S = 300
 @pytest.fixture
 def cb(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
     """Services with callbacks on (and the safety-net poll far away)."""
+    return callback_services(upstream)
+
+
+def callback_services(upstream: SandboxServer, **overrides: Any) -> Services:
     return make_services(
         upstream.url,
         kie_callback_url=CALLBACK_URL,
@@ -55,6 +59,7 @@ def cb(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
         remix_callback_poll_s=30.0,
         remix_callback_wait_s=120.0,
         kie_callback_window_s=WINDOW_S,
+        **overrides,
     )
 
 
@@ -832,3 +837,118 @@ def test_a_refused_signed_callback_stays_remembered(cb: Services, upstream: Sand
     assert refused(cb) == {"unknown_task": 1, "replay": 1}
     assert record(cb, job_id).upstream_task_id is None
     assert record_infos(upstream) == 0
+
+
+# ----------------------------------------------------------------------------- result URLs
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [
+        ["file:///etc/passwd"],
+        ["gopher://results.example.test/x.png"],
+        ["https://results.example.test/ok.png", "ftp://results.example.test/x.png"],
+        ["//results.example.test/x.png"],
+        ["https:///no-host.png"],
+        ["https://results.example.test/a b.png"],
+        ["https://results.example.test/x.png\r\nX-Injected: 1"],
+        ["https://results.example.test/" + "x" * 10_000],
+        [7],
+        [None],
+        [],
+        "https://results.example.test/x.png",
+    ],
+)
+def test_a_signed_success_whose_result_urls_are_not_http_urls_is_refused(
+    cb: Services, urls: Any
+) -> None:
+    job_id, task_id = submitted_job(cb)
+    result = json.dumps({"resultUrls": urls})
+    body = {"data": {"taskId": task_id, "state": "success", "resultJson": result}}
+
+    assert call(cb, task_id, body=json.dumps(body).encode()) == 401
+
+    assert record(cb, job_id).state is JobState.SUBMITTED
+    assert refused(cb) == {"bad_record": 1}
+
+
+def test_a_signed_callback_without_a_state_is_refused(cb: Services) -> None:
+    job_id, task_id = submitted_job(cb)
+    body = json.dumps({"data": {"taskId": task_id}}).encode()
+
+    assert call(cb, task_id, body=body) == 401
+
+    assert record(cb, job_id).state is JobState.SUBMITTED
+    assert refused(cb) == {"bad_record": 1}
+
+
+# ----------------------------------------------------------------------------- confirmation
+
+
+@pytest.fixture
+def confirming(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
+    """Callbacks on, with KIE_CALLBACK_CONFIRM: recordInfo decides, not the body."""
+    return callback_services(upstream, kie_callback_confirm=True)
+
+
+def instant_job(svc: Services) -> tuple[str, str]:
+    """A job accepted upstream whose generation is over at once; ``(job_id, task_id)``."""
+    job_id, _ = new_job(svc, prompt=f"confirm {uuid.uuid4().hex[:10]} {INSTANT}")
+    assert submit_step(svc, job_id, 0) == "accepted"
+    task_id = record(svc, job_id).upstream_task_id
+    assert task_id
+    return job_id, task_id
+
+
+def test_with_confirmation_a_forged_success_finishes_the_job_from_record_info(
+    confirming: Services, upstream: SandboxServer
+) -> None:
+    job_id, task_id = instant_job(confirming)
+    genuine = confirming.client().record_info(task_id)
+    assert genuine.state == "success" and genuine.result_urls != result_urls(task_id)
+    asked = record_infos(upstream)
+
+    assert call(confirming, task_id) == 200  # its body names result_urls(task_id)
+
+    done = record(confirming, job_id)
+    assert done.state is JobState.SUCCEEDED and done.result_urls == genuine.result_urls
+    assert record_infos(upstream) == asked + 1
+
+
+def test_with_confirmation_a_forged_failure_does_not_fail_a_job_still_generating(
+    confirming: Services, upstream: SandboxServer
+) -> None:
+    upstream.configure(generation_seconds=120)
+    job_id, task_id = submitted_job(confirming)
+
+    assert call(confirming, task_id, body=body_for(task_id, "fail")) == 200
+
+    assert record(confirming, job_id).state is JobState.SUBMITTED
+    assert record_infos(upstream) == 1
+
+
+def test_with_confirmation_an_upstream_error_answers_503_and_the_delivery_comes_again(
+    confirming: Services, upstream: SandboxServer
+) -> None:
+    job_id, task_id = instant_job(confirming)
+    headers = headers_for(task_id)
+    upstream.configure(faults={500: 1.0}, fault_endpoints=["recordInfo"])
+
+    assert call(confirming, task_id, headers=headers) == 503
+    assert record(confirming, job_id).state is JobState.SUBMITTED
+
+    upstream.configure(faults={})
+    assert call(confirming, task_id, headers=headers) == 200
+    assert record(confirming, job_id).state is JobState.SUCCEEDED
+    assert call(confirming, task_id, headers=headers) == 401
+
+
+def test_with_confirmation_an_adoption_asks_record_info_once(
+    confirming: Services, upstream: SandboxServer
+) -> None:
+    job_id, task_id, _ = lost_answer_job(confirming)
+
+    assert call(confirming, task_id, job_id) == 200
+
+    assert record(confirming, job_id).state is JobState.SUCCEEDED
+    assert record_infos(upstream) == 1

@@ -1,4 +1,5 @@
-"""The callback settings: ``KIE_CALLBACK_URL`` is https outside loopback."""
+"""The callback settings: ``KIE_CALLBACK_URL`` is https outside loopback, and the
+``KIE_CALLBACK_CONFIRM`` switch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ HMAC_KEY = "whk-SECRET-callback-settings"
 @pytest.fixture(autouse=True)
 def signed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KIE_WEBHOOK_HMAC_KEY", HMAC_KEY)
+    monkeypatch.delenv("KIE_CALLBACK_CONFIRM", raising=False)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +64,11 @@ def test_https_anywhere_and_plain_http_on_loopback_are_accepted(
     settings = load_settings()
 
     assert settings.kie_callback_url == url and settings.callbacks_enabled
+
+
+def test_callback_confirmation_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().kie_callback_confirm is False
+
+    monkeypatch.setenv("KIE_CALLBACK_CONFIRM", "1")
+
+    assert load_settings().kie_callback_confirm is True

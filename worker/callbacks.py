@@ -7,7 +7,8 @@ kie.ai signs a callback with ``X-Webhook-Signature`` = base64(HMAC-SHA256(key,
 * the task id must already belong to a job (the index written when a task is accepted),
   and then the body's final state finishes that job through the poller's own transition
   (:func:`worker.poll_policy.finish_from_info`), so a late poll or a duplicate callback
-  changes nothing;
+  changes nothing. A body naming a result that is not an http(s) URL is refused. With
+  ``KIE_CALLBACK_CONFIRM`` the body is not read: one recordInfo answer finishes the job;
 * or the ``job_id`` parameter names a job whose createTask outcome is unknown (its
   answer was lost, or its worker died mid-request): the task is *adopted* only once
   recordInfo confirms that it exists and that its ``callBackUrl`` names that job. A job
@@ -58,8 +59,11 @@ SIGNATURE_HEADER = "X-Webhook-Signature"
 TIMESTAMP = re.compile(r"[0-9]{1,12}")
 #: Longest task id and job id read from a callback (a job id is at most 200 characters).
 MAX_ID_CHARS = 200
-#: recordInfo answers that say the task is not this key's: the adoption is refused.
+#: recordInfo answers that say the task is not this key's: the callback is refused.
 NOT_OURS = (NotFoundError, ValidationFailedError)
+#: Longest result URL a callback's body may name.
+MAX_URL_CHARS = 4096
+UNSAFE_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
 
 
 class CallbackRefused(Exception):
@@ -226,12 +230,35 @@ def _known(svc: Services, job_id: str, verified: Verified) -> str:
 
 
 def _finish(svc: Services, job_id: str, verified: Verified) -> str:
+    if svc.settings.kie_callback_confirm:
+        info = _record_info(svc, verified.task_id)
+    else:
+        info = _told(verified)
+    return finish_from_info(svc, job_id, info) or "pending"
+
+
+def _told(verified: Verified) -> TaskInfo:
+    """The task's record as the callback's body tells it; refuses one that is unreadable
+    or names a result that is not an http(s) URL."""
     try:
         info = parse_task_info({**verified.data, "taskId": verified.task_id})
     except UpstreamError:
-        logger.warning("job %s: callback with an unreadable record; polling decides", job_id)
-        return "pending"
-    return finish_from_info(svc, job_id, info) or "pending"
+        raise CallbackRefused("bad_record") from None
+    if not all(_is_web_url(url) for url in info.result_urls):
+        raise CallbackRefused("bad_record")
+    return info
+
+
+def _is_web_url(url: str) -> bool:
+    """An absolute http(s) URL with a host, without whitespace or control characters."""
+    if len(url) > MAX_URL_CHARS or UNSAFE_URL_CHARACTER.search(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
@@ -273,24 +300,29 @@ def _task_of(svc: Services, job_id: str) -> str | None:
 
 
 def _confirm(svc: Services, task_id: str, job_id: str) -> TaskInfo:
-    """Ask recordInfo whether the task exists and was created for ``job_id``.
+    """Ask recordInfo whether the task exists and was created for ``job_id``."""
+    info = _record_info(svc, task_id)
+    if job_id not in _callback_job_ids(info.param):
+        raise CallbackRefused("unconfirmed")
+    return info
 
-    Only an answer refuses the task (it is not this key's, or names another job); no answer
-    (an upstream error, a timeout) says nothing about it, and the callback is to come again.
+
+def _record_info(svc: Services, task_id: str) -> TaskInfo:
+    """The task's record as recordInfo answers it, asked once.
+
+    Only an answer refuses the task (it is not this key's); no answer (an upstream error, a
+    timeout) says nothing about it, and the callback is to come again.
     """
     if svc.settings.kie_api_key is None:
         logger.error("callback for task %s cannot be confirmed: KIE_API_KEY is not set", task_id)
         raise CallbackUnavailable("KIE_API_KEY is not set")
     try:
-        info = svc.client().record_info(task_id)
+        return svc.client().record_info(task_id)
     except NOT_OURS:
         raise CallbackRefused("unconfirmed") from None
     except UpstreamError as exc:
         logger.warning("callback for task %s: recordInfo failed (%s)", task_id, exc)
         raise CallbackUnavailable(f"recordInfo: {exc.fail_code}") from None
-    if job_id not in _callback_job_ids(info.param):
-        raise CallbackRefused("unconfirmed")
-    return info
 
 
 def _callback_job_ids(param: str | None) -> list[str]:

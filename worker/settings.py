@@ -268,6 +268,9 @@ class Settings(BaseSettings):
     kie_callback_window_s: int = Field(300, gt=0)
     #: Largest callback body accepted, in bytes.
     kie_callback_max_bytes: int = Field(256 * 1024, gt=0)
+    #: A verified callback finishes its job from one recordInfo answer, not from its body
+    #: (which the signature does not cover): 2 upstream requests per job instead of 1.
+    kie_callback_confirm: bool = False
 
     #: Bearer tokens that may use the HTTP API (comma-separated); unset: no auth.
     remix_api_tokens: SecretStr | None = None
