@@ -3,9 +3,11 @@
 The checks and what a valid callback does are :mod:`worker.callbacks`; this route caps the
 body (``413`` over ``KIE_CALLBACK_MAX_BYTES``, counted or chunked), answers ``401`` for
 every refusal without saying which check failed, ``503`` when the callback cannot be
-handled now (so that the upstream delivers it again), and counts callbacks in the fleet's
-metrics (``callbacks_total:valid``, ``callbacks_refused_total:<reason>``,
-``callbacks_unavailable_total``). It needs no bearer token: the upstream cannot send one;
+handled now (so that the upstream delivers it again). Callbacks with a valid signature are
+counted in the fleet's metrics in Redis (``callbacks_total:valid``,
+``callbacks_refused_total:<reason>``, ``callbacks_unavailable_total``); refusals of the
+others, anyone's noise, only in this process's memory and at DEBUG in the log, so that a
+flood of them costs no Redis work. It needs no bearer token: the upstream cannot send one;
 the signature is the authentication.
 """
 
@@ -20,6 +22,7 @@ import redis
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from producers.metrics_export import PROCESS_COUNTERS
 from worker import callbacks
 from worker.runtime import Services, services
 
@@ -27,8 +30,7 @@ logger = logging.getLogger("producers.http.callbacks")
 
 router = APIRouter()
 CALLBACK_PATH = "/v1/callbacks/kie"
-#: Refusals of callbacks whose signature checked out (the others may be anyone's noise).
-SIGNED_REFUSALS = frozenset({"replay", "unknown_task", "unconfirmed", "bad_record"})
+REFUSED = "callbacks_refused_total:"
 
 
 class BodyTooLarge(Exception):
@@ -74,7 +76,7 @@ async def kie_callback(
     try:
         body = await read_capped(request, svc.settings.kie_callback_max_bytes)
     except BodyTooLarge:
-        await run_in_threadpool(svc.metrics.count, "callbacks_refused_total:too_large")
+        _count_unsigned("too_large")
         return Response(status_code=413)
     return await run_in_threadpool(respond, svc, body, dict(request.headers), job_id)
 
@@ -87,7 +89,8 @@ def respond(svc: Services, body: bytes, headers: Mapping[str, str], job_id: str 
     try:
         verified = callbacks.verify(svc, body, headers, now)
     except callbacks.CallbackRefused as exc:
-        return _refused(svc, exc.reason)
+        _count_unsigned(exc.reason)
+        return Response(status_code=401)
     try:
         with callbacks.claimed(svc, verified, now):
             outcome = callbacks.handle(svc, verified, job_id)
@@ -103,8 +106,13 @@ def respond(svc: Services, body: bytes, headers: Mapping[str, str], job_id: str 
 
 
 def _refused(svc: Services, reason: str) -> Response:
-    svc.metrics.count(f"callbacks_refused_total:{reason}")
-    # Validly signed callbacks refused are worth a look; unsigned noise must not flood logs.
-    level = logging.WARNING if reason in SIGNED_REFUSALS else logging.INFO
-    logger.log(level, "callback refused (%s)", reason)
+    """A callback with a valid signature refused: worth a look."""
+    svc.metrics.count(f"{REFUSED}{reason}")
+    logger.warning("callback refused (%s)", reason)
     return Response(status_code=401)
+
+
+def _count_unsigned(reason: str) -> None:
+    """A callback without a valid signature refused: in this process's memory, no Redis."""
+    PROCESS_COUNTERS.count(f"{REFUSED}{reason}")
+    logger.debug("callback refused (%s)", reason)

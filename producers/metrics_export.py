@@ -6,7 +6,8 @@ scrape of any one HTTP app sees the whole fleet. This collector turns what is st
 metric families when ``/metrics`` is scraped:
 
 * every stored counter, ``name:label`` becoming ``remixq_name{<label name>="label"}``
-  (``create_task_total:429`` -> ``remixq_create_task_total{code="429"}``);
+  (``create_task_total:429`` -> ``remixq_create_task_total{code="429"}``), plus what this
+  process counted in its own memory (:data:`PROCESS_COUNTERS`: unsigned callbacks refused);
 * ``remixq_jobs{state=...}`` from the per-state indexes, ``remixq_queue_depth{queue=...}``
   (messages waiting in the broker), ``remixq_workers_live``;
 * the latency and job-time histograms.
@@ -15,7 +16,8 @@ metric families when ``/metrics`` is scraped:
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 
 from prometheus_client.core import (
@@ -60,7 +62,10 @@ HELP = {
     "spend_reservations_total": "Spend reservations made (createTasks that may be charged)",
     "spend_refunds_total": "Spend reservations given back after a definite refusal",
     "callbacks_total": "Upstream callbacks acted on",
-    "callbacks_refused_total": "Upstream callbacks refused, by reason",
+    "callbacks_refused_total": (
+        "Upstream callbacks refused, by reason (those without a valid signature: counted by "
+        "this app process)"
+    ),
     "unknown_outcomes_total": "createTask requests whose answer was lost after sending",
     "possibly_paid_twice_total": "Jobs sent again after an unknown outcome and accepted",
     "lease_resends_total": "Jobs sent again because their step was lost",
@@ -73,6 +78,30 @@ HELP = {
     "job_seconds": "Time from enqueue to the end of a job",
 }
 _VALID_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class ProcessCounters:
+    """Counters kept in this process's memory (named like the fleet's, ``name:label``).
+
+    For what anyone on the network can make happen at will (unsigned callbacks): counting
+    it costs no Redis work. A scrape adds them to the fleet's counters of the same name.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def read(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+#: This process's own counters (see :class:`ProcessCounters`).
+PROCESS_COUNTERS = ProcessCounters()
 
 
 class FleetCollector(Collector):
@@ -91,7 +120,7 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         svc = self._svc or services()
-        yield from counter_families(svc.metrics.read())
+        yield from counter_families(with_process_counts(svc.metrics.read()))
         yield _jobs_by_state(svc)
         yield _queue_depths(svc)
         yield _live_workers(svc)
@@ -110,6 +139,13 @@ PLAIN_COUNTERS = (
     "possibly_paid_twice_total",
     "lease_resends_total",
 )
+
+
+def with_process_counts(stored: dict[str, int]) -> dict[str, int]:
+    """The fleet's counters plus this process's own (:data:`PROCESS_COUNTERS`)."""
+    counts = Counter(stored)
+    counts.update(PROCESS_COUNTERS.read())
+    return dict(counts)
 
 
 def counter_families(stored: dict[str, int]) -> Iterator[CounterMetricFamily]:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from producers import enqueue_remix, get_job, wait_for_job
 from sandbox.control import SandboxControl
@@ -38,6 +39,7 @@ from sandbox.launch import (
 )
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt, worker_env
 from tests.helpers import accepted, create_requests, wait_until
+from tests.test_policy_callbacks import write_commands
 from worker import keys
 from worker.models import JobRecord, JobState
 
@@ -213,6 +215,19 @@ def refusals(client: redis.Redis) -> dict[str, int]:
     return {k[len(REFUSED) :]: v for k, v in metrics(client).items() if k.startswith(REFUSED)}
 
 
+def exported_refusals(api: ManagedProcess) -> dict[str, int]:
+    """``remixq_callbacks_refused_total`` by reason, as the app's ``/metrics`` shows it."""
+    answer = requests.get(f"{api.url}/metrics", timeout=10)
+    assert answer.status_code == 200
+    found: dict[str, int] = {}
+    for family in text_string_to_metric_families(answer.text):
+        if family.name == "remixq_callbacks_refused":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[sample.labels["reason"]] = int(sample.value)
+    return found
+
+
 def counted(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
@@ -299,6 +314,7 @@ def test_forged_stale_and_replayed_callbacks_get_the_same_401_and_change_nothing
     assert post(api, callback_body(task_id, "generating"), **genuine).status_code == 200
     before_record = get_job(job_id)
     before = refusals(redis_client)
+    exported_before = exported_refusals(api)
 
     answers = {
         "forged": post(
@@ -325,7 +341,9 @@ def test_forged_stale_and_replayed_callbacks_get_the_same_401_and_change_nothing
     assert len({shape(r) for r in answers.values()}) == 1  # never says which check failed
     assert answers["forged"].content == b""
     assert get_job(job_id) == before_record
-    assert counted(before, refusals(redis_client)) == {
+    # Refusals of a valid signature are the fleet's (Redis); the others, this process's.
+    assert counted(before, refusals(redis_client)) == {"replay": 1, "unknown_task": 1}
+    assert counted(exported_before, exported_refusals(api)) == {
         "bad_signature": 1,
         "stale": 1,
         "replay": 1,
@@ -377,6 +395,7 @@ def test_bodies_over_the_cap_are_refused_counted_or_chunked(
     api: ManagedProcess, redis_client: redis.Redis
 ) -> None:
     before = refusals(redis_client)
+    exported_before = exported_refusals(api)
     big = b'{"data": {"taskId": "' + b"x" * CAP + b'"}}'
 
     def chunks() -> Iterator[bytes]:
@@ -389,7 +408,50 @@ def test_bodies_over_the_cap_are_refused_counted_or_chunked(
     assert chunked.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in chunked.request.headers
     assert (declared.status_code, chunked.status_code) == (413, 413)
-    assert counted(before, refusals(redis_client)) == {"too_large": 2}
+    assert counted(exported_before, exported_refusals(api)) == {"too_large": 2}
+    assert refusals(redis_client) == before
+
+
+FLOOD = 50
+
+
+def test_an_unsigned_flood_writes_nothing_to_redis_logs_nothing_and_shows_on_metrics(
+    api: ManagedProcess, redis_client: redis.Redis, log_dir: Path
+) -> None:
+    now, task_id = int(time.time()), "task_flood"
+    body = callback_body(task_id, "success")
+    noise = {
+        "bad_signature": (body, {"X-Webhook-Timestamp": str(now), "X-Webhook-Signature": "x"}),
+        "stale": (body, {"X-Webhook-Timestamp": str(now - WINDOW_S - 5)}),
+        "bad_timestamp": (body, {"X-Webhook-Timestamp": "soon"}),
+        "malformed": (b"{", {"X-Webhook-Timestamp": str(now)}),
+    }
+    log = log_dir / "callbacks-app.log"
+    logged_before = log.read_text().count("callback refused")
+    exported_before = exported_refusals(api)
+    stored_before = (redis_client.dbsize(), metrics(redis_client))
+    writes_before = write_commands(redis_client)
+
+    with requests.Session() as session:
+        answers = [
+            session.post(f"{api.url}/v1/callbacks/kie", data=data, headers=headers, timeout=10)
+            for data, headers in noise.values()
+            for _ in range(FLOOD)
+        ]
+
+    assert [a.status_code for a in answers] == [401] * len(noise) * FLOOD
+    assert write_commands(redis_client) == writes_before
+    assert (redis_client.dbsize(), metrics(redis_client)) == stored_before
+    assert counted(exported_before, exported_refusals(api)) == dict.fromkeys(noise, FLOOD)
+    assert log.read_text().count("callback refused") == logged_before
+    # A refusal of a valid signature still counts in Redis, and shows on /metrics too.
+    unknown = "task_of_nobody_flood"
+    signed = post(
+        api, callback_body(unknown, "success"), timestamp=now, signature=sign(unknown, now)
+    )
+    assert signed.status_code == 401
+    assert counted(stored_before[1], metrics(redis_client)) == {REFUSED + "unknown_task": 1}
+    assert counted(exported_before, exported_refusals(api))["unknown_task"] == 1
 
 
 def test_a_signed_callback_naming_a_huge_job_id_is_refused(

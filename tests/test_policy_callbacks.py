@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from producers.http_callbacks import respond
+from producers.metrics_export import PROCESS_COUNTERS
 from sandbox.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signature
 from sandbox.launch import free_port, start_redis
 from sandbox.server import SandboxServer
@@ -265,6 +266,7 @@ def test_forged_stale_future_malformed_and_replayed_callbacks_are_refused_alike(
         "deep json": (b"[" * 100_000 + b"]" * 100_000, headers_for(task_id)),
         "not utf-8": (b'{"data": {"taskId": "\xff"}}', headers_for(task_id)),
     }
+    counted_before = process_refusals()
     answers = {name: respond(cb, body, headers, None) for name, (body, headers) in attempts.items()}
 
     assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(attempts, 401)
@@ -273,7 +275,8 @@ def test_forged_stale_future_malformed_and_replayed_callbacks_are_refused_alike(
         (answers["forged"].body, tuple(sorted(answers["forged"].headers.items())))
     }
     assert record(cb, job_id) == before
-    assert sum(refused(cb).values()) == len(attempts)
+    assert sum(counted_since(counted_before, process_refusals()).values()) == len(attempts)
+    assert refused(cb) == {}
 
 
 @pytest.mark.parametrize(
@@ -329,9 +332,11 @@ def test_a_replay_after_the_window_is_refused_as_stale(
     assert len(seen) == 1 and 0 < svc.store.redis.ttl(seen[0]) <= 3
 
     time.sleep(2.2)
+    counted_before = process_refusals()
 
     assert call(svc, task_id, headers=headers) == 401
-    assert refused(svc) == {"stale": 1}
+    assert counted_since(counted_before, process_refusals()) == {"stale": 1}
+    assert refused(svc) == {}
     assert record(svc, job_id).state is JobState.SUBMITTED
 
 
@@ -340,12 +345,14 @@ def test_without_an_hmac_key_every_callback_is_refused(
 ) -> None:
     svc = make_services(upstream.url, kie_callback_url=CALLBACK_URL)
     job_id, task_id = submitted_job(svc)
+    counted_before = process_refusals()
 
     assert call(svc, task_id) == 401
     assert call(svc, task_id, headers=headers_for(task_id, key="")) == 401
 
     assert record(svc, job_id).state is JobState.SUBMITTED
-    assert refused(svc) == {"disabled": 2}
+    assert counted_since(counted_before, process_refusals()) == {"disabled": 2}
+    assert refused(svc) == {}
 
 
 def test_an_unknown_task_without_a_job_id_is_refused(cb: Services, upstream: SandboxServer) -> None:
@@ -952,3 +959,53 @@ def test_with_confirmation_an_adoption_asks_record_info_once(
 
     assert record(confirming, job_id).state is JobState.SUCCEEDED
     assert record_infos(upstream) == 1
+
+
+# ----------------------------------------------------------------------------- unsigned noise
+
+
+def test_unsigned_refusals_are_counted_in_the_process_and_write_nothing_to_redis(
+    cb: Services,
+) -> None:
+    job_id, task_id = submitted_job(cb)
+    forged = headers_for(task_id, key="not-the-key")
+    noise = [
+        (body_for(task_id), forged),
+        (b"{not json", headers_for(task_id)),
+        (body_for(task_id), headers_for(task_id, at=int(time.time()) - WINDOW_S - 5)),
+        (body_for(task_id), {SIGNATURE_HEADER: "x"}),
+    ] * 25
+    before_keys = sorted(cb.store.redis.keys("*"))
+    before_metrics = cb.metrics.read()
+    before_writes = write_commands(cb.store.redis)
+    before_local = process_refusals()
+
+    answers = [respond(cb, body, headers, job_id).status_code for body, headers in noise]
+
+    assert answers == [401] * len(noise)
+    assert write_commands(cb.store.redis) == before_writes
+    assert sorted(cb.store.redis.keys("*")) == before_keys
+    assert cb.metrics.read() == before_metrics
+    assert counted_since(before_local, process_refusals()) == {
+        "bad_signature": 25,
+        "malformed": 25,
+        "stale": 25,
+        "bad_timestamp": 25,
+    }
+    assert record(cb, job_id).state is JobState.SUBMITTED
+
+
+def write_commands(client: redis.Redis) -> dict[str, int]:
+    """How many times the server ran each command that writes (or may: scripts)."""
+    stats = client.info("commandstats")
+    writes = ("hincrby", "hset", "set", "incr", "incrby", "evalsha", "eval", "expire", "del")
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in writes}
+
+
+def process_refusals() -> dict[str, int]:
+    prefix = "callbacks_refused_total:"
+    return {k[len(prefix) :]: v for k, v in PROCESS_COUNTERS.read().items() if k.startswith(prefix)}
+
+
+def counted_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
