@@ -61,6 +61,9 @@ TIMESTAMP = re.compile(r"[0-9]{1,12}")
 MAX_ID_CHARS = 200
 #: recordInfo answers that say the task is not this key's: the callback is refused.
 NOT_OURS = (NotFoundError, ValidationFailedError)
+#: How far apart the clocks of two app instances may be: a claimed signature is kept this
+#: much longer than its window, so that no instance takes it as fresh once it expired.
+CLOCK_SKEW_S = 30
 #: Longest result URL a callback's body may name.
 MAX_URL_CHARS = 4096
 UNSAFE_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
@@ -170,9 +173,9 @@ def claimed(svc: Services, verified: Verified, now: float) -> Iterator[None]:
 
 
 def _seen_ttl(svc: Services, verified: Verified, now: float) -> int:
-    """Seconds until the signature's timestamp leaves the window, plus one."""
+    """Seconds until the signature's timestamp leaves the window, plus the clock skew."""
     valid_for = verified.timestamp + svc.settings.kie_callback_window_s - now
-    return max(1, math.ceil(valid_for) + 1)
+    return max(1, math.ceil(valid_for) + CLOCK_SKEW_S)
 
 
 #: Claims this process could not give back (Redis was away): key -> (token, until when).
