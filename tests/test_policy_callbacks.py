@@ -513,6 +513,37 @@ def test_the_workers_accept_racing_a_callback_from_threads(cb: Services) -> None
     assert done.extra_task_ids == [] and not done.possibly_paid_twice
 
 
+class AcceptedMeanwhile(JobStore):
+    """The job store, but the worker's own accept of the task lands right after a callback
+    found the task unknown."""
+
+    def __init__(self, svc: Services, job_id: str, attempt: str) -> None:
+        super().__init__(svc.store.redis, svc.store.ttl_s, svc.store.archive)
+        self.svc, self.job_id, self.attempt = svc, job_id, attempt
+        self.accepted = False
+
+    def job_for_task(self, task_id: str) -> str | None:
+        found = super().job_for_task(task_id)
+        if found is None and not self.accepted:
+            self.accepted = True
+            assert record_acceptance(self.svc, self.job_id, self.attempt, task_id) == "accepted"
+        return found
+
+
+def test_the_workers_accept_landing_between_a_callbacks_reads_finishes_the_job(
+    cb: Services, upstream: SandboxServer
+) -> None:
+    job_id, task_id, attempt = lost_answer_job(cb)
+    racing = dataclasses.replace(cb, store=AcceptedMeanwhile(cb, job_id, attempt))
+
+    assert call(racing, task_id, job_id) == 200
+
+    done = record(cb, job_id)
+    assert done.state is JobState.SUCCEEDED and done.upstream_task_id == task_id
+    assert done.extra_task_ids == [] and not done.possibly_paid_twice
+    assert record_infos(upstream) == 0
+
+
 def test_a_task_arriving_after_a_resubmit_is_recorded_as_a_second_charge(
     cb: Services, upstream: SandboxServer
 ) -> None:

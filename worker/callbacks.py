@@ -273,7 +273,7 @@ def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
         raise CallbackRefused("unknown_task")
     attempt_open = svc.store.get_internal(job_id, ATTEMPT_FIELD) is not None
     if not (record.unknown_outcomes > 0 or (attempt_open and not record.upstream_task_id)):
-        raise CallbackRefused("unknown_task")
+        return _recorded_meanwhile(svc, verified)
     info = _confirm(svc, verified.task_id, job_id)
     outcome = svc.store.accept(job_id, "", verified.task_id, svc.settings.first_poll_s)
     if outcome == "missing":
@@ -295,6 +295,16 @@ def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
         return "extra"
     finish_from_info(svc, job_id, info)
     return "adopted"
+
+
+def _recorded_meanwhile(svc: Services, verified: Verified) -> str:
+    """A task unknown when looked up may have been recorded since (its worker's own answer
+    came): then it is a known task; otherwise the callback is refused."""
+    job_id = svc.store.job_for_task(verified.task_id)
+    if job_id is None:
+        raise CallbackRefused("unknown_task")
+    with job_context(job_id, upstream_task_id=verified.task_id):
+        return _known(svc, job_id, verified)
 
 
 def _task_of(svc: Services, job_id: str) -> str | None:
