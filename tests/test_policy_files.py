@@ -20,14 +20,15 @@ import requests
 from sandbox.images import render_png
 from sandbox.server import SandboxServer
 from tests.policy_kit import make_services, stored_ref, token_of
-from worker import cancelling, keys
-from worker.blobs import BlobMissing, BlobRef, BlobStoreFull, RedisBlobStore, new_ref
-from worker.jobstore import UPLOADS_FIELD
-from worker.kie_upload import UPLOAD_LIFETIME_S
+from worker import keys
 from worker.models import JobState
-from worker.outcome import fail_job
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies import cancelling
+from worker.policies.outcome import fail_job
+from worker.policies.submit import submit_step
+from worker.services import Services
+from worker.store.blobs import BlobMissing, BlobRef, BlobStoreFull, RedisBlobStore, new_ref
+from worker.store.jobs import UPLOADS_FIELD
+from worker.upstreams.kie_upload import UPLOAD_LIFETIME_S
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.backoff import full_jitter, poll_delay
+from worker.policies.retry import full_jitter, poll_delay
 from worker.settings import Settings, parse_rate_limit
 
 

@@ -1,5 +1,5 @@
 """Field checks shared by the request models of both upstreams (:mod:`worker.models`,
-:mod:`worker.ideogram_models`), so that both answer a blank prompt or a boolean number
+:mod:`worker.relay_models`), so that both answer a blank prompt or a boolean number
 with the same words."""
 
 from __future__ import annotations

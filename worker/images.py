@@ -2,7 +2,7 @@
 
 Producers read a file (or take bytes) here, before anything is enqueued, so a bad file
 gets one line naming what is wrong and nothing is written. The worker never reads a
-path: only the bytes a producer stored in the blob store (:mod:`worker.blobs`).
+path: only the bytes a producer stored in the blob store (:mod:`worker.store.blobs`).
 :func:`is_complete_image` is the archive's check that a downloaded result is whole.
 """
 
