@@ -31,12 +31,13 @@ import kombu.exceptions
 import redis
 
 from worker.app import services
+from worker.fields import BlobRef
 from worker.images import load_image
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
 from worker.net.webhook_urls import check_webhook_url
 from worker.policies import cancelling
-from worker.store.blobs import BlobRef, new_ref
+from worker.store.blobs import new_ref
 from worker.store.jobs import NewJob
 
 logger = logging.getLogger("producers")

@@ -21,12 +21,13 @@ from sandbox.images import render_png
 from sandbox.server import SandboxServer
 from tests.policy_kit import make_services, stored_ref, token_of
 from worker import keys
+from worker.fields import BlobRef
 from worker.models import JobState
 from worker.policies import cancelling
 from worker.policies.outcome import fail_job
 from worker.policies.submit import submit_step
 from worker.services import Services
-from worker.store.blobs import BlobMissing, BlobRef, BlobStoreFull, RedisBlobStore, new_ref
+from worker.store.blobs import BlobMissing, BlobStoreFull, RedisBlobStore, new_ref
 from worker.store.jobs import UPLOADS_FIELD
 from worker.upstreams.kie_upload import UPLOAD_LIFETIME_S
 

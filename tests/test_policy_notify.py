@@ -31,6 +31,7 @@ from tests.policy_kit import INPUT, make_services, new_job
 from tests.webhook_receiver import Delivery, WebhookReceiver, free_port, loopback_name, receiver
 from worker import keys
 from worker.fleet.dispatcher import Dispatcher
+from worker.fleet.side_dispatch import dispatch_notifications
 from worker.models import JobState
 from worker.policies.notify import (
     DELIVERY_HEADER,
@@ -44,7 +45,6 @@ from worker.services import Services
 from worker.store.notify import (
     MOST_IN_FLIGHT_PER_RECEIVER,
     NotifyDispatch,
-    dispatch_notifications,
     notify_store,
 )
 from worker.store.publisher import Publisher

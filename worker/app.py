@@ -44,6 +44,8 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
+from worker.fleet import broker_guard
+from worker.fleet.registry import register_api_key
 from worker.logs import enter_task, install_log_format, leave_task
 from worker.redaction import Redactor, install_log_redaction
 from worker.services import Services, build_services
@@ -59,6 +61,7 @@ from worker.store.publisher import (
     SUBMIT_QUEUE,
     SUBMIT_TASK,
 )
+from worker.upstreams.providers import configured_providers
 
 #: Seconds between the broker's sweeps for messages whose visibility ran out.
 RESTORE_INTERVAL_S = 5
@@ -155,11 +158,6 @@ def _start_worker(**_: Any) -> None:
     ``provider_not_configured``.
     """
     settings = get_settings()
-    from worker.app import set_worker_role
-    from worker.fleet import broker_guard
-    from worker.fleet.registry import register_api_key
-    from worker.upstreams.providers import configured_providers
-
     if not configured_providers(settings):
         raise SystemExit(
             "remixq worker: neither KIE_API_KEY nor IDEOGRAM_BASE_URL with IDEOGRAM_API_KEY "

@@ -25,11 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from worker.fields import not_a_boolean, not_blank
+from worker.fields import BlobRef, not_a_boolean, not_blank
 from worker.relay_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
 from worker.relay_models import PROVIDER as IDEOGRAM_PROVIDER
 from worker.relay_models import IdeogramRemixRequest
-from worker.store.blobs import BlobRef
 
 PROVIDER = "kie"
 #: The upstreams a job may be sent to (``provider``); ``kie`` is the default.

@@ -22,8 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.fields import not_a_boolean, not_blank
-from worker.store.blobs import BlobRef
+from worker.fields import BlobRef, not_a_boolean, not_blank
 
 PROVIDER = "ideogram-remix"
 DEFAULT_MODEL = "V_2"

@@ -52,10 +52,9 @@ from collections.abc import Callable, Iterable
 from typing import cast
 
 from worker import keys
+from worker.fleet.side_dispatch import dispatch_archives, dispatch_notifications
 from worker.services import Services
-from worker.store.archive import dispatch_archives
 from worker.store.jobs import Dispatch
-from worker.store.notify import dispatch_notifications
 from worker.store.publisher import (
     ARCHIVE_QUEUE,
     NOTIFY_QUEUE,

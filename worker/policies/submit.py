@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 from worker import keys
+from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
@@ -159,8 +160,6 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
 def _not_configured_here(svc: Services, job: Job, exc: ProviderNotConfigured) -> str:
     """A job this worker cannot send: it waits for a worker of the fleet that can (one
     sent a heartbeat lately), or fails at once when there is none."""
-    from worker.fleet.dispatcher import LIVE_WORKER_S
-
     now = svc.clock.now()
     if svc.broker.zcount(keys.provider_workers(job.record.provider), now - LIVE_WORKER_S, "+inf"):
         wait = PROVIDER_ELSEWHERE_WAIT_S * random.uniform(0.5, 1.5)

@@ -35,11 +35,9 @@ import redis
 from worker import keys
 from worker.lua import load_script
 from worker.models import Archive, ArchivedImage, JobRecord
-from worker.services import Services
 from worker.settings import Settings
 from worker.store.jobs import SEND_MARGIN_S, decode_text, read_record
-from worker.store.notify import HOLD_FIRST_S, most_in_fleet, publish_claimed
-from worker.store.side_work import PerClient
+from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
 
 #: The entry's token: only the message carrying the latest one may archive.
 ARCHIVE_TOKEN_FIELD = "_archive_token"
@@ -182,29 +180,6 @@ class ArchiveSchedule:
 _schedules = PerClient(ArchiveSchedule)
 
 
-def archive_schedule(svc: Services) -> ArchiveSchedule:
+def archive_schedule(svc: HasJobStore) -> ArchiveSchedule:
     """The archive schedule on ``svc``'s job records (built once per Redis client)."""
     return _schedules.get(svc.store.redis)
-
-
-def dispatch_archives(
-    svc: Services, oldest_waiting: float | None = None, fleet_slots: int | None = None
-) -> int:
-    """Claim the due archiving and publish one ``remix.archive`` each; returns how many.
-
-    Those whose message the broker refused are made due again at once, then the error is
-    raised: they are never lost, at worst sent after their lease.
-    """
-    schedule = archive_schedule(svc)
-    claimed = schedule.claim(
-        ARCHIVE_CLAIM_LIMIT, svc.settings, oldest_waiting=oldest_waiting, fleet_slots=fleet_slots
-    )
-    if not claimed:
-        return 0
-    return publish_claimed(
-        svc,
-        claimed,
-        "archive_lease_resends_total",
-        lambda item, producer: svc.publisher.archive(item.job_id, item.token, producer=producer),
-        schedule.due_now,
-    )

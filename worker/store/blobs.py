@@ -21,26 +21,14 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from worker import keys
+from worker.fields import BlobRef
 from worker.lua import load_script
-
-
-class BlobRef(BaseModel):
-    """What a job's request carries in place of an image's bytes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    blob: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")
-    content_type: Literal["image/jpeg", "image/png", "image/webp"]
-    size: int = Field(gt=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    #: The file name sent upstream (letters, digits, ``-``, ``_`` and the extension).
-    name: str = Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_-]+\.(jpg|png|webp)$")
 
 
 class BlobMissing(Exception):

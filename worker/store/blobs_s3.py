@@ -18,7 +18,8 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.store.blobs import BlobRef, BlobStoreError, checked_blob
+from worker.fields import BlobRef
+from worker.store.blobs import BlobStoreError, checked_blob
 
 #: ``DeleteObjects`` takes at most this many keys.
 DELETE_BATCH = 1000

@@ -28,7 +28,6 @@ fields (``_notify_*``), never the job's state or results.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +36,9 @@ import redis
 from worker import keys
 from worker.lua import load_script
 from worker.models import JobRecord, Notification
-from worker.services import Services
 from worker.settings import Settings
 from worker.store.jobs import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text, read_record
-from worker.store.side_work import PerClient
+from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
 
 #: The webhook's token: only the message carrying the latest one may deliver.
 NOTIFY_TOKEN_FIELD = "_notify_token"
@@ -50,24 +48,13 @@ NOTIFY_CLAIM_LIMIT = 200
 NOTIFY_LEASE_MARGIN_S = 10.0
 #: Most deliveries in flight to one receiver that has been answering 2xx.
 MOST_IN_FLIGHT_PER_RECEIVER = 8
-#: First pause of a webhook held back by its receiver's limit; it doubles each time, up
-#: to the delivery timeout (a delivery in flight ends within it).
-HOLD_FIRST_S = 0.25
 #: How long a receiver's streak of good answers is remembered after its last delivery.
 RECEIVER_TTL_S = 86400
-#: The fleet-wide limit when the fleet's size is unknown (a claim made outside a worker).
-UNLIMITED = 1_000_000
 
 
 def notify_lease_s(settings: Settings) -> float:
     """How long one delivery may take before the schedule sends the webhook again."""
     return settings.remix_notify_timeout_s + NOTIFY_LEASE_MARGIN_S
-
-
-def most_in_fleet(fleet_slots: int | None) -> int:
-    """Deliveries and archive steps allowed in flight at once, together: half the fleet's
-    slots, at least one."""
-    return UNLIMITED if fleet_slots is None else max(1, fleet_slots // 2)
 
 
 @dataclass(frozen=True)
@@ -208,51 +195,6 @@ class NotifyStore:
 _stores = PerClient(NotifyStore)
 
 
-def notify_store(svc: Services) -> NotifyStore:
+def notify_store(svc: HasJobStore) -> NotifyStore:
     """The webhook store on ``svc``'s job records (built once per Redis client)."""
     return _stores.get(svc.store.redis)
-
-
-def dispatch_notifications(
-    svc: Services, oldest_waiting: float | None = None, fleet_slots: int | None = None
-) -> int:
-    """Claim the due webhooks and publish one ``remix.notify`` each; returns how many.
-
-    Those whose message the broker refused are made due again at once, then the error is
-    raised: they are never lost, at worst sent after their lease.
-    """
-    store = notify_store(svc)
-    claimed = store.claim(
-        NOTIFY_CLAIM_LIMIT, svc.settings, oldest_waiting=oldest_waiting, fleet_slots=fleet_slots
-    )
-    if not claimed:
-        return 0
-    return publish_claimed(
-        svc,
-        claimed,
-        "notify_lease_resends_total",
-        lambda item, producer: svc.publisher.notify(
-            item.job_id, item.token, item.receiver, producer=producer
-        ),
-        store.unsent,
-    )
-
-
-def publish_claimed(
-    svc: Services,
-    claimed: Sequence[Any],
-    resends_metric: str,
-    send: Callable[[Any, Any], None],
-    unsent: Callable[[list[Any]], Any],
-) -> int:
-    """Publish one message per claimed entry (webhooks, archives); returns how many.
-
-    Entries sent again after their lease ran out are counted as ``resends_metric``; those
-    whose message the broker refused are handed to ``unsent`` (due again), then the error
-    is raised.
-    """
-    resent = sum(1 for item in claimed if item.resent)
-    if resent:
-        svc.metrics.count(resends_metric, resent)
-    svc.publisher.send_each(claimed, send, unsent)
-    return len(claimed)

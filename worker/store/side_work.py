@@ -7,9 +7,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import redis
+
+from worker.store.jobs import JobStore
+
+#: First pause of a webhook held back by its receiver's limit; it doubles each time, up
+#: to the delivery timeout (a delivery in flight ends within it).
+HOLD_FIRST_S = 0.25
+#: The fleet-wide limit when the fleet's size is unknown (a claim made outside a worker).
+UNLIMITED = 1_000_000
+
+
+class HasJobStore(Protocol):
+    """What a side-work schedule is found by: the job store it lives beside."""
+
+    store: JobStore
+
+
+def most_in_fleet(fleet_slots: int | None) -> int:
+    """Deliveries and archive steps allowed in flight at once, together: half the fleet's
+    slots, at least one."""
+    return UNLIMITED if fleet_slots is None else max(1, fleet_slots // 2)
+
 
 T = TypeVar("T")
 

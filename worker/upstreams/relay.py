@@ -29,9 +29,9 @@ from urllib.parse import quote
 
 from pydantic import SecretStr
 
+from worker.fields import BlobRef
 from worker.net.deadline import guarded_session
 from worker.redaction import Redactor
-from worker.store.blobs import BlobRef
 from worker.upstreams.errors import (
     BadAnswerError,
     MaintenanceError,
