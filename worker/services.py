@@ -21,7 +21,7 @@ from celery import states
 from worker.limits.pause import FleetPause
 from worker.limits.ratelimit import SharedRateLimiter
 from worker.limits.spendcap import SpendCap
-from worker.models import PROVIDER, JobRecord, JobState
+from worker.models import JobRecord, JobState
 from worker.redaction import Redactor
 from worker.settings import Settings, parse_rate_limit
 from worker.store.blobs import BlobStore, FileBlobStore, RedisBlobStore
@@ -34,11 +34,11 @@ from worker.upstreams.errors import JobFailed
 from worker.upstreams.kie import KieClient
 from worker.upstreams.kie_upload import KieUploadClient
 from worker.upstreams.providers import (
-    IDEOGRAM_PROVIDER,
+    KIE,
+    PROFILES,
     ProviderNotConfigured,
-    api_key_id,
+    ProviderProfile,
     configured_providers,
-    ideogram_key_id,
     new_ideogram_client,
     new_kie_client,
     new_upload_client,
@@ -91,9 +91,13 @@ class Services:
     redactor: Redactor
     blobs: BlobStore
     #: The upstream the per-key parts above belong to (see :meth:`for_provider`).
-    provider: str = PROVIDER
+    profile: ProviderProfile = KIE
     providers: dict[str, ProviderParts] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def provider(self) -> str:
+        return self.profile.name
 
     def client(self) -> KieClient:
         """This thread's upstream client (one HTTP session per thread or greenlet)."""
@@ -111,7 +115,7 @@ class Services:
 
     def status_client(self) -> KieClient | IdeogramClient:
         """The client that asks for a task's state at this provider's upstream."""
-        return self.relay_client() if self.provider == IDEOGRAM_PROVIDER else self.client()
+        return self.relay_client() if self.profile.answers_synchronously else self.client()
 
     def for_provider(self, name: str) -> Services:
         """These services with the rate limit, pause, spend cap and key of ``name``.
@@ -125,7 +129,7 @@ class Services:
         parts = self.providers[name]
         return dataclasses.replace(
             self,
-            provider=name,
+            profile=PROFILES[name],
             api_key_id=parts.api_key_id,
             limiter=parts.limiter,
             pause=parts.pause,
@@ -141,8 +145,9 @@ class Services:
 
 
 def _provider_parts(
-    settings: Settings, broker: redis.Redis, key_id: str, rate_limit: str
+    settings: Settings, broker: redis.Redis, profile: ProviderProfile
 ) -> ProviderParts:
+    key_id, rate_limit = profile.key_id(settings), profile.rate_limit(settings)
     limit, window = parse_rate_limit(rate_limit)
     return ProviderParts(
         api_key_id=key_id,
@@ -189,11 +194,13 @@ def build_services(settings: Settings, app: Any, redis_retry_s: float | None = N
         if settings.backend_url == settings.redis_url
         else redis_client(settings.redis_url, redis_retry_s)
     )
-    kie = _provider_parts(settings, broker, api_key_id(settings), settings.kie_rate_limit)
-    providers = {PROVIDER: kie}
-    if settings.ideogram_configured:
-        relay_id, relay_limit = ideogram_key_id(settings), settings.ideogram_rate_limit
-        providers[IDEOGRAM_PROVIDER] = _provider_parts(settings, broker, relay_id, relay_limit)
+    # kie.ai's parts always exist: they are the services' defaults.
+    providers = {
+        name: _provider_parts(settings, broker, profile)
+        for name, profile in PROFILES.items()
+        if profile is KIE or profile.configured(settings)
+    }
+    kie = providers[KIE.name]
     clock = RedisClock(backend)
     return Services(
         settings=settings,

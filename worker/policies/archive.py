@@ -40,7 +40,7 @@ from worker.logs import job_context
 from worker.models import Archive, ArchivedImage, check_http_url
 from worker.net import deadline as http
 from worker.policies.notify import describe_request_error
-from worker.policies.retry import full_jitter
+from worker.policies.retry import side_work_try
 from worker.services import Services
 from worker.settings import Settings
 from worker.store.archive import ArchiveSchedule, ArchiveTarget, archive_schedule
@@ -275,21 +275,20 @@ def _record(
     settings = svc.settings
     job_id = target.record.job_id
     attempts = (target.record.archive.attempts if target.record.archive else 0) + 1
-    retry_in = 0.0
-    if error is None:
-        outcome = "done"
+    decided = side_work_try(
+        attempts,
+        failed=error is not None,
+        permanent=permanent,
+        most=settings.remix_archive_max_attempts,
+        base=settings.remix_archive_retry_base_s,
+        cap=settings.remix_archive_retry_max_s,
+    )
+    outcome, retry_in = decided.outcome, decided.retry_in
+    if outcome == "done":
         note = Archive(state="done", attempts=attempts, archived_at=svc.clock.now())
-    elif permanent or attempts >= settings.remix_archive_max_attempts:
-        outcome = "failed"
-        note = Archive(state="failed", attempts=attempts, last_error=error)
     else:
-        outcome = "retry"
-        note = Archive(state="pending", attempts=attempts, last_error=error)
-        retry_in = full_jitter(
-            attempts - 1,
-            base=settings.remix_archive_retry_base_s,
-            cap=settings.remix_archive_retry_max_s,
-        )
+        state = "pending" if outcome == "retry" else "failed"
+        note = Archive(state=state, attempts=attempts, last_error=error)
     if schedule.end(job_id, token, outcome, note, archived, retry_in) != "ok":
         return "stale"
     svc.metrics.count(f"archive_total:{outcome}")

@@ -40,6 +40,7 @@ from worker import keys
 from worker.logs import job_context
 from worker.models import JobState
 from worker.policies.poll import finish_from_info
+from worker.policies.poll_schedule import first_poll_s
 from worker.services import Services
 from worker.store.jobs import ATTEMPT_FIELD
 from worker.upstreams.errors import NotFoundError, UpstreamError, ValidationFailedError
@@ -190,7 +191,7 @@ def _adopt(svc: Services, verified: Verified, job_id: str | None) -> str:
     if not (record.unknown_outcomes > 0 or (attempt_open and not record.upstream_task_id)):
         raise CallbackRefused("unknown_task")
     info = _confirm(svc, verified.task_id, job_id)
-    outcome = svc.store.accept(job_id, "", verified.task_id, svc.settings.first_poll_s)
+    outcome = svc.store.accept(job_id, "", verified.task_id, first_poll_s(svc.settings))
     if outcome == "missing":
         raise CallbackRefused("unknown_task")
     adopted = outcome.startswith("accepted") or (

@@ -40,7 +40,7 @@ from worker.logs import job_context
 from worker.models import JobRecord, Notification
 from worker.net import deadline as http
 from worker.net.webhook_urls import AddressRefused, check_peer, check_resolved
-from worker.policies.retry import full_jitter
+from worker.policies.retry import side_work_try
 from worker.services import Services
 from worker.settings import Settings
 from worker.store.notify import NotifyStore, NotifyTarget, notify_store
@@ -217,21 +217,21 @@ def _record(
     settings = svc.settings
     job_id = target.record.job_id
     attempts = (target.record.notification.attempts if target.record.notification else 0) + 1
-    retry_in = 0.0
-    if attempt.error is None:
+    decided = side_work_try(
+        attempts,
+        failed=attempt.error is not None,
+        permanent=attempt.refused,
+        most=settings.remix_notify_max_attempts,
+        base=settings.remix_notify_retry_base_s,
+        cap=settings.remix_notify_retry_max_s,
+    )
+    outcome, retry_in = decided.outcome, decided.retry_in
+    if outcome == "done":
         outcome = "delivered"
         note = Notification(state="delivered", attempts=attempts, delivered_at=svc.clock.now())
-    elif attempt.refused or attempts >= settings.remix_notify_max_attempts:
-        outcome = "failed"
-        note = Notification(state="failed", attempts=attempts, last_error=attempt.error)
     else:
-        outcome = "retry"
-        note = Notification(state="pending", attempts=attempts, last_error=attempt.error)
-        retry_in = full_jitter(
-            attempts - 1,
-            base=settings.remix_notify_retry_base_s,
-            cap=settings.remix_notify_retry_max_s,
-        )
+        state = "pending" if outcome == "retry" else "failed"
+        note = Notification(state=state, attempts=attempts, last_error=attempt.error)
     if store.end(job_id, token, receiver, outcome, note, retry_in) != "ok":
         return "stale"
     svc.metrics.count(f"notify_total:{outcome}")

@@ -24,12 +24,13 @@ import redis
 from worker.logs import job_context, job_fields, note
 from worker.models import JobState
 from worker.policies.outcome import fail_job, finish_job
-from worker.policies.retry import poll_delay
+from worker.policies.poll_schedule import next_poll_delay
+from worker.policies.retry import poll_error_delay
 from worker.services import Services
 from worker.store.jobs import LAST_ERROR_FIELD, Job
 from worker.upstreams.errors import UpstreamError
 from worker.upstreams.kie import TaskInfo
-from worker.upstreams.providers import IDEOGRAM_PROVIDER, ProviderNotConfigured
+from worker.upstreams.providers import ProviderNotConfigured
 
 logger = logging.getLogger("worker.poll")
 
@@ -88,8 +89,8 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
     try:
         svc = svc.for_provider(job.record.provider)
     except ProviderNotConfigured as exc:
-        return _after_error(svc, job, NotConfiguredError(str(exc)), next_poll_delay(svc, polls))
-    next_delay = next_poll_delay(svc, polls)
+        return _after_error(svc, job, NotConfiguredError(str(exc)), _next_delay(svc, polls))
+    next_delay = _next_delay(svc, polls)
     started = time.monotonic()
     try:
         info = svc.status_client().record_info(task_id)
@@ -108,15 +109,8 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
         return _after_error(svc, job, UnexpectedError(f"{type(exc).__name__}: {exc}"), next_delay)
 
 
-def next_poll_delay(svc: Services, polls: int) -> float:
-    """The wait before the next poll; with callbacks on, polls are a slow safety net."""
-    settings = svc.settings
-    delay = poll_delay(
-        polls + 1, initial=settings.remix_poll_initial_s, maximum=settings.remix_poll_max_s
-    )
-    if settings.callbacks_enabled and svc.provider != IDEOGRAM_PROVIDER:
-        delay = max(delay, settings.remix_callback_poll_s)
-    return delay
+def _next_delay(svc: Services, polls: int) -> float:
+    return next_poll_delay(svc.settings, polls, callbacks=svc.profile.calls_back)
 
 
 def _count_request(svc: Services, code: str, started: float) -> None:
@@ -162,7 +156,7 @@ def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) 
 def _after_error(svc: Services, job: Job, exc: UpstreamError, next_delay: float) -> str:
     message = svc.redactor.redact(exc.message or type(exc).__name__)
     logger.warning("job %s: recordInfo %s: %s; polling again", job.job_id, exc.fail_code, message)
-    delay = max(next_delay, min(exc.retry_after or 0.0, svc.settings.remix_poll_max_s))
+    delay = poll_error_delay(next_delay, exc.retry_after, svc.settings)
     last_error = {"code": exc.fail_code, "msg": message}
     return _park_or_time_out(svc, job, delay, None, last_error)
 

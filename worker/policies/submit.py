@@ -64,7 +64,14 @@ from worker.policies.gates import (
     trip_pause,
 )
 from worker.policies.outcome import fail_job, finish_job
-from worker.policies.retry import full_jitter
+from worker.policies.poll_schedule import first_poll_s
+from worker.policies.retry import (
+    Action,
+    full_jitter,
+    gives_up,
+    submit_action,
+    submit_retry_delay,
+)
 from worker.relay_models import IdeogramRemixRequest
 from worker.services import Services
 from worker.store.blobs import BlobMissing, BlobStoreError
@@ -80,7 +87,6 @@ from worker.store.jobs import (
     Job,
 )
 from worker.upstreams.errors import (
-    Family,
     InsufficientCreditsError,
     MaintenanceError,
     NetworkError,
@@ -88,7 +94,7 @@ from worker.upstreams.errors import (
     UpstreamError,
 )
 from worker.upstreams.kie_upload import UPLOAD_LIFETIME_S
-from worker.upstreams.providers import IDEOGRAM_PROVIDER, ProviderNotConfigured
+from worker.upstreams.providers import ProviderNotConfigured
 from worker.upstreams.relay import RemixAnswer
 
 logger = logging.getLogger("worker.submit")
@@ -222,9 +228,10 @@ def _after_unsent_error(svc: Services, job: Job, exc: UpstreamError, what: str) 
     }
     noted: dict[str, Any] = {LAST_ERROR_FIELD: last_error}
     svc.store.update(job.job_id, token=job.token, **noted)
-    if exc.family is Family.PERMANENT:
+    action = submit_action(exc)
+    if action is Action.FAIL:
         return _fail_unsent(svc, job, exc.fail_code, last_error["msg"])
-    if exc.family is Family.KEY:
+    if action is Action.HOLD_FOR_KEY:
         return _hold_for_key(svc, job, exc, None, last_error["msg"], what=what)
     return _retry_later(svc, job, exc, None, last_error, what=what)
 
@@ -259,22 +266,18 @@ def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixReques
     return lambda: RemixAnswer(task_id=svc.client().create_task(task_input, callback_url))
 
 
-def _relay(svc: Services) -> bool:
-    return svc.provider == IDEOGRAM_PROVIDER
-
-
 def _attempt(svc: Services, job: Job, send: Sender) -> str:
     attempt_id = svc.store.new_attempt_id()
     opened = svc.store.begin_attempt(
         job.job_id,
         attempt_id,
         svc.settings.attempt_settle_s,
-        callback_wait_s=0.0 if _relay(svc) else svc.settings.callback_wait_s,
+        callback_wait_s=svc.settings.callback_wait_s if svc.profile.calls_back else 0.0,
     )
     if opened.counted_unknown:
         _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
     lost_before = opened.counted_unknown or job.record.unknown_outcomes > 0
-    if opened.status == "ok" and _relay(svc) and lost_before:
+    if opened.status == "ok" and not svc.profile.resends_after_lost_answer and lost_before:
         svc.store.end_attempt(job.job_id, attempt_id, unknown=False)
         return _fail_unknown_outcome(svc, job.job_id, "an earlier request's answer was lost")
     if opened.status == "accepted":
@@ -365,7 +368,7 @@ def _accept(
     if results:  # kept first, so that a poll of the sync task finishes the job with them
         fields: dict[str, Any] = {RELAY_RESULTS_FIELD: results}
         svc.store.update(job_id, **fields)
-    first_poll = svc.settings.remix_poll_initial_s if _relay(svc) else svc.settings.first_poll_s
+    first_poll = first_poll_s(svc.settings, callbacks=svc.profile.calls_back)
     return svc.store.accept(job_id, attempt_id, task_id, first_poll)
 
 
@@ -441,12 +444,13 @@ def _after_error(
         return "adopted_meanwhile"
     if exc.ambiguous:
         _note_unknown(svc, job.job_id, f"createTask {exc}")
-        if _relay(svc):
+        if not svc.profile.resends_after_lost_answer:
             return _fail_unknown_outcome(svc, job.job_id, f"remix request: {last_error['msg']}")
-    if exc.family is Family.PERMANENT:
+    action = submit_action(exc)
+    if action is Action.FAIL:
         fail_job(svc, job.job_id, exc.fail_code, last_error["msg"])
         return "failed"
-    if exc.family is Family.KEY:
+    if action is Action.HOLD_FOR_KEY:
         return _hold_for_key(svc, job, exc, recent, last_error["msg"])
     return _retry_later(svc, job, exc, recent, last_error)
 
@@ -488,8 +492,8 @@ def _hold_for_key(
 
 def _key_has_credits(svc: Services) -> bool:
     """Whether the key has credits now (a 402 that repeats may be the job's own)."""
-    if _relay(svc):
-        return False  # the relay has no balance to ask
+    if not svc.profile.has_balance:
+        return False
     try:
         return svc.client().credit() > 0
     except UpstreamError:
@@ -507,7 +511,7 @@ def _retry_later(
     settings = svc.settings
     retries = svc.store.increment(job.job_id, RETRIES_FIELD) or 1
     svc.metrics.count("retries_total")
-    if retries > settings.remix_max_retries:
+    if gives_up(retries, settings):
         attempts = job.record.submit_attempts + 1
         fail_job(
             svc,
@@ -516,12 +520,7 @@ def _retry_later(
             f"{last_error['msg']} (gave up after {attempts} attempts)",
         )
         return "failed"
-    delay = full_jitter(
-        retries - 1,
-        base=settings.remix_retry_base_s,
-        cap=settings.remix_retry_max_s,
-        floor=exc.retry_after or 0.0,
-    )
+    delay = submit_retry_delay(retries, settings, exc.retry_after)
     if isinstance(exc, RateLimitedError) and recent is not None:
         hold_after_rate_limited(svc, exc, recent)
     svc.store.park(job, delay, **{SLOT_FIELD: None})
