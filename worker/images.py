@@ -16,7 +16,6 @@ from worker.models import InvalidRequestError
 
 #: Largest source image accepted (the upstreams take at most 10 MB).
 MAX_IMAGE_BYTES = 10 * 1000 * 1000
-CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 

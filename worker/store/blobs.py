@@ -139,10 +139,6 @@ class RedisBlobStore:
         if ids:
             self._delete(keys=[*_TRACKING, *map(keys.blob, ids)], args=ids)
 
-    def held_bytes(self) -> int:
-        """The total bytes of the blobs tracked (expired ones until the next store)."""
-        return int(self.redis.get(keys.BLOB_BYTES) or 0)
-
 
 _TRACKING = (keys.BLOB_EXPIRIES, keys.BLOB_SIZES, keys.BLOB_BYTES)
 

@@ -391,11 +391,6 @@ class JobStore:
             pipe.zcard(index)
         return dict(zip(keys.STATES, map(int, pipe.execute()), strict=True))
 
-    def scan_job_ids(self, batch: int = 1000) -> Iterable[str]:
-        """Every job id with a record (a full scan: for operators, not for hot paths)."""
-        for key in self.redis.scan_iter(keys.JOB_PREFIX + "*", count=batch):
-            yield decode_text(key)[len(keys.JOB_PREFIX) :]
-
     # ------------------------------------------------------------------ the schedule
 
     def claim_due(

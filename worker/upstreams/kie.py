@@ -44,10 +44,6 @@ RECORD_INFO_PATH = "/api/v1/jobs/recordInfo"
 CREDIT_PATH = "/api/v1/chat/credit"
 SUCCESS_CODE = 200
 
-#: Upstream task states that mean "keep polling".
-PENDING_STATES = frozenset({"waiting", "queuing", "generating"})
-FINAL_STATES = frozenset({"success", "fail"})
-
 
 @dataclass(frozen=True)
 class TaskInfo:
