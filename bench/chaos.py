@@ -53,8 +53,8 @@ from sandbox.launch import (
     start_worker,
 )
 from worker import keys
-from worker.jobstore import ATTEMPT_FIELD, decode_text
 from worker.models import JobRecord
+from worker.store.jobs import ATTEMPT_FIELD, decode_text
 
 DEFAULT_DOCS = REPO_ROOT / "docs" / "reliability.md"
 LATEST_RUN_HEADING = "## Latest run"
@@ -307,7 +307,7 @@ class Watcher:
     """Samples every job's record; says when each moved after a moment (a kill, an outage)."""
 
     def __init__(self, store_url: str, job_ids: list[str]) -> None:
-        from worker.jobstore import JobStore
+        from worker.store.jobs import JobStore
 
         self.job_ids = job_ids  # grows while the producer enqueues
         self._client = redis.Redis.from_url(store_url, socket_timeout=2, socket_connect_timeout=1)
@@ -378,7 +378,7 @@ def run_scenario(
     timeout_s: float = 900.0,
 ) -> Outcome:
     """Run ``jobs`` jobs through a fresh fleet under ``scenario``; returns what it measured."""
-    from worker.runtime import configure
+    from worker.app import configure
 
     outcome = Outcome(scenario.name, jobs)
     fleet = Fleet(log_dir, workers, concurrency)

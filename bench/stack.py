@@ -30,7 +30,7 @@ from sandbox.launch import (
     start_sandbox,
     start_worker,
 )
-from worker.runtime import configure, services
+from worker.app import configure, services
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Worker processes started side by side (their start-up is mostly waiting).

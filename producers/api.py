@@ -5,7 +5,7 @@ raises :class:`~worker.models.InvalidRequestError`, a ``ValueError`` whose messa
 line naming every bad field.
 
 Source images given as files are read and checked here, in the producer, then stored in
-the blob store (:mod:`worker.blobs`) only once the whole request is valid; the job's
+the blob store (:mod:`worker.store.blobs`) only once the whole request is valid; the job's
 request, and so its Celery message, carries references to them, never the bytes.
 
 Enqueueing is one atomic write: the job's record, its request and its place in the
@@ -30,14 +30,15 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from worker import cancelling
-from worker.blobs import BlobRef, new_ref
+from worker.app import services
+from worker.fields import BlobRef
 from worker.images import load_image
-from worker.jobstore import NewJob
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
-from worker.runtime import services
-from worker.webhook_urls import check_webhook_url
+from worker.net.webhook_urls import check_webhook_url
+from worker.policies import cancelling
+from worker.store.blobs import new_ref
+from worker.store.jobs import NewJob
 
 logger = logging.getLogger("producers")
 

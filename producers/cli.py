@@ -41,7 +41,7 @@ from producers.display import (
 )
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
-from worker.blobs import BlobStoreError, BlobStoreFull
+from worker.app import services
 from worker.models import (
     PROVIDER,
     PROVIDERS,
@@ -51,8 +51,8 @@ from worker.models import (
     refuse_file_fields,
     validate_request,
 )
-from worker.runtime import services
 from worker.settings import ConfigurationError, get_settings
+from worker.store.blobs import BlobStoreError, BlobStoreFull
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

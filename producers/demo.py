@@ -43,8 +43,8 @@ from sandbox.launch import (
     start_sandbox,
     start_worker,
 )
+from worker.app import configure
 from worker.models import JobRecord, JobState
-from worker.runtime import configure
 from worker.settings import get_settings
 
 DEMO_DATABASE = 15

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from worker import keys
-from worker.dispatcher import queues_without_workers
-from worker.gates import resume_key
-from worker.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
-from worker.runtime import known_api_keys, limiter_for, pause_for, services, spend_cap_for
+from worker.app import services
+from worker.fleet.dispatcher import queues_without_workers
+from worker.fleet.registry import known_api_keys, limiter_for, pause_for, spend_cap_for
+from worker.policies.gates import resume_key
+from worker.store.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 
 #: Where the Redis transport keeps delivered but unacknowledged messages.
 UNACKED_HASH = "unacked"
@@ -27,8 +28,8 @@ def _jobs_by_state() -> dict[str, int]:
 
 
 def _key_status(key_id: str, rate_limit: str) -> dict[str, Any]:
-    usage = limiter_for(key_id, rate_limit).usage()
-    pause = pause_for(key_id).state()
+    usage = limiter_for(services(), key_id, rate_limit).usage()
+    pause = pause_for(services(), key_id).state()
     return {
         "key_id": key_id,
         "rate_limit": rate_limit,
@@ -52,7 +53,7 @@ def _spend_status(key_id: str) -> list[dict[str, Any]]:
             "spent": usage.spent,
             "reserved_ahead": usage.reserved_ahead,
         }
-        for usage in spend_cap_for(key_id).usage()
+        for usage in spend_cap_for(services(), key_id).usage()
     ]
 
 
@@ -72,16 +73,16 @@ def fleet_status() -> dict[str, Any]:
         "scheduled": svc.store.schedule_size(),
         "jobs_by_state": dict(sorted(by_state.items())),
         "in_flight_upstream": by_state.get("submitted", 0) + by_state.get("running", 0),
-        "keys": [_key_status(k, limit) for k, limit in sorted(known_api_keys().items())],
+        "keys": [_key_status(k, limit) for k, limit in sorted(known_api_keys(services()).items())],
         "metrics": svc.metrics.read(),
     }
 
 
 def pause_submissions(message: str) -> list[str]:
     """Hold every submission until :func:`resume_submissions`; returns the key ids paused."""
-    key_ids = sorted(known_api_keys())
+    key_ids = sorted(known_api_keys(services()))
     for key_id in key_ids:
-        pause_for(key_id).pause_by_operator(message)
+        pause_for(services(), key_id).pause_by_operator(message)
     return key_ids
 
 
@@ -93,6 +94,11 @@ def resume_submissions() -> list[str]:
     store = services().store
     return [
         key_id
-        for key_id, rate_limit in sorted(known_api_keys().items())
-        if resume_key(store, pause_for(key_id), limiter_for(key_id, rate_limit), key_id)
+        for key_id, rate_limit in sorted(known_api_keys(services()).items())
+        if resume_key(
+            store,
+            pause_for(services(), key_id),
+            limiter_for(services(), key_id, rate_limit),
+            key_id,
+        )
     ]

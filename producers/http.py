@@ -45,11 +45,11 @@ from producers.http_uploads import router as uploads_router
 from producers.longpoll import FinishedWatch
 from producers.metrics_export import LIVE_WORKER_S, fleet_registry
 from worker import keys
-from worker.jobstore import decode_text
+from worker.app import services
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
-from worker.runtime import services
 from worker.settings import Settings, get_settings
+from worker.store.jobs import decode_text
 
 logger = logging.getLogger("producers.http")
 

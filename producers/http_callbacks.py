@@ -1,6 +1,6 @@
 """The route kie.ai calls back on: ``POST /v1/callbacks/kie`` (no bearer token).
 
-The checks and what a valid callback does are :mod:`worker.callbacks`; this route caps the
+The checks and what a valid callback does are :mod:`worker.policies.callbacks`; this route caps the
 body (``413`` over ``KIE_CALLBACK_MAX_BYTES``, counted or chunked), answers ``401`` for
 every refusal without saying which check failed, ``503`` when the callback cannot be
 handled now (so that the upstream delivers it again). Callbacks with a valid signature are
@@ -23,8 +23,9 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from producers.metrics_export import PROCESS_COUNTERS
-from worker import callbacks
-from worker.runtime import Services, services
+from worker.app import services
+from worker.policies import callbacks
+from worker.services import Services
 
 logger = logging.getLogger("producers.http.callbacks")
 

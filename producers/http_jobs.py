@@ -35,7 +35,7 @@ from producers.api import (
 )
 from producers.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
 from worker import keys
-from worker.jobstore import NOTIFY_URL_FIELD, REQUEST_FIELD
+from worker.app import services
 from worker.models import (
     FILE_FIELDS,
     PROVIDER,
@@ -46,9 +46,9 @@ from worker.models import (
     JobState,
     RemixRequest,
 )
-from worker.runtime import services
+from worker.net.webhook_urls import MAX_URL_CHARS
 from worker.settings import get_settings
-from worker.webhook_urls import MAX_URL_CHARS
+from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD
 
 MAX_BATCH = 1000
 DEFAULT_PAGE = 100

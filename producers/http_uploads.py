@@ -31,7 +31,7 @@ from producers.http_jobs import (
     _stored,
     bearer,
 )
-from worker.blobs import BlobStoreError, BlobStoreFull
+from worker.app import services
 from worker.models import (
     MAX_REFERENCE_FILES,
     PROVIDER,
@@ -40,7 +40,7 @@ from worker.models import (
     refuse_file_fields,
     validate_request,
 )
-from worker.runtime import services
+from worker.store.blobs import BlobStoreError, BlobStoreFull
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
 

@@ -30,8 +30,8 @@ import redis.asyncio
 from starlette.concurrency import run_in_threadpool
 
 from worker import keys
+from worker.app import services
 from worker.models import JobRecord
-from worker.runtime import services
 
 logger = logging.getLogger("producers.http.longpoll")
 

@@ -29,9 +29,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from worker import keys
-from worker.dispatcher import HEARTBEAT_S
-from worker.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
-from worker.runtime import HISTOGRAMS, Services, services
+from worker.app import services
+from worker.fleet.dispatcher import HEARTBEAT_S
+from worker.services import Services
+from worker.store.metrics import HISTOGRAMS
+from worker.store.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 
 NAMESPACE = "remixq"
 QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from producers.api import check_notify_url, enqueue_validated
-from worker.jobstore import NOTIFY_URL_FIELD, REQUEST_FIELD
+from worker.app import services
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
-from worker.runtime import services
+from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD
 
 #: Idempotency key of the retry of a job: one retry per job, however often it is asked.
 RETRY_KEY_PREFIX = "remixq-retry:"

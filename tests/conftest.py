@@ -110,7 +110,7 @@ def worker_env(sandbox_url: str, **overrides: str) -> dict[str, str]:
 @pytest.fixture(scope="session", autouse=True)
 def producer_env(redis_client: redis.Redis) -> Iterator[None]:
     """Point this process (the producer side) at the test Redis."""
-    from worker.runtime import configure
+    from worker.app import configure
 
     configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
     yield

@@ -20,9 +20,10 @@ from celery import Celery
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.helpers import empty_database
-from worker.blobs import BlobRef, new_ref
-from worker.runtime import Services, build_services
+from worker.fields import BlobRef
+from worker.services import Services, build_services
 from worker.settings import Settings
+from worker.store.blobs import new_ref
 
 POLICY_REDIS_URL = os.environ.get("REMIXQ_TEST_POLICY_REDIS_URL", "redis://127.0.0.1:6379/12")
 API_KEY = f"sk-policy-{uuid.uuid4().hex}"

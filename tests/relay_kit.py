@@ -9,9 +9,10 @@ from typing import Any
 from PIL import Image
 
 from producers.api import enqueue_validated
-from worker.blobs import BlobRef, put
+from worker.fields import BlobRef
 from worker.models import validate_request
-from worker.runtime import Services
+from worker.services import Services
+from worker.store.blobs import put
 
 RELAY = "ideogram-remix"
 #: A distinctive relay key, so that a leak into a log, a record or a message is found.

@@ -37,7 +37,7 @@ ARCHIVE_SETTINGS = {
 @pytest.fixture
 def producer_allows_loopback() -> Iterator[None]:
     """This process enqueues like a producer that may name a loopback webhook receiver."""
-    from worker.runtime import configure
+    from worker.app import configure
 
     configure(
         redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL, remix_notify_allow_private=True

@@ -22,11 +22,11 @@ from tests.helpers import raw_http_server, wait_until, whole_png
 from tests.policy_kit import make_services
 from tests.test_policy_archive import ARCHIVE, claim, finished_job, record, step, succeeded_job
 from worker import keys
-from worker.archive_policy import UNUSABLE_ID, archive_step
-from worker.archive_schedule import archive_schedule
-from worker.dispatcher import LIVE_WORKER_S, Dispatcher, queues_without_workers
+from worker.fleet.dispatcher import LIVE_WORKER_S, Dispatcher, queues_without_workers
 from worker.models import JobState
-from worker.runtime import Services
+from worker.policies.archive import UNUSABLE_ID, archive_step
+from worker.services import Services
+from worker.store.archive import archive_schedule
 from worker.tasks import is_usable_job_id, message_problem
 
 pytestmark = pytest.mark.integration

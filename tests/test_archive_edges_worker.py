@@ -26,10 +26,9 @@ from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, StartWorkers, unique_prompt
 from tests.helpers import raw_http_server, wait_until, whole_png
 from worker import keys
-from worker.app import app
-from worker.jobstore import JobStore
+from worker.app import app, services
 from worker.models import Archive, JobState
-from worker.runtime import services
+from worker.store.jobs import JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +254,7 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
     from sandbox.launch import start_worker
     from tests.conftest import TEST_REDIS_URL, worker_env
     from tests.webhook_receiver import receiver
-    from worker.runtime import configure
+    from worker.app import configure
 
     env = {"REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(), "REMIX_NOTIFY_ALLOW_PRIVATE": "1"}
     started = [

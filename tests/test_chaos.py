@@ -23,7 +23,7 @@ JOBS = 200
 @pytest.fixture
 def restore_producer() -> Iterator[None]:
     """The scenario points this process at its own Redis servers; point it back after."""
-    from worker.runtime import configure
+    from worker.app import configure
 
     yield None
     configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)

@@ -21,7 +21,7 @@ from tests.test_cli import (
     remixq,
     submit_messages,
 )
-from worker.jobstore import decode_text
+from worker.store.jobs import decode_text
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from tests.test_cli import CLI_REDIS_URL, cli_redis, remixq, submit_messages  # noqa: F401
-from worker.jobstore import JobStore
 from worker.models import JobState
+from worker.store.jobs import JobStore
 
 REQUEST = {
     "prompt": "a knight",

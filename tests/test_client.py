@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr
 
 from tests.helpers import raw_http_server
-from worker.errors import BadAnswerError, NetworkError
-from worker.kie import KieClient, error_from_response, parse_task_info
+from worker.upstreams.errors import BadAnswerError, NetworkError
+from worker.upstreams.kie import KieClient, error_from_response, parse_task_info
 
 KEY = SecretStr("sk-client-test-0123456789")
 RECORD = {"code": 200, "msg": "success", "data": {"taskId": "t1", "state": "generating"}}

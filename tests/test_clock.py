@@ -7,8 +7,8 @@ import time
 import pytest
 import redis
 
-from worker import clock as clock_module
-from worker.clock import RedisClock, server_time
+from worker.store import clock as clock_module
+from worker.store.clock import RedisClock, server_time
 
 pytestmark = pytest.mark.integration
 

@@ -86,7 +86,7 @@ def test_a_job_does_not_upload_reference_files_the_model_never_uses(svc, upstrea
         validate_request(request)  # what a producer meets before anything is written
     svc.store.create(job_id, request, due_in=0.0)  # a Celery-protocol producer's message
 
-    from worker.submit_policy import submit_step
+    from worker.policies.submit import submit_step
 
     step = submit_step(svc, job_id, token_of(svc, job_id))
 

@@ -12,10 +12,10 @@ from sandbox.control import SandboxControl
 from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
-from worker.jobstore import RETRIES_FIELD
+from worker.app import services
+from worker.limits.pause import RUN_MIN_COUNT
 from worker.models import JobState
-from worker.pause import RUN_MIN_COUNT
-from worker.runtime import services
+from worker.store.jobs import RETRIES_FIELD
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 WORKER_COUNT = 3

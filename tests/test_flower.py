@@ -26,7 +26,7 @@ from sandbox.launch import REPO_ROOT, ManagedProcess, start_flower, start_worker
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt, worker_env
 from tests.helpers import wait_until
 from worker.app import app as worker_app
-from worker.publisher import POLL_TASK, SUBMIT_TASK
+from worker.store.publisher import POLL_TASK, SUBMIT_TASK
 
 pytestmark = [pytest.mark.integration]
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -32,7 +32,7 @@ from sandbox.launch import LOOPBACK, ManagedProcess, free_port, start_api
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, TEST_REDIS_URL, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
 from worker import keys
-from worker.runtime import services
+from worker.app import services
 
 pytestmark = pytest.mark.integration
 WORKER_COUNT = 1

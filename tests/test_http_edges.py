@@ -24,7 +24,7 @@ import pytest
 
 from sandbox.launch import ManagedProcess, free_port, start_api, start_redis
 from tests.conftest import REMIX_INPUT, TEST_REDIS_URL
-from worker.webhook_urls import check_resolved, check_webhook_url
+from worker.net.webhook_urls import check_resolved, check_webhook_url
 
 pytestmark = pytest.mark.integration
 

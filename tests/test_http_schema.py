@@ -22,8 +22,8 @@ from schemathesis.checks import negative_data_rejection, positive_data_acceptanc
 
 from sandbox.launch import ManagedProcess, start_api
 from tests.conftest import TEST_REDIS_URL
+from worker.app import services
 from worker.models import JobState
-from worker.runtime import services
 
 pytestmark = pytest.mark.integration
 #: Not checked: that the document says *exactly* which requests are valid. The app is

@@ -27,7 +27,7 @@ from tests.helpers import redis_value, wait_until
 from tests.webhook_receiver import WebhookReceiver, free_port, receiver
 from worker import keys
 from worker.models import InvalidRequestError, JobRecord, JobState
-from worker.notify_policy import DELIVERY_HEADER
+from worker.policies.notify import DELIVERY_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 
@@ -54,7 +54,7 @@ def producer_allows_loopback() -> Iterator[None]:
 
 
 def configure_producer(*, allow_private: bool) -> None:
-    from worker.runtime import configure
+    from worker.app import configure
 
     configure(
         redis_url=TEST_REDIS_URL,

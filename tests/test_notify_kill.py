@@ -16,8 +16,8 @@ from tests.conftest import REMIX_INPUT, TEST_REDIS_URL, StartWorkers, unique_pro
 from tests.helpers import wait_until
 from tests.webhook_receiver import receiver
 from worker.models import JobState
-from worker.notify_policy import DELIVERY_HEADER
-from worker.notify_store import NOTIFY_LEASE_MARGIN_S
+from worker.policies.notify import DELIVERY_HEADER
+from worker.store.notify import NOTIFY_LEASE_MARGIN_S
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ SETTINGS = {
 
 @pytest.fixture(autouse=True)
 def producer_allows_loopback() -> object:
-    from worker.runtime import configure
+    from worker.app import configure
 
     configure(
         redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL, remix_notify_allow_private=True

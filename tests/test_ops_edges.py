@@ -11,9 +11,10 @@ import redis
 
 from sandbox.server import SandboxServer
 from tests.policy_kit import accepted, make_services, new_job, token_of
-from worker import cancelling, keys
-from worker.jobstore import SPEND_FIELD
-from worker.submit_policy import submit_step
+from worker import keys
+from worker.policies import cancelling
+from worker.policies.submit import submit_step
+from worker.store.jobs import SPEND_FIELD
 
 pytestmark = pytest.mark.integration
 

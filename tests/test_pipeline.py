@@ -19,8 +19,8 @@ from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt
 from tests.helpers import accepted, create_requests, redis_value, wait_until
 from worker.app import app
-from worker.errors import JobFailed
 from worker.models import JobState
+from worker.upstreams.errors import JobFailed
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 JOB_TIMEOUT_S = 60
@@ -210,7 +210,7 @@ def test_api_key_never_stored_in_redis_or_logged(
 
 def test_a_job_whose_message_was_lost_is_sent_by_the_schedule(control: SandboxControl) -> None:
     """No message at all (the broker lost it, the producer died): the schedule sends the job."""
-    from worker.runtime import services
+    from worker.app import services
 
     prompt = unique_prompt("lost-message")
     store = services().store

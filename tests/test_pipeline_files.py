@@ -25,10 +25,10 @@ from sandbox.control import SandboxControl
 from sandbox.images import render_png
 from tests.conftest import StartWorkers, unique_prompt
 from worker import keys
-from worker.blobs import BlobStoreFull
+from worker.app import configure, services
 from worker.images import MAX_IMAGE_BYTES
 from worker.models import InvalidRequestError, JobState
-from worker.runtime import configure, services
+from worker.store.blobs import BlobStoreFull
 
 pytestmark = pytest.mark.integration
 REFERENCE = "https://example.test/ref.png"

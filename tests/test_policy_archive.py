@@ -26,15 +26,15 @@ from tests.moto_kit import AWS_TEST_ENV, S3Server, moto_s3
 from tests.policy_kit import INPUT, make_services, token_of
 from tests.webhook_receiver import WebhookReceiver, receiver
 from worker import keys
-from worker.archive_policy import archive_step
-from worker.archive_schedule import ArchiveDispatch, archive_schedule
-from worker.dispatcher import Dispatcher
+from worker.fleet.dispatcher import Dispatcher
 from worker.models import JobRecord, JobState
-from worker.notify_policy import notify_step
-from worker.notify_store import notify_store
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.archive import archive_step
+from worker.policies.notify import notify_step
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
+from worker.services import Services
+from worker.store.archive import ArchiveDispatch, archive_schedule
+from worker.store.notify import notify_store
 
 pytestmark = pytest.mark.integration
 __all__ = ["moto_s3"]  # the fixture, used by name

@@ -24,9 +24,9 @@ from sandbox.launch import LOOPBACK, ManagedProcess, free_port
 from sandbox.server import SandboxServer
 from tests.helpers import wait_until
 from tests.policy_kit import make_services, stored_ref
-from worker.blobs import BlobMissing, BlobStoreError, FileBlobStore, new_ref
-from worker.blobs_s3 import S3BlobStore
-from worker.submit_policy import submit_step
+from worker.policies.submit import submit_step
+from worker.store.blobs import BlobMissing, BlobStoreError, FileBlobStore, new_ref
+from worker.store.blobs_s3 import S3BlobStore
 
 pytestmark = pytest.mark.integration
 IMAGE = render_png("blob-stores", 0, "blob stores", "square")

@@ -27,14 +27,15 @@ from sandbox.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signat
 from sandbox.launch import free_port, start_redis
 from sandbox.server import SandboxServer
 from tests.policy_kit import INPUT, accepted, make_services, new_job, sent, token_of
-from worker import keys, submit_policy
-from worker.callbacks import CLOCK_SKEW_S, CallbackRefused, signature_for, verify
-from worker.errors import ValidationFailedError
-from worker.jobstore import JobStore
+from worker import keys
 from worker.models import JobRecord, JobState
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import record_acceptance, submit_step
+from worker.policies import submit as submit_policy
+from worker.policies.callbacks import CLOCK_SKEW_S, CallbackRefused, signature_for, verify
+from worker.policies.poll import poll_step
+from worker.policies.submit import record_acceptance, submit_step
+from worker.services import Services
+from worker.store.jobs import JobStore
+from worker.upstreams.errors import ValidationFailedError
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import pytest
 
 from tests.policy_kit import INPUT
 from worker import keys
-from worker.jobstore import NewJob
 from worker.models import JobState
-from worker.runtime import Services
+from worker.services import Services
+from worker.store.jobs import NewJob
 
 
 def _jobs(count: int, key_prefix: str | None = None) -> list[NewJob]:

@@ -30,9 +30,10 @@ from tests.helpers import raw_http_server, redis_value, start_snapshot_redis, wa
 from tests.policy_kit import INPUT, make_services, new_job
 from tests.webhook_receiver import Delivery, WebhookReceiver, free_port, loopback_name, receiver
 from worker import keys
-from worker.dispatcher import Dispatcher
+from worker.fleet.dispatcher import Dispatcher
+from worker.fleet.side_dispatch import dispatch_notifications
 from worker.models import JobState
-from worker.notify_policy import (
+from worker.policies.notify import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -40,14 +41,13 @@ from worker.notify_policy import (
     post,
     signature,
 )
-from worker.notify_store import (
+from worker.services import Services
+from worker.store.notify import (
     MOST_IN_FLIGHT_PER_RECEIVER,
     NotifyDispatch,
-    dispatch_notifications,
     notify_store,
 )
-from worker.publisher import Publisher
-from worker.runtime import Services
+from worker.store.publisher import Publisher
 
 HMAC_KEY = f"notify-key-{uuid.uuid4().hex}"
 NOTIFY: dict[str, Any] = {

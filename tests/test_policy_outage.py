@@ -21,9 +21,9 @@ from sandbox.launch import free_port
 from sandbox.server import SandboxServer
 from tests.helpers import start_snapshot_redis
 from tests.policy_kit import make_services, new_job, token_of
-from worker.dispatcher import Dispatcher, DispatcherThread
-from worker.publisher import SUBMIT_QUEUE
-from worker.runtime import Services
+from worker.fleet.dispatcher import Dispatcher, DispatcherThread
+from worker.services import Services
+from worker.store.publisher import SUBMIT_QUEUE
 
 pytestmark = pytest.mark.integration
 

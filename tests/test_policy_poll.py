@@ -11,11 +11,11 @@ from celery import Celery
 from sandbox.server import SandboxServer
 from tests.policy_kit import API_KEY, accepted, make_services, new_job, token_of
 from worker import keys
-from worker.dispatcher import POLL_BATCH_SIZE, Dispatcher
+from worker.fleet.dispatcher import POLL_BATCH_SIZE, Dispatcher
 from worker.models import JobState
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
+from worker.services import Services
 
 pytestmark = pytest.mark.integration
 
@@ -345,7 +345,7 @@ def test_a_job_parked_by_its_step_is_not_a_resend(svc: Services) -> None:
 
 def test_the_dispatcher_reads_the_send_time_of_the_oldest_waiting_message(svc: Services) -> None:
     """Messages carry their send time; the dispatcher looks at the head of each queue."""
-    from worker.dispatcher import oldest_waiting
+    from worker.fleet.dispatcher import oldest_waiting
 
     assert oldest_waiting(svc) == {}
     job_id, _ = new_job(svc)
@@ -382,8 +382,8 @@ def test_a_bug_in_a_poll_step_neither_fails_the_job_nor_escapes_its_deadline(
 
 
 def test_an_upstream_failure_message_echoing_the_key_is_redacted(svc: Services) -> None:
-    from worker.kie import TaskInfo
-    from worker.poll_policy import apply_task_info
+    from worker.policies.poll import apply_task_info
+    from worker.upstreams.kie import TaskInfo
 
     job_id = _accepted_job(svc)
     _, job = svc.store.begin(job_id, token_of(svc, job_id), 30)

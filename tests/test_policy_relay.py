@@ -1,8 +1,8 @@
 """The legacy remix relay (provider ``ideogram-remix``) step by step: real Redis, the
 sandbox over HTTP, no worker.
 
-Each test drives :func:`worker.submit_policy.submit_step` and
-:func:`worker.poll_policy.poll_step` for relay jobs and checks the record and what the
+Each test drives :func:`worker.policies.submit.submit_step` and
+:func:`worker.policies.poll.poll_step` for relay jobs and checks the record and what the
 sandbox's relay endpoint received.
 """
 
@@ -21,12 +21,12 @@ from sandbox.server import SandboxServer
 from tests.policy_kit import API_KEY, make_services, new_job, sent, token_of
 from tests.relay_kit import RELAY, RELAY_API_KEY, new_relay_job
 from worker import keys
-from worker.blobs import put
-from worker.errors import UnexpectedCodeError
 from worker.models import JobState
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
+from worker.services import Services
+from worker.store.blobs import put
+from worker.upstreams.errors import UnexpectedCodeError
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The spend cap step by step: real Redis, the sandbox over HTTP, no worker.
 
-Each test drives :func:`worker.submit_policy.submit_step` with ``REMIX_SPEND_CAP`` set and
+Each test drives :func:`worker.policies.submit.submit_step` with ``REMIX_SPEND_CAP`` set and
 checks the spend log, the record and the schedule, and what the sandbox accepted.
 """
 
@@ -15,11 +15,11 @@ import redis
 from sandbox.server import SandboxServer
 from tests.policy_kit import accepted, make_services, new_job, sent, token_of
 from worker import keys
-from worker.gates import RESERVE_AHEAD_S
-from worker.jobstore import RETRIES_FIELD, SPEND_FIELD
 from worker.models import JobState
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.gates import RESERVE_AHEAD_S
+from worker.policies.submit import submit_step
+from worker.services import Services
+from worker.store.jobs import RETRIES_FIELD, SPEND_FIELD
 
 pytestmark = pytest.mark.integration
 

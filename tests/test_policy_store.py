@@ -15,9 +15,9 @@ from sandbox.server import SandboxServer
 from tests.policy_kit import accepted, new_job, sent
 from worker import keys
 from worker.models import JobState
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
+from worker.services import Services
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The submit policy step by step: real Redis, the sandbox over HTTP, no worker.
 
-Each test drives :func:`worker.submit_policy.submit_step` (or the store's attempt scripts)
+Each test drives :func:`worker.policies.submit.submit_step` (or the store's attempt scripts)
 and checks the record, the schedule and what the sandbox received and accepted.
 """
 
@@ -21,8 +21,8 @@ from tests.policy_kit import (
     token_of,
 )
 from worker.models import JobState
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.submit import submit_step
+from worker.services import Services
 
 pytestmark = pytest.mark.integration
 
@@ -222,7 +222,7 @@ def test_a_stray_455_defers_its_job_and_three_in_a_row_pause_the_key(
 def test_a_huge_retry_after_is_capped_and_resume_clears_it(
     svc: Services, upstream: SandboxServer
 ) -> None:
-    from worker.ratelimit import MAX_BLOCK_S
+    from worker.limits.ratelimit import MAX_BLOCK_S
 
     upstream.configure(faults={429: 1.0}, retry_after="86400", fault_endpoints=["createTask"])
     job_id, _ = new_job(svc)
@@ -297,7 +297,7 @@ def test_resume_releases_jobs_parked_for_a_long_retry_after(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
     """A 429 with Retry-After 300 holds the key; an operator's resume means: go now."""
-    from worker.gates import resume_key
+    from worker.policies.gates import resume_key
 
     svc = make_services(upstream.url, kie_rate_limit="2/1s")
     upstream.configure(faults={429: 1.0}, retry_after="300", fault_endpoints=["createTask"])
@@ -397,8 +397,8 @@ def test_a_job_held_for_its_key_is_left_to_its_waiting_message_when_released(
 
 
 def test_a_credit_balance_that_is_not_a_finite_number_is_a_bad_answer() -> None:
-    from worker.errors import BadAnswerError
-    from worker.kie import parse_credit
+    from worker.upstreams.errors import BadAnswerError
+    from worker.upstreams.kie import parse_credit
 
     for value in (float("nan"), float("inf"), "100", True, None):
         with pytest.raises(BadAnswerError):

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from worker.ratelimit import LATENESS_TOLERANCE_S, SharedRateLimiter
+from worker.limits.ratelimit import LATENESS_TOLERANCE_S, SharedRateLimiter
 
 pytestmark = pytest.mark.integration
 LIMIT, WINDOW_S = 5, 2.0

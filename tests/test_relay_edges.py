@@ -21,9 +21,9 @@ from tests.policy_kit import make_services, token_of
 from tests.relay_kit import RELAY_API_KEY, new_relay_job
 from worker import keys
 from worker.models import JobState
-from worker.poll_policy import poll_step
-from worker.runtime import Services
-from worker.submit_policy import submit_step
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
+from worker.services import Services
 
 pytestmark = pytest.mark.integration
 

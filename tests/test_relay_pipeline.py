@@ -19,11 +19,12 @@ from tests.conftest import REMIX_INPUT, StartWorkers, unique_prompt
 from tests.helpers import redis_value
 from tests.relay_kit import RELAY, RELAY_API_KEY, enqueue_relay_job
 from worker import keys
-from worker.jobstore import decode_text
+from worker.app import services
 from worker.models import JobState
-from worker.publisher import SUBMIT_QUEUE
-from worker.runtime import ideogram_key_id, services
 from worker.settings import load_settings
+from worker.store.jobs import decode_text
+from worker.store.publisher import SUBMIT_QUEUE
+from worker.upstreams.providers import ideogram_key_id
 
 pytestmark = pytest.mark.integration
 JOB_TIMEOUT_S = 60

@@ -13,7 +13,7 @@ from sandbox.launch import REPO_ROOT, ManagedProcess
 from tests.conftest import StartWorkers, unique_prompt
 from tests.relay_kit import RELAY_API_KEY, enqueue_relay_job
 from tests.test_relay_edges import SUCCESS_IMAGES, Answer, ScriptedRelay
-from worker.runtime import services
+from worker.app import services
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_a_relay_job_of_unknown_outcome_says_how_to_send_it_anew(sandbox: Manage
     ``unknown_outcome``; but every relay job's image is a file, deleted when the job
     finishes. Retry refuses such a job saying to submit it again, and the docs say so."""
     from producers.retry import retry_one
-    from worker.outcome import fail_job
+    from worker.policies.outcome import fail_job
 
     svc = services()
     job_id = enqueue_relay_job(svc, unique_prompt("attack-retry-force"))

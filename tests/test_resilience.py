@@ -51,10 +51,11 @@ from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, start_snapshot_redis, wait_until
 from tests.policy_kit import make_services, new_job
 from worker import keys
-from worker.jobstore import ATTEMPT_FIELD, JobStore
 from worker.models import JobRecord, JobState
-from worker.runtime import WORKER_REDIS_RETRY_S, Services
-from worker.submit_policy import record_acceptance, submit_step
+from worker.policies.submit import record_acceptance, submit_step
+from worker.services import Services
+from worker.store.connection import WORKER_REDIS_RETRY_S
+from worker.store.jobs import ATTEMPT_FIELD, JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -316,7 +317,7 @@ def between_create_tasks(server: PrivateRedis) -> Iterator[redis.Redis]:
     """Pause every Redis write of the fleet at a moment when no createTask answer is outstanding.
 
     A job's record holds an open attempt from just before its createTask until the answer is
-    recorded (``worker.submit_policy``). While writes are paused nobody can open one, so when
+    recorded (``worker.policies.submit``). While writes are paused nobody can open one, so when
     none is open no worker is between an upstream acceptance and its record. A worker killed
     (or Redis stopped) in this block tests recovery without landing in the one window the
     design admits may charge a job twice: an answer lost with the process that received it.
@@ -419,7 +420,7 @@ def test_redis_restart_with_aof_mid_run_every_job_finishes_once(
     assert sum(1 for r in after_restart if r.upstream_task_id) >= with_task
     # Every worker reconnects rather than exiting. With Celery/kombu 5.7 a worker that held
     # unacknowledged messages could die here ("Unrecoverable error: AttributeError ...
-    # 'hostname'" while restoring them); worker.broker_guard keeps it alive.
+    # 'hostname'" while restoring them); worker.fleet.broker_guard keeps it alive.
     wait_until(
         lambda: all(w.popen.poll() is not None or reconnected(w) for w in workers),
         timeout=RECONNECT_TIMEOUT_S,

@@ -10,9 +10,10 @@ from sandbox.control import SandboxControl
 from tests.conftest import REMIX_INPUT, unique_prompt
 from tests.helpers import wait_until
 from worker import keys
-from worker.jobstore import RETRIES_FIELD
+from worker.app import services
+from worker.fleet.registry import known_api_keys
 from worker.models import JobState
-from worker.runtime import known_api_keys, services
+from worker.store.jobs import RETRIES_FIELD
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fleet")]
 WORKER_COUNT = 3
@@ -34,7 +35,7 @@ def _spend_status() -> list[dict[str, float]]:
 
 def test_the_fleet_spends_no_more_than_the_cap(control: SandboxControl) -> None:
     svc = services()
-    for key_id in known_api_keys():  # a fresh cap for this test
+    for key_id in known_api_keys(services()):  # a fresh cap for this test
         svc.broker.delete(keys.spend_log(key_id))
     before = len(control.stats()["accepted_at"])
     prompts = [unique_prompt(f"spend-{i}") for i in range(JOBS)]

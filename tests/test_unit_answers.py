@@ -13,9 +13,9 @@ import pytest
 import requests
 import urllib3.exceptions
 
-from worker import errors
-from worker.errors import Family
-from worker.kie import error_from_response, parse_retry_after, parse_task_info
+from worker.upstreams import errors
+from worker.upstreams.errors import Family
+from worker.upstreams.kie import error_from_response, parse_retry_after, parse_task_info
 
 SECRET = "sk-unit-0123456789abcdef0123456789abcdef"
 

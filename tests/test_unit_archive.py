@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import raw_http_server, whole_png
-from worker.archive_policy import FetchError, fetch_image
-from worker.archive_store import ArchiveError, DirectoryArchive, S3Archive, archive_store
+from worker.policies.archive import FetchError, fetch_image
 from worker.settings import ConfigurationError, Settings, load_settings
+from worker.store.archive_files import ArchiveError, DirectoryArchive, S3Archive, archive_store
 
 PNG = whole_png()
 JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 300 + b"\xff\xd9"

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from worker.backoff import full_jitter, poll_delay
+from worker.policies.poll_schedule import poll_delay
+from worker.policies.retry import full_jitter
 from worker.settings import Settings, parse_rate_limit
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from worker import errors
-from worker.kie import error_from_response, parse_retry_after, parse_task_info
+from worker.upstreams import errors
+from worker.upstreams.kie import error_from_response, parse_retry_after, parse_task_info
 
 RETRYABLE = {429: errors.RateLimitedError, 500: errors.ServerError}
 KEY_WIDE = {402: errors.InsufficientCreditsError, 455: errors.MaintenanceError}

@@ -9,12 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from sandbox.images import render_png
-from worker.blobs import new_ref, refs_in
-from worker.errors import BadAnswerError
 from worker.images import MAX_IMAGE_BYTES, load_image
-from worker.kie_upload import parse_download_url
 from worker.models import InvalidRequestError, validate_request
 from worker.settings import Settings
+from worker.store.blobs import new_ref, refs_in
+from worker.upstreams.errors import BadAnswerError
+from worker.upstreams.kie_upload import parse_download_url
 
 PNG = render_png("unit-files", 0, "unit files", "square")
 REF = new_ref(PNG, "image/png", "base.png").model_dump()

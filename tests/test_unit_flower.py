@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.models import JobState
-from worker.publisher import POLL_IDS_SHOWN, poll_repr, prompt_preview
+from worker.store.publisher import POLL_IDS_SHOWN, poll_repr, prompt_preview
 from worker.task_outcomes import JobsFailed, Outcome, failures, note_outcome, recording_outcomes
 from worker.tasks import reported
 

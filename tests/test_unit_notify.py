@@ -14,9 +14,10 @@ import pytest
 import requests
 
 from producers.cli import parse_assignments, parse_batch_line
-from worker.dispatcher import _slots_of
+from worker.fleet.dispatcher import _slots_of
 from worker.models import JobRecord, JobState, Notification
-from worker.notify_policy import (
+from worker.net.webhook_urls import AddressRefused, check_peer
+from worker.policies.notify import (
     delivery_id,
     describe_request_error,
     signature,
@@ -24,7 +25,6 @@ from worker.notify_policy import (
     webhook_headers,
 )
 from worker.settings import ConfigurationError, load_settings
-from worker.webhook_urls import AddressRefused, check_peer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LINE = {

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from worker.errors import excerpt
 from worker.redaction import REDACTED, RedactingFilter, Redactor, install_log_redaction
+from worker.upstreams.errors import excerpt
 
 SECRET = "sk-redact-0123456789abcdefABCDEF"
 

@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
-from worker.errors import (
+from worker.models import InvalidRequestError, validate_request
+from worker.settings import DEFAULT_IDEOGRAM_STATE_MAP, ConfigurationError, load_settings
+from worker.settings import parse_state_map as parse_map
+from worker.upstreams.errors import (
     BadAnswerError,
     InsufficientCreditsError,
     MaintenanceError,
@@ -17,10 +20,7 @@ from worker.errors import (
     UnexpectedCodeError,
     ValidationFailedError,
 )
-from worker.ideogram import parse_remix_answer, parse_status, relay_error_from_response
-from worker.models import InvalidRequestError, validate_request
-from worker.settings import DEFAULT_IDEOGRAM_STATE_MAP, ConfigurationError, load_settings
-from worker.settings import parse_state_map as parse_map
+from worker.upstreams.relay import parse_remix_answer, parse_status, relay_error_from_response
 
 RELAY = "ideogram-remix"
 REF = {

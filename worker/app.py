@@ -2,7 +2,7 @@
 
 No message of the pipeline waits inside the broker. Every wait (the next poll, a budget
 moment, a backoff, a pause) is a member of the schedule in Redis, and the dispatcher
-thread of every worker (:mod:`worker.dispatcher`) publishes a job's next step when it is
+thread of every worker (:mod:`worker.fleet.dispatcher`) publishes a job's next step when it is
 due. So no task has a countdown, every delivered message runs at once, and:
 
 * the broker's visibility timeout only has to outlast one task (a step makes at most one
@@ -16,17 +16,20 @@ due. So no task has a countdown, every delivered message runs at once, and:
 ``worker_prefetch_multiplier = 1``: each process reserves only the message it is about to
 run. Each queue has an exchange of its own, so a message published to one exchange lands
 in one queue only. A worker started without ``-Q`` consumes all four queues: ``submit``,
-``poll``, ``notify`` (completion webhooks, :mod:`worker.notify_store`) and ``archive``
-(copies of result images, :mod:`worker.archive_schedule`).
+``poll``, ``notify`` (completion webhooks, :mod:`worker.store.notify`) and ``archive``
+(copies of result images, :mod:`worker.store.archive`).
 
 Importing this module does not take over a host application's Celery: the app is not
-made current, and the kombu guard (:mod:`worker.broker_guard`) is installed in worker
+made current, and the kombu guard (:mod:`worker.fleet.broker_guard`) is installed in worker
 processes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from typing import Any
 
 import redis
@@ -41,9 +44,14 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from worker.dispatcher import BrokerConnectionStep, DispatcherStep
+from worker.fleet import broker_guard
+from worker.fleet.registry import register_api_key
 from worker.logs import enter_task, install_log_format, leave_task
-from worker.publisher import (
+from worker.redaction import Redactor, install_log_redaction
+from worker.services import Services, build_services
+from worker.settings import Settings, get_settings, set_overrides
+from worker.store import connection
+from worker.store.publisher import (
     ARCHIVE_QUEUE,
     ARCHIVE_TASK,
     NOTIFY_QUEUE,
@@ -53,8 +61,7 @@ from worker.publisher import (
     SUBMIT_QUEUE,
     SUBMIT_TASK,
 )
-from worker.redaction import Redactor, install_log_redaction
-from worker.settings import get_settings
+from worker.upstreams.providers import configured_providers
 
 #: Seconds between the broker's sweeps for messages whose visibility ran out.
 RESTORE_INTERVAL_S = 5
@@ -126,12 +133,20 @@ def celery_config() -> dict[str, Any]:
     )
 
 
-app = Celery("remixq", include=["worker.tasks"], set_as_current=False)
+class RemixqCelery(Celery):  # type: ignore[misc]
+    """The Celery app; its bootsteps reach this process's services through it."""
+
+    def services(self) -> Services:
+        return services()
+
+
+app = RemixqCelery("remixq", include=["worker.tasks"], set_as_current=False)
 # Lazy, so that importing the package never fails on a bad setting: the error
 # surfaces (as one line) where the configuration is first used.
 app.add_defaults(celery_config)
-app.steps["worker"].add(DispatcherStep)
-app.steps["consumer"].add(BrokerConnectionStep)
+# Named by string, as Celery's own steps are: the fleet's steps need no import of this module.
+app.steps["worker"].add("worker.fleet.steps:DispatcherStep")
+app.steps["consumer"].add("worker.fleet.steps:BrokerConnectionStep")
 
 
 @worker_init.connect
@@ -143,9 +158,6 @@ def _start_worker(**_: Any) -> None:
     ``provider_not_configured``.
     """
     settings = get_settings()
-    from worker import broker_guard
-    from worker.runtime import configured_providers, register_api_key, set_worker_role
-
     if not configured_providers(settings):
         raise SystemExit(
             "remixq worker: neither KIE_API_KEY nor IDEOGRAM_BASE_URL with IDEOGRAM_API_KEY "
@@ -154,7 +166,7 @@ def _start_worker(**_: Any) -> None:
 
     broker_guard.install()
     set_worker_role()
-    register_api_key()
+    register_api_key(services())
     drop_stale_bindings(redis.Redis.from_url(settings.redis_url))
 
 
@@ -212,3 +224,81 @@ after_setup_logger.connect(_redact_logs, weak=False)
 after_setup_task_logger.connect(_redact_logs, weak=False)
 task_prerun.connect(enter_task, weak=False)  # celery's lines about a task name its jobs
 task_postrun.connect(leave_task, weak=False)
+
+
+# ----------------------------------------------------------------- this process's services
+
+_lock = threading.Lock()
+_cache: dict[int, Services] = {}
+
+
+def services() -> Services:
+    """This process's services (built on first use, and again in a forked child)."""
+    pid = os.getpid()
+    found = _cache.get(pid)
+    if found is None:
+        with _lock:
+            found = _cache.get(pid)
+            if found is None:
+                _cache.clear()
+                found = _cache[pid] = build_services(get_settings(), app)
+    return found
+
+
+def _reset() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def configure(**overrides: Any) -> Settings:
+    """Point this process at other settings (tests, the demo, the benchmark).
+
+    ``overrides`` are settings fields (``redis_url=...``) that win over the environment.
+    The Celery app follows the new Redis URLs; every cached client is dropped.
+    """
+    set_overrides(**overrides)
+    _reset()
+    settings = get_settings()
+    app.conf.broker_url = settings.redis_url
+    app.conf.result_backend = settings.backend_url
+    _forget_celery_connections(app)
+    return settings
+
+
+def _forget_celery_connections(app: Any) -> None:
+    """Drop the broker pool and result backend Celery built for the previous URLs.
+
+    Celery has no public way to do this; these attributes are stable across Celery 5.
+    kombu keeps its pools in process-wide registries keyed by the connection's URL, so
+    the closed pool leaves them too: else the next publish to the same URL would get it
+    back ("Acquire on closed pool").
+    """
+    with contextlib.suppress(AttributeError):
+        del app._local.backend
+    closed = getattr(app, "_pool", None)
+    if closed is not None:
+        closed.force_close_all()
+        app._pool = None
+        _unregister_pool(closed)
+    if getattr(app.amqp, "_producer_pool", None) is not None:
+        app.amqp._producer_pool = None
+
+
+def _unregister_pool(closed: Any) -> None:
+    """Remove a closed connection pool, and the producer pools on it, from kombu's registries."""
+    from kombu import pools
+
+    # The registries' keys are already hashed (kombu's EqualityDict), so they are removed
+    # with the plain dict method rather than ``del``, which would hash them again.
+    for key, pool in list(pools.connections.items()):
+        if pool is closed:
+            dict.pop(pools.connections, key, None)
+    for key, pool in list(pools.producers.items()):
+        if getattr(pool, "connections", None) is closed:
+            dict.pop(pools.producers, key, None)
+
+
+def set_worker_role() -> None:
+    """This process is a worker: Redis commands ride out longer outages."""
+    connection.set_worker_role()
+    _reset()

@@ -1,7 +1,7 @@
 """A worker's health probe: ``python -m worker.health [--ready]``.
 
 Every worker process writes a heartbeat to Redis every few seconds from its dispatcher
-thread (:mod:`worker.dispatcher`, sorted set ``remixq:workers``, members
+thread (:mod:`worker.fleet.dispatcher`, sorted set ``remixq:workers``, members
 ``<hostname>:<pid>`` scored on the Redis clock). This probe looks for a heartbeat of a
 worker on *this* host (a container or pod runs one worker) and exits:
 
@@ -24,7 +24,7 @@ import sys
 import redis
 
 from worker import keys
-from worker.dispatcher import LIVE_WORKER_S
+from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.settings import ConfigurationError, get_settings
 
 PROBE_TIMEOUT_S = 3.0

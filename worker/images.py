@@ -2,7 +2,7 @@
 
 Producers read a file (or take bytes) here, before anything is enqueued, so a bad file
 gets one line naming what is wrong and nothing is written. The worker never reads a
-path: only the bytes a producer stored in the blob store (:mod:`worker.blobs`).
+path: only the bytes a producer stored in the blob store (:mod:`worker.store.blobs`).
 :func:`is_complete_image` is the archive's check that a downloaded result is whole.
 """
 
@@ -16,7 +16,6 @@ from worker.models import InvalidRequestError
 
 #: Largest source image accepted (the upstreams take at most 10 MB).
 MAX_IMAGE_BYTES = 10 * 1000 * 1000
-CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 

@@ -134,12 +134,12 @@ def finished_channel(database: int) -> str:
 
 
 def blob(blob_id: str) -> str:
-    """The bytes of one source image a producer stored for a job (:mod:`worker.blobs`)."""
+    """The bytes of one source image a producer stored for a job (:mod:`worker.store.blobs`)."""
     return f"{PREFIX}blob:{blob_id}"
 
 
 #: Sorted set of succeeded jobs whose result images are to be archived, scored by when
-#: their next try is due (``REMIX_ARCHIVE_URL``; :mod:`worker.archive_schedule`).
+#: their next try is due (``REMIX_ARCHIVE_URL``; :mod:`worker.store.archive`).
 ARCHIVE_SCHEDULE = PREFIX + "archive"
 #: Sorted set of every archive step in flight, scored by when its lease ends (they count
 #: in the webhooks' fleet-wide limit, :data:`NOTIFY_IN_FLIGHT`).

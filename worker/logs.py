@@ -32,7 +32,7 @@ JOB_FIELDS = ("job_id", "upstream_task_id", "attempt", "upstream_code")
 #: Further fields a line may carry: ``state`` on the one line per state change, ``job_ids``
 #: on celery's lines about a poll of several jobs.
 EXTRA_FIELDS = ("state", "job_ids")
-#: The celery task whose task id is the job id (see :mod:`worker.publisher`).
+#: The celery task whose task id is the job id (see :mod:`worker.store.publisher`).
 _TASK_NAMED_BY_JOB = "remix.submit"
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(

@@ -25,11 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from worker.blobs import BlobRef
-from worker.fields import not_a_boolean, not_blank
-from worker.ideogram_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
-from worker.ideogram_models import PROVIDER as IDEOGRAM_PROVIDER
-from worker.ideogram_models import IdeogramRemixRequest
+from worker.fields import BlobRef, not_a_boolean, not_blank
+from worker.relay_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
+from worker.relay_models import PROVIDER as IDEOGRAM_PROVIDER
+from worker.relay_models import IdeogramRemixRequest
 
 PROVIDER = "kie"
 #: The upstreams a job may be sent to (``provider``); ``kie`` is the default.

@@ -463,13 +463,6 @@ class Settings(BaseSettings):
         return self.kie_callback_url is not None
 
     @property
-    def first_poll_s(self) -> float:
-        """When the first poll of an accepted job comes: later when callbacks are on."""
-        if self.callbacks_enabled:
-            return self.remix_callback_poll_s
-        return self.remix_poll_initial_s
-
-    @property
     def callback_wait_s(self) -> float:
         """How long an unknown createTask outcome waits for a callback (0: callbacks off)."""
         return self.remix_callback_wait_s if self.callbacks_enabled else 0.0

@@ -2,7 +2,7 @@
 
 Flower only knows tasks, and a step that fails a job has itself worked: without this, a
 job failed with ``invalid_request``, a 422 or an upstream 501 would show as a green
-task, and ``/api/tasks?state=FAILURE`` would be empty. So :func:`worker.outcome.finish_job`
+task, and ``/api/tasks?state=FAILURE`` would be empty. So :func:`worker.policies.outcome.finish_job`
 records each outcome here (:func:`note_outcome`) while a task runs
 (:func:`recording_outcomes`), and the task then raises :class:`JobsFailed` when its step
 failed a job: Flower shows the task as FAILURE, with each job id and ``fail_code`` in

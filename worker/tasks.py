@@ -1,8 +1,8 @@
 """The pipeline's Celery tasks: ``remix.submit``, ``remix.poll``, ``remix.notify`` and
 ``remix.archive``.
 
-They are thin: decode the message, run one step of the policy (:mod:`worker.submit_policy`,
-:mod:`worker.poll_policy`) and deal with infrastructure errors. A step that cannot reach
+They are thin: decode the message, run one step of the policy (:mod:`worker.policies.submit`,
+:mod:`worker.policies.poll`) and deal with infrastructure errors. A step that cannot reach
 Redis gives up after the client's retries; the job is then sent again by the schedule
 once its lease runs out, so no message needs to survive for the job to go on.
 """
@@ -18,15 +18,15 @@ import redis
 from celery import Task
 
 from worker import keys
-from worker.app import app
-from worker.archive_policy import archive_step
+from worker.app import app, services
 from worker.models import PROVIDER, PROVIDERS
-from worker.notify_policy import notify_step
-from worker.outcome import fail_job
-from worker.poll_policy import POLLED, poll_step
-from worker.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
-from worker.runtime import Services, services
-from worker.submit_policy import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
+from worker.policies.archive import archive_step
+from worker.policies.notify import notify_step
+from worker.policies.outcome import fail_job
+from worker.policies.poll import POLLED, poll_step
+from worker.policies.submit import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
+from worker.services import Services
+from worker.store.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
 
 logger = logging.getLogger("worker.tasks")
@@ -234,7 +234,7 @@ def _push_lateness(svc: Services, late_by: list[float]) -> None:
 def remix_notify(
     self: Task, job_id: Any = "", dispatch: Any = 0, receiver: Any = "", **_: Any
 ) -> None:
-    """Deliver one finished job's completion webhook (:func:`worker.notify_policy.notify_step`).
+    """Deliver one finished job's completion webhook (:func:`worker.policies.notify.notify_step`).
 
     Whatever goes wrong here, the webhook stays in the notify schedule and is sent again
     after its lease; nothing here touches a job's state or the submit and poll steps.
@@ -254,7 +254,7 @@ def remix_notify(
 
 @app.task(name=ARCHIVE_TASK, bind=True, ignore_result=True)
 def remix_archive(self: Task, job_id: Any = "", dispatch: Any = 0, **_: Any) -> str:
-    """Archive one succeeded job's result images (:func:`worker.archive_policy.archive_step`).
+    """Archive one succeeded job's result images (:func:`worker.policies.archive.archive_step`).
 
     An error of the try itself is recorded by the step as a failed try; when Redis fails
     (or a bug outside the try), the entry stays in the archive schedule and is sent again

@@ -2,7 +2,7 @@
 
 Every figure comes from this run: upstream counts from the sandbox's
 ``/_sandbox/stats``, job outcomes from the job records (read through the pipeline's own
-:class:`~worker.jobstore.JobStore`, so the benchmark never depends on how a record is
+:class:`~worker.store.jobs.JobStore`, so the benchmark never depends on how a record is
 stored), memory and CPU from ``/proc``. Every wait is bounded; a bound that runs out is
 reported in a note instead of hanging the run.
 """
@@ -29,9 +29,9 @@ from producers import enqueue_remix
 from producers.http_callbacks import CALLBACK_PATH
 from sandbox.control import SandboxControl
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port
-from worker.jobstore import JobStore
+from worker.app import services
 from worker.models import FINISHED_STATES, JobRecord, JobState
-from worker.runtime import services
+from worker.store.jobs import JobStore
 
 SOURCE_IMAGE = "https://example.com/remixq-bench/source.png"
 REFERENCE_IMAGE = "https://example.com/remixq-bench/character.png"

@@ -37,9 +37,9 @@ from bench.stack import Stack
 from sandbox.control import SandboxControl
 from sandbox.launch import ManagedProcess
 from worker import keys
-from worker.backoff import poll_delay
-from worker.dispatcher import POLL_BATCH_SIZE
+from worker.fleet.dispatcher import POLL_BATCH_SIZE
 from worker.models import FINISHED_STATES
+from worker.policies.poll_schedule import poll_delay
 
 SECTION = "2 in flight"
 MB = 1_000_000
@@ -59,8 +59,8 @@ def scheduled_polls(submitted_at: Iterable[float], start: float, end: float) -> 
     """Polls the backoff schedule asks for between ``start`` and ``end`` (unix times).
 
     Each job polls at ``submitted_at + d1 + ... + dk``, ``dk`` being the pipeline's own
-    :func:`~worker.backoff.poll_delay`, as if every poll ran on time: the first poll is
-    parked ``REMIX_POLL_INITIAL_S`` after the acceptance (``d1``), and each poll parks
+    :func:`~worker.policies.poll_schedule.poll_delay`, as if every poll ran on time: the
+    first poll is parked ``REMIX_POLL_INITIAL_S`` after the acceptance (``d1``), and each poll parks
     the job for the next delay of the backoff.
     """
     total = 0

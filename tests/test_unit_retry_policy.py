@@ -1,0 +1,54 @@
+"""The one retry policy (worker/policies/retry.py): its table and its decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.policies.retry import (
+    SUBMIT_ACTIONS,
+    Action,
+    poll_error_delay,
+    side_work_try,
+    submit_action,
+)
+from worker.settings import load_settings
+from worker.upstreams import errors
+
+
+def test_every_family_has_an_action() -> None:
+    assert set(SUBMIT_ACTIONS) == set(errors.Family)
+
+
+@pytest.mark.parametrize(
+    ("error", "action"),
+    [
+        (errors.RateLimitedError("slow down"), Action.RETRY),
+        (errors.ServerError("oops"), Action.RETRY),
+        (errors.NetworkError("reset", ambiguous=False), Action.RETRY),
+        (errors.InsufficientCreditsError("no credits"), Action.HOLD_FOR_KEY),
+        (errors.MaintenanceError("maintenance"), Action.HOLD_FOR_KEY),
+        (errors.UnauthorizedError("no"), Action.FAIL),
+        (errors.ValidationFailedError("bad"), Action.FAIL),
+        (errors.GenerationFailedError("failed"), Action.FAIL),
+        (errors.FeatureDisabledError("off"), Action.FAIL),
+    ],
+)
+def test_the_documented_codes_get_their_action(error: errors.UpstreamError, action: Action) -> None:
+    assert submit_action(error) is action
+
+
+def test_a_side_work_try_retries_until_its_last_then_fails() -> None:
+    tries = [
+        side_work_try(n, failed=True, permanent=False, most=3, base=1, cap=4) for n in (1, 2, 3)
+    ]
+    assert [t.outcome for t in tries] == ["retry", "retry", "failed"]
+    assert all(0 <= t.retry_in <= 4 for t in tries)
+    assert side_work_try(1, failed=True, permanent=True, most=3, base=1, cap=4).outcome == "failed"
+    assert side_work_try(2, failed=False, permanent=False, most=3, base=1, cap=4).outcome == "done"
+
+
+def test_a_poll_error_honours_retry_after_up_to_the_longest_poll() -> None:
+    settings = load_settings(remix_poll_max_s=30)
+    assert poll_error_delay(2.0, None, settings) == 2.0
+    assert poll_error_delay(2.0, 10.0, settings) == 10.0
+    assert poll_error_delay(2.0, 300.0, settings) == 30.0

@@ -1,0 +1,416 @@
+"""The schedule's dispatcher: sends each job's next step when it is due.
+
+Every unfinished job is a member of the schedule (a sorted set in Redis, scored by when
+its next step is due on the Redis clock). Steps never wait inside the broker: a job that
+must wait (for its next poll, a budget moment, a backoff, a pause) is *parked* in the
+schedule, and a thread in every worker process claims due jobs (``claim_due.lua``) and
+publishes their messages: ``remix.submit`` for a job without an upstream task, one
+``remix.poll`` for up to :data:`POLL_BATCH_SIZE` jobs with one.
+
+Why not Celery countdowns: a countdown message sits unacknowledged inside a worker, so
+it must stay shorter than the broker's visibility timeout, it is redelivered as a
+duplicate when it is not, and it is dropped from memory (to come back only after the
+visibility timeout) whenever the worker loses its broker connection. Parked jobs have
+none of these problems: waits of any length cost one sorted-set member, and after a
+broker outage every job moves again as soon as the broker answers.
+
+Claiming gives the job a new *dispatch token* and a *lease*. Only a message carrying the
+latest token may act on the job, so duplicates and stale copies are dropped; and a job
+whose step does not reschedule it within the lease (its message was lost, or its worker
+was killed) is due again and sent again (counted as ``lease_resends_total``). This is
+what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose latest
+message may still be waiting in its queue (it has not begun and the queue's oldest
+message is no younger than it) is left to that message, so that an overloaded fleet does
+not multiply its own backlog. After an outage the dispatcher does not wait for the leases
+of jobs whose message a worker took and then dropped with its broker connection (see
+:meth:`Dispatcher.after_outage`).
+
+The same thread hands out due completion webhooks (:mod:`worker.store.notify`) as
+``remix.notify`` messages, after the jobs' steps and apart from them: an error there is
+logged and never keeps a job's step from being sent. With its heartbeat every worker
+says how many task slots it has, so webhooks can be kept to half of the fleet's. Due
+archiving of result images (:mod:`worker.store.archive`) goes out the same way, as
+``remix.archive`` messages, after the webhooks and just as apart from the jobs' steps.
+
+The heartbeat also says which queues the worker consumes (``-Q``). A fleet split by
+queues may leave one without a consumer (``-Q submit,poll`` and ``-Q notify`` with
+archiving on: nothing takes ``archive``, so archiving and the webhooks that wait for it
+never end); every worker then logs a warning while messages wait there, and ``remixq
+status`` lists the queue under ``queues_without_workers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from worker import keys
+from worker.fleet.side_dispatch import dispatch_archives, dispatch_notifications
+from worker.services import Services
+from worker.store.jobs import Dispatch
+from worker.store.publisher import (
+    ARCHIVE_QUEUE,
+    NOTIFY_QUEUE,
+    POLL_QUEUE,
+    SENT_AT_HEADER,
+    SUBMIT_QUEUE,
+)
+from worker.upstreams.providers import configured_providers
+
+logger = logging.getLogger("worker.dispatcher")
+
+#: At most this many jobs per ``remix.poll`` message.
+POLL_BATCH_SIZE = 25
+#: At most this many jobs claimed per round trip.
+CLAIM_LIMIT = 500
+#: Pause between two looks at the schedule when nothing was due.
+TICK_S = 0.05
+#: Pause after a failed round (Redis or the broker unreachable).
+ERROR_PAUSE_S = 1.0
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
+#: Seconds between two heartbeats of a worker process; one silent 3x this long is gone.
+HEARTBEAT_S = 5.0
+#: Heartbeats older than this are dropped from the list of workers.
+HEARTBEAT_FORGET_S = 3600.0
+#: Seconds between two prunings of the state indexes (one worker prunes, any one).
+PRUNE_S = 600.0
+#: A worker whose last heartbeat is older than this no longer counts its slots.
+LIVE_WORKER_S = 3 * HEARTBEAT_S
+
+
+class Dispatcher:
+    """Claims due jobs and publishes their next step.
+
+    Parameters:
+        svc: the process's services (store, publisher, settings).
+        slots: how many tasks this worker runs at once (its pool's size).
+    """
+
+    def __init__(self, svc: Services, slots: int = 1, queues: Iterable[str] = QUEUES) -> None:
+        self.svc = svc
+        self.slots = max(1, slots)
+        self.fleet_slots = self.slots
+        self.queues = sorted(queues)
+        self.fleet_queues = set(self.queues)
+        self._started = time.monotonic()
+        self._unconsumed: set[str] = set()
+        self._last_heartbeat = float("-inf")
+        self._last_prune = time.monotonic()
+        self._failing: set[str] = set()
+        self._store_run_id: str | None = None
+        self._store_changed_at: float | None = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        #: This worker's members of WORKER_SLOTS and WORKER_QUEUES.
+        self._slots_member = f"{self.name} {self.slots}"
+        self._queues_member = f"{self.name} {','.join(self.queues)}"
+
+    def heartbeat(self) -> None:
+        """Say this worker process is alive (``/healthz`` lists live workers) and how many
+        slots it has; learn how many the live fleet has (:attr:`fleet_slots`)."""
+        now = self.svc.clock.now()
+        pipe = self.svc.broker.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {self.name: now})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - HEARTBEAT_FORGET_S)
+        pipe.zadd(keys.WORKER_QUEUES, {self._queues_member: now})
+        pipe.zremrangebyscore(keys.WORKER_QUEUES, "-inf", now - LIVE_WORKER_S)
+        pipe.zadd(keys.WORKER_SLOTS, {self._slots_member: now})
+        pipe.zremrangebyscore(keys.WORKER_SLOTS, "-inf", now - LIVE_WORKER_S)
+        for provider in configured_providers(self.svc.settings):
+            pipe.zadd(keys.provider_workers(provider), {self.name: now})
+            pipe.zremrangebyscore(keys.provider_workers(provider), "-inf", now - LIVE_WORKER_S)
+        pipe.zrangebyscore(keys.WORKER_QUEUES, now - LIVE_WORKER_S, "+inf")
+        pipe.zrangebyscore(keys.WORKER_SLOTS, now - LIVE_WORKER_S, "+inf")
+        *_, queues, live = pipe.execute()
+        self.fleet_slots = max(self.slots, sum(map(_slots_of, live)))
+        self.fleet_queues = set(self.queues) | _queues_of(queues)
+
+    def leave(self) -> None:
+        """Take this worker out of the live fleet at once (a clean shutdown), so that its
+        slots and queues do not count for another :data:`LIVE_WORKER_S`."""
+        pipe = self.svc.broker.pipeline(transaction=False)
+        pipe.zrem(keys.WORKERS, self.name)
+        pipe.zrem(keys.WORKER_SLOTS, self._slots_member)
+        pipe.zrem(keys.WORKER_QUEUES, self._queues_member)
+        for provider in configured_providers(self.svc.settings):
+            pipe.zrem(keys.provider_workers(provider), self.name)
+        pipe.execute()
+
+    def warn_unconsumed(self, waiting: Iterable[str]) -> None:
+        """Log once (until it changes) each queue holding messages that no live worker
+        consumes; only after every live worker had time for a heartbeat."""
+        if time.monotonic() - self._started < LIVE_WORKER_S:
+            return
+        unconsumed = set(waiting) - self.fleet_queues
+        for queue in sorted(unconsumed - self._unconsumed):
+            logger.warning(
+                "dispatcher: messages wait in queue %s and no live worker consumes it; start "
+                "a worker with -Q %s (or without -Q): until then they wait forever",
+                queue,
+                queue,
+            )
+        self._unconsumed = unconsumed
+
+    def tick(self) -> int:
+        """One round: claim what is due and send it; returns how many messages were sent."""
+        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
+            self.heartbeat()
+            self.watch_store()
+            self._last_heartbeat = time.monotonic()
+        if time.monotonic() - self._last_prune >= PRUNE_S:
+            self._last_prune = time.monotonic()
+            self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
+        waiting = oldest_waiting(self.svc)
+        self.warn_unconsumed(waiting)
+        sent = self._dispatch_jobs(waiting)
+        sent += self._dispatch_apart(
+            "completion webhooks",
+            lambda: dispatch_notifications(self.svc, waiting.get(NOTIFY_QUEUE), self.fleet_slots),
+        )
+        return sent + self._dispatch_apart(
+            "archiving",
+            lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE), self.fleet_slots),
+        )
+
+    def after_outage(self, began_at: float | None) -> int:
+        """Once Redis and the broker answer again: send again at once the jobs whose message
+        was handed out before the outage (``began_at``, fleet clock; None: unknown) and
+        was dropped by the worker that held it, instead of after their lease.
+
+        Not when the job store restarted or failed over during the outage or within a lease
+        before it: it may have lost the record that a step began (and opened its attempt),
+        and that step may still wait for its createTask answer; only the lease is long
+        enough to outlast it.
+        """
+        if self._store_restarted_since(began_at):
+            logger.warning(
+                "dispatcher: the job store restarted or failed over during the outage and may "
+                "have lost its last writes; jobs taken before it are sent again after their lease"
+            )
+            return 0
+        stranded = self.svc.store.resend_stranded(
+            self.svc.settings.lease_s,
+            handed_out_before=began_at,
+            oldest_waiting=oldest_waiting(self.svc),
+        )
+        if stranded:
+            self.svc.metrics.incr("lease_resends_total", stranded)
+            logger.warning(
+                "dispatcher: %d job(s) whose message was taken before the outage and never "
+                "began are sent again",
+                stranded,
+            )
+        return stranded
+
+    def watch_store(self) -> None:
+        """Note when the job store's server changed (a restart or a failover)."""
+        run_id = self.svc.store.server_run_id()
+        if run_id != self._store_run_id and self._store_run_id is not None:
+            self._store_changed_at = self.svc.clock.now()
+        self._store_run_id = run_id
+
+    def _store_restarted_since(self, began_at: float | None) -> bool:
+        """Whether the job store may have changed since ``began_at`` (True when it does
+        not say who it is: then nothing tells a lost write from a step not begun)."""
+        known = self._store_run_id
+        self.watch_store()
+        if self._store_run_id is None:
+            return True
+        if known is None or self._store_changed_at is None:
+            return False
+        since = (
+            began_at if began_at is not None else self.svc.clock.now() - self.svc.settings.lease_s
+        )
+        # A step whose begin a failover lost may wait for its createTask answer for up to a
+        # lease after the failover (seen by a heartbeat up to HEARTBEAT_S after it).
+        return self._store_changed_at >= since - self.svc.settings.lease_s - HEARTBEAT_S
+
+    def _dispatch_apart(self, what: str, dispatch: Callable[[], int]) -> int:
+        """Send due webhooks or archiving; an error is logged (once per outage), not raised.
+
+        An entry whose message was not sent stays in its schedule and comes back after its
+        lease, so nothing is lost by not raising.
+        """
+        try:
+            sent = dispatch()
+        except Exception as exc:
+            if what not in self._failing:
+                logger.warning(
+                    "dispatcher: cannot send %s (%s: %s); retrying", what, type(exc).__name__, exc
+                )
+            self._failing.add(what)
+            return 0
+        if what in self._failing:
+            logger.warning("dispatcher: %s are sent again", what)
+        self._failing.discard(what)
+        return sent
+
+    def _dispatch_jobs(self, waiting: dict[str, float]) -> int:
+        """Claim the jobs whose next step is due and publish their messages."""
+        claimed = self.svc.store.claim_due(
+            CLAIM_LIMIT, self.svc.settings.lease_s, oldest_waiting=waiting
+        )
+        if not claimed:
+            return 0
+        resent = sum(1 for d in claimed if d.resent)
+        if resent:
+            self.svc.metrics.incr("lease_resends_total", resent)
+        unsent = {d.job_id for d in claimed}
+        try:
+            self._publish(claimed, unsent)
+        except BaseException:
+            # The broker refused: make the rest due again at once rather than after the lease.
+            self.svc.store.due_now(unsent)
+            raise
+        return len(claimed)
+
+    def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
+        publisher = self.svc.publisher
+        polls = [d for d in claimed if d.phase == "poll"]
+        with publisher.producer() as producer:
+            for item in claimed:
+                if item.phase == "submit":
+                    publisher.submit(item.job_id, item.request, item.token, producer=producer)
+                    unsent.discard(item.job_id)
+            for start in range(0, len(polls), POLL_BATCH_SIZE):
+                batch = polls[start : start + POLL_BATCH_SIZE]
+                publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
+                unsent.difference_update(d.job_id for d in batch)
+
+
+def _slots_of(member: bytes | str) -> int:
+    """The pool size in a ``WORKER_SLOTS`` member (``"<worker> <slots>"``); 1 if unreadable."""
+    text = member.decode(errors="replace") if isinstance(member, bytes) else member
+    size = text.rsplit(" ", 1)[-1]
+    return int(size) if size.isdigit() else 1
+
+
+def _queues_of(members: Iterable[bytes | str]) -> set[str]:
+    """The queues named by ``WORKER_QUEUES`` members (``"<worker> <q>,<q>"``)."""
+    found: set[str] = set()
+    for member in members:
+        text = member.decode(errors="replace") if isinstance(member, bytes) else member
+        found.update(q for q in text.rsplit(" ", 1)[-1].split(",") if q)
+    return found
+
+
+def queues_without_workers(svc: Services) -> list[str]:
+    """The pipeline's queues that no live worker consumes (by their heartbeats)."""
+    since = svc.clock.now() - LIVE_WORKER_S
+    members = cast("list[bytes]", svc.broker.zrangebyscore(keys.WORKER_QUEUES, since, "+inf"))
+    return [queue for queue in QUEUES if queue not in _queues_of(members)]
+
+
+def oldest_waiting(svc: Services) -> dict[str, float]:
+    """For each queue holding messages: when its oldest waiting message was sent.
+
+    The Redis transport pushes at the head of a list and takes from its tail, so the tail
+    is the oldest. A message without our send-time header (from a producer in another
+    language) counts as very old, which only delays re-sends while it waits.
+    """
+    pipe = svc.broker.pipeline(transaction=False)
+    for queue in QUEUES:
+        pipe.lindex(queue, -1)
+    waiting = {}
+    for queue, raw in zip(QUEUES, pipe.execute(), strict=True):
+        if raw is not None:
+            waiting[queue] = _sent_at(raw)
+    return waiting
+
+
+def _sent_at(raw: bytes | str) -> float:
+    try:
+        headers = json.loads(raw).get("headers") or {}
+        return float(headers.get(SENT_AT_HEADER, 0.0))
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return 0.0
+
+
+class DispatcherThread:
+    """Runs :meth:`Dispatcher.tick` in a loop until stopped."""
+
+    def __init__(self, make_dispatcher: Callable[[], Dispatcher]) -> None:
+        self._make = make_dispatcher
+        self._dispatcher: Dispatcher | None = None
+        self._stop = threading.Event()
+        self._returned = threading.Event()
+        self._lock = threading.Lock()
+        self._outage_began: float | None = None
+        self._outage_seen = False
+        self._thread = threading.Thread(target=self._run, name="remixq-dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._dispatcher is not None:
+            with contextlib.suppress(Exception):  # Redis gone: the heartbeat ages out
+                self._dispatcher.leave()
+
+    def broker_lost(self) -> None:
+        """This worker's consumer lost its broker connection (and dropped the messages it
+        had taken but not started)."""
+        with self._lock:
+            if self._outage_began is None:
+                self._outage_began = _fleet_time(self._dispatcher)
+                self._outage_seen = True
+
+    def broker_returned(self) -> None:
+        """This worker's consumer is connected again: look for jobs it left stranded."""
+        self._returned.set()
+
+    def _run(self) -> None:
+        dispatcher: Dispatcher | None = None
+        failing = False
+        while not self._stop.is_set():
+            try:
+                dispatcher = self._dispatcher = dispatcher or self._make()
+                if failing or self._returned.is_set():
+                    self._resend_stranded(dispatcher)
+                sent = dispatcher.tick()
+                if failing:
+                    logger.warning("dispatcher: Redis and the broker answer again")
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage, not once per round
+                    logger.warning(
+                        "dispatcher: cannot dispatch (%s: %s); retrying", type(exc).__name__, exc
+                    )
+                    self.broker_lost()
+                failing = True
+                self._stop.wait(ERROR_PAUSE_S)
+                continue
+            if sent < CLAIM_LIMIT:
+                self._stop.wait(TICK_S)
+
+    def _resend_stranded(self, dispatcher: Dispatcher) -> None:
+        """After an outage this thread or the consumer saw: send the jobs it stranded."""
+        self._returned.clear()
+        with self._lock:
+            began, seen = self._outage_began, self._outage_seen
+        if not seen:
+            return
+        try:
+            dispatcher.after_outage(began)
+        except BaseException:
+            self._returned.set()  # tried again next round
+            raise
+        with self._lock:
+            if self._outage_began == began:
+                self._outage_began, self._outage_seen = None, False
+
+
+def _fleet_time(dispatcher: Dispatcher | None) -> float | None:
+    """The fleet clock now, from its last measurement (None before the first). Called from
+    the consumer's thread as it loses the broker: asking Redis could block it for as long
+    as the Redis client retries."""
+    return None if dispatcher is None else dispatcher.svc.clock.last_known()

@@ -1,0 +1,187 @@
+"""The poll policy: one step of a job that has an upstream task.
+
+The step asks recordInfo once and either finishes the job with the upstream's own answer
+(``success`` or ``fail``) or parks it in the schedule until its next poll, with a
+growing delay. A job that has an upstream task is paid for, so no error of recordInfo
+fails it: not a 5xx, not a 401, 402 or 404, not a malformed answer. It is polled again
+until ``REMIX_DEADLINE_S`` after it was accepted; the poll that falls due at the deadline
+asks once more before it declares the job ``timeout``, so a job that finished in the
+last interval is reported as the success it is.
+
+A job of the legacy remix relay is polled at the relay's status endpoint (the relay never
+calls back). A relay job whose images came in the remix answer itself (kept on the job
+with its acceptance; its task id is ``sync-...``) never asks the relay: it finishes with
+those images. The kept images decide, not the id, which a relay's own ids may resemble.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from worker.logs import job_context, job_fields, note
+from worker.models import JobState
+from worker.policies.outcome import fail_job, finish_job
+from worker.policies.poll_schedule import next_poll_delay
+from worker.policies.retry import poll_error_delay
+from worker.services import Services
+from worker.store.jobs import LAST_ERROR_FIELD, Job
+from worker.upstreams.errors import UpstreamError
+from worker.upstreams.kie import TaskInfo
+from worker.upstreams.providers import ProviderNotConfigured
+
+logger = logging.getLogger("worker.poll")
+
+
+class UnexpectedError(UpstreamError):
+    """An exception no upstream answer explains (a bug): the job is polled again."""
+
+    code = "internal_error"
+
+
+class NotConfiguredError(UpstreamError):
+    """This worker has no settings for the job's provider: another worker may have."""
+
+    code = "provider_not_configured"
+
+
+#: The last poll is scheduled this long after the deadline, so it falls past it.
+DEADLINE_EPSILON_S = 0.05
+#: Upstream states that map onto job states while the job is still pending.
+PENDING_JOB_STATES = {
+    "waiting": JobState.SUBMITTED,
+    "queuing": JobState.SUBMITTED,
+    "generating": JobState.RUNNING,
+}
+_RANK = {JobState.QUEUED: 0, JobState.SUBMITTED: 1, JobState.RUNNING: 2}
+#: What :func:`poll_step` answers when it asked recordInfo.
+POLLED = frozenset({"succeeded", "failed", "pending", "poll_error", "timeout"})
+
+
+def poll_step(svc: Services, job_id: str, token: int) -> str:
+    """One step of the poll policy; returns what happened (for logs and tests).
+
+    Every line logged during the step carries the job's fields (:mod:`worker.logs`).
+    """
+    with job_context(job_id):
+        return _poll_step(svc, job_id, token)
+
+
+def _poll_step(svc: Services, job_id: str, token: int) -> str:
+    status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    if job is None:
+        return status
+    task_id = job.record.upstream_task_id
+    note(upstream_task_id=task_id, attempt=job.record.submit_attempts or None)
+    if not task_id:
+        svc.store.park(job, 0.0)  # not accepted yet: the schedule submits it
+        return "no_task"
+    if job.relay_results:
+        # The relay answered with the images themselves (written with the acceptance):
+        # there is nothing to ask it. A relay's own task id may look like ours.
+        finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=job.relay_results)
+        return "succeeded"
+    polls = svc.store.increment(job_id, "polls")
+    if polls is None:
+        return "finished"
+    try:
+        svc = svc.for_provider(job.record.provider)
+    except ProviderNotConfigured as exc:
+        return _after_error(svc, job, NotConfiguredError(str(exc)), _next_delay(svc, polls))
+    next_delay = _next_delay(svc, polls)
+    started = time.monotonic()
+    try:
+        info = svc.status_client().record_info(task_id)
+        note(upstream_code="200")
+        _count_request(svc, "200", started)
+        return apply_task_info(svc, job, info, next_delay)
+    except UpstreamError as exc:
+        note(upstream_code=exc.fail_code)
+        _count_request(svc, exc.fail_code, started)
+        return _after_error(svc, job, exc, next_delay)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # the job comes back by its lease once Redis answers
+    except Exception as exc:
+        # A bug must neither fail a paid job nor keep it from its deadline.
+        logger.exception("job %s: unexpected error while polling", job_id)
+        return _after_error(svc, job, UnexpectedError(f"{type(exc).__name__}: {exc}"), next_delay)
+
+
+def _next_delay(svc: Services, polls: int) -> float:
+    return next_poll_delay(svc.settings, polls, callbacks=svc.profile.calls_back)
+
+
+def _count_request(svc: Services, code: str, started: float) -> None:
+    svc.metrics.count(f"record_info_total:{code}")
+    svc.metrics.observe("record_info_seconds", time.monotonic() - started)
+
+
+def deadline_at(svc: Services, job: Job) -> float:
+    record = job.record
+    return (record.submitted_at or record.created_at) + svc.settings.remix_deadline_s
+
+
+def finish_from_info(svc: Services, job_id: str, info: TaskInfo) -> str | None:
+    """Finish a job on the upstream's final answer (a poll's or a callback's).
+
+    Returns ``succeeded`` or ``failed``, or None when the answer is not final. A job that
+    had already finished is left as it was (a late poll or a second callback).
+    """
+    if info.state == "success":
+        finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=info.result_urls)
+        return "succeeded"
+    if info.state == "fail":
+        redact = svc.redactor.redact
+        code = redact(info.fail_code or "fail")
+        note(upstream_code=code)
+        fail_job(svc, job_id, code, redact(info.fail_msg or "generation failed upstream"))
+        return "failed"
+    return None
+
+
+def apply_task_info(svc: Services, job: Job, info: TaskInfo, next_delay: float) -> str:
+    """Finish the job on a final answer; otherwise record its progress and park it."""
+    finished = finish_from_info(svc, job.job_id, info)
+    if finished is not None:
+        return finished
+    pending = PENDING_JOB_STATES.get(info.state)
+    if pending is None:
+        logger.warning("job %s: unknown upstream state %r, still polling", job.job_id, info.state)
+    moved = pending if pending and _RANK[pending] > _RANK.get(job.record.state, 3) else None
+    return _park_or_time_out(svc, job, next_delay, moved)
+
+
+def _after_error(svc: Services, job: Job, exc: UpstreamError, next_delay: float) -> str:
+    message = svc.redactor.redact(exc.message or type(exc).__name__)
+    logger.warning("job %s: recordInfo %s: %s; polling again", job.job_id, exc.fail_code, message)
+    delay = poll_error_delay(next_delay, exc.retry_after, svc.settings)
+    last_error = {"code": exc.fail_code, "msg": message}
+    return _park_or_time_out(svc, job, delay, None, last_error)
+
+
+def _park_or_time_out(
+    svc: Services,
+    job: Job,
+    delay: float,
+    state: JobState | None,
+    last_error: dict[str, str] | None = None,
+) -> str:
+    now = svc.clock.now()
+    until_deadline = deadline_at(svc, job) - now
+    if until_deadline <= 0:
+        message = f"not finished upstream within {svc.settings.remix_deadline_s:g}s"
+        last = last_error or job.last_error
+        if last:
+            message += f"; last recordInfo error: {last.get('code')}: {last.get('msg')}"
+        fail_job(svc, job.job_id, "timeout", message)
+        return "timeout"
+    fields = {LAST_ERROR_FIELD: last_error} if last_error else {}
+    parked = svc.store.park(job, min(delay, until_deadline + DEADLINE_EPSILON_S), state, **fields)
+    if parked and state is not None:
+        # The one line of this state change (the others: accept and finish_job).
+        logger.info(
+            "job %s %s", job.job_id, state.value, extra=job_fields(job.job_id, state=state.value)
+        )
+    return "pending" if last_error is None else "poll_error"

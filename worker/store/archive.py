@@ -1,0 +1,185 @@
+"""Archiving in Redis: the archive schedule, its tokens and leases, the outcomes.
+
+With ``REMIX_ARCHIVE_URL`` set, the script that finishes a job (``update.lua``) gives a
+job that succeeded ``archive = {state: pending}`` and an entry in the archive schedule
+(``keys.ARCHIVE_SCHEDULE``, scored by when its next try is due), so no succeeded job's
+archiving can be forgotten, whatever happens to the broker or a worker afterwards. Its
+completion webhook, if any, is *not* scheduled then: it waits for archiving to end, so
+the record it carries already says where the images are.
+
+From there the design is the completion webhooks' (:mod:`worker.store.notify`): the
+dispatcher thread claims due entries (``claim_archive.lua``), which gives each a new
+token and a lease (growing with the images, :func:`archive_lease_per_image_s`), and
+publishes one ``remix.archive`` message per job on queue ``archive``. A step that
+records no outcome within its lease (its message was lost, its worker killed) is due
+again and sent again; only the message carrying the latest token may act, so a stale
+copy is dropped. Archive steps in flight count in the webhooks' fleet-wide limit: both
+together hold at most half of the fleet's worker slots, so slow result hosts never starve
+the submit and poll steps.
+
+Outcomes are written by ``archive_end.lua``: after the job finished, ``update.lua``
+refuses every write; this script writes only ``archive``, ``archived`` and the internal
+``_archive_*`` fields, never the job's state or results, and when archiving ends (done
+or given up) it makes the job's webhook due in the same step. An outcome retires its
+token (a second copy of the message, say one the broker delivered again, records
+nothing), and an archive that ended never changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis
+
+from worker import keys
+from worker.lua import load_script
+from worker.models import Archive, ArchivedImage, JobRecord
+from worker.settings import Settings
+from worker.store.jobs import SEND_MARGIN_S, decode_text, read_record
+from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+
+#: The entry's token: only the message carrying the latest one may archive.
+ARCHIVE_TOKEN_FIELD = "_archive_token"
+#: At most this many entries claimed per round trip.
+ARCHIVE_CLAIM_LIMIT = 100
+#: A step's lease, per result image: its download's deadline plus this for writing it.
+STORE_WRITE_S = 60.0
+#: And for the Redis work around the step.
+ARCHIVE_LEASE_MARGIN_S = 30.0
+#: Longest pause of an entry held back by the fleet-wide limit (see ``claim_archive.lua``).
+ARCHIVE_HOLD_MAX_S = 10.0
+
+
+def archive_lease_per_image_s(settings: Settings) -> float:
+    """How much longer a step's lease is per result image (``claim_archive.lua`` adds
+    :data:`ARCHIVE_LEASE_MARGIN_S`): one download, then one write to the archive."""
+    return settings.remix_archive_timeout_s + STORE_WRITE_S
+
+
+@dataclass(frozen=True)
+class ArchiveDispatch:
+    """An entry handed out by the schedule: archive the job with this token."""
+
+    job_id: str
+    token: int
+    #: Sent again because its previous message or step was lost.
+    resent: bool = False
+
+
+@dataclass(frozen=True)
+class ArchiveTarget:
+    """What one step needs: the public record now and the current token."""
+
+    record: JobRecord
+    token: int
+
+
+class ArchiveSchedule:
+    """Claims due archiving, reads what a step needs and records outcomes.
+
+    Parameters:
+        client: a redis-py client for the result backend's database (job records).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._claim = load_script(client, "claim_archive")
+        self._end = load_script(client, "archive_end")
+
+    def claim(
+        self,
+        limit: int,
+        settings: Settings,
+        *,
+        oldest_waiting: float | None = None,
+        fleet_slots: int | None = None,
+    ) -> list[ArchiveDispatch]:
+        """Up to ``limit`` due entries, each with a new token and a lease.
+
+        ``oldest_waiting``: send time of the archive queue's oldest waiting message (None
+        when it is empty); ``fleet_slots``: the fleet's worker slots, of which archive
+        steps and webhooks together hold at most half (None: no fleet-wide limit); see
+        ``claim_archive.lua``.
+        """
+        args = [
+            keys.JOB_PREFIX,
+            limit,
+            archive_lease_per_image_s(settings),
+            "" if oldest_waiting is None else repr(oldest_waiting),
+            SEND_MARGIN_S,
+            ARCHIVE_LEASE_MARGIN_S,
+            most_in_fleet(fleet_slots),
+            HOLD_FIRST_S,
+            ARCHIVE_HOLD_MAX_S,
+        ]
+        in_flight = [keys.ARCHIVE_IN_FLIGHT, keys.NOTIFY_IN_FLIGHT]
+        flat = self._claim(keys=[keys.ARCHIVE_SCHEDULE, *in_flight], args=args)
+        return [
+            ArchiveDispatch(
+                job_id=decode_text(flat[i]),
+                token=int(flat[i + 1]),
+                resent=decode_text(flat[i + 2]) == "1",
+            )
+            for i in range(0, len(flat), 3)
+        ]
+
+    def due_now(self, items: list[ArchiveDispatch]) -> None:
+        """Make claimed entries due at once: their messages never left (broker refused)."""
+        if items:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.ARCHIVE_SCHEDULE, {item.job_id: 0 for item in items}, xx=True)
+            pipe.zrem(keys.ARCHIVE_IN_FLIGHT, *(item.job_id for item in items))
+            pipe.execute()
+
+    def target(self, job_id: str) -> ArchiveTarget | None:
+        """The job's public record and archive token (None: no such job)."""
+        found = read_record(self.redis, job_id)
+        if found is None:
+            return None
+        record, fields = found
+        return ArchiveTarget(record=record, token=int(fields.get(ARCHIVE_TOKEN_FIELD) or 0))
+
+    def end(
+        self,
+        job_id: str,
+        token: int,
+        outcome: str,
+        archive: Archive | None = None,
+        archived: list[ArchivedImage] | None = None,
+        retry_in: float = 0.0,
+    ) -> str:
+        """Record a step's ``outcome`` (see ``archive_end.lua`` for it and the answer)."""
+        entries = "" if archived is None else json.dumps([a.model_dump() for a in archived])
+        args = [
+            job_id,
+            token,
+            outcome,
+            "" if archive is None else archive.model_dump_json(),
+            entries,
+            max(0.0, retry_in),
+        ]
+        job_keys = [
+            keys.job(job_id),
+            keys.ARCHIVE_SCHEDULE,
+            keys.NOTIFY_SCHEDULE,
+            keys.ARCHIVE_IN_FLIGHT,
+        ]
+        return decode_text(self._end(keys=job_keys, args=args))
+
+    def due(self, job_id: str) -> float | None:
+        """When the job's next archiving try is due (None when none is scheduled)."""
+        score = self.redis.zscore(keys.ARCHIVE_SCHEDULE, job_id)
+        return None if score is None else float(score)
+
+    def size(self) -> int:
+        """Jobs whose archiving has not ended yet."""
+        return int(self.redis.zcard(keys.ARCHIVE_SCHEDULE))
+
+
+_schedules = PerClient(ArchiveSchedule)
+
+
+def archive_schedule(svc: HasJobStore) -> ArchiveSchedule:
+    """The archive schedule on ``svc``'s job records (built once per Redis client)."""
+    return _schedules.get(svc.store.redis)

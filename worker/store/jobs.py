@@ -1,0 +1,616 @@
+"""Job records and the schedule, in the result backend's Redis.
+
+One hash per job (``remixq:job:<id>``), each field JSON-encoded, with a TTL; the public
+:class:`~worker.models.JobRecord` fields plus internal ones (prefixed ``_``). Every unfinished
+job is also a member of the *schedule*, a sorted set scored by when its next step is due
+(on the Redis server's clock). Every write goes through a Lua script in ``worker/lua`` so
+that it is atomic and so that:
+
+* the state only moves forward (``queued -> submitted -> running -> finished``) and a
+  finished job never changes its state or results;
+* only the message carrying a job's latest *dispatch token* acts on it, so a stale or
+  duplicated message is dropped (see :mod:`worker.fleet.dispatcher`);
+* a createTask *attempt* is opened before the request is sent and closed with its
+  outcome, so at most one is in flight per job and a lost answer is counted, not hidden.
+
+The scripts are the storage detail; which update to make and when is the policy's
+(:mod:`worker.policies.submit` and :mod:`worker.policies.poll`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.lua import load_script
+from worker.models import PROVIDER, JobRecord, JobState, upstream_model
+
+REQUEST_FIELD = "_request"
+DISPATCH_FIELD = "_dispatch"
+ATTEMPT_FIELD = "_attempt"
+SLOT_FIELD = "_slot"
+#: The job's spend reservation not yet used by an attempt: ``{"id": member, "at": moment}``.
+SPEND_FIELD = "_spend"
+RETRIES_FIELD = "_retries"
+HOLDS_FIELD = "_holds"
+LAST_ERROR_FIELD = "_last_error"
+REFUSED_402_FIELD = "_refused_402"
+NOTIFY_URL_FIELD = "_notify_url"
+#: The images a relay answered at once, kept until the job has finished with them.
+RELAY_RESULTS_FIELD = "_relay_results"
+#: Source files already uploaded for the job: ``{blob id: {"url": ..., "uploaded_at": ...}}``.
+UPLOADS_FIELD = "_uploads"
+#: What a cancelled job's ``fail_msg`` says.
+CANCELLED_MESSAGE = "cancelled before it was sent upstream"
+
+_RECORD_FIELDS = frozenset(JobRecord.model_fields)
+#: A message may be sent this long after its job was handed out (a publish that retried).
+SEND_MARGIN_S = 5.0
+#: Jobs of the schedule read per call when looking for stranded jobs after an outage.
+STRANDED_PAGE = 1000
+
+
+def _queue_heads(oldest_waiting: dict[str, float] | None) -> list[str]:
+    """The submit and poll queues' oldest waiting send times as script arguments ('' for an
+    empty queue), as ``claim_due.lua`` and ``resend_stranded.lua`` take them."""
+    waiting = oldest_waiting or {}
+    return [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
+
+
+def _encode(fields: dict[str, Any]) -> list[str]:
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat += [name, json.dumps(value.value if isinstance(value, JobState) else value)]
+    return flat
+
+
+def decode_text(value: Any) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_fields(raw: dict[Any, Any] | Sequence[Any]) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        pairs = list(zip(raw[0::2], raw[1::2], strict=True))
+    return {decode_text(k): json.loads(v) for k, v in pairs}
+
+
+def _record_from(fields: dict[str, Any]) -> JobRecord:
+    return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
+
+
+def read_record(client: redis.Redis, job_id: str) -> tuple[JobRecord, dict[str, Any]] | None:
+    """The public record and every field (internal ones too, decoded); None: no such job."""
+    raw = client.hgetall(keys.job(job_id))
+    if not raw:
+        return None
+    fields = _decode_fields(raw)
+    return _record_from(fields), fields
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as one step sees it: the public record and the internal fields it needs."""
+
+    record: JobRecord
+    token: int
+    request: Any
+    attempt: str | None
+    slot: float | None
+    spend: dict[str, Any] | None
+    retries: int
+    holds: int
+    last_error: dict[str, Any] | None
+    refused_402: int
+    uploads: dict[str, Any]
+    #: The images a relay answered at once (``RELAY_RESULTS_FIELD``), if it did.
+    relay_results: list[str]
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Job:
+        return cls(
+            record=_record_from(fields),
+            token=int(fields.get(DISPATCH_FIELD) or 0),
+            request=fields.get(REQUEST_FIELD),
+            attempt=fields.get(ATTEMPT_FIELD),
+            slot=fields.get(SLOT_FIELD),
+            spend=fields.get(SPEND_FIELD),
+            retries=int(fields.get(RETRIES_FIELD) or 0),
+            holds=int(fields.get(HOLDS_FIELD) or 0),
+            last_error=fields.get(LAST_ERROR_FIELD),
+            refused_402=int(fields.get(REFUSED_402_FIELD) or 0),
+            uploads=dict(fields.get(UPLOADS_FIELD) or {}),
+            relay_results=[str(url) for url in fields.get(RELAY_RESULTS_FIELD) or []],
+        )
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create with :meth:`JobStore.create_many`."""
+
+    job_id: str
+    request: Any
+    idempotency_key: str | None = None
+    notify_url: str | None = None
+    provider: str = PROVIDER
+    #: The job this one replays (``remixq retry``).
+    retry_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job handed out by the schedule: send its next step with this token."""
+
+    job_id: str
+    token: int
+    phase: str  # "submit" or "poll"
+    request: Any
+    due: float
+    #: Sent again because the job's previous step was lost (its message, or its worker).
+    resent: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """The answer to :meth:`JobStore.begin_attempt`.
+
+    ``status``: ``ok`` (send now), ``accepted`` (the job already has its task),
+    ``open`` (another attempt may still be in flight; ``settles_in`` seconds left),
+    ``await_callback`` (an earlier attempt's outcome is unknown and its callback may still
+    come; ``settles_in`` seconds left), ``finished`` or ``missing``. ``counted_unknown``:
+    an earlier attempt was just found never to have recorded its outcome. ``spend``: the
+    spend reservation the opened attempt consumed (``{"id", "at"}``), if any.
+    """
+
+    status: str
+    counted_unknown: bool = False
+    settles_in: float = 0.0
+    spend: dict[str, Any] | None = None
+
+
+class JobStore:
+    """Reads and writes job records and the schedule.
+
+    Parameters:
+        client: a redis-py client for the result backend's database.
+        ttl_s: how long a record (and an idempotency key) lives after its last write.
+        archive: a job that succeeds is put in the archive schedule (``REMIX_ARCHIVE_URL``).
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int, archive: bool = False) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self.archive = archive
+        database = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        #: Where the id of each job that finishes is published (see ``keys.finished_channel``).
+        self.finished_channel = keys.finished_channel(database)
+        self._create = load_script(client, "create")
+        self._claim_due = load_script(client, "claim_due")
+        self._begin = load_script(client, "begin")
+        self._update = load_script(client, "update")
+        self._attempt_begin = load_script(client, "attempt_begin")
+        self._attempt_end = load_script(client, "attempt_end")
+        self._accept = load_script(client, "accept")
+        self._increment = load_script(client, "increment")
+        self._release_held = load_script(client, "release_held")
+        self._due_now = load_script(client, "due_now")
+        self._resend_stranded = load_script(client, "resend_stranded")
+        self._cancel = load_script(client, "cancel")
+        self._claim = load_script(client, "claim")
+        self._release = load_script(client, "release")
+
+    # ------------------------------------------------------------------ creating, reading
+
+    def create(
+        self,
+        job_id: str,
+        request: Any,
+        *,
+        due_in: float,
+        idempotency_key: str | None = None,
+        provider: str = PROVIDER,
+        notify_url: str | None = None,
+        retry_of: str | None = None,
+    ) -> tuple[str, bool]:
+        """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
+
+        Returns ``(owner_job_id, created)``: with an ``idempotency_key`` seen before,
+        nothing is written and the earlier job's id comes back; ``created`` is False
+        whenever no new record was written (also when ``job_id`` already exists).
+        """
+        job = NewJob(job_id, request, idempotency_key, notify_url, provider, retry_of)
+        owner, created = self._create(*self._create_call(job, due_in))
+        return decode_text(owner), bool(created)
+
+    def create_many(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        due_in: float,
+        check: Callable[[list[str | None]], None] | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Create many ``queued`` records in one transaction: all of them, or none.
+
+        ``check`` gets, for each job, the id of the job its idempotency key already names
+        (None when it names none) and may raise to write nothing. The keys are WATCHed
+        from that read to the write, so no other producer takes one in between. Returns
+        ``(owner_job_id, created)`` per job, as :meth:`create` does.
+        """
+        idem_keys = [
+            keys.idempotency(j.idempotency_key) for j in jobs if j.idempotency_key is not None
+        ]
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    owners = self._watch_owners(pipe, jobs, idem_keys)
+                    if check is not None:
+                        check(owners)
+                    pipe.multi()
+                    for job in jobs:
+                        self._create(*self._create_call(job, due_in), client=pipe)
+                    replies = pipe.execute()
+                except redis.WatchError:
+                    continue
+                return [(decode_text(owner), bool(created)) for owner, created in replies]
+
+    @staticmethod
+    def _watch_owners(pipe: Any, jobs: Sequence[NewJob], idem_keys: list[str]) -> list[str | None]:
+        if not idem_keys:
+            return [None] * len(jobs)
+        pipe.watch(*idem_keys)
+        found = iter(pipe.mget(idem_keys))
+        owners: list[str | None] = []
+        for job in jobs:
+            raw = None if job.idempotency_key is None else next(found)
+            owners.append(None if raw is None else decode_text(raw))
+        return owners
+
+    def _create_call(self, job: NewJob, due_in: float) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``create.lua`` for one job."""
+        record = JobRecord(
+            job_id=job.job_id,
+            state=JobState.QUEUED,
+            provider=job.provider,
+            model=upstream_model(job.provider, job.request),
+            created_at=0,
+            retry_of=job.retry_of,
+        )
+        fields = record.model_dump(mode="json", exclude={"created_at"})
+        fields[REQUEST_FIELD] = job.request
+        if job.notify_url is not None:
+            fields[NOTIFY_URL_FIELD] = job.notify_url
+        job_keys = [keys.job(job.job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
+        if job.idempotency_key is not None:
+            job_keys.append(keys.idempotency(job.idempotency_key))
+        return job_keys, [job.job_id, self.ttl_s, due_in, *_encode(fields)]
+
+    def idempotency_owner(self, key: str) -> str | None:
+        """The id of the job ``key`` already names, if any (what ``create`` would answer)."""
+        owner = self.redis.get(keys.idempotency(key))
+        return None if owner is None else decode_text(owner)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The public record, or None when there is no such job (or it expired)."""
+        raw = self.redis.hgetall(keys.job(job_id))
+        return _record_from(_decode_fields(raw)) if raw else None
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """The records of many jobs in one round trip (None for the missing ones)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [_record_from(_decode_fields(raw)) if raw else None for raw in pipe.execute()]
+
+    def get_internal(self, job_id: str, name: str) -> Any:
+        """One internal field (``_last_error`` ...), decoded; None when absent."""
+        raw = self.redis.hget(keys.job(job_id), name)
+        return None if raw is None else json.loads(raw)
+
+    def states(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The state of each job (None when missing), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "state")
+        return [None if raw is None else json.loads(raw) for raw in pipe.execute()]
+
+    def job_for_task(self, task_id: str) -> str | None:
+        """The job an upstream task was recorded for (one read), None when none was."""
+        raw = self.redis.get(keys.task(task_id))
+        return None if raw is None else decode_text(raw)
+
+    def task_of(self, job_id: str) -> tuple[bool, str | None]:
+        """``(the job exists, its upstream task id)`` in one small read (hot in callbacks)."""
+        state, task = self.redis.hmget(keys.job(job_id), ["state", "upstream_task_id"])
+        return state is not None, None if task is None else json.loads(task)
+
+    def claim(self, key: str, token: str, ttl_s: int) -> bool:
+        """Take ``key`` for the holder of ``token`` for ``ttl_s`` seconds, unless another
+        holder has it (a callback's signature: one delivery acts on it)."""
+        return bool(self._claim(keys=[key], args=[token, ttl_s]))
+
+    def release(self, key: str, token: str) -> bool:
+        """Give back ``key`` if ``token`` still holds it; whether it was given back."""
+        return bool(self._release(keys=[key], args=[token]))
+
+    def list_by_state(
+        self, state: JobState, limit: int, after: tuple[float, str] | None = None
+    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """One page of the jobs in ``state``, oldest first, and the cursor of the next page.
+
+        ``after`` is the ``(created_at, job_id)`` of the last job of the previous page. A
+        page costs O(``limit``): the state's index is read from the cursor on; entries of
+        expired records are dropped from the index as they are met.
+        """
+        index = keys.state_index(state)
+        records: list[JobRecord] = []
+        position = after
+        while True:
+            entries = self._index_after(index, position, limit - len(records) + 1)
+            if not entries:
+                return records, None
+            found = self.get_many([job_id for _, job_id in entries])
+            pairs = zip(entries, found, strict=True)
+            gone = [job_id for (_, job_id), record in pairs if record is None]
+            if gone:
+                self.redis.zrem(index, *gone)
+            for entry, record in zip(entries, found, strict=True):
+                if record is None or record.state is not state:
+                    position = entry  # expired, or moved on between the two reads
+                    continue
+                if len(records) == limit:
+                    return records, position
+                records.append(record)
+                position = entry
+
+    def _index_after(
+        self, index: str, after: tuple[float, str] | None, count: int
+    ) -> list[tuple[float, str]]:
+        """Up to ``count`` index entries ``(score, job_id)`` strictly after ``after``."""
+        low = "-inf" if after is None else repr(after[0])
+        raw: list[Any] = self.redis.zrangebyscore(
+            index, low, "+inf", 0, count + 50, withscores=True
+        )
+        entries = [(float(pair[1]), decode_text(pair[0])) for pair in raw]
+        return [e for e in entries if after is None or e > after][:count]
+
+    def prune_indexes(self, older_than_s: float) -> int:
+        """Drop index entries of jobs created more than ``older_than_s`` ago (their records
+        have expired); returns how many were dropped."""
+        cutoff = self.redis.time()
+        bound = cutoff[0] + cutoff[1] / 1e6 - older_than_s
+        pipe = self.redis.pipeline(transaction=False)
+        for index in keys.state_indexes():
+            pipe.zremrangebyscore(index, "-inf", bound)
+        return sum(int(n) for n in pipe.execute())
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs each state's index holds (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for index in keys.state_indexes():
+            pipe.zcard(index)
+        return dict(zip(keys.STATES, map(int, pipe.execute()), strict=True))
+
+    # ------------------------------------------------------------------ the schedule
+
+    def claim_due(
+        self, limit: int, lease_s: float, *, oldest_waiting: dict[str, float] | None = None
+    ) -> list[Dispatch]:
+        """Up to ``limit`` due jobs, each with a new dispatch token and a lease.
+
+        ``oldest_waiting``: queue name -> send time of its oldest waiting message, for the
+        queues that hold any; a job whose latest message may still be waiting there is
+        left to it (see ``claim_due.lua``).
+        """
+        args = [keys.JOB_PREFIX, limit, lease_s, *_queue_heads(oldest_waiting), SEND_MARGIN_S]
+        flat = self._claim_due(keys=[keys.SCHEDULE], args=args)
+        claimed = []
+        for i in range(0, len(flat), 6):
+            request = decode_text(flat[i + 3])
+            claimed.append(
+                Dispatch(
+                    job_id=decode_text(flat[i]),
+                    token=int(flat[i + 1]),
+                    phase=decode_text(flat[i + 2]),
+                    request=json.loads(request) if request else None,
+                    due=float(flat[i + 4]),
+                    resent=decode_text(flat[i + 5]) == "1",
+                )
+            )
+        return claimed
+
+    def due_now(self, job_ids: Iterable[str]) -> int:
+        """Make jobs of the schedule due at once: no message of theirs is on its way."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        return int(self._due_now(keys=[keys.SCHEDULE], args=[keys.JOB_PREFIX, *ids]))
+
+    def resend_stranded(
+        self,
+        lease_s: float,
+        *,
+        handed_out_before: float | None = None,
+        oldest_waiting: dict[str, float] | None = None,
+        page: int = STRANDED_PAGE,
+    ) -> int:
+        """After an outage: make due at once the jobs whose message was handed out before
+        ``handed_out_before`` (fleet clock; None: now), has not begun and cannot still be
+        waiting in its queue; returns how many (see ``resend_stranded.lua``)."""
+        before = "" if handed_out_before is None else repr(handed_out_before)
+        args = [keys.JOB_PREFIX, lease_s, before, *_queue_heads(oldest_waiting), SEND_MARGIN_S]
+        made_due = skip = 0
+        while True:
+            due, read = self._resend_stranded(keys=[keys.SCHEDULE], args=[*args, skip, page])
+            made_due += int(due)
+            skip += int(read) - int(due)
+            if int(read) < page:
+                return made_due
+
+    def server_run_id(self) -> str | None:
+        """The job store server's run id: it changes when the server restarts or fails over
+        (and may then have lost its last writes). None where the server does not tell
+        (``INFO`` disabled or renamed, as some hosted services do)."""
+        try:
+            run_id = self.redis.info("server").get("run_id")
+        except redis.ResponseError:
+            return None
+        return str(run_id) if run_id else None
+
+    def scheduled(self, job_id: str) -> float | None:
+        """When the job's next step is due (None when it is not in the schedule)."""
+        score = self.redis.zscore(keys.SCHEDULE, job_id)
+        return None if score is None else float(score)
+
+    def schedule_size(self) -> int:
+        return int(self.redis.zcard(keys.SCHEDULE))
+
+    # ------------------------------------------------------------------ steps
+
+    def begin(self, job_id: str, token: int, lease_s: float) -> tuple[str, Job | None]:
+        """Start a step with ``token``: ``("ok", job)``, or ``(reason, None)``.
+
+        Reasons: ``missing``, ``finished``, ``stale`` (a newer message owns the job).
+        """
+        reply = self._begin(
+            keys=[keys.job(job_id), keys.SCHEDULE], args=[job_id, token, lease_s, self.ttl_s]
+        )
+        status = decode_text(reply[0])
+        if status != "ok":
+            return status, None
+        return status, Job.from_fields(_decode_fields(reply[1:]))
+
+    def update(
+        self,
+        job_id: str,
+        state: JobState | None = None,
+        *,
+        token: int | None = None,
+        due_in: float | None = None,
+        **fields: Any,
+    ) -> int:
+        """Write ``fields`` (and move to ``state``); see ``update.lua`` for the answer."""
+        args: list[Any] = [
+            job_id,
+            self.ttl_s,
+            state.value if state else "",
+            "" if token is None else token,
+            "" if due_in is None else max(0.0, due_in),
+            self.finished_channel,
+            "1" if self.archive else "",
+            *_encode(fields),
+        ]
+        return int(self._update(keys=self._finishing_keys(job_id), args=args))
+
+    @staticmethod
+    def _finishing_keys(job_id: str) -> list[str]:
+        return [
+            keys.job(job_id),
+            keys.SCHEDULE,
+            *keys.state_indexes(),
+            keys.NOTIFY_SCHEDULE,
+            keys.ARCHIVE_SCHEDULE,
+        ]
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job never sent upstream; see ``cancel.lua`` for the answers."""
+        args = [job_id, self.ttl_s, self.finished_channel, json.dumps(CANCELLED_MESSAGE)]
+        return decode_text(self._cancel(keys=self._finishing_keys(job_id), args=args))
+
+    def park(self, job: Job, due_in: float, state: JobState | None = None, **fields: Any) -> bool:
+        """Schedule the job's next step in ``due_in`` seconds (if ``job``'s token is current)."""
+        return self.update(job.job_id, state, token=job.token, due_in=due_in, **fields) == 1
+
+    def finish(self, job_id: str, state: JobState, **fields: Any) -> bool:
+        """Move a job to a final state; False (nothing changed) when it had finished."""
+        return self.update(job_id, state, **fields) == 1
+
+    def set_internal(self, job_id: str, name: str, value: Any) -> bool:
+        """Write one internal field unless the job has finished."""
+        return self.update(job_id, None, **{name: value}) == 1
+
+    def increment(self, job_id: str, field: str, amount: int = 1) -> int | None:
+        """Add to a counter of an unfinished job; None when it is missing or finished."""
+        value = self._increment(keys=[keys.job(job_id)], args=[field, amount, self.ttl_s])
+        return None if value is None else int(value)
+
+    # ------------------------------------------------------------------ createTask attempts
+
+    @staticmethod
+    def new_attempt_id() -> str:
+        return uuid.uuid4().hex
+
+    def begin_attempt(
+        self,
+        job_id: str,
+        attempt_id: str,
+        settle_s: float,
+        *,
+        settle_only: bool = False,
+        callback_wait_s: float = 0.0,
+    ) -> AttemptStart:
+        """Open an attempt before createTask is sent (see ``attempt_begin.lua``).
+
+        With ``settle_only`` nothing is opened: an earlier attempt that has settled is
+        closed as unknown, and ``ok`` means that none is open any more. With a
+        ``callback_wait_s``, no attempt opens within that time after an unknown outcome.
+        """
+        mode = "settle" if settle_only else "open"
+        reply = self._attempt_begin(
+            keys=[keys.job(job_id)],
+            args=[attempt_id, settle_s, self.ttl_s, mode, callback_wait_s],
+        )
+        status = decode_text(reply[0])
+        if status == "ok":
+            spend = json.loads(reply[2]) if len(reply) > 2 else None
+            return AttemptStart(status, counted_unknown=int(reply[1]) == 1, spend=spend)
+        if status == "open":
+            return AttemptStart(status, settles_in=float(reply[1]))
+        if status == "await_callback":
+            return AttemptStart(
+                status, counted_unknown=int(reply[2]) == 1, settles_in=float(reply[1])
+            )
+        return AttemptStart(status)
+
+    def end_attempt(self, job_id: str, attempt_id: str, *, unknown: bool, **fields: Any) -> bool:
+        """Close an attempt that created no known task; True when it was open and ours."""
+        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *_encode(fields)]
+        return int(self._attempt_end(keys=[keys.job(job_id)], args=args)) == 1
+
+    def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
+        """Record an accepted upstream task (see ``accept.lua`` for the answers)."""
+        args = [job_id, attempt_id, task_id, poll_in, self.ttl_s]
+        job_keys = [
+            keys.job(job_id),
+            keys.SCHEDULE,
+            keys.task(task_id),
+            keys.state_index(JobState.QUEUED),
+            keys.state_index(JobState.SUBMITTED),
+        ]
+        return decode_text(self._accept(keys=job_keys, args=args))
+
+    # ------------------------------------------------------------------ jobs held by a pause
+
+    def hold(self, api_key_id: str, job_id: str) -> None:
+        """Note that the job waits for ``api_key_id`` (its pause, or its budget)."""
+        self.redis.sadd(keys.held(api_key_id), job_id)
+
+    def unhold(self, api_key_id: str, job_id: str) -> None:
+        """The job no longer waits for ``api_key_id`` (it is being sent)."""
+        self.redis.srem(keys.held(api_key_id), job_id)
+
+    def release_held(self, api_key_id: str, spread_s: float) -> int:
+        """Make the jobs held for the key due, spread over ``spread_s`` seconds."""
+        args = [spread_s, keys.JOB_PREFIX]
+        return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=args))

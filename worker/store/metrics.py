@@ -1,0 +1,69 @@
+"""Fleet-wide counters and histograms kept in the broker's Redis.
+
+Workers count here; the HTTP app exports the totals at scrape time (``/metrics``), so
+prefork children need no Prometheus multiprocess mode. See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import redis
+
+from worker import keys
+from worker.store.jobs import decode_text
+
+#: Bucket bounds (seconds) of the upstream request latency histograms.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Bucket bounds (seconds) of the end-to-end job time histogram.
+JOB_TIME_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 3600.0)
+HISTOGRAMS = {
+    "create_task_seconds": LATENCY_BUCKETS,
+    "record_info_seconds": LATENCY_BUCKETS,
+    "job_seconds": JOB_TIME_BUCKETS,
+}
+
+
+class Metrics:
+    """Counters and histograms in the broker's Redis, shared by every process of the fleet.
+
+    Workers count here and the HTTP app exports the totals at scrape time, so prefork
+    worker processes need no Prometheus multiprocess mode. A counter name may carry one
+    label after a colon (``create_task_total:429``). Counting is best effort: a Redis
+    error while counting never costs a job.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        self.redis.hincrby(keys.METRICS, name, amount)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Like :meth:`incr`, but a Redis error is swallowed (for hot paths)."""
+        with contextlib.suppress(redis.RedisError):
+            self.incr(name, amount)
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Add one observation to histogram ``name`` (one of :data:`HISTOGRAMS`)."""
+        bounds = HISTOGRAMS[name]
+        bucket = next((repr(b) for b in bounds if seconds <= b), "+Inf")
+        with contextlib.suppress(redis.RedisError):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(keys.histogram(name), bucket, 1)
+            pipe.hincrbyfloat(keys.histogram(name), "sum", max(0.0, seconds))
+            pipe.hincrby(keys.histogram(name), "count", 1)
+            pipe.execute()
+
+    def read(self) -> dict[str, int]:
+        return {decode_text(k): int(v) for k, v in self.redis.hgetall(keys.METRICS).items()}
+
+    def read_histogram(self, name: str) -> tuple[list[tuple[str, int]], float, int]:
+        """``([(bound, cumulative count), ..., ("+Inf", total)], sum, count)``."""
+        stored = self.redis.hgetall(keys.histogram(name))
+        raw = {decode_text(k): decode_text(v) for k, v in stored.items()}
+        cumulative, buckets = 0, []
+        for bound in [*map(repr, HISTOGRAMS[name]), "+Inf"]:
+            cumulative += int(raw.get(bound, 0))
+            buckets.append((bound, cumulative))
+        return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))

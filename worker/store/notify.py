@@ -1,0 +1,200 @@
+"""Completion webhooks in Redis: the notify schedule, each receiver's limit, the outcomes.
+
+A job enqueued with a ``notify_url`` gets ``notification = {state: pending}`` and an entry
+in the notify schedule (``keys.NOTIFY_SCHEDULE``, scored by when its next delivery is due)
+in the very script that finishes it (``update.lua``, ``cancel.lua``), so no finished job's
+webhook can be forgotten, whatever happens to the broker or to a worker afterwards.
+
+From there the design is the job schedule's (:mod:`worker.fleet.dispatcher`): the dispatcher
+thread claims due webhooks (``claim_notify.lua``), which gives each a new *token* and a
+*lease*, and publishes one ``remix.notify`` message per webhook. A delivery that records
+no outcome within the lease (its message was lost, its worker was killed) is due again
+and sent again, with the same delivery id: delivery is at least once. Only the message
+carrying the latest token may deliver, so a stale copy is dropped.
+
+Deliveries share the workers' slots with the submit and poll steps, so they are limited
+twice. Each receiver (``scheme://host:port``) has a limit of deliveries in flight: one
+while it is new or failing, one more per 2xx answer in a row, up to
+:data:`MOST_IN_FLIGHT_PER_RECEIVER`; a receiver that hangs holds at most one worker slot
+at a time. And all deliveries together hold at most half of the fleet's slots (the
+workers' heartbeats say how many there are), archive steps included (they share the
+limit, :mod:`worker.store.archive`), so however many receivers or result hosts hang,
+the submit and poll steps keep the other half.
+
+Outcomes are written by ``notify_end.lua``: after the job finished, ``update.lua`` refuses
+every write, and this script writes only ``notification`` and the internal webhook
+fields (``_notify_*``), never the job's state or results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.lua import load_script
+from worker.models import JobRecord, Notification
+from worker.settings import Settings
+from worker.store.jobs import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text, read_record
+from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+
+#: The webhook's token: only the message carrying the latest one may deliver.
+NOTIFY_TOKEN_FIELD = "_notify_token"
+#: At most this many webhooks claimed per round trip.
+NOTIFY_CLAIM_LIMIT = 200
+#: A delivery's lease is its total timeout plus this, for the Redis work around it.
+NOTIFY_LEASE_MARGIN_S = 10.0
+#: Most deliveries in flight to one receiver that has been answering 2xx.
+MOST_IN_FLIGHT_PER_RECEIVER = 8
+#: How long a receiver's streak of good answers is remembered after its last delivery.
+RECEIVER_TTL_S = 86400
+
+
+def notify_lease_s(settings: Settings) -> float:
+    """How long one delivery may take before the schedule sends the webhook again."""
+    return settings.remix_notify_timeout_s + NOTIFY_LEASE_MARGIN_S
+
+
+@dataclass(frozen=True)
+class NotifyDispatch:
+    """A webhook handed out by the schedule: deliver it with this token."""
+
+    job_id: str
+    token: int
+    #: ``scheme://host:port`` of the URL, lower case: whose in-flight limit it counts in.
+    receiver: str
+    due: float
+    #: Sent again because its previous message or delivery was lost.
+    resent: bool = False
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """What one delivery needs: the public record now, the URL and the current token."""
+
+    record: JobRecord
+    url: str | None
+    token: int
+
+
+class NotifyStore:
+    """Claims webhooks, reads what a delivery needs and records outcomes.
+
+    Parameters:
+        client: a redis-py client for the result backend's database (job records).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._claim = load_script(client, "claim_notify")
+        self._end = load_script(client, "notify_end")
+        self._unsent = load_script(client, "notify_unsent")
+
+    def claim(
+        self,
+        limit: int,
+        settings: Settings,
+        *,
+        oldest_waiting: float | None = None,
+        fleet_slots: int | None = None,
+    ) -> list[NotifyDispatch]:
+        """Up to ``limit`` due webhooks, each with a new token and a lease.
+
+        ``oldest_waiting``: send time of the notify queue's oldest waiting message (None
+        when it is empty); ``fleet_slots``: the fleet's worker slots (None: no fleet-wide
+        limit); see ``claim_notify.lua``.
+        """
+        args = [
+            keys.JOB_PREFIX,
+            keys.NOTIFY_RECEIVER_PREFIX,
+            keys.NOTIFY_BUSY_PREFIX,
+            limit,
+            notify_lease_s(settings),
+            "" if oldest_waiting is None else repr(oldest_waiting),
+            SEND_MARGIN_S,
+            MOST_IN_FLIGHT_PER_RECEIVER,
+            HOLD_FIRST_S,
+            settings.remix_notify_timeout_s,
+            most_in_fleet(fleet_slots),
+        ]
+        flat = self._claim(
+            keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT, keys.ARCHIVE_IN_FLIGHT], args=args
+        )
+        return [
+            NotifyDispatch(
+                job_id=decode_text(flat[i]),
+                token=int(flat[i + 1]),
+                receiver=decode_text(flat[i + 2]),
+                due=float(flat[i + 3]),
+                resent=decode_text(flat[i + 4]) == "1",
+            )
+            for i in range(0, len(flat), 5)
+        ]
+
+    def unsent(self, items: list[NotifyDispatch]) -> int:
+        """Make claimed webhooks due at once: their messages never left (broker refused)."""
+        if not items:
+            return 0
+        args: list[Any] = [keys.JOB_PREFIX, keys.NOTIFY_BUSY_PREFIX]
+        for item in items:
+            args += [item.job_id, item.token, item.receiver]
+        return int(self._unsent(keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT], args=args))
+
+    def target(self, job_id: str) -> NotifyTarget | None:
+        """The job's public record, webhook URL and webhook token (None: no such job)."""
+        found = read_record(self.redis, job_id)
+        if found is None:
+            return None
+        record, fields = found
+        url = fields.get(NOTIFY_URL_FIELD)
+        return NotifyTarget(
+            record=record,
+            url=url if isinstance(url, str) else None,
+            token=int(fields.get(NOTIFY_TOKEN_FIELD) or 0),
+        )
+
+    def end(
+        self,
+        job_id: str,
+        token: int,
+        receiver: str,
+        outcome: str,
+        notification: Notification | None = None,
+        retry_in: float = 0.0,
+    ) -> str:
+        """Record a delivery's ``outcome`` (see ``notify_end.lua`` for it and the answer)."""
+        args = [
+            job_id,
+            token,
+            outcome,
+            "" if notification is None else notification.model_dump_json(),
+            max(0.0, retry_in),
+            RECEIVER_TTL_S,
+        ]
+        job_keys = [
+            keys.job(job_id),
+            keys.NOTIFY_SCHEDULE,
+            keys.notify_receiver(receiver),
+            keys.notify_busy(receiver),
+            keys.NOTIFY_IN_FLIGHT,
+        ]
+        return decode_text(self._end(keys=job_keys, args=args))
+
+    def due(self, job_id: str) -> float | None:
+        """When the job's webhook is next due (None when none is scheduled)."""
+        score = self.redis.zscore(keys.NOTIFY_SCHEDULE, job_id)
+        return None if score is None else float(score)
+
+    def size(self) -> int:
+        """Webhooks not yet delivered or given up."""
+        return int(self.redis.zcard(keys.NOTIFY_SCHEDULE))
+
+
+_stores = PerClient(NotifyStore)
+
+
+def notify_store(svc: HasJobStore) -> NotifyStore:
+    """The webhook store on ``svc``'s job records (built once per Redis client)."""
+    return _stores.get(svc.store.redis)

@@ -1,0 +1,171 @@
+"""Sending the pipeline's messages by task name, so no module needs to import the tasks.
+
+``remix.submit`` carries the job's request (so Flower shows what the job is) and the
+dispatch token that entitles it to act on the job; its Celery task id is the job id.
+``remix.poll`` carries a batch of jobs, each with its token and due time.
+``remix.notify`` carries one finished job's completion webhook: the job id, the webhook's
+token and its receiver (``scheme://host:port``, never the full URL, which may hold a
+secret of the producer's).
+``remix.archive`` carries one succeeded job whose result images are to be archived: the
+job id and its archive token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from celery import Celery
+
+from worker.store.clock import Clock
+
+T = TypeVar("T")
+#: The upstream a ``remix.submit`` without a ``provider`` argument is for.
+DEFAULT_PROVIDER = "kie"
+SUBMIT_TASK = "remix.submit"
+POLL_TASK = "remix.poll"
+NOTIFY_TASK = "remix.notify"
+ARCHIVE_TASK = "remix.archive"
+SUBMIT_QUEUE = "submit"
+POLL_QUEUE = "poll"
+NOTIFY_QUEUE = "notify"
+ARCHIVE_QUEUE = "archive"
+#: Message header holding when the message was sent (fleet clock), so the dispatcher can
+#: tell whether a job's message may still be waiting behind it.
+SENT_AT_HEADER = "remixq_sent_at"
+#: A publish that fails is tried again this much before the caller hears of it (the
+#: schedule sends the job later in any case).
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
+
+
+class Publisher:
+    """Publishes the pipeline's messages through ``app``'s broker.
+
+    Parameters:
+        app: the Celery app whose broker the messages go to.
+        clock: the fleet's clock, for each message's send time.
+    """
+
+    def __init__(self, app: Celery, clock: Clock) -> None:
+        self.app = app
+        self.clock = clock
+
+    @contextlib.contextmanager
+    def producer(self) -> Iterator[Any]:
+        """One pooled broker producer for several messages."""
+        with self.app.producer_or_acquire() as producer:
+            yield producer
+
+    def send_each(
+        self,
+        items: Sequence[T],
+        send: Callable[[T, Any], None],
+        unsent: Callable[[list[T]], Any],
+    ) -> None:
+        """``send(item, producer)`` for each item over one producer; when the broker
+        refuses, ``unsent(the items not sent)`` runs and the error is raised."""
+        sent = 0
+        try:
+            with self.producer() as producer:
+                for item in items:
+                    send(item, producer)
+                    sent += 1
+        except BaseException:
+            unsent(list(items[sent:]))
+            raise
+
+    def submit(
+        self,
+        job_id: str,
+        request: Any,
+        token: int,
+        *,
+        producer: Any = None,
+        retry: bool = True,
+        provider: str = DEFAULT_PROVIDER,
+    ) -> None:
+        kwargs: dict[str, Any] = {"request": request, "job_id": job_id, "dispatch": token}
+        if provider != DEFAULT_PROVIDER:  # kie.ai's messages stay as they always were
+            kwargs["provider"] = provider
+        self.app.send_task(
+            SUBMIT_TASK,
+            kwargs=kwargs,
+            task_id=job_id,
+            queue=SUBMIT_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=_submit_repr(job_id, request, token),
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+    def poll(
+        self, jobs: Sequence[tuple[str, int, float]], *, producer: Any = None, retry: bool = True
+    ) -> None:
+        self.app.send_task(
+            POLL_TASK,
+            kwargs={"jobs": [list(job) for job in jobs]},
+            queue=POLL_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=poll_repr(jobs),
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+    def notify(
+        self, job_id: str, token: int, receiver: str, *, producer: Any = None, retry: bool = True
+    ) -> None:
+        self.app.send_task(
+            NOTIFY_TASK,
+            kwargs={"job_id": job_id, "dispatch": token, "receiver": receiver},
+            queue=NOTIFY_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+    def archive(self, job_id: str, token: int, *, producer: Any = None, retry: bool = True) -> None:
+        self.app.send_task(
+            ARCHIVE_TASK,
+            kwargs={"job_id": job_id, "dispatch": token},
+            queue=ARCHIVE_QUEUE,
+            producer=producer,
+            retry=retry,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            headers={SENT_AT_HEADER: self.clock.now()},
+        )
+
+
+#: Most characters of the prompt shown with a submit in Flower (whole words, then "…").
+PROMPT_PREVIEW_CHARS = 60
+#: Most job ids a poll names in Flower (a batch holds up to 25; the rest are counted).
+POLL_IDS_SHOWN = 25
+
+
+def _submit_repr(job_id: str, request: Any, token: int) -> str:
+    """What Flower shows of a submit: the job id and the prompt's first words, never the
+    image URLs (a signed URL is a credential) nor anything else of the request."""
+    prompt = request.get("prompt", "") if isinstance(request, dict) else ""
+    return repr({"prompt": prompt_preview(str(prompt)), "job_id": job_id, "dispatch": token})
+
+
+def prompt_preview(prompt: str, limit: int = PROMPT_PREVIEW_CHARS) -> str:
+    """The prompt's first words, at most ``limit`` characters, on one line."""
+    words = " ".join(prompt.split())
+    if len(words) <= limit:
+        return words
+    cut = words[: limit + 1].rsplit(" ", 1)[0] if " " in words[:limit] else words[:limit]
+    return cut.rstrip() + "…"
+
+
+def poll_repr(jobs: Sequence[tuple[str, int, float]]) -> str:
+    """What Flower shows of a poll: the job ids of its batch (Flower's search finds them)."""
+    ids = [job[0] for job in jobs]
+    shown: dict[str, Any] = {"job_ids": ids[:POLL_IDS_SHOWN]}
+    if len(ids) > POLL_IDS_SHOWN:
+        shown["more"] = len(ids) - POLL_IDS_SHOWN
+    return repr(shown)

@@ -1,0 +1,304 @@
+"""HTTP client for the kie.ai market API (``ideogram/character-remix``).
+
+Every answer becomes either parsed data or a typed error from :mod:`worker.upstreams.errors`. The
+code may come as ``code`` in a JSON body or as the HTTP status; when the body is not JSON
+(a proxy's HTML page, a plain-text error) the HTTP status alone decides, so an HTML 429
+still holds the fleet and a plain-text 402 still pauses the key. Every request has a
+total deadline (:mod:`worker.net.deadline`), so no single request outlives the job's lease.
+
+The ``Authorization`` header is only ever set on the session: it is never formatted into
+a message, upstream text is redacted before it is shortened, and transport exceptions
+(whose text may quote a header) are replaced by messages of our own.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.utils
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from pydantic import SecretStr
+
+from worker.net.deadline import deadline, guarded_session
+from worker.redaction import Redactor
+from worker.upstreams.errors import (
+    MAX_RETRY_AFTER_S,
+    BadAnswerError,
+    NetworkError,
+    ServerError,
+    UpstreamError,
+    error_for_code,
+    error_for_exception,
+    excerpt,
+)
+
+MODEL = "ideogram/character-remix"
+CREATE_TASK_PATH = "/api/v1/jobs/createTask"
+RECORD_INFO_PATH = "/api/v1/jobs/recordInfo"
+CREDIT_PATH = "/api/v1/chat/credit"
+SUCCESS_CODE = 200
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What ``recordInfo`` (or a callback) says about one upstream task."""
+
+    task_id: str
+    state: str
+    result_urls: list[str] = field(default_factory=list)
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    create_time: int | None = None
+    complete_time: int | None = None
+    cost_time: int | None = None
+    #: The createTask body as the upstream recorded it (JSON text), when it says.
+    param: str | None = None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date).
+
+    Nonsense (``inf``, ``nan``, garbage) is ignored; the result is at least 0 and at most
+    :data:`~worker.upstreams.errors.MAX_RETRY_AFTER_S`, so no header can stop the fleet for a day.
+    """
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def parse_result_urls(raw: Any) -> list[str]:
+    """``resultJson`` is a JSON *string* holding ``{"resultUrls": [...]}`` (at least one)."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except (ValueError, RecursionError):
+        data = None
+    urls = data.get("resultUrls") if isinstance(data, dict) else None
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise BadAnswerError("success without result URLs in resultJson")
+    return urls
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_task_info(data: Any) -> TaskInfo:
+    """Parse the ``data`` object of a recordInfo answer or of a callback."""
+    if not isinstance(data, dict):
+        raise BadAnswerError("recordInfo data is not an object")
+    task_id = data.get("taskId") or data.get("task_id")
+    state = data.get("state")
+    if not task_id or not isinstance(state, str):
+        raise BadAnswerError("recordInfo data lacks taskId or state")
+    urls = parse_result_urls(data.get("resultJson")) if state == "success" else []
+    return TaskInfo(
+        task_id=str(task_id),
+        state=state,
+        result_urls=urls,
+        fail_code=_optional_str(data.get("failCode")),
+        fail_msg=_optional_str(data.get("failMsg")),
+        create_time=_optional_int(data.get("createTime")),
+        complete_time=_optional_int(data.get("completeTime")),
+        cost_time=_optional_int(data.get("costTime")),
+        param=data.get("param") if isinstance(data.get("param"), str) else None,
+    )
+
+
+def parse_credit(data: Any) -> int:
+    """The ``data`` of a credit answer: a finite number of credits."""
+    if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
+        raise BadAnswerError("credit answer is not a finite number")
+    return int(data)
+
+
+def _read_code(value: Any) -> int | None:
+    """A body's ``code`` as an int: ``429``, ``"429"`` and ``429.0`` alike; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def non_json_error(status: int, text: str, retry_after: float | None) -> UpstreamError:
+    """The error for an answer that is not a JSON object (``text`` already redacted).
+
+    The HTTP status decides; a 200 is a malformed answer, and a 5xx page is a gateway's,
+    which may have passed the request on (ambiguous).
+    """
+    shown = excerpt(text)
+    if status == SUCCESS_CODE:
+        return BadAnswerError(f"answer is not a JSON object: {shown}")
+    message = f"non-JSON answer (HTTP {status}): {shown}"
+    if status >= 500:
+        return ServerError(message, retry_after=retry_after, status=status, ambiguous=True)
+    return error_for_code(status, message, retry_after=retry_after)
+
+
+def error_from_response(
+    status: int, body_text: str, headers: Any, secrets: tuple[str | None, ...] = ()
+) -> tuple[UpstreamError | None, Any]:
+    """Interpret one HTTP answer: ``(error, None)`` or ``(None, data)``.
+
+    Pure function of the response parts, so it is unit-tested with plain data.
+    """
+    redactor = Redactor(secrets)
+    retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
+    try:
+        body = json.loads(body_text)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return non_json_error(status, redactor.redact(body_text), retry_after), None
+    code = _read_code(body.get("code"))
+    if status != SUCCESS_CODE and code in (None, SUCCESS_CODE):
+        code = status
+    if code is None:
+        code = SUCCESS_CODE
+    if code != SUCCESS_CODE:
+        message = excerpt(redactor.redact(str(body.get("msg") or body.get("message") or "")))
+        return error_for_code(code, message, retry_after=retry_after), None
+    return None, body.get("data")
+
+
+def _known_encoding(name: str | None) -> str:
+    """The answer's declared charset when Python knows it, else UTF-8."""
+    if name:
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            pass
+    return "utf-8"
+
+
+Interpret = Callable[[int, str, Any], tuple[UpstreamError | None, Any]]
+
+
+def call_upstream(
+    session: requests.Session,
+    method: str,
+    base_url: str,
+    path: str,
+    timing: tuple[tuple[float, float], float],
+    interpret: Interpret,
+    **kwargs: Any,
+) -> Any:
+    """One request within a total deadline; ``interpret`` (status, text, headers) turns
+    the answer into ``(error, data)``. Returns the data or raises a typed error.
+
+    Shared by every upstream client (kie.ai, its File Upload API, the legacy relay).
+    ``timing`` is ``((connect, read) timeouts, total seconds)``.
+    """
+    where = base_url + path
+    timeout, total = timing
+    try:
+        with deadline(total) as limit:
+            response = session.request(method, where, timeout=timeout, **kwargs)
+            content = response.content
+    except requests.RequestException as exc:
+        if limit.expired:
+            raise _deadline_error(where, total) from None
+        raise error_for_exception(exc, base_url) from None
+    # An answer read in full counts even if the deadline passed meanwhile: for
+    # createTask it holds a task id we must not throw away.
+    text = content.decode(_known_encoding(response.encoding), errors="replace")
+    error, data = interpret(response.status_code, text, response.headers)
+    if error is not None and limit.expired:
+        raise _deadline_error(where, total)  # cut off by the deadline, not a real answer
+    if error is not None:
+        raise error
+    return data
+
+
+def _deadline_error(where: str, total: float) -> NetworkError:
+    return NetworkError(f"no complete answer from {where} in {total:g}s", ambiguous=True)
+
+
+class KieClient:
+    """Blocking client for createTask, recordInfo and the credit balance.
+
+    Parameters:
+        base_url: e.g. ``https://api.kie.ai`` (the sandbox in development).
+        api_key: the bearer token; kept in the session headers only.
+        connect_timeout, read_timeout: seconds for connecting and for each read.
+        request_deadline: seconds for one whole request, answer included.
+        secrets: every secret to redact from upstream text (the key is always included).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 20.0,
+        request_deadline: float = 30.0,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._secrets: tuple[str | None, ...] = (api_key.get_secret_value(), *secrets)
+        self._timeout = (connect_timeout, read_timeout)
+        self._deadline = request_deadline
+        self._session = guarded_session()
+        self._session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        self._session.headers["Accept"] = "application/json"
+
+    def __repr__(self) -> str:
+        return f"KieClient(base_url={self.base_url!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def create_task(self, task_input: dict[str, Any], callback_url: str | None = None) -> str:
+        """Create one generation task; returns the upstream ``taskId``."""
+        payload: dict[str, Any] = {"model": MODEL, "input": task_input}
+        if callback_url:
+            payload["callBackUrl"] = callback_url
+        data = self._call("POST", CREATE_TASK_PATH, json=payload)
+        task_id = data.get("taskId") if isinstance(data, dict) else None
+        if not isinstance(task_id, str | int) or isinstance(task_id, bool) or not str(task_id):
+            raise BadAnswerError("createTask answer lacks data.taskId")
+        return str(task_id)
+
+    def record_info(self, task_id: str) -> TaskInfo:
+        """The current state of an upstream task."""
+        return parse_task_info(self._call("GET", RECORD_INFO_PATH, params={"taskId": task_id}))
+
+    def credit(self) -> int:
+        """The key's remaining credits."""
+        return parse_credit(self._call("GET", CREDIT_PATH))
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return call_upstream(
+            self._session,
+            method,
+            self.base_url,
+            path,
+            (self._timeout, self._deadline),
+            lambda status, text, headers: error_from_response(status, text, headers, self._secrets),
+            **kwargs,
+        )
