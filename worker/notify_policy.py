@@ -284,11 +284,11 @@ class _PublicPeerMixin:
         return sock
 
 
-class _PublicHTTPConnection(_PublicPeerMixin, http._GuardedHTTPConnection):
+class _PublicHTTPConnection(_PublicPeerMixin, http.GuardedHTTPConnection):
     pass
 
 
-class _PublicHTTPSConnection(_PublicPeerMixin, http._GuardedHTTPSConnection):
+class _PublicHTTPSConnection(_PublicPeerMixin, http.GuardedHTTPSConnection):
     pass
 
 
