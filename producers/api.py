@@ -30,14 +30,13 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from worker import cancelling
+from worker import cancelling, outbound
 from worker.blobs import BlobRef, new_ref
 from worker.images import load_image
 from worker.jobstore import NewJob
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
 from worker.runtime import services
-from worker.webhook_urls import check_webhook_url
 
 logger = logging.getLogger("producers")
 
@@ -285,12 +284,21 @@ def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]], provider: str 
 
 
 def check_notify_url(url: str | None, *, allow_private: bool) -> None:
-    """A completion webhook URL must be http(s) and, unless allowed, not private."""
+    """A completion webhook URL must be http(s) and, unless allowed, not private.
+
+    Only the URL as written: a host name is resolved, and its addresses checked, before
+    each delivery (:mod:`worker.outbound`).
+    """
     if url is None:
         return
     try:
-        check_webhook_url(url, allow_private=allow_private)
-    except ValueError as exc:
+        outbound.check_url(url, allow_private=allow_private)
+    except outbound.Refused as exc:
+        raise InvalidRequestError(
+            f"invalid request: notify_url: {exc} (a private, loopback or reserved one; "
+            "set REMIX_NOTIFY_ALLOW_PRIVATE=1 to allow)"
+        ) from None
+    except outbound.OutboundError as exc:
         raise InvalidRequestError(f"invalid request: notify_url: {exc}") from None
 
 

@@ -46,9 +46,9 @@ from worker.models import (
     JobState,
     RemixRequest,
 )
+from worker.outbound import MAX_URL_CHARS
 from worker.runtime import services
 from worker.settings import get_settings
-from worker.webhook_urls import MAX_URL_CHARS
 
 MAX_BATCH = 1000
 DEFAULT_PAGE = 100

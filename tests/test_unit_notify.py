@@ -24,7 +24,6 @@ from worker.notify_policy import (
     webhook_headers,
 )
 from worker.settings import ConfigurationError, load_settings
-from worker.webhook_urls import AddressRefused, check_peer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LINE = {
@@ -90,27 +89,6 @@ def test_without_a_key_no_signature_header_is_sent() -> None:
     headers = webhook_headers(load_settings(), _record(), "1", b"{}")
     assert "X-Remixq-Signature" not in headers
     assert headers["X-Remixq-Delivery"] == delivery_id(_record())
-
-
-@pytest.mark.parametrize(
-    ("address", "allowed"),
-    [
-        ("127.0.0.1", False),
-        ("10.0.0.8", False),
-        ("169.254.169.254", False),
-        ("::1", False),
-        ("::ffff:127.0.0.1", False),
-        ("fe80::1%eth0", False),
-        ("93.184.216.34", True),
-    ],
-)
-def test_the_connected_peer_must_be_public(address: str, allowed: bool) -> None:
-    if allowed:
-        check_peer(address, allow_private=False)
-    else:
-        with pytest.raises(AddressRefused):
-            check_peer(address, allow_private=False)
-    check_peer(address, allow_private=True)
 
 
 @pytest.mark.parametrize(

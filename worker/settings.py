@@ -246,7 +246,8 @@ class Settings(BaseSettings):
     remix_api_tokens: SecretStr | None = None
     #: Signs completion webhooks (``notify_url``); unset: they are sent unsigned.
     remix_notify_hmac_key: SecretStr | None = None
-    #: Allow completion webhooks to private and loopback addresses (tests, internal nets).
+    #: Allow completion webhooks to private and loopback addresses (tests, internal nets);
+    #: off: public addresses only (:mod:`worker.outbound`).
     remix_notify_allow_private: bool = False
     #: Log one JSON object per line (for a log pipeline); off: readable text lines.
     remix_log_json: bool = False
