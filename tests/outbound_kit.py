@@ -6,21 +6,29 @@ differently, as with DNS rebinding) and sees every connection urllib3 tries
 (``urllib3.util.connection.create_connection``): a connection to a public stand-in
 address goes to a local server instead, one to a loopback address goes there, and
 anything else is refused without touching the network. :class:`Recorder` is a real HTTP
-server on 127.0.0.1 that counts its connections and keeps every request's head.
+server on 127.0.0.1 (TLS too, with a :func:`self_signed` certificate) that counts its
+connections and keeps every request's head.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from urllib3.util import connection
 
 #: A public address; a connection to it goes to the local server routed to it.
@@ -122,8 +130,10 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recorder(replies: dict[str, Reply] | None = None) -> Iterator[Recorder]:
-    """Start a :class:`Recorder`; it stops when the block ends."""
+def recorder(
+    replies: dict[str, Reply] | None = None, tls: ssl.SSLContext | None = None
+) -> Iterator[Recorder]:
+    """Start a :class:`Recorder` (speaking TLS with ``tls``); it stops when the block ends."""
     state = Recorder(replies=dict(replies or {}))
     lock = threading.Lock()
 
@@ -160,6 +170,8 @@ def recorder(replies: dict[str, Reply] | None = None) -> Iterator[Recorder]:
             return accepted
 
     server = Server(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -173,3 +185,32 @@ def recorder(replies: dict[str, Reply] | None = None) -> Iterator[Recorder]:
 
 def redirect_to(location: str) -> Reply:
     return (302, {"Location": location}, b"")
+
+
+def self_signed(directory: Path, name: str) -> Path:
+    """A key and a certificate for the DNS name ``name`` (its own issuer), in one PEM file."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = directory / f"{name}.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import requests
 
 from tests.helpers import raw_http_server
-from tests.outbound_kit import PUBLIC, Network, network, recorder, redirect_to
+from tests.outbound_kit import PUBLIC, Network, network, recorder, redirect_to, self_signed
 from tests.webhook_receiver import free_port
 from worker import outbound
 from worker.outbound import (
@@ -102,6 +103,21 @@ def test_a_crafted_url_is_refused_as_written(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://①②⑦.0.0.1/",
+        "http://127。0。0。1/",
+        "http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/",
+        "http://\uff2c\uff2f\uff23\uff21\uff2c\uff28\uff2f\uff33\uff34/",  # fullwidth
+    ],
+)
+def test_a_host_in_another_unicode_form_is_refused_as_written(url: str) -> None:
+    """Such a name is read as its ASCII form (requests refuses to fetch it anyway)."""
+    with pytest.raises(Refused):
+        check_url(url, allow_private=False)
+
+
+@pytest.mark.parametrize(
     "addresses",
     [
         ["127.0.0.1"],
@@ -150,6 +166,31 @@ def test_the_socket_goes_to_the_address_that_was_checked(network: Network) -> No
     assert [seen.headers["host"] for seen in standin.requests] == [
         f"rebind.example:{internal.port}"
     ]
+
+
+def test_tls_checks_the_certificate_against_the_name_not_the_address(
+    network: Network, tmp_path: Path
+) -> None:
+    """The socket goes to 127.0.0.1, but SNI and the certificate check use the name."""
+    names: list[str | None] = []
+
+    def server_name(_sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        names.append(name)
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(self_signed(tmp_path, "cdn.example"))
+    tls.sni_callback = server_name
+    network.answer("cdn.example", ["127.0.0.1"])
+    network.answer("other.example", ["127.0.0.1"])
+    session = outbound.session(guard(network, allow_private=True))
+    with recorder(tls=tls) as server:
+        trusted = str(tmp_path / "cdn.example.pem")
+        response = session.get(f"https://cdn.example:{server.port}/a.png", verify=trusted)
+        with pytest.raises(requests.exceptions.SSLError):
+            session.get(f"https://other.example:{server.port}/a.png", verify=trusted)
+    assert response.status_code == 200
+    assert names == ["cdn.example", "other.example"]
+    assert network.connects == ["127.0.0.1", "127.0.0.1"]
 
 
 def test_the_next_checked_address_is_tried_when_the_first_does_not_answer(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ MAX_URL_CHARS = 2000
 MAX_POOLS = 16
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
+#: What IDNA reads as a label separator besides ".".
+_IDNA_DOTS = ("\u3002", "\uff0e", "\uff61")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``(host, port) -> addresses``: how a guard resolves a name (tests pass their own).
@@ -158,6 +161,14 @@ def _names_this_machine(host: str) -> bool:
     return host in _LOCAL_NAMES or host.endswith(".localhost")
 
 
+def _plain_host(host: str) -> str:
+    """``host`` as IDNA reads it (``ⓛⓞⓒⓐⓛⓗⓞⓢⓣ``, ``127。0。0。1``), lower case, no final dot."""
+    plain = unicodedata.normalize("NFKC", host).lower()
+    for dot in _IDNA_DOTS:
+        plain = plain.replace(dot, ".")
+    return plain.rstrip(".")
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     """The addresses ``host`` resolves to, in the resolver's order."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -186,7 +197,7 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
     parts = urlsplit(url)
     if "@" in parts.netloc:
         raise BadURL("a URL with a user name or password")
-    host = (parts.hostname or "").rstrip(".")
+    host = _plain_host(parts.hostname or "")
     if not allow_private:
         address = _literal_address(host)
         if _names_this_machine(host) or (address is not None and not is_public(address)):
