@@ -283,6 +283,10 @@ def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]], provider: str 
             svc.store.due_now(unsent)
 
 
+#: The longest ``notify_url`` a job may name.
+MAX_NOTIFY_URL_CHARS = 2000
+
+
 def check_notify_url(url: str | None, *, allow_private: bool) -> None:
     """A completion webhook URL must be http(s) and, unless allowed, not private.
 
@@ -292,7 +296,7 @@ def check_notify_url(url: str | None, *, allow_private: bool) -> None:
     if url is None:
         return
     try:
-        outbound.check_url(url, allow_private=allow_private)
+        outbound.check_url(url, allow_private=allow_private, max_chars=MAX_NOTIFY_URL_CHARS)
     except outbound.Refused as exc:
         raise InvalidRequestError(
             f"invalid request: notify_url: {exc} (a private, loopback or reserved one; "

@@ -278,6 +278,13 @@ def test_a_url_that_cannot_be_fetched_is_one_line(network: Network, url: str, me
     assert network.lookups == []
 
 
+def test_a_long_signed_url_is_fetched() -> None:
+    query = "X-Amz-Security-Token=" + "t" * 3000
+    with recorder() as server:
+        response = outbound.session(Guard(allow_private=True)).get(server.url(f"/0.png?{query}"))
+    assert response.status_code == 200 and server.requests[0].path == f"/0.png?{query}"
+
+
 def test_a_name_that_does_not_resolve_is_one_line(network: Network) -> None:
     with pytest.raises(Unresolved) as caught:
         outbound.session(guard(network)).get("http://nowhere.example/", timeout=2)

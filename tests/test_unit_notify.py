@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import requests
 
+from producers.api import check_notify_url
 from producers.cli import parse_assignments, parse_batch_line
 from worker.dispatcher import _slots_of
-from worker.models import JobRecord, JobState, Notification
+from worker.models import InvalidRequestError, JobRecord, JobState, Notification
 from worker.notify_policy import (
     delivery_id,
     describe_request_error,
@@ -110,6 +111,14 @@ def test_a_batch_line_may_name_its_webhook() -> None:
     assert item.notify_url == "https://hooks.example.com/x"
     assert "notify_url" not in item.fields
     assert parse_batch_line(2, json.dumps(LINE)).notify_url is None
+
+
+def test_a_notify_url_longer_than_2000_characters_is_refused() -> None:
+    url = "https://hooks.example.com/" + "x" * 2000
+    with pytest.raises(InvalidRequestError) as caught:
+        check_notify_url(url, allow_private=False)
+    assert str(caught.value) == "invalid request: notify_url: a URL of more than 2000 characters"
+    check_notify_url(url[:2000], allow_private=False)
 
 
 @pytest.mark.parametrize("url", ["ftp://hooks.example.com/x", 42, "https://u:p@example.com/"])

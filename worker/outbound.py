@@ -35,7 +35,8 @@ from worker.models import check_http_url
 
 #: The text of every refusal of an address.
 REFUSED = "refused: not a public address"
-MAX_URL_CHARS = 2000
+#: The longest URL fetched: signed result URLs can be long, and servers commonly take 8 KiB.
+MAX_URL_CHARS = 8192
 #: Connection pools kept per session (one per checked host, port and addresses).
 MAX_POOLS = 16
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -178,7 +179,7 @@ def system_resolver(host: str, port: int) -> list[str]:
 # ------------------------------------------------------------------ the checks
 
 
-def check_url(url: str, *, allow_private: bool) -> SplitResult:
+def check_url(url: str, *, allow_private: bool, max_chars: int = MAX_URL_CHARS) -> SplitResult:
     """Check a URL as written, without resolving it; returns its parts.
 
     Raises :class:`BadURL`, or :class:`Refused` for a host that names this machine or is
@@ -186,8 +187,8 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
     """
     if not isinstance(url, str):
         raise BadURL("not an http(s) URL")
-    if len(url) > MAX_URL_CHARS:
-        raise BadURL(f"a URL of more than {MAX_URL_CHARS} characters")
+    if len(url) > max_chars:
+        raise BadURL(f"a URL of more than {max_chars} characters")
     if not url.isprintable():
         raise BadURL("a URL with a control character")
     try:
