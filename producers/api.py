@@ -35,7 +35,7 @@ from worker.fields import BlobRef
 from worker.images import load_image
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
-from worker.net.webhook_urls import check_webhook_url
+from worker.net import outbound
 from worker.policies import cancelling
 from worker.store.blobs import new_ref
 from worker.store.jobs import NewJob
@@ -285,13 +285,26 @@ def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]], provider: str 
             svc.store.due_now(unsent)
 
 
+#: The longest ``notify_url`` a job may name.
+MAX_NOTIFY_URL_CHARS = 2000
+
+
 def check_notify_url(url: str | None, *, allow_private: bool) -> None:
-    """A completion webhook URL must be http(s) and, unless allowed, not private."""
+    """A completion webhook URL must be http(s) and, unless allowed, not private.
+
+    Only the URL as written: a host name is resolved, and its addresses checked, before
+    each delivery (:mod:`worker.net.outbound`).
+    """
     if url is None:
         return
     try:
-        check_webhook_url(url, allow_private=allow_private)
-    except ValueError as exc:
+        outbound.check_url(url, allow_private=allow_private, max_chars=MAX_NOTIFY_URL_CHARS)
+    except outbound.Refused as exc:
+        raise InvalidRequestError(
+            f"invalid request: notify_url: {exc} (a private, loopback or reserved one; "
+            "set REMIX_NOTIFY_ALLOW_PRIVATE=1 to allow)"
+        ) from None
+    except outbound.OutboundError as exc:
         raise InvalidRequestError(f"invalid request: notify_url: {exc}") from None
 
 

@@ -281,6 +281,8 @@ def _worker_env(redis_url: str, sandbox_url: str) -> dict[str, str]:
         "IDEOGRAM_API_KEY": DEFAULT_API_KEY,
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
+        # The sandbox's result URLs are on 127.0.0.1 (archived with REMIX_ARCHIVE_URL set).
+        "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
         **WORKER_SETTINGS,
     }
 

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from producers.api import (
     CANCEL_REFUSALS,
     MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_NOTIFY_URL_CHARS,
     JobNotCancellable,
     cancel_job,
     check_notify_url,
@@ -46,7 +47,6 @@ from worker.models import (
     JobState,
     RemixRequest,
 )
-from worker.net.webhook_urls import MAX_URL_CHARS
 from worker.settings import get_settings
 from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD
 
@@ -130,7 +130,7 @@ class JobRequest(RemixRequest):
     notify_url: str | None = Field(
         None,
         min_length=1,
-        max_length=MAX_URL_CHARS,
+        max_length=MAX_NOTIFY_URL_CHARS,
         description="An http(s) URL the finished job's record is POSTed to, signed.",
     )
 

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 __all__ = ["moto_s3"]  # the fixture, used by name
 
 ARCHIVE_SETTINGS = {
+    "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",  # the sandbox's result URLs are on 127.0.0.1
     "REMIX_ARCHIVE_TIMEOUT_S": "5",
     "REMIX_ARCHIVE_RETRY_BASE_S": "0.2",
     "REMIX_ARCHIVE_RETRY_MAX_S": "1",
@@ -46,8 +47,8 @@ def producer_allows_loopback() -> Iterator[None]:
     configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
 
 
-def archived_job(prompt: str, notify_url: str | None = None) -> JobRecord:
-    """Enqueue a job, wait for it to succeed, then for its archiving to end."""
+def archived_job(prompt: str, notify_url: str | None = None, state: str = "done") -> JobRecord:
+    """Enqueue a job, wait for it to succeed, then for its archiving to end in ``state``."""
     job_id = enqueue_remix(
         prompt,
         "https://example.test/base.png",
@@ -64,7 +65,7 @@ def archived_job(prompt: str, notify_url: str | None = None) -> JobRecord:
         return None
 
     record = wait_until(archive_ended, 30, interval=0.2)
-    assert record.archive is not None and record.archive.state == "done", record.archive
+    assert record.archive is not None and record.archive.state == state, record.archive
     return record
 
 
@@ -85,6 +86,18 @@ def test_a_worker_archives_a_job_to_a_directory(
         stored = (tmp_path / record.job_id / Path(entry.location).name).read_bytes()
         assert sha256_of(stored) == sha256_of(requests.get(url, timeout=5).content)
         assert entry.sha256 == sha256_of(stored)
+
+
+def test_a_worker_refuses_loopback_result_urls_by_default(
+    sandbox: ManagedProcess, start_workers: StartWorkers, tmp_path: Path
+) -> None:
+    settings = {**ARCHIVE_SETTINGS, "REMIX_ARCHIVE_ALLOW_PRIVATE": "0"}
+    start_workers(REMIX_ARCHIVE_URL=tmp_path.as_uri(), **settings)
+    record = archived_job(unique_prompt("archive-refused"), state="failed")
+
+    assert record.archive is not None and record.archive.attempts == 1
+    assert record.archive.last_error == "image 0: refused: not a public address"
+    assert record.archived == [] and list(tmp_path.iterdir()) == []
 
 
 def test_a_worker_archives_a_job_to_s3(

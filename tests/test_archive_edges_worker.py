@@ -44,6 +44,7 @@ def test_a_foreign_job_id_with_a_slash_never_ends_its_archiving(
     completion webhook (which waits for archiving to end) can never fire."""
     [worker] = start_workers(
         REMIX_ARCHIVE_URL=(tmp_path / "archive").as_uri(),
+        REMIX_ARCHIVE_ALLOW_PRIVATE="1",
         REMIX_ARCHIVE_TIMEOUT_S="5",
         REMIX_ARCHIVE_MAX_ATTEMPTS="2",
         REMIX_ARCHIVE_RETRY_BASE_S="0.2",
@@ -132,6 +133,7 @@ def _starve(start_workers: StartWorkers, tmp_path: Path, live: list[int]) -> Non
     start_workers(
         concurrency=2,
         REMIX_ARCHIVE_URL=(tmp_path / "archive").as_uri(),
+        REMIX_ARCHIVE_ALLOW_PRIVATE="1",
         REMIX_ARCHIVE_TIMEOUT_S="60",
     )
     wait_until(lambda: live[0] >= 1, 20, interval=0.2)  # archiving holds a slot
@@ -208,6 +210,7 @@ def test_the_broker_redelivering_an_archive_step_cannot_undo_done(
     failed try it records with the same token must not undo ``done``."""
     env = {
         "REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(),
+        "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
         "REMIX_BROKER_VISIBILITY_TIMEOUT_S": "65",
         "REMIX_ARCHIVE_TIMEOUT_S": "5",
     }
@@ -256,7 +259,11 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
     from tests.webhook_receiver import receiver
     from worker.app import configure
 
-    env = {"REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(), "REMIX_NOTIFY_ALLOW_PRIVATE": "1"}
+    env = {
+        "REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(),
+        "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
+        "REMIX_NOTIFY_ALLOW_PRIVATE": "1",
+    }
     started = [
         start_worker(worker_env(sandbox.url, **env), concurrency=1, queues=["submit", "poll"]),
         start_worker(worker_env(sandbox.url, **env), concurrency=1, queues=["notify"]),
@@ -309,6 +316,7 @@ def test_kill_9_mid_download_then_archive_and_webhook_still_happen(
 
     env = {
         "REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(),
+        "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
         "REMIX_ARCHIVE_TIMEOUT_S": "10",
         "REMIX_NOTIFY_ALLOW_PRIVATE": "1",
     }

@@ -24,7 +24,7 @@ import pytest
 
 from sandbox.launch import ManagedProcess, free_port, start_api, start_redis
 from tests.conftest import REMIX_INPUT, TEST_REDIS_URL
-from worker.net.webhook_urls import check_resolved, check_webhook_url
+from worker.net.outbound import Guard, Refused, check_url
 
 pytestmark = pytest.mark.integration
 
@@ -142,10 +142,10 @@ def test_a_loopback_notify_url_as_written_is_refused_at_enqueue(
 )
 def test_translated_forms_of_private_addresses_are_refused(host: str) -> None:
     url = f"http://{host}/latest/meta-data/"
-    with pytest.raises(ValueError):
-        check_webhook_url(url, allow_private=False)
-    with pytest.raises(ValueError):
-        check_resolved(url, allow_private=False)
+    with pytest.raises(Refused):
+        check_url(url, allow_private=False)
+    with pytest.raises(Refused):
+        Guard().resolve(url)
 
 
 # ------------------------------------------------------------------ 5. long poll vs Redis restart

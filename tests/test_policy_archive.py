@@ -44,6 +44,8 @@ ARCHIVE: dict[str, Any] = {
     "remix_archive_retry_base_s": 0.05,
     "remix_archive_retry_max_s": 0.2,
     "remix_archive_max_attempts": 3,
+    # The sandbox's result URLs are on 127.0.0.1.
+    "remix_archive_allow_private": True,
     "remix_notify_allow_private": True,
 }
 
@@ -165,6 +167,28 @@ def test_a_failing_download_is_retried_then_reported_and_the_job_stays_succeeded
     assert (final.archive.state, final.archive.attempts) == ("failed", 3)
     assert final.archive.last_error == "image 0: HTTP 404"
     assert final.state is JobState.SUCCEEDED and final.result_urls == [missing]
+    assert final.archived == [] and not archive_dir.exists()
+    assert archive_schedule(svc).due(job_id) is None
+
+
+def test_a_loopback_result_url_is_refused_unless_allowed(
+    policy_redis: redis.Redis, upstream: SandboxServer, archive_dir: Path
+) -> None:
+    """Without REMIX_ARCHIVE_ALLOW_PRIVATE, the sandbox's 127.0.0.1 result URLs are not
+    fetched: the try fails at once (no later try could differ) and nothing is stored."""
+    svc = make_services(
+        upstream.url,
+        remix_archive_url=archive_dir.as_uri(),
+        **{**ARCHIVE, "remix_archive_allow_private": False},
+    )
+    job_id = succeeded_job(svc)
+
+    assert step(svc, job_id) == "failed"
+
+    final = record(svc, job_id)
+    assert final.archive is not None
+    assert (final.archive.state, final.archive.attempts) == ("failed", 1)
+    assert final.archive.last_error == "image 0: refused: not a public address"
     assert final.archived == [] and not archive_dir.exists()
     assert archive_schedule(svc).due(job_id) is None
 

@@ -27,6 +27,7 @@ from celery import Celery
 
 from sandbox.server import SandboxServer
 from tests.helpers import raw_http_server, redis_value, start_snapshot_redis, wait_until
+from tests.outbound_kit import PUBLIC, Network, network, recorder
 from tests.policy_kit import INPUT, make_services, new_job
 from tests.webhook_receiver import Delivery, WebhookReceiver, free_port, loopback_name, receiver
 from worker import keys
@@ -48,6 +49,8 @@ from worker.store.notify import (
     notify_store,
 )
 from worker.store.publisher import Publisher
+
+__all__ = ["network"]  # the fixture, used by name
 
 HMAC_KEY = f"notify-key-{uuid.uuid4().hex}"
 NOTIFY: dict[str, Any] = {
@@ -286,22 +289,37 @@ def test_a_name_resolving_to_loopback_is_refused_at_delivery(
 
     note = notification(svc, job_id)
     assert note["attempts"] == 1
-    assert note["last_error"] == "refused: resolves to a private or loopback address"
+    assert note["last_error"] == "refused: not a public address"
     assert hooks.deliveries() == []
     assert notify_store(svc).due(job_id) is None
 
 
-def test_the_connection_itself_is_checked_against_rebinding(
-    svc: Services, hooks: WebhookReceiver
-) -> None:
-    """A name that passed the check may resolve elsewhere when connecting: the peer counts."""
+def test_a_loopback_url_is_refused_before_connecting(svc: Services, hooks: WebhookReceiver) -> None:
     settings = svc.settings.model_copy(update={"remix_notify_allow_private": False})
 
-    attempt = post(hooks.url("/rebound"), b"{}", {}, settings)
+    attempt = post(hooks.url("/loopback"), b"{}", {}, settings)
 
-    assert (
-        attempt.refused and attempt.error == "refused: connected to a private or loopback address"
-    )
+    assert attempt.refused and attempt.error == "refused: not a public address"
+    assert hooks.deliveries() == []
+
+
+def test_a_rebound_name_never_reaches_an_internal_port(
+    svc: Services, hooks: WebhookReceiver, network: Network
+) -> None:
+    """DNS rebinding: the name answers a public address, then a loopback one. Whether the
+    internal port is open or closed, the delivery goes to the address that was checked:
+    no error tells the ports apart, and the internal receiver gets nothing."""
+    settings = svc.settings.model_copy(update={"remix_notify_allow_private": False})
+    errors = []
+    with recorder() as standin:
+        network.route(PUBLIC, standin.port)
+        for port in (hooks.port, free_port()):
+            network.answer("hooks.example", [PUBLIC], ["127.0.0.1"])
+            errors.append(post(f"http://hooks.example:{port}/hook", b"{}", {}, settings).error)
+
+    assert errors == [None, None]
+    assert network.connects == [PUBLIC, PUBLIC]
+    assert [seen.path for seen in standin.requests] == ["/hook", "/hook"]
     assert hooks.deliveries() == []
 
 

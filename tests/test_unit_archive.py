@@ -16,9 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import raw_http_server, whole_png
+from tests.outbound_kit import PUBLIC, Network, Reply, network, recorder, redirect_to
+from worker.net.outbound import Guard
 from worker.policies.archive import FetchError, fetch_image
 from worker.settings import ConfigurationError, Settings, load_settings
 from worker.store.archive_files import ArchiveError, DirectoryArchive, S3Archive, archive_store
+
+__all__ = ["network"]  # the fixture, used by name
 
 PNG = whole_png()
 JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 300 + b"\xff\xd9"
@@ -37,14 +41,20 @@ def answer_with(
     return answer
 
 
-def fetch(url: str, max_bytes: int = 10_000, timeout_s: float = 5.0) -> bytes:
-    return fetch_image(url, max_bytes=max_bytes, timeout_s=timeout_s).data
+#: The raw servers are on 127.0.0.1.
+LOOPBACK = Guard(allow_private=True)
+
+
+def fetch(
+    url: str, max_bytes: int = 10_000, timeout_s: float = 5.0, guard: Guard = LOOPBACK
+) -> bytes:
+    return fetch_image(url, max_bytes=max_bytes, timeout_s=timeout_s, guard=guard).data
 
 
 def test_an_image_is_fetched_with_its_sniffed_type() -> None:
     # The header may say image/*, the bytes decide which image it is.
     with raw_http_server(answer_with(JPEG, "image/png")) as base:
-        fetched = fetch_image(base + "/0.png", max_bytes=10_000, timeout_s=5)
+        fetched = fetch_image(base + "/0.png", max_bytes=10_000, timeout_s=5, guard=LOOPBACK)
     assert fetched.data == JPEG
     assert fetched.content_type == "image/jpeg"
 
@@ -139,7 +149,7 @@ def test_a_redirect_off_http_is_not_followed(location: str) -> None:
     redirect = answer_with(b"", "text/plain", "302 Found", f"Location: {location}\r\n")
     with raw_http_server(redirect) as base, pytest.raises(FetchError) as caught:
         fetch(base + "/0.png")
-    assert str(caught.value) == "not an http(s) URL (only http and https are fetched)"
+    assert str(caught.value) == "not an http(s) URL" and caught.value.permanent
 
 
 def test_only_http_urls_are_fetched() -> None:
@@ -210,6 +220,15 @@ def test_archiving_is_off_unless_the_url_is_set() -> None:
     assert load_settings(remix_archive_url="file:///srv/archive").archive_enabled
 
 
+def test_private_result_hosts_are_off_unless_the_setting_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REMIX_ARCHIVE_ALLOW_PRIVATE", raising=False)
+    assert load_settings().remix_archive_allow_private is False
+    monkeypatch.setenv("REMIX_ARCHIVE_ALLOW_PRIVATE", "1")
+    assert load_settings().remix_archive_allow_private is True
+
+
 def test_the_s3_secret_key_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-for-the-test")
     assert "aws-secret-for-the-test" in load_settings().secrets()
@@ -232,3 +251,46 @@ def test_an_archive_step_ends_before_the_broker_redelivers_its_message() -> None
     assert "REMIX_ARCHIVE_TIMEOUT_S must be at most REMIX_BROKER_VISIBILITY_TIMEOUT_S" in str(
         caught.value
     )
+
+
+# ------------------------------------------------------------------ the outbound guard
+
+IMAGE: Reply = (200, {"Content-Type": "image/png"}, PNG)
+
+
+def test_a_result_name_that_resolves_to_loopback_is_refused_without_a_connection(
+    network: Network,
+) -> None:
+    with recorder({"/0.png": IMAGE}) as internal:
+        network.answer("cdn.example", ["127.0.0.1"])
+        with pytest.raises(FetchError) as caught:
+            fetch(f"http://cdn.example:{internal.port}/0.png", guard=Guard())
+    assert str(caught.value) == "refused: not a public address" and caught.value.permanent
+    assert internal.connections == 0 and network.connects == []
+
+
+@pytest.mark.parametrize(
+    "location", ["http://127.0.0.1:{port}/0.png", "http://169.254.169.254/latest/meta-data/"]
+)
+def test_a_redirect_to_a_private_address_is_refused(network: Network, location: str) -> None:
+    with recorder({"/0.png": IMAGE}) as internal, recorder() as standin:
+        standin.replies["/0.png"] = redirect_to(location.format(port=internal.port))
+        network.route(PUBLIC, standin.port)
+        network.answer("cdn.example", [PUBLIC])
+        with pytest.raises(FetchError) as caught:
+            fetch("http://cdn.example/0.png", guard=Guard())
+    assert str(caught.value) == "refused: not a public address"
+    assert internal.connections == 0 and network.connects == [PUBLIC]
+
+
+def test_proxy_variables_are_ignored(network: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    with recorder() as proxy, recorder({"/0.png": IMAGE}) as standin:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url())
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        network.route(PUBLIC, standin.port)
+        network.answer("cdn.example", [PUBLIC])
+        data = fetch("http://cdn.example/0.png", guard=Guard())
+    assert data == PNG
+    assert proxy.connections == 0 and network.connects == [PUBLIC]

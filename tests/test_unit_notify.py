@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import requests
 
+from producers.api import check_notify_url
 from producers.cli import parse_assignments, parse_batch_line
 from worker.fleet.dispatcher import _slots_of
-from worker.models import JobRecord, JobState, Notification
-from worker.net.webhook_urls import AddressRefused, check_peer
+from worker.models import InvalidRequestError, JobRecord, JobState, Notification
 from worker.policies.notify import (
     delivery_id,
     describe_request_error,
@@ -93,27 +93,6 @@ def test_without_a_key_no_signature_header_is_sent() -> None:
 
 
 @pytest.mark.parametrize(
-    ("address", "allowed"),
-    [
-        ("127.0.0.1", False),
-        ("10.0.0.8", False),
-        ("169.254.169.254", False),
-        ("::1", False),
-        ("::ffff:127.0.0.1", False),
-        ("fe80::1%eth0", False),
-        ("93.184.216.34", True),
-    ],
-)
-def test_the_connected_peer_must_be_public(address: str, allowed: bool) -> None:
-    if allowed:
-        check_peer(address, allow_private=False)
-    else:
-        with pytest.raises(AddressRefused):
-            check_peer(address, allow_private=False)
-    check_peer(address, allow_private=True)
-
-
-@pytest.mark.parametrize(
     ("overrides", "variable"),
     [
         ({"remix_notify_retry_base_s": 10, "remix_notify_retry_max_s": 5}, "REMIX_NOTIFY_RETRY"),
@@ -132,6 +111,14 @@ def test_a_batch_line_may_name_its_webhook() -> None:
     assert item.notify_url == "https://hooks.example.com/x"
     assert "notify_url" not in item.fields
     assert parse_batch_line(2, json.dumps(LINE)).notify_url is None
+
+
+def test_a_notify_url_longer_than_2000_characters_is_refused() -> None:
+    url = "https://hooks.example.com/" + "x" * 2000
+    with pytest.raises(InvalidRequestError) as caught:
+        check_notify_url(url, allow_private=False)
+    assert str(caught.value) == "invalid request: notify_url: a URL of more than 2000 characters"
+    check_notify_url(url[:2000], allow_private=False)
 
 
 @pytest.mark.parametrize("url", ["ftp://hooks.example.com/x", 42, "https://u:p@example.com/"])

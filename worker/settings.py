@@ -276,7 +276,8 @@ class Settings(BaseSettings):
     remix_api_tokens: SecretStr | None = None
     #: Signs completion webhooks (``notify_url``); unset: they are sent unsigned.
     remix_notify_hmac_key: SecretStr | None = None
-    #: Allow completion webhooks to private and loopback addresses (tests, internal nets).
+    #: Allow completion webhooks to private and loopback addresses (tests, internal nets);
+    #: off: public addresses only (:mod:`worker.net.outbound`).
     remix_notify_allow_private: bool = False
     #: Log one JSON object per line (for a log pipeline); off: readable text lines.
     remix_log_json: bool = False
@@ -293,6 +294,9 @@ class Settings(BaseSettings):
     #: Endpoint of an S3-compatible store (MinIO, moto ...); unset: AWS itself. Credentials
     #: come from boto3's usual chain (environment, shared files, instance role).
     remix_archive_s3_endpoint_url: str | None = None
+    #: Allow archive downloads from private and loopback addresses (development and tests:
+    #: the sandbox's result URLs are on 127.0.0.1); off: public addresses only.
+    remix_archive_allow_private: bool = False
     #: Largest result image archived; a bigger one is not read past this many bytes.
     remix_archive_max_bytes: int = Field(50 * 1000 * 1000, gt=0)
     #: Total time one image download may take, connecting included. All downloads of one

@@ -152,20 +152,20 @@ def _attach(sock: socket.socket | None) -> None:
         current.attach(sock)
 
 
-class _GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
-    pass
+class GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
+    """An HTTP connection that honours :func:`deadline` (a base for other connections)."""
 
 
-class _GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
-    pass
+class GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
+    """An HTTPS connection that honours :func:`deadline` (a base for other connections)."""
 
 
 class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
+    ConnectionCls = GuardedHTTPConnection
 
 
 class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
+    ConnectionCls = GuardedHTTPSConnection
 
 
 class _GuardedAdapter(HTTPAdapter):

@@ -14,8 +14,11 @@ timeout would deliver its message to another slot.
 
 Only URLs the upstream returned are fetched. ``result_urls`` is written by the poll step
 (from recordInfo) or by a callback only after its signature was verified
-(:mod:`worker.policies.callbacks`); a URL a producer gave is never downloaded by a worker. And
-only over http(s), a redirect included. A download is bounded every way: a size cap
+(:mod:`worker.policies.callbacks`); a URL a producer gave is never downloaded by a worker. Every
+download, each redirect hop included, goes through the outbound guard
+(:mod:`worker.net.outbound`): http(s) only, public addresses only unless
+``REMIX_ARCHIVE_ALLOW_PRIVATE`` (a refusal fails the job's archiving at once), no proxy.
+A download is bounded every way: a size cap
 (``REMIX_ARCHIVE_MAX_BYTES``; nothing is read past it), an ``image/*`` content type
 whose bytes really are a whole JPEG, PNG or WebP image (sniffed, then checked for
 completeness: :func:`worker.images.is_complete_image`), connect and read timeouts, and a
@@ -37,8 +40,9 @@ import requests
 
 from worker.images import EXTENSIONS, is_complete_image, sniff_image_type
 from worker.logs import job_context
-from worker.models import Archive, ArchivedImage, check_http_url
+from worker.models import Archive, ArchivedImage
 from worker.net import deadline as http
+from worker.net import outbound
 from worker.policies.notify import describe_request_error
 from worker.policies.retry import side_work_try
 from worker.services import Services
@@ -51,9 +55,8 @@ logger = logging.getLogger("worker.archive")
 #: Longest wait for the connection, and for each read of the answer.
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 20.0
-#: Redirects followed per image (each must stay on http(s)).
+#: Redirects followed per image (the guard checks each hop as it checks the first).
 MAX_REDIRECTS = 5
-CHUNK_BYTES = 64 * 1024
 USER_AGENT = "remixq-archive/1"
 #: The error of a try made by a worker without ``REMIX_ARCHIVE_URL``.
 NOT_HERE = "archiving is off on the worker that ran this try (REMIX_ARCHIVE_URL unset)"
@@ -62,7 +65,14 @@ UNUSABLE_ID = "the job id cannot name an archive file (it holds '/' or '\\', or 
 
 
 class FetchError(Exception):
-    """A download that did not give an acceptable image; ``str()`` is one line, no URL."""
+    """A download that did not give an acceptable image; ``str()`` is one line, no URL.
+
+    ``permanent``: no later try can succeed (the guard refused the URL or its address).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -76,10 +86,11 @@ def fetch_image(
     *,
     max_bytes: int,
     timeout_s: float,
-    session: requests.Session | None = None,
+    guard: outbound.Guard | None = None,
 ) -> Fetched:
-    """Download one result image with every check of the module docstring."""
-    session = session or _session()
+    """Download one result image with every check of the module docstring (through
+    ``guard``; by default, public addresses only)."""
+    session = outbound.thread_session(guard or outbound.Guard())
     late = f"no answer within {timeout_s:g} s"
     with http.deadline(timeout_s) as limit:
         try:
@@ -88,10 +99,12 @@ def fetch_image(
             raise FetchError(
                 describe_request_error(exc, expired=limit.expired, total=timeout_s)
             ) from None
-        except FetchError:
+        except (outbound.Refused, outbound.BadURL) as exc:
+            raise FetchError(str(exc), permanent=True) from None
+        except (FetchError, outbound.OutboundError) as exc:
             if limit.expired:  # cut at the deadline: that is the error, not the bytes left
                 raise FetchError(late) from None
-            raise
+            raise FetchError(str(exc)) from None
         limit.finish()
         # The deadline cut the socket: a body without a length then reads as complete
         # (the cut looks like the server closing), so its bytes are never kept.
@@ -102,7 +115,6 @@ def fetch_image(
 
 def _fetch(session: requests.Session, url: str, max_bytes: int) -> Fetched:
     for _ in range(MAX_REDIRECTS + 1):
-        _check_scheme(url)
         response = session.get(
             url,
             headers={"User-Agent": USER_AGENT, "Accept": "image/*"},
@@ -118,45 +130,20 @@ def _fetch(session: requests.Session, url: str, max_bytes: int) -> Fetched:
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
 
-def _check_scheme(url: str) -> None:
-    try:
-        check_http_url(url)
-    except ValueError:
-        raise FetchError("not an http(s) URL (only http and https are fetched)") from None
-
-
 def _read_image(response: requests.Response, max_bytes: int) -> Fetched:
     if response.status_code != 200:
         raise FetchError(f"HTTP {response.status_code}")
     declared = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if not declared.startswith("image/"):
         raise FetchError(f"content type {declared or 'missing'!r} is not image/*")
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise FetchError(f"{length} bytes is more than the {max_bytes} bytes allowed")
-    data = bytearray()
-    for chunk in response.iter_content(CHUNK_BYTES):
-        data += chunk
-        if len(data) > max_bytes:
-            raise FetchError(f"more than the {max_bytes} bytes allowed")
-    sniffed = sniff_image_type(bytes(data))
+    data = outbound.read_capped(response, max_bytes)
+    sniffed = sniff_image_type(data)
     if sniffed is None:
         raise FetchError("not a JPEG, PNG or WebP image (checked by content)")
-    if not is_complete_image(bytes(data), sniffed):
+    if not is_complete_image(data, sniffed):
         kind = EXTENSIONS[sniffed].upper()
         raise FetchError(f"not a whole {kind} image (cut short or malformed)")
-    return Fetched(bytes(data), sniffed)
-
-
-_local = threading.local()
-
-
-def _session() -> requests.Session:
-    """This thread's download session (guarded: :func:`worker.net.deadline.deadline` applies)."""
-    session: requests.Session | None = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = http.guarded_session()
-    return session
+    return Fetched(data, sniffed)
 
 
 _stores: dict[tuple[str | None, str | None], ArchiveStore | None] = {}
@@ -206,7 +193,9 @@ def _archive_step(svc: Services, job_id: str, token: int) -> str:
     try:
         store = store_for(svc.settings)
         archived = None if store is None else copy_images(svc.settings, store, target)
-    except (FetchError, ArchiveError) as exc:
+    except FetchError as exc:
+        return _record(svc, schedule, target, token, error=str(exc), permanent=exc.permanent)
+    except ArchiveError as exc:
         return _record(svc, schedule, target, token, error=str(exc))
     except Exception as exc:
         return _record(svc, schedule, target, token, error=unexpected(exc))
@@ -231,6 +220,7 @@ def copy_images(
     would hand its message to another slot.
     """
     record = target.record
+    guard = outbound.Guard(allow_private=settings.remix_archive_allow_private)
     archived = []
     ends = time.monotonic() + settings.archive_step_s
     for n, url in enumerate(record.result_urls):
@@ -242,11 +232,14 @@ def copy_images(
                 url,
                 max_bytes=settings.remix_archive_max_bytes,
                 timeout_s=min(settings.remix_archive_timeout_s, left),
+                guard=guard,
             )
             name = f"{record.job_id}/{n}.{EXTENSIONS[fetched.content_type]}"
             location = store.put(name, fetched.data, fetched.content_type)
-        except (FetchError, ArchiveError) as exc:
-            raise type(exc)(f"image {n}: {exc}") from None
+        except FetchError as exc:
+            raise FetchError(f"image {n}: {exc}", permanent=exc.permanent) from None
+        except ArchiveError as exc:
+            raise ArchiveError(f"image {n}: {exc}") from None
         except Exception as exc:  # a malformed redirect (ValueError), a bug
             raise ArchiveError(f"image {n}: {unexpected(exc)}") from None
         archived.append(

@@ -6,8 +6,9 @@ plus a ``delivery_id`` that is the same for every try of one job (receivers drop
 duplicates by it: delivery is at least once). It then records the outcome: a 2xx answer
 delivers; any other answer, a timeout or a connection error schedules another try after
 a backoff with full jitter, until ``REMIX_NOTIFY_MAX_ATTEMPTS`` tries were made; a URL
-that is (or now resolves to, or connects to) a private or loopback address without
-``REMIX_NOTIFY_ALLOW_PRIVATE`` fails at once.
+whose host is (or now resolves to) an address that is not public fails at once without
+``REMIX_NOTIFY_ALLOW_PRIVATE`` (:mod:`worker.net.outbound`, which also connects only to the
+address it checked).
 
 The request is signed when ``REMIX_NOTIFY_HMAC_KEY`` is set::
 
@@ -16,7 +17,7 @@ The request is signed when ``REMIX_NOTIFY_HMAC_KEY`` is set::
 with ``X-Remixq-Timestamp`` (Unix seconds, new for each try) and ``X-Remixq-Delivery``.
 A delivery never holds a worker slot long: it has a total deadline
 (``REMIX_NOTIFY_TIMEOUT_S``, enforced by cutting the socket), follows no redirect, reads
-no response body, uses no proxy from the environment, and the receiver's in-flight limit
+no response body, uses no proxy, and the receiver's in-flight limit
 keeps a receiver that hangs to one slot. Nothing about the URL beyond its
 ``scheme://host:port`` is logged: its path or query may hold a secret of the producer's.
 """
@@ -27,19 +28,16 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
-import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from worker.logs import job_context
 from worker.models import JobRecord, Notification
 from worker.net import deadline as http
-from worker.net.webhook_urls import AddressRefused, check_peer, check_resolved
+from worker.net import outbound
 from worker.policies.retry import side_work_try
 from worker.services import Services
 from worker.settings import Settings
@@ -128,15 +126,8 @@ def _notify_step(svc: Services, job_id: str, token: int, receiver: str) -> str:
 
 
 def deliver(svc: Services, target: NotifyTarget) -> Attempt:
-    """POST the record to the job's URL once (checking the address first)."""
+    """POST the record to the job's URL once."""
     assert target.url is not None
-    allow_private = svc.settings.remix_notify_allow_private
-    try:
-        check_resolved(target.url, allow_private=allow_private)
-    except ValueError as exc:  # also a host name IDNA cannot encode
-        return Attempt(f"refused: {exc}", refused=True)
-    except OSError as exc:
-        return Attempt(f"cannot resolve the host ({exc.strerror or type(exc).__name__})")
     timestamp = str(int(svc.clock.now()))
     body = webhook_body(target.record)
     headers = webhook_headers(svc.settings, target.record, timestamp, body)
@@ -144,10 +135,12 @@ def deliver(svc: Services, target: NotifyTarget) -> Attempt:
 
 
 def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> Attempt:
-    """One POST with a total deadline; the answer's status only (its body is never read)."""
+    """One POST through the outbound guard, with a total deadline; the answer's status
+    only (its body is never read)."""
     total = settings.remix_notify_timeout_s
     timeouts = (min(CONNECT_TIMEOUT_S, total), min(READ_TIMEOUT_S, total))
-    session = _session(settings.remix_notify_allow_private)
+    guard = outbound.Guard(allow_private=settings.remix_notify_allow_private)
+    session = outbound.thread_session(guard)
     with http.deadline(total) as limit:
         try:
             response = session.post(
@@ -158,7 +151,11 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
                 allow_redirects=False,
                 stream=True,
             )
-        except AddressRefused as exc:
+        except outbound.Unresolved as exc:
+            return Attempt(str(exc))
+        except outbound.Refused as exc:
+            return Attempt(str(exc), refused=True)
+        except outbound.OutboundError as exc:
             return Attempt(f"refused: {exc}", refused=True)
         except requests.RequestException as exc:
             return Attempt(describe_request_error(exc, expired=limit.expired, total=total))
@@ -262,68 +259,3 @@ def _log(
             note.attempts,
             note.last_error,
         )
-
-
-# ------------------------------------------------------------------ HTTP sessions
-
-
-class _PublicPeerMixin:
-    """Refuses a connection whose peer is not a public address, before a byte is sent.
-
-    The name was checked when resolved just before; this checks where the socket really
-    went, so a name that resolves differently the second time (DNS rebinding) is caught.
-    """
-
-    def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
-        try:
-            check_peer(str(sock.getpeername()[0]), allow_private=False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-
-class _PublicHTTPConnection(_PublicPeerMixin, http._GuardedHTTPConnection):
-    pass
-
-
-class _PublicHTTPSConnection(_PublicPeerMixin, http._GuardedHTTPSConnection):
-    pass
-
-
-class _PublicHTTPPool(http._GuardedHTTPPool):
-    ConnectionCls = _PublicHTTPConnection
-
-
-class _PublicHTTPSPool(http._GuardedHTTPSPool):
-    ConnectionCls = _PublicHTTPSConnection
-
-
-class _PublicAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _PublicHTTPPool,
-            "https": _PublicHTTPSPool,
-        }
-
-
-_local = threading.local()
-
-
-def _session(allow_private: bool) -> requests.Session:
-    """This thread's webhook session (one per greenlet under gevent); no proxies from
-    the environment, and, unless private addresses are allowed, public peers only."""
-    sessions: dict[bool, requests.Session] = _local.__dict__.setdefault("sessions", {})
-    session = sessions.get(allow_private)
-    if session is None:
-        if allow_private:
-            session = http.guarded_session()
-        else:
-            session = requests.Session()
-            session.mount("http://", _PublicAdapter())
-            session.mount("https://", _PublicAdapter())
-        session.trust_env = False
-        sessions[allow_private] = session
-    return session
