@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.http_callbacks import router as callbacks_router
 from producers.http_guard import GuardMiddleware
@@ -49,7 +50,7 @@ from worker.jobstore import decode_text
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
 from worker.runtime import services
-from worker.settings import Settings, get_settings
+from worker.settings import ConfigurationError, Settings, get_settings
 
 logger = logging.getLogger("producers.http")
 
@@ -60,6 +61,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: uvicorn's loggers other than the access log (see AccessArgsRedactor).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
 ACCESS_LOGGER = "uvicorn.access"
+#: Where a setting that stops the app at start is reported (uvicorn's own log).
+STARTUP_LOGGER = "uvicorn.error"
 
 
 class Health(BaseModel):
@@ -150,9 +153,32 @@ def setup_logging(redactor: Redactor) -> None:
             access.addFilter(AccessArgsRedactor(redactor))
 
 
+class SettingsCheck:
+    """Stops the app at start, with one log line, when a setting is invalid.
+
+    An exception in the lifespan would make the server log its traceback; this answers the
+    startup with a failure of its own instead, so the log shows the one-line error
+    (:class:`~worker.settings.ConfigurationError` names the setting, never a secret).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                get_settings()
+            except ConfigurationError as exc:
+                await receive()  # lifespan.startup
+                logging.getLogger(STARTUP_LOGGER).error("%s", exc)
+                await send({"type": "lifespan.startup.failed", "message": ""})
+                return
+        await self.app(scope, receive, send)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()  # a bad setting stops the app here, with one line
+    settings = get_settings()  # checked already by SettingsCheck
     setup_logging(services().redactor)
     if not settings.api_tokens():
         logger.warning("REMIX_API_TOKENS is not set: the jobs API needs no token")
@@ -177,6 +203,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_tokens())
+app.add_middleware(SettingsCheck)
 app.include_router(jobs_router)
 app.include_router(uploads_router)
 app.include_router(callbacks_router)

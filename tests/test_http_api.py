@@ -42,8 +42,8 @@ WEBHOOK_KEY = f"whk-SECRET-{uuid.uuid4().hex}"
 NOTIFY_KEY = f"nfk-SECRET-{uuid.uuid4().hex}"
 
 
-def app_env(**overrides: str) -> dict[str, str]:
-    env = {
+def app_env(**overrides: str) -> dict[str, str | None]:
+    env: dict[str, str | None] = {
         "REDIS_URL": TEST_REDIS_URL,
         "RESULT_BACKEND_URL": TEST_REDIS_URL,
         # The app does not need the upstream key, but a deployment often hands it over
@@ -51,7 +51,7 @@ def app_env(**overrides: str) -> dict[str, str]:
         "KIE_API_KEY": SECRET_API_KEY,
         "KIE_WEBHOOK_HMAC_KEY": WEBHOOK_KEY,
         "REMIX_NOTIFY_HMAC_KEY": NOTIFY_KEY,
-        "REMIX_API_TOKENS": "",
+        "REMIX_API_TOKENS": None,  # unset (set, it must hold a token)
         "KIE_CALLBACK_URL": "",
     }
     env.update(overrides)
