@@ -10,8 +10,10 @@ document at ``/openapi.json`` (viewer at ``/docs``).
   ``/healthz``, the OpenAPI document and the callback route; ``/metrics`` needs a token.
 * Any Redis error answers ``503`` with one line of JSON (and logs one line); every log
   line passes the secret-redacting filter the workers use, uvicorn's included.
-* ``/healthz`` is a liveness probe: 200 whenever Redis answers (it lists the workers
-  whose heartbeat is recent, but does not depend on them), 503 when it does not.
+* ``/healthz`` is a readiness probe: 200 ``ok`` whenever Redis answers, 503 ``degraded``
+  when it does not. Anyone gets that status alone; a caller with a valid token (anyone,
+  when no tokens are set) also gets the details: Redis, the long-poll subscription and
+  the workers whose heartbeat is recent (host:pid), which the status does not depend on.
 * ``/metrics`` exports what the whole fleet counted in Redis, read at scrape time
   (:mod:`producers.metrics_export`).
 """
@@ -36,9 +38,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.http_callbacks import router as callbacks_router
-from producers.http_guard import GuardMiddleware
+from producers.http_guard import GuardMiddleware, authorized
 from producers.http_jobs import ErrorResponse, bearer
 from producers.http_jobs import router as jobs_router
 from producers.http_uploads import router as uploads_router
@@ -48,7 +51,7 @@ from worker import keys
 from worker.app import services
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
-from worker.settings import Settings, get_settings
+from worker.settings import ConfigurationError, Settings, get_settings
 from worker.store.jobs import decode_text
 
 logger = logging.getLogger("producers.http")
@@ -60,10 +63,21 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: uvicorn's loggers other than the access log (see AccessArgsRedactor).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
 ACCESS_LOGGER = "uvicorn.access"
+#: Where a setting that stops the app at start is reported (uvicorn's own log).
+STARTUP_LOGGER = "uvicorn.error"
 
 
-class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+class HealthStatus(BaseModel):
+    """What anyone may know: whether the app can serve."""
+
+    status: Literal["ok", "degraded"] = Field(
+        description="ok: Redis answers (200); degraded: it does not (503)."
+    )
+
+
+class Health(HealthStatus):
+    """The details, for a caller with a valid bearer token (anyone when no tokens are set)."""
+
     redis: Literal["ok", "unreachable"]
     long_poll: Literal["live", "reconnecting"] = Field(
         description="Whether the subscription that ends long polls at once is up."
@@ -85,6 +99,12 @@ class HealthProbe:
             if settings.redis_url == settings.backend_url
             else _probe_client(settings.redis_url)
         )
+
+    async def reachable(self) -> None:
+        """Ping the Redis servers; raises a RedisError if one is unreachable."""
+        await self.backend.ping()
+        if self.broker is not self.backend:
+            await self.broker.ping()
 
     async def live_workers(self) -> list[str]:
         """Names of the workers with a recent heartbeat; raises a RedisError if unreachable."""
@@ -150,9 +170,32 @@ def setup_logging(redactor: Redactor) -> None:
             access.addFilter(AccessArgsRedactor(redactor))
 
 
+class SettingsCheck:
+    """Stops the app at start, with one log line, when a setting is invalid.
+
+    An exception in the lifespan would make the server log its traceback; this answers the
+    startup with a failure of its own instead, so the log shows the one-line error
+    (:class:`~worker.settings.ConfigurationError` names the setting, never a secret).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                get_settings()
+            except ConfigurationError as exc:
+                await receive()  # lifespan.startup
+                logging.getLogger(STARTUP_LOGGER).error("%s", exc)
+                await send({"type": "lifespan.startup.failed", "message": ""})
+                return
+        await self.app(scope, receive, send)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()  # a bad setting stops the app here, with one line
+    settings = get_settings()  # checked already by SettingsCheck
     setup_logging(services().redactor)
     if not settings.api_tokens():
         logger.warning("REMIX_API_TOKENS is not set: the jobs API needs no token")
@@ -177,6 +220,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_tokens())
+app.add_middleware(SettingsCheck)
 app.include_router(jobs_router)
 app.include_router(uploads_router)
 app.include_router(callbacks_router)
@@ -214,13 +258,17 @@ async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 @app.get(
     "/healthz",
-    response_model=Health,
+    response_model=Health | HealthStatus,
     tags=["operations"],
-    summary="Liveness: Redis reachable (workers reported, not required)",
-    responses={503: {"model": Health, "description": "Redis is unreachable"}},
+    summary="Readiness: Redis reachable; details (workers, ...) with a valid token",
+    responses={503: {"model": Health | HealthStatus, "description": "Redis is unreachable"}},
+    # The token is optional: without it (or with a wrong one) the status comes alone.
+    openapi_extra={"security": [{}, {bearer.scheme_name: []}]},
 )
-async def healthz(request: Request) -> Health | JSONResponse:
+async def healthz(request: Request) -> Health | HealthStatus | JSONResponse:
     probe: HealthProbe = request.app.state.health
+    if not authorized(request.headers.get("authorization"), get_settings().api_tokens()):
+        return await _public_health(probe)
     watch: FinishedWatch = request.app.state.finished_watch
     long_poll: Literal["live", "reconnecting"] = "live" if watch.live else "reconnecting"
     try:
@@ -228,7 +276,7 @@ async def healthz(request: Request) -> Health | JSONResponse:
     except (redis.RedisError, OSError) as exc:
         logger.warning("health check: Redis unreachable (%s)", exc)
         down = Health(
-            status="unavailable",
+            status="degraded",
             redis="unreachable",
             long_poll=long_poll,
             workers_live=None,
@@ -239,6 +287,15 @@ async def healthz(request: Request) -> Health | JSONResponse:
     return Health(
         status="ok", redis="ok", long_poll=long_poll, workers_live=len(workers), workers=workers
     )
+
+
+async def _public_health(probe: HealthProbe) -> HealthStatus | JSONResponse:
+    try:
+        await probe.reachable()
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("health check: Redis unreachable (%s)", exc)
+        return JSONResponse(HealthStatus(status="degraded").model_dump(), status_code=503)
+    return HealthStatus(status="ok")
 
 
 @app.get(

@@ -6,8 +6,9 @@ its route's cap is refused with ``413`` after at most cap + one chunk was read.
 
 * Bearer auth applies when ``REMIX_API_TOKENS`` is set (comma-separated; any of them is
   accepted, each compared in constant time), to every path but the public ones: the
-  health probe, the OpenAPI document and its viewers, and the upstream's callback route
-  (the upstream cannot send our token; it is authenticated by its signature instead).
+  health probe (which shows its details only to an :func:`authorized` caller), the
+  OpenAPI document and its viewers, and the upstream's callback route (the upstream
+  cannot send our token; it is authenticated by its signature instead).
 * Caps are sized for the largest *legal* request as a JSON encoder may write it: a
   5,000-character prompt of emoji written as ``\\ud83d\\ude00`` escapes is 60 KB, its
   negative prompt 6 KB more, so one job may have :data:`JOB_BODY_MAX` and a batch of
@@ -73,6 +74,12 @@ def token_matches(header: str | None, tokens: list[str]) -> bool:
     return any(matches)
 
 
+def authorized(header: str | None, tokens: list[str]) -> bool:
+    """Whether a request with this ``Authorization`` header may use the guarded routes:
+    it carries one of ``tokens``, or there are none (no auth)."""
+    return not tokens or token_matches(header, tokens)
+
+
 class BodyTooLarge(Exception):
     """``ended``: the client has sent the whole body already (nothing is left to drain)."""
 
@@ -116,10 +123,9 @@ class GuardMiddleware:
         await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, scope: Scope) -> bool:
-        tokens = self.tokens()
-        if not tokens or not needs_token(scope["path"]):
+        if not needs_token(scope["path"]):
             return True
-        return token_matches(_header(scope, b"authorization"), tokens)
+        return authorized(_header(scope, b"authorization"), self.tokens())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

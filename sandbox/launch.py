@@ -249,7 +249,7 @@ def start_sandbox(
 
 
 def start_worker(
-    env: Mapping[str, str],
+    env: Mapping[str, str | None],
     *,
     concurrency: int = 2,
     pool: str | None = None,
@@ -262,7 +262,8 @@ def start_worker(
 ) -> ManagedProcess:
     """Run a Celery worker in its own process group and wait until it is ready.
 
-    :param env: variables added to this process's environment (``REDIS_URL``, ...).
+    :param env: variables added to this process's environment (``REDIS_URL``, ...); one
+        whose value is None is removed from it (a secret set but empty is refused).
     :param concurrency: the pool size (``-c``).
     :param pool: the pool implementation (``-P``), e.g. ``prefork`` or ``threads``.
     :param queues: the queues to consume (``-Q``); every queue when None.
@@ -280,7 +281,7 @@ def start_worker(
     command += ["-P", pool] if pool else []
     command += ["-Q", ",".join(queues)] if queues else []
     command += list(extra_args)
-    full_env = {**os.environ, **env}
+    full_env = _child_env(env)
     log_offset = _size(log_path)
     process = _spawn(command, full_env, log_path, "remixq-worker-")
     process.name = name.replace("%h", socket.gethostname())
@@ -290,7 +291,7 @@ def start_worker(
 
 
 def start_api(
-    env: Mapping[str, str],
+    env: Mapping[str, str | None],
     port: int | None = None,
     *,
     log_path: str | Path | None = None,
@@ -302,7 +303,8 @@ def start_api(
     Ready means ``/healthz`` answers at all: 503 (Redis unreachable) counts, so an app
     pointed at a Redis that is down can be started too.
 
-    :param env: variables added to this process's environment (``REDIS_URL``, ...).
+    :param env: variables added to this process's environment (``REDIS_URL``, ...); one
+        whose value is None is removed from it.
     :param port: the port to listen on (127.0.0.1); a free one when None.
     :param log_path: where its output goes; a temporary file when None.
     :param extra_args: further uvicorn options.
@@ -314,7 +316,7 @@ def start_api(
     port = free_port() if port is None else port
     command = [sys.executable, "-m", "uvicorn", "producers.http:app"]
     command += ["--host", LOOPBACK, "--port", str(port), *extra_args]
-    process = _spawn(command, {**os.environ, **env}, log_path, "remixq-api-")
+    process = _spawn(command, _child_env(env), log_path, "remixq-api-")
     process.url = f"http://{LOOPBACK}:{port}"
     _await_ready(process, lambda: _http_answers(f"{process.url}/healthz"), timeout, "HTTP app")
     return process
@@ -410,6 +412,12 @@ class _WorkerReadiness:
 def _working_dir() -> Path:
     """The repository root when this file sits in one, else the current directory."""
     return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
+
+
+def _child_env(env: Mapping[str, str | None]) -> dict[str, str]:
+    """This process's environment with ``env`` added; a variable given as None is removed."""
+    merged = {**os.environ, **env}
+    return {name: value for name, value in merged.items() if value is not None}
 
 
 def _spawn(

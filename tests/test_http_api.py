@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -42,8 +43,8 @@ WEBHOOK_KEY = f"whk-SECRET-{uuid.uuid4().hex}"
 NOTIFY_KEY = f"nfk-SECRET-{uuid.uuid4().hex}"
 
 
-def app_env(**overrides: str) -> dict[str, str]:
-    env = {
+def app_env(**overrides: str) -> dict[str, str | None]:
+    env: dict[str, str | None] = {
         "REDIS_URL": TEST_REDIS_URL,
         "RESULT_BACKEND_URL": TEST_REDIS_URL,
         # The app does not need the upstream key, but a deployment often hands it over
@@ -51,7 +52,7 @@ def app_env(**overrides: str) -> dict[str, str]:
         "KIE_API_KEY": SECRET_API_KEY,
         "KIE_WEBHOOK_HMAC_KEY": WEBHOOK_KEY,
         "REMIX_NOTIFY_HMAC_KEY": NOTIFY_KEY,
-        "REMIX_API_TOKENS": "",
+        "REMIX_API_TOKENS": None,  # unset (set, it must hold a token)
         "KIE_CALLBACK_URL": "",
     }
     env.update(overrides)
@@ -126,6 +127,29 @@ def test_healthz_reports_live_workers(fleet: list[ManagedProcess], client: httpx
     assert answer["status"] == "ok" and all(":" in name for name in answer["workers"])
 
 
+def test_healthz_shows_worker_names_and_pids_only_with_a_token(
+    fleet: list[ManagedProcess], authed_api: ManagedProcess
+) -> None:
+    worker = f"{socket.gethostname()}:{fleet[0].popen.pid}"
+    auth = {"Authorization": f"Bearer {TOKENS[0]}"}
+    with httpx.Client(base_url=str(authed_api.url), timeout=30) as http:
+
+        def details_naming_the_worker() -> dict[str, Any] | None:
+            answer: dict[str, Any] = http.get("/healthz", headers=auth).json()
+            return answer if worker in answer["workers"] else None
+
+        detailed = wait_until(details_naming_the_worker, timeout=15)
+        public = http.get("/healthz")
+        wrong_token = http.get("/healthz", headers={"Authorization": "Bearer nope"})
+
+    assert detailed["status"] == "ok" and detailed["workers_live"] >= 1
+    for answer in (public, wrong_token):
+        assert answer.status_code == 200
+        assert answer.json() == {"status": "ok"}
+        assert socket.gethostname() not in answer.text
+        assert str(fleet[0].popen.pid) not in answer.text
+
+
 def test_redis_unreachable_answers_503_with_one_line_of_json(log_dir: Path) -> None:
     dead = f"redis://{LOOPBACK}:{free_port()}/0"
     env = app_env(REDIS_URL=dead, RESULT_BACKEND_URL=dead)
@@ -148,7 +172,25 @@ def test_redis_unreachable_answers_503_with_one_line_of_json(log_dir: Path) -> N
         assert answer.headers["content-type"] == "application/json"
         assert "\n" not in answer.text and "Traceback" not in answer.text
         assert answer.json()
-    assert answers[0].json()["redis"] == "unreachable"
+    assert answers[0].json()["redis"] == "unreachable"  # no tokens set: the details show
+    assert answers[0].json()["status"] == "degraded"
+
+
+def test_healthz_without_a_token_says_only_degraded_when_redis_is_unreachable(
+    log_dir: Path,
+) -> None:
+    dead = f"redis://{LOOPBACK}:{free_port()}/0"
+    env = app_env(REDIS_URL=dead, RESULT_BACKEND_URL=dead, REMIX_API_TOKENS=TOKENS[0])
+    with (
+        start_api(env, log_path=log_dir / "http-authed-no-redis.log") as app,
+        httpx.Client(base_url=str(app.url), timeout=30) as http,
+    ):
+        public = http.get("/healthz")
+        detailed = http.get("/healthz", headers={"Authorization": f"Bearer {TOKENS[0]}"})
+
+    assert (public.status_code, public.json()) == (503, {"status": "degraded"})
+    assert detailed.status_code == 503
+    assert detailed.json()["status"] == "degraded" and detailed.json()["redis"] == "unreachable"
 
 
 # ------------------------------------------------------------------ enqueue and read

@@ -29,12 +29,12 @@ from worker.net.outbound import Guard, Refused, check_url
 pytestmark = pytest.mark.integration
 
 
-def app_env(**overrides: str) -> dict[str, str]:
-    env = {
+def app_env(**overrides: str) -> dict[str, str | None]:
+    env: dict[str, str | None] = {
         "REDIS_URL": TEST_REDIS_URL,
         "RESULT_BACKEND_URL": TEST_REDIS_URL,
         "KIE_API_KEY": f"sk-review-{uuid.uuid4().hex}",
-        "REMIX_API_TOKENS": "",
+        "REMIX_API_TOKENS": None,  # unset (set, it must hold a token)
         "KIE_CALLBACK_URL": "",
         "REMIX_NOTIFY_ALLOW_PRIVATE": "0",
     }

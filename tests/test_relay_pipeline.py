@@ -30,9 +30,9 @@ pytestmark = pytest.mark.integration
 JOB_TIMEOUT_S = 60
 
 
-def relay_worker_env(sandbox: ManagedProcess) -> dict[str, str]:
+def relay_worker_env(sandbox: ManagedProcess) -> dict[str, str | None]:
     return {
-        "KIE_API_KEY": "",
+        "KIE_API_KEY": None,  # unset (set, it must hold a key)
         "IDEOGRAM_BASE_URL": sandbox.url,
         "IDEOGRAM_API_KEY": RELAY_API_KEY,
         "IDEOGRAM_RATE_LIMIT": "1000/1s",
@@ -113,4 +113,4 @@ def test_a_worker_with_no_upstream_at_all_refuses_to_start(
     sandbox: ManagedProcess, start_workers: StartWorkers
 ) -> None:
     with pytest.raises(LaunchError, match="refusing to start"):
-        start_workers(1, KIE_API_KEY="", IDEOGRAM_BASE_URL="", IDEOGRAM_API_KEY="")
+        start_workers(1, KIE_API_KEY=None, IDEOGRAM_BASE_URL="", IDEOGRAM_API_KEY=None)

@@ -35,7 +35,7 @@ def test_a_worker_does_not_resend_a_relay_request_after_a_gateway_504(
 ) -> None:
     start_workers(
         1,
-        KIE_API_KEY="",
+        KIE_API_KEY=None,
         IDEOGRAM_BASE_URL=gateway_relay.url,
         IDEOGRAM_API_KEY=RELAY_API_KEY,
         IDEOGRAM_RATE_LIMIT="1000/1s",

@@ -12,6 +12,7 @@ from producers.http_guard import (
     BATCH_BODY_MAX,
     JOB_BODY_MAX,
     OTHER_BODY_MAX,
+    authorized,
     body_cap,
     needs_token,
     token_matches,
@@ -77,6 +78,12 @@ def test_anything_but_a_cursor_of_the_state_is_refused_as_a_field_error(cursor: 
 )
 def test_a_bearer_token_must_be_one_of_the_tokens(header: str | None, ok: bool) -> None:
     assert token_matches(header, ["tok-a", "tok-b"]) is ok
+
+
+def test_without_tokens_every_caller_is_authorized_and_with_them_only_a_token() -> None:
+    assert authorized(None, []) and authorized("Bearer anything", [])
+    assert authorized("Bearer tok-a", ["tok-a"])
+    assert not authorized(None, ["tok-a"]) and not authorized("Bearer tok-b", ["tok-a"])
 
 
 def test_public_paths_need_no_token() -> None:

@@ -11,6 +11,16 @@ from worker.settings import ConfigurationError, Settings, load_settings
 KEY = "sk-settings-0123456789abcdef"
 
 
+def refusal(monkeypatch: pytest.MonkeyPatch, name: str, raw: str) -> str:
+    """The one-line message with which loading the settings refuses ``name=raw``."""
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.mark.parametrize("name", ["KIE_API_KEY", "KIE_WEBHOOK_HMAC_KEY", "IDEOGRAM_API_KEY"])
 @pytest.mark.parametrize("raw", [KEY + "\n", KEY + "\r\n", f"  {KEY}\t\n"])
 def test_a_secret_read_from_a_file_loses_its_surrounding_whitespace(
@@ -25,18 +35,9 @@ def test_a_secret_read_from_a_file_loses_its_surrounding_whitespace(
 def test_a_secret_with_a_control_character_inside_is_refused_without_showing_it(
     monkeypatch: pytest.MonkeyPatch, raw: str
 ) -> None:
-    monkeypatch.setenv("KIE_API_KEY", raw)
-    with pytest.raises(ConfigurationError) as caught:
-        load_settings()
-    message = str(caught.value)
+    message = refusal(monkeypatch, "KIE_API_KEY", raw)
     assert "KIE_API_KEY" in message and "control character" in message
     assert KEY[:8] not in message and KEY[-8:] not in message
-    assert "\n" not in message
-
-
-def test_an_empty_secret_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KIE_API_KEY", " \n")
-    assert Settings().kie_api_key is None
 
 
 def test_records_must_outlive_every_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,11 +166,66 @@ def test_a_secret_file_goes_through_the_same_checks_as_the_variable(
 
 
 @pytest.mark.usefixtures("no_secrets_in_env")
-def test_an_empty_file_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KIE_API_KEY", KEY)
-    monkeypatch.setenv("KIE_API_KEY_FILE", "")
-    secret = load_settings().kie_api_key
-    assert secret is not None and secret.get_secret_value() == KEY
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("raw", ["", " ", " \n", "\t\r\n"])
+def test_a_secret_set_but_empty_is_refused_not_read_as_unset(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    """``KIE_WEBHOOK_HMAC_KEY=""`` must not turn the callback check off, nor
+    ``REMIX_API_TOKENS=""`` the API's auth: a secret that is set must hold something."""
+    message = refusal(monkeypatch, name, raw)
+    assert f"{name}: " in message and "empty" in message
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+def test_an_unset_secret_stays_unset(name: str) -> None:
+    assert getattr(load_settings(), name.lower()) is None
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_a_file_variable_set_but_empty_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    """``REMIX_API_TOKENS_FILE=${UNSET}`` names no file: that must not open the API."""
+    assert f"{name}_FILE is set but empty" in refusal(monkeypatch, f"{name}_FILE", raw)
+
+
+TOKEN = "tok-SECRET-0123456789abcdef"
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize(
+    "raw",
+    [",", " , ", ",,\n", f"{TOKEN},,tok-b", f"{TOKEN},", f",{TOKEN}", f"{TOKEN}, ,tok-b"],
+)
+def test_a_token_list_with_an_empty_entry_is_refused_without_showing_a_token(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """An empty list would turn the API's auth off; an empty entry is a malformed list."""
+    message = refusal(monkeypatch, "REMIX_API_TOKENS", raw)
+    assert message.startswith("invalid configuration: REMIX_API_TOKENS: ")
+    assert TOKEN[:8] not in message and "tok-b" not in message
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize("content", [",", " , \n", f"{TOKEN},,tok-b\n"])
+def test_a_tokens_file_with_an_empty_entry_is_refused_naming_the_file_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str
+) -> None:
+    (tmp_path / "tokens").write_text(content)
+    monkeypatch.setenv("REMIX_API_TOKENS_FILE", str(tmp_path / "tokens"))
+    with pytest.raises(ConfigurationError, match="REMIX_API_TOKENS_FILE: ") as caught:
+        load_settings()
+    assert TOKEN[:8] not in str(caught.value) and "tok-b" not in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_tokens_are_split_on_commas_and_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMIX_API_TOKENS", f" {TOKEN} ,tok-b\n")
+    assert load_settings().api_tokens() == [TOKEN, "tok-b"]
 
 
 @pytest.mark.usefixtures("no_secrets_in_env")

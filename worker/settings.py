@@ -6,7 +6,9 @@ them. A secret often comes from a file (a Kubernetes or Docker secret) that ends
 newline: surrounding whitespace is stripped, and a control character *inside* a secret is
 refused at start, because it would end up escaped in an HTTP error message. Every secret
 may also be given as the path of a file holding it: ``KIE_API_KEY_FILE`` instead of
-``KIE_API_KEY`` (and so on, :data:`SECRET_NAMES`), never both.
+``KIE_API_KEY`` (and so on, :data:`SECRET_NAMES`), never both. A secret (or its file
+variable) that is set but holds nothing is refused at start, never read as unset: an empty
+token list would open the HTTP API, an empty HMAC key would turn a signature off.
 
 The knobs are also checked against each other, so that for example a job record cannot
 expire while its job may still run.
@@ -21,7 +23,14 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -109,17 +118,41 @@ def check_redis_url(value: str) -> str:
 
 
 def clean_secret(value: Any) -> Any:
-    """Strip surrounding whitespace; empty means unset; refuse control characters inside."""
+    """Strip surrounding whitespace; refuse an empty value and control characters inside.
+
+    ``None`` (unset) stays ``None``. Messages never echo the value: it is a secret.
+    """
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if not isinstance(value, str):
         return value
     value = value.strip()
     if not value:
-        return None
+        raise ValueError("is set but empty; give it a value or unset it")
     if _CONTROL_CHARACTER.search(value):
-        # Never echo the value: it is a secret.
         raise ValueError("contains a control character (a line break or similar) inside")
+    return value
+
+
+def parse_api_tokens(text: str) -> list[str]:
+    """``"tok-a, tok-b"`` -> ``["tok-a", "tok-b"]``: the bearer tokens of ``REMIX_API_TOKENS``.
+
+    An empty entry (``","``, ``"a,,b"``, ``"a,"``) raises ``ValueError``, whose message
+    quotes no token: a list that holds no token would turn the API's auth off.
+    """
+    tokens = [entry.strip() for entry in text.split(",")]
+    if not any(tokens):
+        raise ValueError("holds no token, only commas or spaces")
+    if not all(tokens):
+        raise ValueError("has an empty entry (two commas in a row, or one at an end)")
+    return tokens
+
+
+def check_secret(name: str, value: Any) -> Any:
+    """The secret setting ``name`` cleaned (:func:`clean_secret`) and, for a list, parsed."""
+    value = clean_secret(value)
+    if name == "remix_api_tokens" and value is not None:
+        parse_api_tokens(value)
     return value
 
 
@@ -147,6 +180,15 @@ def read_secret_file(name: str, path: str) -> str:
         # Naming a file is asking for the secret: an empty one must not turn it off.
         raise ValueError(f"{variable}: {path!r} is empty")
     return text
+
+
+def _secret_from_file(name: str, path: str) -> Any:
+    """The secret ``name`` read from ``path`` and checked; errors name ``<NAME>_FILE``."""
+    text = read_secret_file(name, path)
+    try:
+        return check_secret(name, text)
+    except ValueError as exc:
+        raise ValueError(f"{name.upper()}_FILE: {path!r} {exc}") from None
 
 
 def _blank(value: Any) -> bool:
@@ -272,7 +314,8 @@ class Settings(BaseSettings):
     #: (which the signature does not cover): 2 upstream requests per job instead of 1.
     kie_callback_confirm: bool = False
 
-    #: Bearer tokens that may use the HTTP API (comma-separated); unset: no auth.
+    #: Bearer tokens that may use the HTTP API (comma-separated); unset: no auth. Set, it
+    #: must hold at least one token and no empty entry.
     remix_api_tokens: SecretStr | None = None
     #: Signs completion webhooks (``notify_url``); unset: they are sent unsigned.
     remix_notify_hmac_key: SecretStr | None = None
@@ -342,13 +385,15 @@ class Settings(BaseSettings):
         data = dict(data)
         for name in SECRET_NAMES:
             path = data.get(f"{name}_file")
-            if _blank(path):
+            if path is None:
                 continue
-            if not _blank(data.get(name)):
+            if _blank(path):
+                raise ValueError(f"{name.upper()}_FILE is set but empty; name a file or unset it")
+            if data.get(name) is not None:
                 raise ValueError(
                     f"{name.upper()} and {name.upper()}_FILE are both set; set only one"
                 )
-            data[name] = read_secret_file(name, str(path).strip())
+            data[name] = _secret_from_file(name, str(path).strip())
         return data
 
     @field_validator(
@@ -360,8 +405,8 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _clean_secret(cls, value: Any) -> Any:
-        return clean_secret(value)
+    def _clean_secret(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_secret(str(info.field_name), value)
 
     @field_validator("kie_api_key", "ideogram_api_key")
     @classmethod
@@ -481,11 +526,11 @@ class Settings(BaseSettings):
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     def api_tokens(self) -> list[str]:
-        """The bearer tokens of ``REMIX_API_TOKENS`` (empty: the HTTP API needs none)."""
+        """The bearer tokens of ``REMIX_API_TOKENS`` (empty only when it is unset: then the
+        HTTP API needs none)."""
         if self.remix_api_tokens is None:
             return []
-        raw = self.remix_api_tokens.get_secret_value().split(",")
-        return [token.strip() for token in raw if token.strip()]
+        return parse_api_tokens(self.remix_api_tokens.get_secret_value())
 
     @property
     def archive_enabled(self) -> bool:

@@ -4,7 +4,9 @@ Every answer becomes either parsed data or a typed error from :mod:`worker.upstr
 code may come as ``code`` in a JSON body or as the HTTP status; when the body is not JSON
 (a proxy's HTML page, a plain-text error) the HTTP status alone decides, so an HTML 429
 still holds the fleet and a plain-text 402 still pauses the key. Every request has a
-total deadline (:mod:`worker.net.deadline`), so no single request outlives the job's lease.
+total deadline (:mod:`worker.net.deadline`), so no single request outlives the job's lease, and
+an answer is read up to :data:`MAX_ANSWER_BYTES` only: a longer one is unreadable, like
+one that is not JSON.
 
 The ``Authorization`` header is only ever set on the session: it is never formatted into
 a message, upstream text is redacted before it is shortened, and transport exceptions
@@ -43,6 +45,11 @@ CREATE_TASK_PATH = "/api/v1/jobs/createTask"
 RECORD_INFO_PATH = "/api/v1/jobs/recordInfo"
 CREDIT_PATH = "/api/v1/chat/credit"
 SUCCESS_CODE = 200
+#: The largest answer read from an upstream; the answers are small JSON (a task id, a
+#: state, a few URLs), so a longer one is a broken or hostile upstream and is not read on.
+MAX_ANSWER_BYTES = 1024 * 1024
+#: An answer is read this much at a time (so at most this much past the cap).
+READ_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,19 +151,52 @@ def _read_code(value: Any) -> int | None:
     return None
 
 
-def non_json_error(status: int, text: str, retry_after: float | None) -> UpstreamError:
-    """The error for an answer that is not a JSON object (``text`` already redacted).
+def unreadable_error(status: int, message: str, retry_after: float | None) -> UpstreamError:
+    """The error for an answer whose body cannot be read (``message`` says why).
 
     The HTTP status decides; a 200 is a malformed answer, and a 5xx page is a gateway's,
-    which may have passed the request on (ambiguous).
+    which may have passed the request on (both ambiguous: for createTask the task may
+    exist).
     """
-    shown = excerpt(text)
     if status == SUCCESS_CODE:
-        return BadAnswerError(f"answer is not a JSON object: {shown}")
-    message = f"non-JSON answer (HTTP {status}): {shown}"
+        return BadAnswerError(message)
     if status >= 500:
         return ServerError(message, retry_after=retry_after, status=status, ambiguous=True)
     return error_for_code(status, message, retry_after=retry_after)
+
+
+def non_json_error(status: int, text: str, retry_after: float | None) -> UpstreamError:
+    """The error for an answer that is not a JSON object (``text`` already redacted)."""
+    shown = excerpt(text)
+    if status == SUCCESS_CODE:
+        return unreadable_error(status, f"answer is not a JSON object: {shown}", retry_after)
+    return unreadable_error(status, f"non-JSON answer (HTTP {status}): {shown}", retry_after)
+
+
+def oversized_error(response: requests.Response) -> UpstreamError:
+    """The error for an answer longer than :data:`MAX_ANSWER_BYTES` (not read in full)."""
+    status = response.status_code
+    message = f"answer (HTTP {status}) longer than {MAX_ANSWER_BYTES} bytes, not read"
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    return unreadable_error(status, message, retry_after)
+
+
+def read_capped(response: requests.Response, cap: int = MAX_ANSWER_BYTES) -> bytes | None:
+    """The body of a streamed answer, or None when it is longer than ``cap`` bytes.
+
+    A declared ``Content-Length`` over the cap is refused before any of the body is read;
+    otherwise reading stops at most :data:`READ_CHUNK_BYTES` past the cap (decoded bytes,
+    so a compressed body cannot expand past it either).
+    """
+    declared = response.headers.get("Content-Length", "").strip()
+    if declared.isascii() and declared.isdigit() and int(declared) > cap:
+        return None
+    body = bytearray()
+    for chunk in response.iter_content(READ_CHUNK_BYTES):
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
 
 
 def error_from_response(
@@ -217,12 +257,15 @@ def call_upstream(
     timeout, total = timing
     try:
         with deadline(total) as limit:
-            response = session.request(method, where, timeout=timeout, **kwargs)
-            content = response.content
+            response = session.request(method, where, timeout=timeout, stream=True, **kwargs)
+            with response:  # an answer not read to its end closes its connection
+                content = read_capped(response)
     except requests.RequestException as exc:
         if limit.expired:
             raise _deadline_error(where, total) from None
         raise error_for_exception(exc, base_url) from None
+    if content is None:
+        raise oversized_error(response)
     # An answer read in full counts even if the deadline passed meanwhile: for
     # createTask it holds a task id we must not throw away.
     text = content.decode(_known_encoding(response.encoding), errors="replace")

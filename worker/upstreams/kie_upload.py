@@ -4,8 +4,8 @@ createTask takes image URLs only, so the worker uploads a job's files just befor
 createTask (:mod:`worker.policies.submit`) and sends the URLs the upload answers. The API
 lives on its own host (``KIE_UPLOAD_BASE_URL``) but takes the same key and answers with the
 same envelope, so this client shares :class:`~worker.upstreams.kie.KieClient`'s session, total
-deadline, error mapping (:func:`worker.upstreams.kie.error_from_response`) and redaction. The
-upstream deletes uploaded files after 3 days (:data:`UPLOAD_LIFETIME_S`).
+deadline, answer cap, error mapping (:func:`worker.upstreams.kie.error_from_response`) and
+redaction. The upstream deletes uploaded files after 3 days (:data:`UPLOAD_LIFETIME_S`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ failure reason from ``data.task_status_msg``. A status answer becomes the same
 :class:`worker.upstreams.kie.TaskInfo` as kie.ai's, so the poll policy needs no branch.
 
 As in :mod:`worker.upstreams.kie`: the bearer header lives on the session only, upstream text is
-redacted before it is shortened, transport exceptions become messages of our own, and
-every request has a total deadline (a longer one for the remix request, which generates).
+redacted before it is shortened, transport exceptions become messages of our own, an
+answer is read up to :data:`worker.upstreams.kie.MAX_ANSWER_BYTES` only, and every request has a
+total deadline (a longer one for the remix request, which generates).
 """
 
 from __future__ import annotations
