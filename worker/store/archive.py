@@ -30,14 +30,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import redis
-
 from worker import keys
-from worker.lua import load_script
 from worker.models import Archive, ArchivedImage, JobRecord
 from worker.settings import Settings
-from worker.store.jobs import SEND_MARGIN_S, decode_text, read_record
-from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+from worker.store.jobs import decode_text
+from worker.store.side_work import HasJobStore, PerClient, SideSchedule
 
 #: The entry's token: only the message carrying the latest one may archive.
 ARCHIVE_TOKEN_FIELD = "_archive_token"
@@ -75,17 +72,19 @@ class ArchiveTarget:
     token: int
 
 
-class ArchiveSchedule:
+class ArchiveSchedule(SideSchedule):
     """Claims due archiving, reads what a step needs and records outcomes.
 
     Parameters:
         client: a redis-py client for the result backend's database (job records).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._claim = load_script(client, "claim_archive")
-        self._end = load_script(client, "archive_end")
+    SCHEDULE = keys.ARCHIVE_SCHEDULE
+    IN_FLIGHT = keys.ARCHIVE_IN_FLIGHT
+    OTHER_IN_FLIGHT = keys.NOTIFY_IN_FLIGHT
+    TOKEN_FIELD = ARCHIVE_TOKEN_FIELD
+    CLAIM_SCRIPT = "claim_archive"
+    END_SCRIPT = "archive_end"
 
     def claim(
         self,
@@ -102,26 +101,13 @@ class ArchiveSchedule:
         steps and webhooks together hold at most half (None: no fleet-wide limit); see
         ``claim_archive.lua``.
         """
-        args = [
-            keys.JOB_PREFIX,
-            limit,
-            archive_lease_per_image_s(settings),
-            "" if oldest_waiting is None else repr(oldest_waiting),
-            SEND_MARGIN_S,
-            ARCHIVE_LEASE_MARGIN_S,
-            most_in_fleet(fleet_slots),
-            HOLD_FIRST_S,
-            ARCHIVE_HOLD_MAX_S,
-        ]
-        in_flight = [keys.ARCHIVE_IN_FLIGHT, keys.NOTIFY_IN_FLIGHT]
-        flat = self._claim(keys=[keys.ARCHIVE_SCHEDULE, *in_flight], args=args)
+        own = [archive_lease_per_image_s(settings), ARCHIVE_LEASE_MARGIN_S]
+        claimed = self._claimed(limit, oldest_waiting, fleet_slots, ARCHIVE_HOLD_MAX_S, own, 3)
         return [
             ArchiveDispatch(
-                job_id=decode_text(flat[i]),
-                token=int(flat[i + 1]),
-                resent=decode_text(flat[i + 2]) == "1",
+                job_id=decode_text(job_id), token=int(token), resent=decode_text(lost) == "1"
             )
-            for i in range(0, len(flat), 3)
+            for job_id, token, lost in claimed
         ]
 
     def due_now(self, items: list[ArchiveDispatch]) -> None:
@@ -134,11 +120,8 @@ class ArchiveSchedule:
 
     def target(self, job_id: str) -> ArchiveTarget | None:
         """The job's public record and archive token (None: no such job)."""
-        found = read_record(self.redis, job_id)
-        if found is None:
-            return None
-        record, fields = found
-        return ArchiveTarget(record=record, token=int(fields.get(ARCHIVE_TOKEN_FIELD) or 0))
+        found = self._read(job_id)
+        return None if found is None else ArchiveTarget(record=found[0], token=found[2])
 
     def end(
         self,
@@ -165,16 +148,7 @@ class ArchiveSchedule:
             keys.NOTIFY_SCHEDULE,
             keys.ARCHIVE_IN_FLIGHT,
         ]
-        return decode_text(self._end(keys=job_keys, args=args))
-
-    def due(self, job_id: str) -> float | None:
-        """When the job's next archiving try is due (None when none is scheduled)."""
-        score = self.redis.zscore(keys.ARCHIVE_SCHEDULE, job_id)
-        return None if score is None else float(score)
-
-    def size(self) -> int:
-        """Jobs whose archiving has not ended yet."""
-        return int(self.redis.zcard(keys.ARCHIVE_SCHEDULE))
+        return self._ended(job_keys, args)
 
 
 _schedules = PerClient(ArchiveSchedule)

@@ -37,8 +37,8 @@ from worker import keys
 from worker.lua import load_script
 from worker.models import JobRecord, Notification
 from worker.settings import Settings
-from worker.store.jobs import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text, read_record
-from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+from worker.store.jobs import NOTIFY_URL_FIELD, decode_text
+from worker.store.side_work import HasJobStore, PerClient, SideSchedule
 
 #: The webhook's token: only the message carrying the latest one may deliver.
 NOTIFY_TOKEN_FIELD = "_notify_token"
@@ -79,17 +79,22 @@ class NotifyTarget:
     token: int
 
 
-class NotifyStore:
+class NotifyStore(SideSchedule):
     """Claims webhooks, reads what a delivery needs and records outcomes.
 
     Parameters:
         client: a redis-py client for the result backend's database (job records).
     """
 
+    SCHEDULE = keys.NOTIFY_SCHEDULE
+    IN_FLIGHT = keys.NOTIFY_IN_FLIGHT
+    OTHER_IN_FLIGHT = keys.ARCHIVE_IN_FLIGHT
+    TOKEN_FIELD = NOTIFY_TOKEN_FIELD
+    CLAIM_SCRIPT = "claim_notify"
+    END_SCRIPT = "notify_end"
+
     def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._claim = load_script(client, "claim_notify")
-        self._end = load_script(client, "notify_end")
+        super().__init__(client)
         self._unsent = load_script(client, "notify_unsent")
 
     def claim(
@@ -106,31 +111,24 @@ class NotifyStore:
         when it is empty); ``fleet_slots``: the fleet's worker slots (None: no fleet-wide
         limit); see ``claim_notify.lua``.
         """
-        args = [
-            keys.JOB_PREFIX,
+        own = [
+            notify_lease_s(settings),
             keys.NOTIFY_RECEIVER_PREFIX,
             keys.NOTIFY_BUSY_PREFIX,
-            limit,
-            notify_lease_s(settings),
-            "" if oldest_waiting is None else repr(oldest_waiting),
-            SEND_MARGIN_S,
             MOST_IN_FLIGHT_PER_RECEIVER,
-            HOLD_FIRST_S,
-            settings.remix_notify_timeout_s,
-            most_in_fleet(fleet_slots),
         ]
-        flat = self._claim(
-            keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT, keys.ARCHIVE_IN_FLIGHT], args=args
-        )
+        hold_max = settings.remix_notify_timeout_s
         return [
             NotifyDispatch(
-                job_id=decode_text(flat[i]),
-                token=int(flat[i + 1]),
-                receiver=decode_text(flat[i + 2]),
-                due=float(flat[i + 3]),
-                resent=decode_text(flat[i + 4]) == "1",
+                job_id=decode_text(job_id),
+                token=int(token),
+                receiver=decode_text(receiver),
+                due=float(due),
+                resent=decode_text(lost) == "1",
             )
-            for i in range(0, len(flat), 5)
+            for job_id, token, receiver, due, lost in self._claimed(
+                limit, oldest_waiting, fleet_slots, hold_max, own, 5
+            )
         ]
 
     def unsent(self, items: list[NotifyDispatch]) -> int:
@@ -144,16 +142,12 @@ class NotifyStore:
 
     def target(self, job_id: str) -> NotifyTarget | None:
         """The job's public record, webhook URL and webhook token (None: no such job)."""
-        found = read_record(self.redis, job_id)
+        found = self._read(job_id)
         if found is None:
             return None
-        record, fields = found
+        record, fields, token = found
         url = fields.get(NOTIFY_URL_FIELD)
-        return NotifyTarget(
-            record=record,
-            url=url if isinstance(url, str) else None,
-            token=int(fields.get(NOTIFY_TOKEN_FIELD) or 0),
-        )
+        return NotifyTarget(record=record, url=url if isinstance(url, str) else None, token=token)
 
     def end(
         self,
@@ -180,16 +174,7 @@ class NotifyStore:
             keys.notify_busy(receiver),
             keys.NOTIFY_IN_FLIGHT,
         ]
-        return decode_text(self._end(keys=job_keys, args=args))
-
-    def due(self, job_id: str) -> float | None:
-        """When the job's webhook is next due (None when none is scheduled)."""
-        score = self.redis.zscore(keys.NOTIFY_SCHEDULE, job_id)
-        return None if score is None else float(score)
-
-    def size(self) -> int:
-        """Webhooks not yet delivered or given up."""
-        return int(self.redis.zcard(keys.NOTIFY_SCHEDULE))
+        return self._ended(job_keys, args)
 
 
 _stores = PerClient(NotifyStore)
