@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from worker import keys
 from worker.models import Archive, ArchivedImage, JobRecord
@@ -72,7 +73,7 @@ class ArchiveTarget:
     token: int
 
 
-class ArchiveSchedule(SideSchedule):
+class ArchiveSchedule(SideSchedule[ArchiveDispatch]):
     """Claims due archiving, reads what a step needs and records outcomes.
 
     Parameters:
@@ -85,30 +86,16 @@ class ArchiveSchedule(SideSchedule):
     TOKEN_FIELD = ARCHIVE_TOKEN_FIELD
     CLAIM_SCRIPT = "claim_archive"
     END_SCRIPT = "archive_end"
+    CLAIM_WIDTH = 3
 
-    def claim(
-        self,
-        limit: int,
-        settings: Settings,
-        *,
-        oldest_waiting: float | None = None,
-        fleet_slots: int | None = None,
-    ) -> list[ArchiveDispatch]:
-        """Up to ``limit`` due entries, each with a new token and a lease.
+    def _claim_args(self, settings: Settings) -> tuple[float, list[Any]]:
+        return ARCHIVE_HOLD_MAX_S, [archive_lease_per_image_s(settings), ARCHIVE_LEASE_MARGIN_S]
 
-        ``oldest_waiting``: send time of the archive queue's oldest waiting message (None
-        when it is empty); ``fleet_slots``: the fleet's worker slots, of which archive
-        steps and webhooks together hold at most half (None: no fleet-wide limit); see
-        ``claim_archive.lua``.
-        """
-        own = [archive_lease_per_image_s(settings), ARCHIVE_LEASE_MARGIN_S]
-        claimed = self._claimed(limit, oldest_waiting, fleet_slots, ARCHIVE_HOLD_MAX_S, own, 3)
-        return [
-            ArchiveDispatch(
-                job_id=decode_text(job_id), token=int(token), resent=decode_text(lost) == "1"
-            )
-            for job_id, token, lost in claimed
-        ]
+    def _dispatch(self, values: list[Any]) -> ArchiveDispatch:
+        job_id, token, lost = values
+        return ArchiveDispatch(
+            job_id=decode_text(job_id), token=int(token), resent=decode_text(lost) == "1"
+        )
 
     def due_now(self, items: list[ArchiveDispatch]) -> None:
         """Make claimed entries due at once: their messages never left (broker refused)."""

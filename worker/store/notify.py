@@ -79,7 +79,7 @@ class NotifyTarget:
     token: int
 
 
-class NotifyStore(SideSchedule):
+class NotifyStore(SideSchedule[NotifyDispatch]):
     """Claims webhooks, reads what a delivery needs and records outcomes.
 
     Parameters:
@@ -92,44 +92,30 @@ class NotifyStore(SideSchedule):
     TOKEN_FIELD = NOTIFY_TOKEN_FIELD
     CLAIM_SCRIPT = "claim_notify"
     END_SCRIPT = "notify_end"
+    CLAIM_WIDTH = 5
 
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(client)
         self._unsent = load_script(client, "notify_unsent")
 
-    def claim(
-        self,
-        limit: int,
-        settings: Settings,
-        *,
-        oldest_waiting: float | None = None,
-        fleet_slots: int | None = None,
-    ) -> list[NotifyDispatch]:
-        """Up to ``limit`` due webhooks, each with a new token and a lease.
-
-        ``oldest_waiting``: send time of the notify queue's oldest waiting message (None
-        when it is empty); ``fleet_slots``: the fleet's worker slots (None: no fleet-wide
-        limit); see ``claim_notify.lua``.
-        """
+    def _claim_args(self, settings: Settings) -> tuple[float, list[Any]]:
         own = [
             notify_lease_s(settings),
             keys.NOTIFY_RECEIVER_PREFIX,
             keys.NOTIFY_BUSY_PREFIX,
             MOST_IN_FLIGHT_PER_RECEIVER,
         ]
-        hold_max = settings.remix_notify_timeout_s
-        return [
-            NotifyDispatch(
-                job_id=decode_text(job_id),
-                token=int(token),
-                receiver=decode_text(receiver),
-                due=float(due),
-                resent=decode_text(lost) == "1",
-            )
-            for job_id, token, receiver, due, lost in self._claimed(
-                limit, oldest_waiting, fleet_slots, hold_max, own, 5
-            )
-        ]
+        return settings.remix_notify_timeout_s, own
+
+    def _dispatch(self, values: list[Any]) -> NotifyDispatch:
+        job_id, token, receiver, due, lost = values
+        return NotifyDispatch(
+            job_id=decode_text(job_id),
+            token=int(token),
+            receiver=decode_text(receiver),
+            due=float(due),
+            resent=decode_text(lost) == "1",
+        )
 
     def unsent(self, items: list[NotifyDispatch]) -> int:
         """Make claimed webhooks due at once: their messages never left (broker refused)."""

@@ -14,6 +14,7 @@ import redis
 from worker import keys
 from worker.lua import load_script
 from worker.models import JobRecord
+from worker.settings import Settings
 from worker.store.jobs import SEND_MARGIN_S, JobStore, decode_text, read_record
 
 #: First pause of an entry held back by a limit; it doubles each time, up to the kind's
@@ -21,6 +22,9 @@ from worker.store.jobs import SEND_MARGIN_S, JobStore, decode_text, read_record
 HOLD_FIRST_S = 0.25
 #: The fleet-wide limit when the fleet's size is unknown (a claim made outside a worker).
 UNLIMITED = 1_000_000
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 
 class HasJobStore(Protocol):
@@ -35,11 +39,11 @@ def most_in_fleet(fleet_slots: int | None) -> int:
     return UNLIMITED if fleet_slots is None else max(1, fleet_slots // 2)
 
 
-class SideSchedule:
+class SideSchedule(Generic[D]):
     """What a side-work schedule (webhooks, archiving) is made of: a sorted set of job ids
     scored by when their next try is due, a set of those in flight, a token field on the
-    job, a claim script and an end script. Subclasses name them and build the scripts'
-    arguments.
+    job, a claim script and an end script. Subclasses name them, build their own arguments
+    and read what a claim hands out (a ``D``).
 
     Parameters:
         client: a redis-py client for the result backend's database (job records).
@@ -51,27 +55,32 @@ class SideSchedule:
     OTHER_IN_FLIGHT: ClassVar[str]
     #: The job field holding the latest token: only the message carrying it may act.
     TOKEN_FIELD: ClassVar[str]
-    #: The Lua scripts that hand entries out and record outcomes.
+    #: The Lua scripts that hand entries out and record outcomes; values per handed entry.
     CLAIM_SCRIPT: ClassVar[str]
     END_SCRIPT: ClassVar[str]
+    CLAIM_WIDTH: ClassVar[int]
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._claim = load_script(client, self.CLAIM_SCRIPT)
         self._end = load_script(client, self.END_SCRIPT)
 
-    def _claimed(
+    def claim(
         self,
         limit: int,
-        oldest_waiting: float | None,
-        fleet_slots: int | None,
-        hold_max: float,
-        own: list[Any],
-        width: int,
-    ) -> list[list[Any]]:
-        """Run the claim script (see ``claim_side_work`` in ``side_work.lua`` for the
-        arguments both kinds share, then ``own``); its flat answer cut into entries of
-        ``width`` values."""
+        settings: Settings,
+        *,
+        oldest_waiting: float | None = None,
+        fleet_slots: int | None = None,
+    ) -> list[D]:
+        """Up to ``limit`` due entries, each with a new token and a lease.
+
+        ``oldest_waiting``: send time of the kind's queue's oldest waiting message (None
+        when it is empty); ``fleet_slots``: the fleet's worker slots, of which webhooks and
+        archive steps together hold at most half (None: no fleet-wide limit). See
+        ``claim_side_work`` in ``side_work.lua`` for the arguments both kinds share.
+        """
+        hold_max, own = self._claim_args(settings)
         args = [
             keys.JOB_PREFIX,
             limit,
@@ -83,7 +92,17 @@ class SideSchedule:
             *own,
         ]
         flat = self._claim(keys=[self.SCHEDULE, self.IN_FLIGHT, self.OTHER_IN_FLIGHT], args=args)
-        return [flat[i : i + width] for i in range(0, len(flat), width)]
+        width = self.CLAIM_WIDTH
+        return [self._dispatch(flat[i : i + width]) for i in range(0, len(flat), width)]
+
+    def _claim_args(self, settings: Settings) -> tuple[float, list[Any]]:
+        """The longest pause of an entry held back by a limit, and the arguments of the
+        kind's own claim script that follow the shared ones."""
+        raise NotImplementedError
+
+    def _dispatch(self, values: list[Any]) -> D:
+        """One entry of the claim script's answer (:data:`CLAIM_WIDTH` values)."""
+        raise NotImplementedError
 
     def _read(self, job_id: str) -> tuple[JobRecord, dict[str, Any], int] | None:
         """The job's public record, every field and the current token (None: no such job)."""
@@ -105,9 +124,6 @@ class SideSchedule:
     def size(self) -> int:
         """Entries that have not ended yet."""
         return int(self.redis.zcard(self.SCHEDULE))
-
-
-T = TypeVar("T")
 
 
 class PerClient(Generic[T]):
