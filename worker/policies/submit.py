@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 from worker import keys
+from worker.fields import BlobRef
 from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
 from worker.logs import job_context, job_fields, note
@@ -188,12 +189,9 @@ def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, s
         if isinstance(done, dict) and _fresh(svc, done):
             urls[ref.blob] = str(done["url"])
             continue
-        try:
-            data = svc.blobs.get(ref)
-        except BlobMissing as exc:
-            return _fail_unsent(svc, job, "image_missing", str(exc))
-        except BlobStoreError as exc:  # the store is away: tried again like a network error
-            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
+        data = _read_blob(svc, job, ref)
+        if isinstance(data, str):
+            return data
         try:
             url = svc.uploader().upload(data, ref.name, ref.content_type)
         except UpstreamError as exc:
@@ -205,6 +203,17 @@ def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, s
         remembered: dict[str, Any] = {UPLOADS_FIELD: uploads}
         svc.store.update(job.job_id, token=job.token, **remembered)
     return urls
+
+
+def _read_blob(svc: Services, job: Job, ref: BlobRef) -> bytes | str:
+    """A source image's bytes, read from the blob store once per step; or what happened
+    instead: a blob that is gone fails the job, a store that is away retries it later."""
+    try:
+        return svc.blobs.get(ref)
+    except BlobMissing as exc:
+        return _fail_unsent(svc, job, "image_missing", str(exc))
+    except BlobStoreError as exc:  # the store is away: tried again like a network error
+        return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
 
 
 def _fresh(svc: Services, upload: dict[str, Any]) -> bool:
@@ -251,12 +260,9 @@ def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixReques
     (kie's) first; or what happened instead (the job failed, waits, or retries later)."""
     if isinstance(request, IdeogramRemixRequest):
         ref = request.image_file
-        try:
-            image = svc.blobs.get(ref)
-        except BlobMissing as exc:
-            return _fail_unsent(svc, job, "image_missing", str(exc))
-        except BlobStoreError as exc:  # the store is away: tried again like a network error
-            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
+        image = _read_blob(svc, job, ref)
+        if isinstance(image, str):
+            return image
         return lambda: svc.relay_client().remix(request.image_request(), image, ref)
     uploaded = _upload_files(svc, job, request)
     if isinstance(uploaded, str):
