@@ -1,28 +1,13 @@
 """Archiving in Redis: the archive schedule, its tokens and leases, the outcomes.
 
-With ``REMIX_ARCHIVE_URL`` set, the script that finishes a job (``update.lua``) gives a
-job that succeeded ``archive = {state: pending}`` and an entry in the archive schedule
-(``keys.ARCHIVE_SCHEDULE``, scored by when its next try is due), so no succeeded job's
-archiving can be forgotten, whatever happens to the broker or a worker afterwards. Its
-completion webhook, if any, is *not* scheduled then: it waits for archiving to end, so
-the record it carries already says where the images are.
+The script that finishes a succeeded job puts it in the schedule (``keys.ARCHIVE_SCHEDULE``)
+when archiving is on; :meth:`ArchiveSchedule.claim` (``claim_archive.lua``) hands due
+entries out with a token and a lease that grows with the images
+(:func:`archive_lease_per_image_s`); ``archive_end.lua`` records an outcome, writes nothing
+but the archive's fields, and makes the job's webhook due once archiving has ended. What
+this shares with the webhooks is in :mod:`worker.store.side_work`.
 
-From there the design is the completion webhooks' (:mod:`worker.store.notify`): the
-dispatcher thread claims due entries (``claim_archive.lua``), which gives each a new
-token and a lease (growing with the images, :func:`archive_lease_per_image_s`), and
-publishes one ``remix.archive`` message per job on queue ``archive``. A step that
-records no outcome within its lease (its message was lost, its worker killed) is due
-again and sent again; only the message carrying the latest token may act, so a stale
-copy is dropped. Archive steps in flight count in the webhooks' fleet-wide limit: both
-together hold at most half of the fleet's worker slots, so slow result hosts never starve
-the submit and poll steps.
-
-Outcomes are written by ``archive_end.lua``: after the job finished, ``update.lua``
-refuses every write; this script writes only ``archive``, ``archived`` and the internal
-``_archive_*`` fields, never the job's state or results, and when archiving ends (done
-or given up) it makes the job's webhook due in the same step. An outcome retires its
-token (a second copy of the message, say one the broker delivered again, records
-nothing), and an archive that ended never changes.
+The design: docs/design.md, "Result archiving".
 """
 
 from __future__ import annotations

@@ -1,29 +1,13 @@
 """Completion webhooks in Redis: the notify schedule, each receiver's limit, the outcomes.
 
-A job enqueued with a ``notify_url`` gets ``notification = {state: pending}`` and an entry
-in the notify schedule (``keys.NOTIFY_SCHEDULE``, scored by when its next delivery is due)
-in the very script that finishes it (``update.lua``, ``cancel.lua``), so no finished job's
-webhook can be forgotten, whatever happens to the broker or to a worker afterwards.
+The script that finishes a job (or, for a job being archived, the one that ends its
+archiving) puts its webhook in the schedule (``keys.NOTIFY_SCHEDULE``);
+:meth:`NotifyStore.claim` (``claim_notify.lua``) hands due ones out with a token and a
+lease, within each receiver's limit (up to :data:`MOST_IN_FLIGHT_PER_RECEIVER`) and the
+fleet's; ``notify_end.lua`` records an outcome and writes nothing but the webhook's fields.
+What this shares with archiving is in :mod:`worker.store.side_work`.
 
-From there the design is the job schedule's (:mod:`worker.fleet.dispatcher`): the dispatcher
-thread claims due webhooks (``claim_notify.lua``), which gives each a new *token* and a
-*lease*, and publishes one ``remix.notify`` message per webhook. A delivery that records
-no outcome within the lease (its message was lost, its worker was killed) is due again
-and sent again, with the same delivery id: delivery is at least once. Only the message
-carrying the latest token may deliver, so a stale copy is dropped.
-
-Deliveries share the workers' slots with the submit and poll steps, so they are limited
-twice. Each receiver (``scheme://host:port``) has a limit of deliveries in flight: one
-while it is new or failing, one more per 2xx answer in a row, up to
-:data:`MOST_IN_FLIGHT_PER_RECEIVER`; a receiver that hangs holds at most one worker slot
-at a time. And all deliveries together hold at most half of the fleet's slots (the
-workers' heartbeats say how many there are), archive steps included (they share the
-limit, :mod:`worker.store.archive`), so however many receivers or result hosts hang,
-the submit and poll steps keep the other half.
-
-Outcomes are written by ``notify_end.lua``: after the job finished, ``update.lua`` refuses
-every write, and this script writes only ``notification`` and the internal webhook
-fields (``_notify_*``), never the job's state or results.
+The design (at least once, the limits, the lease): docs/design.md, "Completion webhooks".
 """
 
 from __future__ import annotations
