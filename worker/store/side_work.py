@@ -1,6 +1,10 @@
 """What the side-work schedules (completion webhooks, archiving) share.
 
-See docs/architecture.md.
+:class:`SideSchedule` is the part of :class:`~worker.store.notify.NotifyStore` and
+:class:`~worker.store.archive.ArchiveSchedule` that is the same: the claim (whose Lua body
+is ``claim_side_work`` in ``lua/side_work.lua``), reading a target, recording an outcome.
+Both kinds together hold at most half of the fleet's slots (:func:`most_in_fleet`).
+See docs/architecture.md and docs/design.md, "Completion webhooks".
 """
 
 from __future__ import annotations
