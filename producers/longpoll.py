@@ -1,17 +1,10 @@
 """Long polls of job records (``GET /v1/jobs/{id}?wait=N``) that hold no thread.
 
-Every job that finishes (or is cancelled) has its id PUBLISHed on
-:func:`worker.keys.finished_channel` by the same Lua script that finishes it. One
-subscription per app process (:class:`FinishedWatch`, on ``redis.asyncio``) hands each
-message to the requests waiting for that job, so a waiting request costs an asyncio event,
-not a thread or a Redis connection. The watch reads a finished job's record once and hands
-it to all of the job's waiters (many clients may wait for the same job).
-
-No message is missed between a waiter's read of the record and its wait: the waiter
-registers itself *before* it reads, and a subscription counts as live only once Redis
-confirmed it. While the subscription is down (Redis restarting), and as a safety net when
-it is up, waiters read the record again every so often; when it comes back every waiter
-reads again, since messages published meanwhile are lost.
+One subscription per app process (:class:`FinishedWatch`, on ``redis.asyncio``) to the
+channel where every finish is published (:func:`worker.keys.finished_channel`) hands each
+message to the requests waiting for that job; the record is read once for all of them.
+A waiter registers before it reads, so no finish is missed, and reads again while the
+subscription is down. The design: docs/design.md, "Job records" (the finished channel).
 """
 
 from __future__ import annotations

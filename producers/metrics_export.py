@@ -1,16 +1,11 @@
 """The fleet's metrics in the Prometheus text format, read from Redis at scrape time.
 
-Workers count into Redis (:class:`worker.runtime.Metrics`): prefork pool processes, threads
-and hosts all add to the same hash, so no Prometheus multiprocess mode is needed and a
-scrape of any one HTTP app sees the whole fleet. This collector turns what is stored into
-metric families when ``/metrics`` is scraped:
-
-* every stored counter, ``name:label`` becoming ``remixq_name{<label name>="label"}``
-  (``create_task_total:429`` -> ``remixq_create_task_total{code="429"}``), plus what this
-  process counted in its own memory (:data:`PROCESS_COUNTERS`: unsigned callbacks refused);
-* ``remixq_jobs{state=...}`` from the per-state indexes, ``remixq_queue_depth{queue=...}``
-  (messages waiting in the broker), ``remixq_workers_live``;
-* the latency and job-time histograms.
+Workers count into Redis (:mod:`worker.store.metrics`); when ``/metrics`` is scraped this
+collector turns every stored counter (``name:label`` ->
+``remixq_name{<label name>="label"}``), the jobs by state, the queue depths, the live
+workers and the histograms into metric families, plus what this process counted in its
+own memory (:data:`PROCESS_COUNTERS`: unsigned callbacks refused). The design:
+docs/design.md, "Metrics"; the metrics and alerts: docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Replaying finished jobs: ``remixq retry`` and :func:`retry_job`.
 
-A retry enqueues a *new* job with the old one's request and ``notify_url``; the new record
-names the old one in ``retry_of``. The old record is left as it is (a finished job never
-changes), so what happened stays readable.
-
-What is refused, and why:
-
-* a job that has not finished (``unfinished``): it may still be sent; cancel it or wait;
-* a job accepted upstream (``accepted``: it has an upstream task, so it was paid for, and
-  a retry pays again), unless forced;
-* a job with a createTask of unknown outcome (``unknown_outcome``: the upstream may hold a
-  task for it, paid for, that may still call back), unless forced. The record counts
-  unknown outcomes but not which attempt had one, so any unknown outcome counts: the
-  conservative reading of "its last attempt's outcome is unknown";
-* a job whose stored request no longer passes validation (``invalid_request``), or whose
-  ``notify_url`` is refused by the current settings (``invalid_notify_url``).
-
-Each retry carries the idempotency key ``remixq-retry:<old job id>``, so retrying the same
-job twice (two operators, a command run again) enqueues one new job; the second answer
-names it (``already``).
+A retry enqueues a *new* job with the old one's request and ``notify_url``; its record
+names the old one in ``retry_of``, which stays as it was. What is refused, and why, is
+:data:`SKIP_REASONS` (an accepted job or one of unknown outcome unless forced). Each retry
+carries the idempotency key ``remixq-retry:<old job id>``, so retrying a job twice
+enqueues one new job. For operators: docs/operations.md, "Replaying failed jobs".
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """A worker's health probe: ``python -m worker.health [--ready]``.
 
-Every worker process writes a heartbeat to Redis every few seconds from its dispatcher
-thread (:mod:`worker.fleet.dispatcher`, sorted set ``remixq:workers``, members
-``<hostname>:<pid>`` scored on the Redis clock). This probe looks for a heartbeat of a
-worker on *this* host (a container or pod runs one worker) and exits:
-
-* 0 when one is fresh (within ``--max-age``, default 3 heartbeats);
-* 1 when none is (the dispatcher thread or the whole worker is stuck or gone);
-* for a liveness probe (without ``--ready``), 0 when Redis does not answer: restarting
-  the worker would not bring Redis back, and the worker reconnects by itself. With
-  ``--ready`` an unreachable Redis is 1 (the worker does no work meanwhile).
-
-It costs two Redis round trips, not a Celery process start and a broadcast like
-``celery inspect ping``.
+Exits 0 when a worker on this host has a fresh heartbeat in Redis (written by its
+dispatcher thread, :mod:`worker.fleet.dispatcher`), 1 when none has; an unreachable Redis
+is 0 for liveness and 1 with ``--ready``. Two Redis round trips. What each answer means
+for a deployment: docs/operations.md, "Health probes".
 """
 
 from __future__ import annotations

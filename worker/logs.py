@@ -1,20 +1,12 @@
 """Structured logs: every line about a job carries the job's fields, as JSON or as text.
 
-An operator follows one job through a fleet's logs by its fields, not by grepping
-messages: ``job_id``, ``upstream_task_id`` (once known), ``attempt`` (the createTask
-attempt's number) and ``upstream_code`` (the last upstream answer). They are set two
-ways, both ending as attributes of the ``LogRecord``:
-
-* a step runs inside :func:`job_context`, and :class:`JobFieldsFilter` copies the
-  context's fields onto each record logged meanwhile (by any module, celery's own
-  task lines included), so no call site has to repeat them;
-* code outside a step passes them as ``extra=job_fields(...)``.
-
-With ``REMIX_LOG_JSON=1`` each line is one JSON object (:class:`JsonFormatter`);
-otherwise the handler's own format is kept and the fields follow the message as
-``key=value`` pairs (:class:`TextFieldsFormatter`). The fields are added by a filter placed
-*first* on each handler, so the redacting filter, which runs after it, sees them: a
-secret inside a field value is redacted like one inside a message.
+The fields (``job_id``, ``upstream_task_id``, ``attempt``, ``upstream_code``) become
+attributes of each ``LogRecord``: a step runs inside :func:`job_context`, whose fields
+:class:`JobFieldsFilter` copies onto every record logged meanwhile (by any module), and
+code outside a step passes ``extra=job_fields(...)``. :class:`JsonFormatter` writes one
+JSON object a line (``REMIX_LOG_JSON=1``), :class:`TextFieldsFormatter` appends
+``key=value`` pairs. The fields filter goes *first* on each handler, so the redacting one
+after it sees the fields too. For operators: docs/operations.md, "Logs".
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Keep secrets out of every text remixq writes: messages, records, results and logs.
 
-A secret can reach a text in more shapes than its plain value: escaped by ``repr`` or JSON
-(a key with a newline inside a header error), cut in half by a truncation, or partly echoed
-by a proxy. So :class:`Redactor` replaces the escaped forms too, and any run of at least
-:data:`MIN_FRAGMENT` characters that also stands in a secret. Callers redact *before* they
-shorten a text, so a cut never leaves the front half of a secret behind.
-
-:class:`RedactingFilter` applies the same to log records, including the traceback text
-that ``logger.exception`` would print, so an exception message carrying a secret is
-caught on its way to any handler.
+:class:`Redactor` replaces a secret's plain value, its escaped forms (``repr``, JSON) and
+any run of at least :data:`MIN_FRAGMENT` characters that also stands in a secret; callers
+redact *before* they shorten a text. :class:`RedactingFilter` does the same to log
+records, the traceback text included. Why: docs/design.md, "Secrets".
 """
 
 from __future__ import annotations

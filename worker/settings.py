@@ -651,7 +651,7 @@ def get_settings() -> Settings:
 
 
 def set_overrides(**overrides: Any) -> None:
-    """Replace the values that win over the environment (see ``worker.runtime.configure``)."""
+    """Replace the values that win over the environment (see ``worker.app.configure``)."""
     _overrides.clear()
     _overrides.update(overrides)
     get_settings.cache_clear()

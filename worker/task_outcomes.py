@@ -1,16 +1,10 @@
 """What a task reports to Flower about the jobs its step ended.
 
-Flower only knows tasks, and a step that fails a job has itself worked: without this, a
-job failed with ``invalid_request``, a 422 or an upstream 501 would show as a green
-task, and ``/api/tasks?state=FAILURE`` would be empty. So :func:`worker.policies.outcome.finish_job`
-records each outcome here (:func:`note_outcome`) while a task runs
-(:func:`recording_outcomes`), and the task then raises :class:`JobsFailed` when its step
-failed a job: Flower shows the task as FAILURE, with each job id and ``fail_code`` in
-its exception.
-
-Only the task whose step ended the job reports it (a duplicate message or a late poll
-finds the job finished and reports nothing); a job ended outside a task (a callback
-received by the HTTP app, a cancel) is not in Flower.
+A step that fails a job has itself worked, so without this Flower would show the task as
+a success. :func:`worker.policies.outcome.finish_job` records each outcome here
+(:func:`note_outcome`) while a task runs (:func:`recording_outcomes`), and the task then
+raises :class:`JobsFailed` when its step failed a job: Flower shows a FAILURE naming each
+job and its ``fail_code``. See docs/design.md, "Processes" (Flower).
 """
 
 from __future__ import annotations

@@ -1,29 +1,11 @@
-"""Guards around three steps of kombu's Redis transport that can crash a worker.
+"""Guards around three paths of kombu's Redis transport that would end a worker.
 
-**Restoring held messages, or acknowledging one, when the connection is gone.**
+* restoring held messages (``QoS.restore_unacked``) after the broker connection dropped,
+  and acknowledging or rejecting a message on that dead channel: skipped, the messages
+  stay unacknowledged in Redis and come back after the visibility timeout as stale copies;
+* an item on a queue that is not a kombu message: logged, acknowledged and dropped.
 
-When the broker connection drops, Celery closes the connection and kombu
-tries to put the messages the worker held back on their queues
-(``QoS.restore_unacked``). By then the transport has already let go of its
-connection details, so kombu 5.7 raises ``AttributeError`` instead of a
-connection error; Celery treats that as unrecoverable and the worker exits
-instead of reconnecting (seen with Redis restarted under a running fleet).
-
-The same happens when a task that was running as the connection dropped ends and is
-acknowledged (or rejected) on the dead channel (seen in the chaos suite: every worker
-of a fleet exited after a broker restart). Skipping either loses nothing: the messages
-are still recorded as unacknowledged in Redis, and the visibility-timeout sweep of any
-live worker (or this one, once reconnected) delivers them again, where their stale
-dispatch tokens drop them. No library setting turns off only these paths
-(``do_restore`` also stops the restore at a warm shutdown), hence these small wrappers.
-
-**An unreadable item on a queue.** The transport pops an item (``BRPOP``) and only then
-decodes it; an item that is not a kombu message (bytes that are not JSON, a JSON string,
-a body that is not base64: a buggy producer in another language) raises there, and
-Celery takes any error of that loop as unrecoverable: the worker exits, and the next
-worker meets the next such item. The item is already off its queue and cannot be read,
-so the guard logs it and drops it; a job it may have carried is still in the schedule.
-Connection errors pass through.
+Why, and why nothing is lost: docs/reliability.md, "The broker connection".
 """
 
 from __future__ import annotations

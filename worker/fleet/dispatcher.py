@@ -1,42 +1,14 @@
-"""The schedule's dispatcher: sends each job's next step when it is due.
+"""The schedule's dispatcher: a thread in every worker that sends each job's next step when
+it is due.
 
-Every unfinished job is a member of the schedule (a sorted set in Redis, scored by when
-its next step is due on the Redis clock). Steps never wait inside the broker: a job that
-must wait (for its next poll, a budget moment, a backoff, a pause) is *parked* in the
-schedule, and a thread in every worker process claims due jobs (``claim_due.lua``) and
-publishes their messages: ``remix.submit`` for a job without an upstream task, one
-``remix.poll`` for up to :data:`POLL_BATCH_SIZE` jobs with one.
+Each round claims the due jobs (``claim_due.lua``: a new dispatch token and a lease each)
+and publishes ``remix.submit``, or one ``remix.poll`` for up to :data:`POLL_BATCH_SIZE` jobs;
+then the due webhooks and archiving (:mod:`worker.fleet.side_dispatch`), apart from the
+jobs. Its heartbeat says which slots, queues and upstreams the worker has. After a broker
+outage it sends at once the jobs whose messages were dropped (:meth:`Dispatcher.after_outage`).
 
-Why not Celery countdowns: a countdown message sits unacknowledged inside a worker, so
-it must stay shorter than the broker's visibility timeout, it is redelivered as a
-duplicate when it is not, and it is dropped from memory (to come back only after the
-visibility timeout) whenever the worker loses its broker connection. Parked jobs have
-none of these problems: waits of any length cost one sorted-set member, and after a
-broker outage every job moves again as soon as the broker answers.
-
-Claiming gives the job a new *dispatch token* and a *lease*. Only a message carrying the
-latest token may act on the job, so duplicates and stale copies are dropped; and a job
-whose step does not reschedule it within the lease (its message was lost, or its worker
-was killed) is due again and sent again (counted as ``lease_resends_total``). This is
-what recovers from a SIGKILL, in about ``Settings.lease_s`` seconds. A job whose latest
-message may still be waiting in its queue (it has not begun and the queue's oldest
-message is no younger than it) is left to that message, so that an overloaded fleet does
-not multiply its own backlog. After an outage the dispatcher does not wait for the leases
-of jobs whose message a worker took and then dropped with its broker connection (see
-:meth:`Dispatcher.after_outage`).
-
-The same thread hands out due completion webhooks (:mod:`worker.store.notify`) as
-``remix.notify`` messages, after the jobs' steps and apart from them: an error there is
-logged and never keeps a job's step from being sent. With its heartbeat every worker
-says how many task slots it has, so webhooks can be kept to half of the fleet's. Due
-archiving of result images (:mod:`worker.store.archive`) goes out the same way, as
-``remix.archive`` messages, after the webhooks and just as apart from the jobs' steps.
-
-The heartbeat also says which queues the worker consumes (``-Q``). A fleet split by
-queues may leave one without a consumer (``-Q submit,poll`` and ``-Q notify`` with
-archiving on: nothing takes ``archive``, so archiving and the webhooks that wait for it
-never end); every worker then logs a warning while messages wait there, and ``remixq
-status`` lists the queue under ``queues_without_workers``.
+Why jobs are parked and not sent with countdowns, the lease and the backlog rule:
+docs/design.md, "The schedule and the dispatcher"; running a fleet: docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
-"""Fleet-wide pause of submissions for conditions that concern the whole key.
+"""Fleet-wide pause of submissions for conditions that concern the whole key (402, 455).
 
-402 (insufficient credits) and a real 455 (maintenance) are not about one job: every
-createTask would get the same answer. A 402 *trips* the pause at once. A 455 trips it
-only when 455s dominate the key's recent createTask answers (a breaker): a stray 455
-among successes only defers its own job, without spending a retry. While paused every
-submit holds (the job stays queued, its retry budget untouched) and one worker at a
-time, at a growing interval, probes the key's remaining-credits endpoint. When the probe
-succeeds (for 402: credits above zero) that very pause ends; a pause set meanwhile (an
-operator's, say) is left alone. An operator may pause (``remixq pause``), which no probe
-ends, and resume (``remixq resume``), which ends any pause and any hold after a 429.
-
-The same recent-answer counts tell a run of 429s (the key's budget is exhausted by
-someone else) from a stray one, so that a single 429 without ``Retry-After`` does not
-hold every worker.
-
-State lives in Redis per API key; the transitions are Lua scripts so that exactly one
-worker logs the trip and exactly one probes at a time.
+:class:`FleetPause` is the switch: tripped at once by a 402, by a 455 only when 455s make a
+run of the key's recent createTask answers (:class:`RecentAnswers`, which also tells a run
+of 429s from a stray one); probed by one worker at a time at a growing interval; ended by
+the probe that succeeds or by an operator. State lives in the broker's Redis per API key;
+the transitions are Lua scripts. The design: docs/design.md, "The fleet's shared state".
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """One createTask budget per API key, shared by every worker on every host.
 
-The budget is a sliding log of *reservations* in Redis: a submit asks for the earliest
-moment at which sending keeps every window of ``window`` seconds at no more than
-``limit`` requests, and is given that moment (or told how far ahead the next free one
-is). The job is then parked in the schedule until exactly that moment and sends when it
-comes, holding no worker slot meanwhile.
-
-Why not the ``limits`` library: it answers "is there budget now?", which would make
-every waiting job wake up and ask again until it wins (a thundering herd);
-reservations give each waiting job its own moment. Redis's own clock (``TIME``) is used
-so that hosts with skewed clocks agree.
-
-An upstream 429 despite the budget (another client on the same key, say) can set a
-shared "blocked until" moment that every reservation respects; it is capped, and an
-operator's ``remixq resume`` clears it.
+A sliding log of *reservations* in Redis (``reserve.lua``): a submit is given the earliest
+moment that keeps every window within the limit and is parked until then, so each waiting
+job has its own moment instead of all asking again. An upstream 429 may block the key for
+a while (:meth:`SharedRateLimiter.block`, capped; an operator's resume clears it). Why
+reservations, and the 429 hold: docs/design.md, "The fleet's shared state".
 """
 
 from __future__ import annotations

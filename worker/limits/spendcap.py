@@ -1,16 +1,10 @@
 """A fleet-wide cap on what one API key spends: accepted createTasks per window.
 
-``REMIX_SPEND_CAP`` (``500/1d,60/1h``) is kept like the rate budget
-(:mod:`worker.limits.ratelimit`):
-a sliding log of *spend reservations* in the broker's Redis, one per createTask that may
-be accepted, and a reservation is the earliest moment at which one more keeps every window
-within its limit. A reservation is made before the send and kept when the send was
-accepted or its outcome is unknown (it may have been charged); only a definite refusal
-gives it back (:meth:`SpendCap.refund`), so the cap errs on the side of spending less.
-
-A separate log from the rate budget's because the two differ: spend has several windows
-(a day is typical), and its reservations are given back on refusal, which the rate
-budget's never are (a refused request still counted against the upstream's rate).
+``REMIX_SPEND_CAP`` (``500/1d,60/1h``) is a sliding log of spend reservations in the
+broker's Redis, like the rate budget's (``reserve_spend.lua``, with several windows). A
+reservation is made before the send and kept when it was accepted or its outcome is
+unknown; only a definite refusal gives it back (:meth:`SpendCap.refund`). Why a log apart
+from the rate budget's: docs/design.md, "The fleet's shared state".
 """
 
 from __future__ import annotations

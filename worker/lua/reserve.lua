@@ -10,6 +10,7 @@
 -- ARGV[4]  a unique member for the reservation
 -- Returns {'1' reserved or '0', delay in seconds, the moment} as strings (a Lua number
 -- would be truncated to an integer on the way back).
+-- #include sliding_log.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local limit, window, ahead = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -17,15 +18,5 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local at = now
 local blocked = tonumber(redis.call('GET', KEYS[2]) or '0')
 if blocked > at then at = blocked end
-local count = redis.call('ZCARD', KEYS[1])
-if count >= limit then
-  local nth = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-  local free = tonumber(nth[2]) + window
-  if free > at then at = free end
-end
-if at - now > ahead then
-  return {'0', tostring(at - now), tostring(at)}
-end
-redis.call('ZADD', KEYS[1], at, ARGV[4])
-redis.call('EXPIRE', KEYS[1], math.ceil(window + ahead + 1))
-return {'1', tostring(at - now), tostring(at)}
+at = earliest_moment(KEYS[1], at, {{limit, window}})
+return reserve_moment(KEYS[1], ARGV[4], now, at, ahead, window)

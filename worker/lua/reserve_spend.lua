@@ -13,31 +13,17 @@
 --          in seconds, for each window
 -- Returns {'1' reserved or '0', delay in seconds, the moment} as strings (a Lua number
 -- would be truncated to an integer on the way back).
+-- #include sliding_log.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local ahead, count = tonumber(ARGV[1]), tonumber(ARGV[4])
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[1], ARGV[3]) end
-local longest = 0
+local windows, longest = {}, 0
 for i = 0, count - 1 do
-  local window = tonumber(ARGV[6 + 2 * i])
+  local limit, window = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
+  table.insert(windows, {limit, window})
   if window > longest then longest = window end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - longest)
-local at = now
-local size = redis.call('ZCARD', KEYS[1])
-for i = 0, count - 1 do
-  local limit, window = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-  -- At most limit - 1 reservations may lie after (at - window): the one limit-th from
-  -- the end must be at least a window before the moment.
-  if size >= limit then
-    local nth = redis.call('ZRANGE', KEYS[1], size - limit, size - limit, 'WITHSCORES')
-    local free = tonumber(nth[2]) + window
-    if free > at then at = free end
-  end
-end
-if at - now > ahead then
-  return {'0', tostring(at - now), tostring(at)}
-end
-redis.call('ZADD', KEYS[1], at, ARGV[2])
-redis.call('EXPIRE', KEYS[1], math.ceil(longest + ahead + 1))
-return {'1', tostring(at - now), tostring(at)}
+return reserve_moment(KEYS[1], ARGV[2], now, earliest_moment(KEYS[1], now, windows), ahead,
+  longest)

@@ -1,17 +1,11 @@
 """The poll policy: one step of a job that has an upstream task.
 
-The step asks recordInfo once and either finishes the job with the upstream's own answer
-(``success`` or ``fail``) or parks it in the schedule until its next poll, with a
-growing delay. A job that has an upstream task is paid for, so no error of recordInfo
-fails it: not a 5xx, not a 401, 402 or 404, not a malformed answer. It is polled again
-until ``REMIX_DEADLINE_S`` after it was accepted; the poll that falls due at the deadline
-asks once more before it declares the job ``timeout``, so a job that finished in the
-last interval is reported as the success it is.
-
-A job of the legacy remix relay is polled at the relay's status endpoint (the relay never
-calls back). A relay job whose images came in the remix answer itself (kept on the job
-with its acceptance; its task id is ``sync-...``) never asks the relay: it finishes with
-those images. The kept images decide, not the id, which a relay's own ids may resemble.
+The step asks the upstream once (recordInfo, or the relay's status endpoint) and either
+finishes the job with its answer or parks it until its next poll
+(:mod:`worker.policies.poll_schedule`). No error of the poll fails a paid job: it is
+polled again until ``REMIX_DEADLINE_S``, and the poll due at the deadline asks once more.
+A relay job whose images came with its acceptance finishes with them without asking.
+See docs/design.md, "Error families" and "createTask attempts".
 """
 
 from __future__ import annotations

@@ -1,35 +1,14 @@
 """The submit policy: one step of a job that has no upstream task yet.
 
-A step runs only for the message that carries the job's latest dispatch token
-(:mod:`worker.fleet.dispatcher`); it either sends createTask once, or parks the job in the
-schedule for later (a pause, the budget, a backoff), or ends it. It never sleeps.
+The step runs only for the message carrying the job's latest dispatch token and never
+sleeps: it passes the gates (:mod:`worker.policies.gates`), uploads the job's files
+(kie) or reads its image (the relay), opens a createTask *attempt* and sends once; or it
+parks the job in the schedule, or ends it. The accepted task id is logged at once, then
+written through a Redis outage (:func:`record_acceptance`).
 
-Never paying twice: before createTask is sent an *attempt* is opened in the record
-(``attempt_begin.lua``). Opening fails while the job has an upstream task or while
-another attempt may still be in flight, and the request's total deadline
-(``KIE_REQUEST_DEADLINE_S``) is shorter than the time an open attempt is respected
-(``Settings.attempt_settle_s``). So two steps of one job (a redelivered message, a stale
-copy, a duplicate publish) can never both send.
-
-A job whose source images are files (in the blob store) has them uploaded through kie.ai's
-File Upload API after the gates and before the attempt is opened (an upload creates no
-task, so it needs no attempt); each URL is remembered on the job and reused while the
-upstream still keeps the file. See :func:`_upload_files`.
-
-The accepted task id is logged the moment it arrives and then written, trying again
-through a Redis outage of any length (the worker holds it; see :func:`record_acceptance`).
-
-The legacy remix relay (provider ``ideogram-remix``) may generate inside its request. An
-answer with images records the acceptance (task id ``sync-<attempt id>``) and finishes
-the job in the same step, both retried through Redis errors. For the relay an attempt of
-unknown outcome is never sent again: nothing can tell whether the relay made (and
-charged) it, so the job fails ``unknown_outcome`` and a person decides (``remixq retry``).
-
-The one window left: an attempt whose answer never arrived (a read timeout, a reset or
-a cut body after sending, the worker killed mid-request). The upstream may have created
-the task; nothing we can ask tells us. Its outcome is recorded as *unknown*
-(``unknown_outcomes``), and if the job is then sent again and accepted, the record says
-``possibly_paid_twice``.
+Why an attempt means createTask is never paid twice, the relay's synchronous answers and
+unknown outcomes: docs/design.md, "createTask attempts" and "Source images from files";
+the one window that remains: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -51,6 +30,7 @@ from tenacity import (
 )
 
 from worker import keys
+from worker.fields import BlobRef
 from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
 from worker.logs import job_context, job_fields, note
@@ -188,12 +168,9 @@ def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, s
         if isinstance(done, dict) and _fresh(svc, done):
             urls[ref.blob] = str(done["url"])
             continue
-        try:
-            data = svc.blobs.get(ref)
-        except BlobMissing as exc:
-            return _fail_unsent(svc, job, "image_missing", str(exc))
-        except BlobStoreError as exc:  # the store is away: tried again like a network error
-            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
+        data = _read_blob(svc, job, ref)
+        if isinstance(data, str):
+            return data
         try:
             url = svc.uploader().upload(data, ref.name, ref.content_type)
         except UpstreamError as exc:
@@ -205,6 +182,17 @@ def _upload_files(svc: Services, job: Job, request: RemixRequest) -> dict[str, s
         remembered: dict[str, Any] = {UPLOADS_FIELD: uploads}
         svc.store.update(job.job_id, token=job.token, **remembered)
     return urls
+
+
+def _read_blob(svc: Services, job: Job, ref: BlobRef) -> bytes | str:
+    """A source image's bytes, read from the blob store once per step; or what happened
+    instead: a blob that is gone fails the job, a store that is away retries it later."""
+    try:
+        return svc.blobs.get(ref)
+    except BlobMissing as exc:
+        return _fail_unsent(svc, job, "image_missing", str(exc))
+    except BlobStoreError as exc:  # the store is away: tried again like a network error
+        return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
 
 
 def _fresh(svc: Services, upload: dict[str, Any]) -> bool:
@@ -251,12 +239,9 @@ def _sender(svc: Services, job: Job, request: RemixRequest | IdeogramRemixReques
     (kie's) first; or what happened instead (the job failed, waits, or retries later)."""
     if isinstance(request, IdeogramRemixRequest):
         ref = request.image_file
-        try:
-            image = svc.blobs.get(ref)
-        except BlobMissing as exc:
-            return _fail_unsent(svc, job, "image_missing", str(exc))
-        except BlobStoreError as exc:  # the store is away: tried again like a network error
-            return _after_unsent_error(svc, job, NetworkError(str(exc), ambiguous=False), "image")
+        image = _read_blob(svc, job, ref)
+        if isinstance(image, str):
+            return image
         return lambda: svc.relay_client().remix(request.image_request(), image, ref)
     uploaded = _upload_files(svc, job, request)
     if isinstance(uploaded, str):

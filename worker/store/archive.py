@@ -1,43 +1,26 @@
 """Archiving in Redis: the archive schedule, its tokens and leases, the outcomes.
 
-With ``REMIX_ARCHIVE_URL`` set, the script that finishes a job (``update.lua``) gives a
-job that succeeded ``archive = {state: pending}`` and an entry in the archive schedule
-(``keys.ARCHIVE_SCHEDULE``, scored by when its next try is due), so no succeeded job's
-archiving can be forgotten, whatever happens to the broker or a worker afterwards. Its
-completion webhook, if any, is *not* scheduled then: it waits for archiving to end, so
-the record it carries already says where the images are.
+The script that finishes a succeeded job puts it in the schedule (``keys.ARCHIVE_SCHEDULE``)
+when archiving is on; :meth:`ArchiveSchedule.claim` (``claim_archive.lua``) hands due
+entries out with a token and a lease that grows with the images
+(:func:`archive_lease_per_image_s`); ``archive_end.lua`` records an outcome, writes nothing
+but the archive's fields, and makes the job's webhook due once archiving has ended. What
+this shares with the webhooks is in :mod:`worker.store.side_work`.
 
-From there the design is the completion webhooks' (:mod:`worker.store.notify`): the
-dispatcher thread claims due entries (``claim_archive.lua``), which gives each a new
-token and a lease (growing with the images, :func:`archive_lease_per_image_s`), and
-publishes one ``remix.archive`` message per job on queue ``archive``. A step that
-records no outcome within its lease (its message was lost, its worker killed) is due
-again and sent again; only the message carrying the latest token may act, so a stale
-copy is dropped. Archive steps in flight count in the webhooks' fleet-wide limit: both
-together hold at most half of the fleet's worker slots, so slow result hosts never starve
-the submit and poll steps.
-
-Outcomes are written by ``archive_end.lua``: after the job finished, ``update.lua``
-refuses every write; this script writes only ``archive``, ``archived`` and the internal
-``_archive_*`` fields, never the job's state or results, and when archiving ends (done
-or given up) it makes the job's webhook due in the same step. An outcome retires its
-token (a second copy of the message, say one the broker delivered again, records
-nothing), and an archive that ended never changes.
+The design: docs/design.md, "Result archiving".
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
-import redis
+from typing import Any
 
 from worker import keys
-from worker.lua import load_script
 from worker.models import Archive, ArchivedImage, JobRecord
 from worker.settings import Settings
-from worker.store.jobs import SEND_MARGIN_S, decode_text, read_record
-from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+from worker.store.jobs import decode_text
+from worker.store.side_work import HasJobStore, PerClient, SideSchedule
 
 #: The entry's token: only the message carrying the latest one may archive.
 ARCHIVE_TOKEN_FIELD = "_archive_token"
@@ -75,54 +58,29 @@ class ArchiveTarget:
     token: int
 
 
-class ArchiveSchedule:
+class ArchiveSchedule(SideSchedule[ArchiveDispatch]):
     """Claims due archiving, reads what a step needs and records outcomes.
 
     Parameters:
         client: a redis-py client for the result backend's database (job records).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._claim = load_script(client, "claim_archive")
-        self._end = load_script(client, "archive_end")
+    SCHEDULE = keys.ARCHIVE_SCHEDULE
+    IN_FLIGHT = keys.ARCHIVE_IN_FLIGHT
+    OTHER_IN_FLIGHT = keys.NOTIFY_IN_FLIGHT
+    TOKEN_FIELD = ARCHIVE_TOKEN_FIELD
+    CLAIM_SCRIPT = "claim_archive"
+    END_SCRIPT = "archive_end"
+    CLAIM_WIDTH = 3
 
-    def claim(
-        self,
-        limit: int,
-        settings: Settings,
-        *,
-        oldest_waiting: float | None = None,
-        fleet_slots: int | None = None,
-    ) -> list[ArchiveDispatch]:
-        """Up to ``limit`` due entries, each with a new token and a lease.
+    def _claim_args(self, settings: Settings) -> tuple[float, list[Any]]:
+        return ARCHIVE_HOLD_MAX_S, [archive_lease_per_image_s(settings), ARCHIVE_LEASE_MARGIN_S]
 
-        ``oldest_waiting``: send time of the archive queue's oldest waiting message (None
-        when it is empty); ``fleet_slots``: the fleet's worker slots, of which archive
-        steps and webhooks together hold at most half (None: no fleet-wide limit); see
-        ``claim_archive.lua``.
-        """
-        args = [
-            keys.JOB_PREFIX,
-            limit,
-            archive_lease_per_image_s(settings),
-            "" if oldest_waiting is None else repr(oldest_waiting),
-            SEND_MARGIN_S,
-            ARCHIVE_LEASE_MARGIN_S,
-            most_in_fleet(fleet_slots),
-            HOLD_FIRST_S,
-            ARCHIVE_HOLD_MAX_S,
-        ]
-        in_flight = [keys.ARCHIVE_IN_FLIGHT, keys.NOTIFY_IN_FLIGHT]
-        flat = self._claim(keys=[keys.ARCHIVE_SCHEDULE, *in_flight], args=args)
-        return [
-            ArchiveDispatch(
-                job_id=decode_text(flat[i]),
-                token=int(flat[i + 1]),
-                resent=decode_text(flat[i + 2]) == "1",
-            )
-            for i in range(0, len(flat), 3)
-        ]
+    def _dispatch(self, values: list[Any]) -> ArchiveDispatch:
+        job_id, token, lost = values
+        return ArchiveDispatch(
+            job_id=decode_text(job_id), token=int(token), resent=decode_text(lost) == "1"
+        )
 
     def due_now(self, items: list[ArchiveDispatch]) -> None:
         """Make claimed entries due at once: their messages never left (broker refused)."""
@@ -134,11 +92,8 @@ class ArchiveSchedule:
 
     def target(self, job_id: str) -> ArchiveTarget | None:
         """The job's public record and archive token (None: no such job)."""
-        found = read_record(self.redis, job_id)
-        if found is None:
-            return None
-        record, fields = found
-        return ArchiveTarget(record=record, token=int(fields.get(ARCHIVE_TOKEN_FIELD) or 0))
+        found = self._read(job_id)
+        return None if found is None else ArchiveTarget(record=found[0], token=found[2])
 
     def end(
         self,
@@ -165,16 +120,7 @@ class ArchiveSchedule:
             keys.NOTIFY_SCHEDULE,
             keys.ARCHIVE_IN_FLIGHT,
         ]
-        return decode_text(self._end(keys=job_keys, args=args))
-
-    def due(self, job_id: str) -> float | None:
-        """When the job's next archiving try is due (None when none is scheduled)."""
-        score = self.redis.zscore(keys.ARCHIVE_SCHEDULE, job_id)
-        return None if score is None else float(score)
-
-    def size(self) -> int:
-        """Jobs whose archiving has not ended yet."""
-        return int(self.redis.zcard(keys.ARCHIVE_SCHEDULE))
+        return self._ended(job_keys, args)
 
 
 _schedules = PerClient(ArchiveSchedule)

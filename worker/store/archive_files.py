@@ -1,17 +1,10 @@
 """Where archived result images go: a directory or an S3 bucket (``REMIX_ARCHIVE_URL``).
 
-Upstream result URLs expire (14 days on kie.ai, a day on some relays), so a deployment
-that needs its images longer sets ``REMIX_ARCHIVE_URL`` and every succeeded job's images
-are copied here by the archive step (:mod:`worker.policies.archive`). Both destinations
-sit behind one small protocol, :class:`ArchiveStore`: ``put(name, data, content_type)``
-stores ``data`` under ``name`` (``<job_id>/<n>.<ext>``) and answers its location.
-
-Writes are idempotent, because an archive step may run twice (a lease that ran out, a
-message delivered again): the same name always receives the same bytes (an image's
-bytes come from its upstream URL), so writing it again is harmless. A directory write is
-atomic (a temporary file in the same directory, flushed, then renamed), so a reader never
-sees half an image and a crash leaves at most a temporary file, never a torn one. An S3
-``PutObject`` is atomic by itself.
+Both sit behind one small protocol, :class:`ArchiveStore`: ``put(name, data,
+content_type)`` stores ``data`` under ``name`` (``<job_id>/<n>.<ext>``) and answers its
+location. Writes are idempotent and atomic (a directory write goes to a temporary file,
+then is renamed). The archive step is :mod:`worker.policies.archive`; the design:
+docs/design.md, "Result archiving".
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""Image bytes between a producer and the worker that sends them: the blob store.
+"""The blob store: source images between a producer and the worker that sends them.
 
-Celery messages stay small: a producer stores a source image here and the job's request
-carries a :class:`BlobRef` (id, type, size, digest), never the bytes. The worker reads the
-bytes just before it sends them upstream, and the blobs of a job are deleted once it has
-finished. By default blobs are Redis keys with a time to live of at least the submit
-deadline, and the total they hold is capped (``REMIX_BLOB_MAX_BYTES``): the job store's
-Redis may run with ``noeviction``, where images must not crowd out the jobs. A directory
-shared by producers and workers may hold them instead (``REMIX_BLOB_URL=file:///dir``).
+A job's request carries a :class:`BlobRef` (id, type, size, digest), never the bytes. The
+bytes live in Redis (:class:`RedisBlobStore`, with a time to live and a cap on the total),
+in a shared directory (:class:`FileBlobStore`) or in S3 (:mod:`worker.store.blobs_s3`). A
+producer builds the references first (:func:`new_ref`, pure), validates the request, and
+only then stores the bytes, so bad input writes nothing.
 
-A producer builds the references first (:func:`new_ref`, pure), validates the whole
-request, and only then stores the bytes, so bad input writes nothing.
+The design: docs/design.md, "Source images from files".
 """
 
 from __future__ import annotations

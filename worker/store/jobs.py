@@ -1,20 +1,14 @@
 """Job records and the schedule, in the result backend's Redis.
 
-One hash per job (``remixq:job:<id>``), each field JSON-encoded, with a TTL; the public
-:class:`~worker.models.JobRecord` fields plus internal ones (prefixed ``_``). Every unfinished
-job is also a member of the *schedule*, a sorted set scored by when its next step is due
-(on the Redis server's clock). Every write goes through a Lua script in ``worker/lua`` so
-that it is atomic and so that:
+One hash per job (``remixq:job:<id>``, JSON values, a TTL): the public
+:class:`~worker.models.JobRecord` fields and internal ones (prefixed ``_``). Every write is
+a Lua script of ``worker/lua``, so it is atomic, the state only moves forward, only the
+message with the latest dispatch token acts, and a createTask attempt is opened and
+closed around each send. Which update to make and when is the policies'
+(:mod:`worker.policies.submit`, :mod:`worker.policies.poll`).
 
-* the state only moves forward (``queued -> submitted -> running -> finished``) and a
-  finished job never changes its state or results;
-* only the message carrying a job's latest *dispatch token* acts on it, so a stale or
-  duplicated message is dropped (see :mod:`worker.fleet.dispatcher`);
-* a createTask *attempt* is opened before the request is sent and closed with its
-  outcome, so at most one is in flight per job and a lost answer is counted, not hidden.
-
-The scripts are the storage detail; which update to make and when is the policy's
-(:mod:`worker.policies.submit` and :mod:`worker.policies.poll`).
+The design: docs/design.md, "Job records", "The schedule and the dispatcher" and
+"createTask attempts".
 """
 
 from __future__ import annotations

@@ -1,29 +1,13 @@
 """Completion webhooks in Redis: the notify schedule, each receiver's limit, the outcomes.
 
-A job enqueued with a ``notify_url`` gets ``notification = {state: pending}`` and an entry
-in the notify schedule (``keys.NOTIFY_SCHEDULE``, scored by when its next delivery is due)
-in the very script that finishes it (``update.lua``, ``cancel.lua``), so no finished job's
-webhook can be forgotten, whatever happens to the broker or to a worker afterwards.
+The script that finishes a job (or, for a job being archived, the one that ends its
+archiving) puts its webhook in the schedule (``keys.NOTIFY_SCHEDULE``);
+:meth:`NotifyStore.claim` (``claim_notify.lua``) hands due ones out with a token and a
+lease, within each receiver's limit (up to :data:`MOST_IN_FLIGHT_PER_RECEIVER`) and the
+fleet's; ``notify_end.lua`` records an outcome and writes nothing but the webhook's fields.
+What this shares with archiving is in :mod:`worker.store.side_work`.
 
-From there the design is the job schedule's (:mod:`worker.fleet.dispatcher`): the dispatcher
-thread claims due webhooks (``claim_notify.lua``), which gives each a new *token* and a
-*lease*, and publishes one ``remix.notify`` message per webhook. A delivery that records
-no outcome within the lease (its message was lost, its worker was killed) is due again
-and sent again, with the same delivery id: delivery is at least once. Only the message
-carrying the latest token may deliver, so a stale copy is dropped.
-
-Deliveries share the workers' slots with the submit and poll steps, so they are limited
-twice. Each receiver (``scheme://host:port``) has a limit of deliveries in flight: one
-while it is new or failing, one more per 2xx answer in a row, up to
-:data:`MOST_IN_FLIGHT_PER_RECEIVER`; a receiver that hangs holds at most one worker slot
-at a time. And all deliveries together hold at most half of the fleet's slots (the
-workers' heartbeats say how many there are), archive steps included (they share the
-limit, :mod:`worker.store.archive`), so however many receivers or result hosts hang,
-the submit and poll steps keep the other half.
-
-Outcomes are written by ``notify_end.lua``: after the job finished, ``update.lua`` refuses
-every write, and this script writes only ``notification`` and the internal webhook
-fields (``_notify_*``), never the job's state or results.
+The design (at least once, the limits, the lease): docs/design.md, "Completion webhooks".
 """
 
 from __future__ import annotations
@@ -37,8 +21,8 @@ from worker import keys
 from worker.lua import load_script
 from worker.models import JobRecord, Notification
 from worker.settings import Settings
-from worker.store.jobs import NOTIFY_URL_FIELD, SEND_MARGIN_S, decode_text, read_record
-from worker.store.side_work import HOLD_FIRST_S, HasJobStore, PerClient, most_in_fleet
+from worker.store.jobs import NOTIFY_URL_FIELD, decode_text
+from worker.store.side_work import HasJobStore, PerClient, SideSchedule
 
 #: The webhook's token: only the message carrying the latest one may deliver.
 NOTIFY_TOKEN_FIELD = "_notify_token"
@@ -79,59 +63,43 @@ class NotifyTarget:
     token: int
 
 
-class NotifyStore:
+class NotifyStore(SideSchedule[NotifyDispatch]):
     """Claims webhooks, reads what a delivery needs and records outcomes.
 
     Parameters:
         client: a redis-py client for the result backend's database (job records).
     """
 
+    SCHEDULE = keys.NOTIFY_SCHEDULE
+    IN_FLIGHT = keys.NOTIFY_IN_FLIGHT
+    OTHER_IN_FLIGHT = keys.ARCHIVE_IN_FLIGHT
+    TOKEN_FIELD = NOTIFY_TOKEN_FIELD
+    CLAIM_SCRIPT = "claim_notify"
+    END_SCRIPT = "notify_end"
+    CLAIM_WIDTH = 5
+
     def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._claim = load_script(client, "claim_notify")
-        self._end = load_script(client, "notify_end")
+        super().__init__(client)
         self._unsent = load_script(client, "notify_unsent")
 
-    def claim(
-        self,
-        limit: int,
-        settings: Settings,
-        *,
-        oldest_waiting: float | None = None,
-        fleet_slots: int | None = None,
-    ) -> list[NotifyDispatch]:
-        """Up to ``limit`` due webhooks, each with a new token and a lease.
-
-        ``oldest_waiting``: send time of the notify queue's oldest waiting message (None
-        when it is empty); ``fleet_slots``: the fleet's worker slots (None: no fleet-wide
-        limit); see ``claim_notify.lua``.
-        """
-        args = [
-            keys.JOB_PREFIX,
+    def _claim_args(self, settings: Settings) -> tuple[float, list[Any]]:
+        own = [
+            notify_lease_s(settings),
             keys.NOTIFY_RECEIVER_PREFIX,
             keys.NOTIFY_BUSY_PREFIX,
-            limit,
-            notify_lease_s(settings),
-            "" if oldest_waiting is None else repr(oldest_waiting),
-            SEND_MARGIN_S,
             MOST_IN_FLIGHT_PER_RECEIVER,
-            HOLD_FIRST_S,
-            settings.remix_notify_timeout_s,
-            most_in_fleet(fleet_slots),
         ]
-        flat = self._claim(
-            keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_IN_FLIGHT, keys.ARCHIVE_IN_FLIGHT], args=args
+        return settings.remix_notify_timeout_s, own
+
+    def _dispatch(self, values: list[Any]) -> NotifyDispatch:
+        job_id, token, receiver, due, lost = values
+        return NotifyDispatch(
+            job_id=decode_text(job_id),
+            token=int(token),
+            receiver=decode_text(receiver),
+            due=float(due),
+            resent=decode_text(lost) == "1",
         )
-        return [
-            NotifyDispatch(
-                job_id=decode_text(flat[i]),
-                token=int(flat[i + 1]),
-                receiver=decode_text(flat[i + 2]),
-                due=float(flat[i + 3]),
-                resent=decode_text(flat[i + 4]) == "1",
-            )
-            for i in range(0, len(flat), 5)
-        ]
 
     def unsent(self, items: list[NotifyDispatch]) -> int:
         """Make claimed webhooks due at once: their messages never left (broker refused)."""
@@ -144,16 +112,12 @@ class NotifyStore:
 
     def target(self, job_id: str) -> NotifyTarget | None:
         """The job's public record, webhook URL and webhook token (None: no such job)."""
-        found = read_record(self.redis, job_id)
+        found = self._read(job_id)
         if found is None:
             return None
-        record, fields = found
+        record, fields, token = found
         url = fields.get(NOTIFY_URL_FIELD)
-        return NotifyTarget(
-            record=record,
-            url=url if isinstance(url, str) else None,
-            token=int(fields.get(NOTIFY_TOKEN_FIELD) or 0),
-        )
+        return NotifyTarget(record=record, url=url if isinstance(url, str) else None, token=token)
 
     def end(
         self,
@@ -180,16 +144,7 @@ class NotifyStore:
             keys.notify_busy(receiver),
             keys.NOTIFY_IN_FLIGHT,
         ]
-        return decode_text(self._end(keys=job_keys, args=args))
-
-    def due(self, job_id: str) -> float | None:
-        """When the job's webhook is next due (None when none is scheduled)."""
-        score = self.redis.zscore(keys.NOTIFY_SCHEDULE, job_id)
-        return None if score is None else float(score)
-
-    def size(self) -> int:
-        """Webhooks not yet delivered or given up."""
-        return int(self.redis.zcard(keys.NOTIFY_SCHEDULE))
+        return self._ended(job_keys, args)
 
 
 _stores = PerClient(NotifyStore)

@@ -1,29 +1,10 @@
-"""Typed errors for every upstream answer and transport failure, and the one table of families.
+"""Typed errors for every upstream answer and transport failure, each of one :class:`Family`.
 
-What the pipeline does after an error is decided here, once, by the error's
-:class:`Family` (compare openai-python's ``_should_retry``); the tasks branch on the family
-only:
-
-=========  ==========================================  ======================================
-family     codes                                       what happens to the job
-=========  ==========================================  ======================================
-RETRY      429, 500 and other 5xx, network failures,   tries again after a backoff; each try
-           malformed answers                           spends one of ``REMIX_MAX_RETRIES``
-KEY        402 (insufficient credits), 455             the whole key is affected: the job
-           (maintenance)                               waits without spending a retry
-PERMANENT  401, 404, 422, 501, 505, other 4xx,         the job fails with the code
-           requests that cannot even be built
-=========  ==========================================  ======================================
-
-A job already accepted upstream is never failed by an error of ``recordInfo``: it is
-polled again until its deadline (see :mod:`worker.policies.poll`).
-
-``ambiguous`` marks an error after which the upstream may have acted on the request (a
-read timeout, a reset or a cut body after the request was sent): for createTask the job
-may have been charged, so the attempt's outcome is recorded as unknown.
-
-Messages pass through :mod:`worker.redaction` before they are shortened, so an upstream
-or proxy that echoes the API key cannot carry it into a record, a result or a log.
+The families (retry, key, permanent) and what they do to a job are in docs/design.md,
+"Error families"; the action each one leads to is :mod:`worker.policies.retry`'s table.
+``ambiguous`` marks an error after which the upstream may have acted on the request (for
+createTask: an unknown outcome). Messages are redacted (:mod:`worker.redaction`) before
+they are shortened.
 """
 
 from __future__ import annotations
@@ -46,10 +27,13 @@ MAX_RETRY_AFTER_S = 300.0
 
 
 class Family(enum.Enum):
-    """What an error means for the job (see the module docstring)."""
+    """What an error means for the job (docs/design.md, "Error families")."""
 
+    #: 429, 500 and other 5xx, network failures, malformed answers.
     RETRY = "retry"
+    #: 402 (insufficient credits), 455 (maintenance): the whole key is affected.
     KEY = "key"
+    #: 401, 404, 422, 501, 505, other 4xx, and requests that cannot even be built.
     PERMANENT = "permanent"
 
 
