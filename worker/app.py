@@ -196,9 +196,9 @@ def eviction_policy(client: redis.Redis) -> str | None:
 def drop_stale_bindings(client: redis.Redis) -> int:
     """Remove bindings that route a queue's exchange to another queue.
 
-    Versions before one exchange per queue bound both queues to the ``submit`` exchange,
-    so a message published there landed in both; such bindings outlive the upgrade in
-    Redis. Returns how many were removed.
+    Every queue has an exchange of its own; a binding of that exchange to another queue
+    (left in Redis by a deployment that routed differently) would deliver each message
+    to both queues. Returns how many were removed.
     """
     removed = 0
     for queue in QUEUES:
@@ -268,7 +268,7 @@ def configure(**overrides: Any) -> Settings:
 def _forget_celery_connections(app: Any) -> None:
     """Drop the broker pool and result backend Celery built for the previous URLs.
 
-    Celery has no public way to do this; these attributes are stable across Celery 5.
+    Celery has no public way to do this; these are Celery 5's own attributes.
     kombu keeps its pools in process-wide registries keyed by the connection's URL, so
     the closed pool leaves them too: else the next publish to the same URL would get it
     back ("Acquire on closed pool").

@@ -31,7 +31,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection
 
 from worker.models import check_http_url
-from worker.net import deadline as http
+from worker.net import deadline
 
 #: The text of every refusal of an address.
 REFUSED = "refused: not a public address"
@@ -283,11 +283,11 @@ class _PinnedMixin:
         raise NewConnectionError(self, f"cannot connect: {error}") from error  # type: ignore[arg-type]
 
 
-class _PinnedHTTPConnection(_PinnedMixin, http.GuardedHTTPConnection):
+class _PinnedHTTPConnection(_PinnedMixin, deadline.GuardedHTTPConnection):
     pass
 
 
-class _PinnedHTTPSConnection(_PinnedMixin, http.GuardedHTTPSConnection):
+class _PinnedHTTPSConnection(_PinnedMixin, deadline.GuardedHTTPSConnection):
     pass
 
 

@@ -41,8 +41,7 @@ import requests
 from worker.images import EXTENSIONS, is_complete_image, sniff_image_type
 from worker.logs import job_context
 from worker.models import Archive, ArchivedImage
-from worker.net import deadline as http
-from worker.net import outbound
+from worker.net import deadline, outbound
 from worker.policies.notify import describe_request_error
 from worker.policies.retry import side_work_try
 from worker.services import Services
@@ -92,7 +91,7 @@ def fetch_image(
     ``guard``; by default, public addresses only)."""
     session = outbound.thread_session(guard or outbound.Guard())
     late = f"no answer within {timeout_s:g} s"
-    with http.deadline(timeout_s) as limit:
+    with deadline.deadline(timeout_s) as limit:
         try:
             fetched = _fetch(session, url, max_bytes)
         except requests.RequestException as exc:

@@ -36,8 +36,7 @@ import requests
 
 from worker.logs import job_context
 from worker.models import JobRecord, Notification
-from worker.net import deadline as http
-from worker.net import outbound
+from worker.net import deadline, outbound
 from worker.policies.retry import side_work_try
 from worker.services import Services
 from worker.settings import Settings
@@ -141,7 +140,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
     timeouts = (min(CONNECT_TIMEOUT_S, total), min(READ_TIMEOUT_S, total))
     guard = outbound.Guard(allow_private=settings.remix_notify_allow_private)
     session = outbound.thread_session(guard)
-    with http.deadline(total) as limit:
+    with deadline.deadline(total) as limit:
         try:
             response = session.post(
                 url,
