@@ -84,7 +84,7 @@ class Stack:
 
     def worker_env(
         self, sandbox: ManagedProcess | None, settings: Mapping[str, str]
-    ) -> dict[str, str]:
+    ) -> dict[str, str | None]:
         """The environment of a worker (or of the HTTP app) of this stack, ``settings`` on top.
 
         :param sandbox: the upstream it talks to; None for a process that never does.
@@ -95,7 +95,8 @@ class Stack:
             else {"KIE_BASE_URL": sandbox.url or "", "KIE_UPLOAD_BASE_URL": sandbox.url or ""}
         )
         return {
-            **{name.upper(): "" for name in UNSET_SETTINGS},
+            # None removes a variable: a secret set but empty stops the process.
+            **{name.upper(): None for name in UNSET_SETTINGS},
             "REDIS_URL": self.redis_url,
             "RESULT_BACKEND_URL": self.redis_url,
             "KIE_API_KEY": self.api_key,
@@ -208,7 +209,9 @@ def _use_redis(url: str) -> None:
         raise LaunchError(f"the job store talks to port {port}, not to the benchmark's Redis")
 
 
-def _start_naive_worker(env: Mapping[str, str], concurrency: int, log_path: Path) -> ManagedProcess:
+def _start_naive_worker(
+    env: Mapping[str, str | None], concurrency: int, log_path: Path
+) -> ManagedProcess:
     """``celery -A bench.naive worker`` on the naive queue; returns once it is ready."""
     return start_worker(
         env,
