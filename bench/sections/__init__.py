@@ -10,6 +10,7 @@ from bench.sections.common import Plan, Run, Section
 from bench.sections.end_to_end import end_to_end_section
 from bench.sections.http_enqueue import http_enqueue_section
 from bench.sections.inflight import inflight_section
+from bench.sections.job_cost import job_cost_section
 from bench.sections.overhead import overhead_section
 from bench.sections.rate_limit import rate_limit_section
 from bench.sections.requests import requests_section
@@ -26,6 +27,7 @@ SECTIONS: dict[str, Section] = {
     "callback-latency": callback_latency_section,
     "callback-requests": callback_requests_section,
     "http-enqueue": http_enqueue_section,
+    "job-cost": job_cost_section,
 }
 #: Sections whose measurements another section reports.
 DEPENDS_ON: dict[str, tuple[str, ...]] = {"requests": ("end-to-end", "overhead")}
