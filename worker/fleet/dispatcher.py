@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
+import redis
+
 from worker import keys
 from worker.fleet.side_dispatch import dispatch_archives, dispatch_notifications
 from worker.services import Services
@@ -134,21 +136,30 @@ class Dispatcher:
         if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
             self.heartbeat()
             self.watch_store()
+            self.warn_unconsumed(oldest_waiting(self.svc))
             self._last_heartbeat = time.monotonic()
         if time.monotonic() - self._last_prune >= PRUNE_S:
             self._last_prune = time.monotonic()
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
+        due = due_schedules(self.svc.store.redis)
+        if not due:  # an idle round costs one round trip
+            return 0
         waiting = oldest_waiting(self.svc)
         self.warn_unconsumed(waiting)
-        sent = self._dispatch_jobs(waiting)
-        sent += self._dispatch_apart(
-            "completion webhooks",
-            lambda: dispatch_notifications(self.svc, waiting.get(NOTIFY_QUEUE), self.fleet_slots),
-        )
-        return sent + self._dispatch_apart(
-            "archiving",
-            lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE), self.fleet_slots),
-        )
+        sent = self._dispatch_jobs(waiting) if keys.SCHEDULE in due else 0
+        if keys.NOTIFY_SCHEDULE in due:
+            sent += self._dispatch_apart(
+                "completion webhooks",
+                lambda: dispatch_notifications(
+                    self.svc, waiting.get(NOTIFY_QUEUE), self.fleet_slots
+                ),
+            )
+        if keys.ARCHIVE_SCHEDULE in due:
+            sent += self._dispatch_apart(
+                "archiving",
+                lambda: dispatch_archives(self.svc, waiting.get(ARCHIVE_QUEUE), self.fleet_slots),
+            )
+        return sent
 
     def after_outage(self, began_at: float | None) -> int:
         """Once Redis and the broker answer again: send again at once the jobs whose message
@@ -254,6 +265,22 @@ class Dispatcher:
                 batch = polls[start : start + POLL_BATCH_SIZE]
                 publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
                 unsent.difference_update(d.job_id for d in batch)
+
+
+#: The schedules a dispatcher round hands out from: jobs' steps, webhooks, archiving.
+SCHEDULES = (keys.SCHEDULE, keys.NOTIFY_SCHEDULE, keys.ARCHIVE_SCHEDULE)
+
+
+def due_schedules(client: redis.Redis) -> set[str]:
+    """The schedules whose first entry is due now (on the Redis clock their scores use),
+    read in one round trip, so that a round with nothing due runs no claim script."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    for schedule in SCHEDULES:
+        pipe.zrange(schedule, 0, 0, withscores=True)
+    (seconds, micros), *heads = pipe.execute()
+    now = seconds + micros / 1e6
+    return {key for key, head in zip(SCHEDULES, heads, strict=True) if head and head[0][1] <= now}
 
 
 def _slots_of(member: bytes | str) -> int:

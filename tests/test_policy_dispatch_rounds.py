@@ -1,0 +1,41 @@
+"""A dispatcher round with nothing due costs one round trip and runs no claim script."""
+
+from __future__ import annotations
+
+import redis
+
+from tests.policy_kit import new_job
+from worker import keys
+from worker.fleet.dispatcher import Dispatcher, due_schedules
+from worker.services import Services
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(
+        int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+def test_due_schedules_names_each_schedule_whose_first_entry_is_due(
+    policy_redis: redis.Redis,
+) -> None:
+    assert due_schedules(policy_redis) == set()
+    now = float(policy_redis.time()[0])
+    policy_redis.zadd(keys.NOTIFY_SCHEDULE, {"later": now + 60})
+    policy_redis.zadd(keys.ARCHIVE_SCHEDULE, {"past": now - 1})
+    assert due_schedules(policy_redis) == {keys.ARCHIVE_SCHEDULE}
+
+
+def test_an_idle_round_runs_no_claim_script_and_a_due_job_is_still_sent(svc: Services) -> None:
+    dispatcher = Dispatcher(svc)
+    dispatcher.tick()  # the first round's heartbeat and store check
+    before = _script_calls(svc.store.redis)
+
+    assert dispatcher.tick() == 0
+    assert _script_calls(svc.store.redis) == before
+
+    job_id, _ = new_job(svc)
+    svc.store.redis.zadd(keys.SCHEDULE, {job_id: 0})
+    assert dispatcher.tick() == 1
+    assert _script_calls(svc.store.redis) > before
