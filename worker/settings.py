@@ -230,6 +230,11 @@ def check_callback_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
         raise ValueError("must be an http(s) URL without a #fragment")
+    # Parsers disagree on such URLs (``http://a.example\@localhost/``: urlsplit reads
+    # localhost, urllib3 and browsers a.example), so the host checked may not be the one
+    # the upstream calls.
+    if parts.username is not None or "\\" in value or not value.isprintable() or " " in value:
+        raise ValueError("must not hold a user name, a backslash or white space")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
             "must be an https URL (plain http only to a loopback host: 127.0.0.0/8, ::1, localhost)"

@@ -69,6 +69,7 @@ REFUSED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tu
         "203.0.113.0/24",  # documentation
         "224.0.0.0/4",  # multicast
         "240.0.0.0/4",  # reserved, the broadcast address included
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): not global, its IPv4 placed anywhere
         "::/128",  # unspecified
         "::1/128",  # loopback
         "100::/64",  # discard-only
@@ -85,8 +86,7 @@ _GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 #: IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible,
 #: IPv4-translated): a gateway may turn them into that IPv4 address.
 _EMBEDDING_PREFIXES = tuple(
-    ipaddress.ip_network(prefix)
-    for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+    ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
 )
 
 

@@ -173,6 +173,12 @@ def non_json_error(status: int, text: str, retry_after: float | None) -> Upstrea
     return unreadable_error(status, f"non-JSON answer (HTTP {status}): {shown}", retry_after)
 
 
+def redirect_error(status: int) -> UpstreamError:
+    """The error for an answer that redirects (never followed; its target is not named)."""
+    message = f"the upstream answered a redirect (HTTP {status}), which is not followed"
+    return error_for_code(status, message + "; set the base URL to the final address")
+
+
 def oversized_error(response: requests.Response) -> UpstreamError:
     """The error for an answer longer than :data:`MAX_ANSWER_BYTES` (not read in full)."""
     status = response.status_code
@@ -257,8 +263,14 @@ def call_upstream(
     timeout, total = timing
     try:
         with deadline(total) as limit:
-            response = session.request(method, where, timeout=timeout, stream=True, **kwargs)
+            # A redirect is never followed: its target would be fetched outside the
+            # outbound guard, and its answer quoted in a job's error.
+            response = session.request(
+                method, where, timeout=timeout, stream=True, allow_redirects=False, **kwargs
+            )
             with response:  # an answer not read to its end closes its connection
+                if response.is_redirect:
+                    raise redirect_error(response.status_code)
                 content = read_capped(response)
     except requests.RequestException as exc:
         if limit.expired:
