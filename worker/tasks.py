@@ -87,10 +87,12 @@ def _submit(
         if problem is not None:
             _fail_malformed(svc, job_id, request, problem)
             return "malformed"
-        if dispatch == 0:
+        step = submit_step(svc, job_id, dispatch)
+        if step == "missing" and dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
             svc.store.create(job_id, request, due_in=svc.settings.lease_s, provider=provider)
-        return submit_step(svc, job_id, dispatch)
+            step = submit_step(svc, job_id, dispatch)
+        return step
     except AcceptedButUnrecorded as exc:
         logger.critical(
             "job %s: upstream task %s was accepted but could not be recorded within %.0f s; "

@@ -16,7 +16,7 @@ from worker.logs import job_fields
 from worker.models import JobState
 from worker.services import Services
 from worker.store.blobs import BlobStoreError, refs_in
-from worker.store.jobs import REQUEST_FIELD
+from worker.store.jobs import REQUEST_FIELD, read_record
 from worker.task_outcomes import note_outcome
 
 logger = logging.getLogger("worker.jobs")
@@ -26,14 +26,19 @@ def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bo
     """Move a job to ``state``; False (and nothing changed) when it had already finished."""
     if not svc.store.finish(job_id, state, **fields):
         return False
-    delete_blobs(svc, job_id)
+    # One read gives the record (for the result) and the request (its source files).
+    found = read_record(svc.store.redis, job_id)
+    record, stored = found if found is not None else (None, {})
+    delete_blobs(svc, job_id, stored.get(REQUEST_FIELD))
     note_outcome(job_id, state, fields)
-    record = svc.store.get(job_id)
     if record is not None:
         svc.results.store(record)
-        svc.metrics.count(f"jobs_finished_total:{record.fail_code or state.value}")
+        finished = f"jobs_finished_total:{record.fail_code or state.value}"
         if record.finished_at is not None:
-            svc.metrics.observe("job_seconds", record.finished_at - record.created_at)
+            took = record.finished_at - record.created_at
+            svc.metrics.observe("job_seconds", took, counting=finished)
+        else:
+            svc.metrics.count(finished)
     logger.info(
         "job %s %s%s",
         job_id,
@@ -46,10 +51,13 @@ def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bo
     return True
 
 
-def delete_blobs(svc: Services, job_id: str) -> None:
-    """Delete a finished job's source files; an error here must not cost the job."""
+def delete_blobs(svc: Services, job_id: str, request: Any = None) -> None:
+    """Delete a finished job's source files (those of ``request``, else of its stored
+    request); an error here must not cost the job."""
     try:
-        refs = refs_in(svc.store.get_internal(job_id, REQUEST_FIELD))
+        if request is None:
+            request = svc.store.get_internal(job_id, REQUEST_FIELD)
+        refs = refs_in(request)
         if refs:
             svc.blobs.delete(refs)
     except (redis.RedisError, OSError, BlobStoreError) as exc:

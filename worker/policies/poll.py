@@ -108,8 +108,8 @@ def _next_delay(svc: Services, polls: int) -> float:
 
 
 def _count_request(svc: Services, code: str, started: float) -> None:
-    svc.metrics.count(f"record_info_total:{code}")
-    svc.metrics.observe("record_info_seconds", time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    svc.metrics.observe("record_info_seconds", elapsed, counting=f"record_info_total:{code}")
 
 
 def deadline_at(svc: Services, job: Job) -> float:

@@ -314,8 +314,8 @@ def _fail_unknown_outcome(svc: Services, job_id: str, why: str) -> str:
 
 def _count_request(svc: Services, kind: str, code: str, started: float) -> None:
     """Count an upstream request by its outcome, and its latency (best effort)."""
-    svc.metrics.count(f"{kind}_total:{code}")
-    svc.metrics.observe(f"{kind}_seconds", time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    svc.metrics.observe(f"{kind}_seconds", elapsed, counting=f"{kind}_total:{code}")
 
 
 def _say_unrecorded(job_id: str, task_id: str) -> Any:

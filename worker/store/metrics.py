@@ -44,12 +44,15 @@ class Metrics:
         with contextlib.suppress(redis.RedisError):
             self.incr(name, amount)
 
-    def observe(self, name: str, seconds: float) -> None:
-        """Add one observation to histogram ``name`` (one of :data:`HISTOGRAMS`)."""
+    def observe(self, name: str, seconds: float, *, counting: str | None = None) -> None:
+        """Add one observation to histogram ``name`` (one of :data:`HISTOGRAMS`), and
+        count ``counting`` too in the same round trip."""
         bounds = HISTOGRAMS[name]
         bucket = next((repr(b) for b in bounds if seconds <= b), "+Inf")
         with contextlib.suppress(redis.RedisError):
             pipe = self.redis.pipeline(transaction=False)
+            if counting is not None:
+                pipe.hincrby(keys.METRICS, counting, 1)
             pipe.hincrby(keys.histogram(name), bucket, 1)
             pipe.hincrbyfloat(keys.histogram(name), "sum", max(0.0, seconds))
             pipe.hincrby(keys.histogram(name), "count", 1)
