@@ -9,11 +9,13 @@
 -- upstream refuses) and cleared, so that a later attempt reserves its own.
 --
 -- KEYS[1]  the job's hash
+-- KEYS[2]  (optional) the set of jobs held for the job's key: an opened attempt leaves it
 -- ARGV[1]  attempt id
 -- ARGV[2]  settle time in seconds
 -- ARGV[3]  time to live of the record, in seconds
 -- ARGV[4]  'open' to open the attempt, 'settle' only to close a settled earlier one
 -- ARGV[5]  seconds to wait for a callback after an unknown outcome (0: callbacks off)
+-- ARGV[6]  the job id (the member of KEYS[2])
 -- Returns {'ok', 1 if an earlier attempt was just counted unknown else 0, the spend
 -- reservation consumed (JSON, 'null' for none)},
 -- {'accepted'}, {'finished'}, {'missing'}, {'open', seconds until it settles} or
@@ -27,7 +29,13 @@ local task = redis.call('HGET', KEYS[1], 'upstream_task_id')
 if task and task ~= 'null' then return {'accepted'} end
 local mine = cjson.encode(ARGV[1])
 local open = redis.call('HGET', KEYS[1], '_attempt')
-if open == mine then return {'ok', 0} end
+local function unhold()
+  if KEYS[2] then redis.call('SREM', KEYS[2], ARGV[6]) end
+end
+if open == mine then
+  unhold()
+  return {'ok', 0}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local marked = 0
@@ -51,4 +59,5 @@ redis.call('HSET', KEYS[1], '_attempt', mine, 'attempt_started_at', string.forma
   '_spend', 'null')
 redis.call('HINCRBY', KEYS[1], 'submit_attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+unhold()
 return {'ok', marked, spend}

@@ -258,6 +258,7 @@ def _attempt(svc: Services, job: Job, send: Sender) -> str:
         attempt_id,
         svc.settings.attempt_settle_s,
         callback_wait_s=svc.settings.callback_wait_s if svc.profile.calls_back else 0.0,
+        held_for=svc.api_key_id,
     )
     if opened.counted_unknown:
         _note_unknown(svc, job.job_id, "an earlier attempt never recorded its outcome")
@@ -277,7 +278,6 @@ def _attempt(svc: Services, job: Job, send: Sender) -> str:
     if opened.status != "ok":
         return opened.status
     note(attempt=job.record.submit_attempts + 1)
-    svc.store.unhold(svc.api_key_id, job.job_id)
     started = time.monotonic()
     try:
         answer = send()

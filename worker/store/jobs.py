@@ -553,17 +553,19 @@ class JobStore:
         *,
         settle_only: bool = False,
         callback_wait_s: float = 0.0,
+        held_for: str | None = None,
     ) -> AttemptStart:
         """Open an attempt before createTask is sent (see ``attempt_begin.lua``).
 
         With ``settle_only`` nothing is opened: an earlier attempt that has settled is
         closed as unknown, and ``ok`` means that none is open any more. With a
         ``callback_wait_s``, no attempt opens within that time after an unknown outcome.
+        ``held_for``: the key id whose held jobs an opened attempt leaves (:meth:`unhold`).
         """
         mode = "settle" if settle_only else "open"
+        job_keys = [keys.job(job_id)] + ([keys.held(held_for)] if held_for else [])
         reply = self._attempt_begin(
-            keys=[keys.job(job_id)],
-            args=[attempt_id, settle_s, self.ttl_s, mode, callback_wait_s],
+            keys=job_keys, args=[attempt_id, settle_s, self.ttl_s, mode, callback_wait_s, job_id]
         )
         status = decode_text(reply[0])
         if status == "ok":
@@ -599,10 +601,6 @@ class JobStore:
     def hold(self, api_key_id: str, job_id: str) -> None:
         """Note that the job waits for ``api_key_id`` (its pause, or its budget)."""
         self.redis.sadd(keys.held(api_key_id), job_id)
-
-    def unhold(self, api_key_id: str, job_id: str) -> None:
-        """The job no longer waits for ``api_key_id`` (it is being sent)."""
-        self.redis.srem(keys.held(api_key_id), job_id)
 
     def release_held(self, api_key_id: str, spread_s: float) -> int:
         """Make the jobs held for the key due, spread over ``spread_s`` seconds."""

@@ -1,4 +1,5 @@
-"""A dispatcher round with nothing due costs one round trip and runs no claim script."""
+"""Work saved on the hot paths keeps its behaviour: an idle dispatcher round runs no claim
+script; the attempt that sends a held job takes it out of the held set."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import redis
 from tests.policy_kit import new_job
 from worker import keys
 from worker.fleet.dispatcher import Dispatcher, due_schedules
+from worker.policies.submit import submit_step
 from worker.services import Services
 
 
@@ -39,3 +41,13 @@ def test_an_idle_round_runs_no_claim_script_and_a_due_job_is_still_sent(svc: Ser
     svc.store.redis.zadd(keys.SCHEDULE, {job_id: 0})
     assert dispatcher.tick() == 1
     assert _script_calls(svc.store.redis) > before
+
+
+def test_the_attempt_that_sends_a_held_job_takes_it_out_of_the_held_set(svc: Services) -> None:
+    job_id, _ = new_job(svc)
+    svc.store.hold(svc.api_key_id, job_id)
+    assert svc.store.redis.sismember(keys.held(svc.api_key_id), job_id)
+
+    assert submit_step(svc, job_id, 0) == "accepted"
+
+    assert not svc.store.redis.sismember(keys.held(svc.api_key_id), job_id)
