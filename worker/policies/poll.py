@@ -64,7 +64,7 @@ def poll_step(svc: Services, job_id: str, token: int) -> str:
 
 
 def _poll_step(svc: Services, job_id: str, token: int) -> str:
-    status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    status, job = svc.store.begin(job_id, token, svc.settings.lease_s, poll=True)
     if job is None:
         return status
     task_id = job.record.upstream_task_id
@@ -77,9 +77,7 @@ def _poll_step(svc: Services, job_id: str, token: int) -> str:
         # there is nothing to ask it. A relay's own task id may look like ours.
         finish_job(svc, job_id, JobState.SUCCEEDED, result_urls=job.relay_results)
         return "succeeded"
-    polls = svc.store.increment(job_id, "polls")
-    if polls is None:
-        return "finished"
+    polls = job.record.polls  # counted by begin
     try:
         svc = svc.for_provider(job.record.provider)
     except ProviderNotConfigured as exc:

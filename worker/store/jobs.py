@@ -472,14 +472,16 @@ class JobStore:
 
     # ------------------------------------------------------------------ steps
 
-    def begin(self, job_id: str, token: int, lease_s: float) -> tuple[str, Job | None]:
+    def begin(
+        self, job_id: str, token: int, lease_s: float, *, poll: bool = False
+    ) -> tuple[str, Job | None]:
         """Start a step with ``token``: ``("ok", job)``, or ``(reason, None)``.
 
         Reasons: ``missing``, ``finished``, ``stale`` (a newer message owns the job).
+        ``poll``: a poll step, which counts the job's poll when it has a task to ask about.
         """
-        reply = self._begin(
-            keys=[keys.job(job_id), keys.SCHEDULE], args=[job_id, token, lease_s, self.ttl_s]
-        )
+        args = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
+        reply = self._begin(keys=[keys.job(job_id), keys.SCHEDULE], args=args)
         status = decode_text(reply[0])
         if status != "ok":
             return status, None
