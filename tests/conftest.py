@@ -6,7 +6,8 @@ that need other settings, or that kill workers, start their own with
 ``start_workers``. Jobs of different tests never collide: every test uses its
 own prompts, and the sandbox counts createTask requests per prompt. Each pytest process
 (every xdist worker) has its own Redis (:mod:`tests.redis_kit`) and sandbox, so modules
-of different xdist workers run side by side.
+of different xdist workers run side by side; :mod:`tests.schedule_kit` marks the tests
+that start processes and orders the modules.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import redis
 
 from sandbox.control import SandboxControl
 from sandbox.launch import ManagedProcess, start_sandbox, start_worker
-from tests import redis_kit
+from tests import redis_kit, schedule_kit
 from tests.helpers import empty_database
 
 pytest_plugins = ["tests.policy_kit"]
@@ -64,13 +65,25 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    schedule_kit.add_option(parser)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     redis_kit.start(config)
+    schedule_kit.register_writer(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     redis_kit.stop(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that start processes, then put the slowest modules first."""
+    schedule_kit.mark_by_fixtures(items)
+    schedule_kit.slowest_first(items)
 
 
 def __getattr__(name: str) -> str:

@@ -26,6 +26,7 @@ from sandbox.launch import free_port
 from tests import redis_kit
 from tests.helpers import empty_database
 
+pytestmark = pytest.mark.integration  # every command runs as a process
 CLI_REDIS_URL = redis_kit.url(redis_kit.CLI)
 REMIXQ = Path(sys.executable).with_name("remixq")
 CLI_TIMEOUT_S = 60

@@ -36,7 +36,7 @@ from worker.poll_policy import poll_step
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 __all__ = ["moto_s3"]  # the fixture, used by name
 
 ARCHIVE: dict[str, Any] = {

@@ -33,7 +33,7 @@ from worker.poll_policy import poll_step
 from worker.runtime import Services
 from worker.submit_policy import record_acceptance, submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 HMAC_KEY = f"whk-policy-{uuid.uuid4().hex}"
 #: Not a local address: the sandbox never delivers there, the tests send every callback.

@@ -29,7 +29,7 @@ from worker.outcome import fail_job
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def png(label: str) -> bytes:

@@ -25,7 +25,7 @@ from worker.dispatcher import Dispatcher, DispatcherThread
 from worker.publisher import SUBMIT_QUEUE
 from worker.runtime import Services
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def hand_out(svc: Services) -> tuple[str, float]:

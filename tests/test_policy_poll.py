@@ -17,7 +17,7 @@ from worker.poll_policy import poll_step
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def _accepted_job(svc: Services, prompt: str | None = None) -> str:

@@ -28,7 +28,7 @@ from worker.poll_policy import poll_step
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 RELAY_FAST = {
     "ideogram_rate_limit": "1000/1s",

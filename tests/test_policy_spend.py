@@ -21,7 +21,7 @@ from worker.models import JobState
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def capped(upstream: SandboxServer, cap: str, **overrides: Any) -> Services:

@@ -25,7 +25,7 @@ from worker.poll_policy import poll_step
 from worker.runtime import Services
 from worker.submit_policy import submit_step
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 #: One answer of the scripted relay: (HTTP status, JSON body).
 Answer = tuple[int, dict[str, Any]]
