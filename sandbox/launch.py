@@ -445,14 +445,24 @@ def dies_with_this_process() -> Callable[[], None] | None:
     """
     if _LIBC is None or threading.current_thread() is not threading.main_thread():
         return None
-    libc, parent = _LIBC, os.getpid()
+    parent = os.getpid()
+    return lambda: _tie_to(parent)
 
-    def tie() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before the tie was made
-            os._exit(1)
 
-    return tie
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent dies (for a process whose starter
+    does not arrange it, such as a pytest-xdist worker); nothing off Linux."""
+    _tie_to(os.getppid())
+
+
+def _tie_to(parent: int) -> None:
+    """SIGKILL this process when the thread that started it ends; exit at once when
+    ``parent`` died before the tie was made."""
+    if _LIBC is None:
+        return
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _size(path: str | Path | None) -> int:

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess, start_sandbox, start_worker
+from sandbox.launch import ManagedProcess, die_with_parent, start_sandbox, start_worker
 from tests import redis_kit, schedule_kit
 from tests.helpers import empty_database
 
@@ -71,6 +71,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        die_with_parent()  # an xdist worker, and all it starts, ends with pytest
     redis_kit.start(config)
     schedule_kit.register_writer(config)
 
