@@ -1,14 +1,20 @@
-# make demo: the whole pipeline on this machine; make test: the test suite (needs Redis).
+# make demo: the whole pipeline on this machine; make test: the test suite (needs redis-server);
+# make test-fast: the unit and policy tests, no worker processes.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q
+# pytest-xdist workers of make test, each with its own Redis and sandbox; a module's tests
+# stay on one worker (loadfile), in the order tests/schedule_kit.py gives (slowest first).
+TEST_WORKERS ?= 4
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+FAST_WORKERS ?= 4
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo api dev constraints test lint bench chaos clean distclean
+.PHONY: venv demo api dev constraints test test-fast lint bench chaos clean distclean
 
 venv: $(STAMP)
 
@@ -35,8 +41,15 @@ constraints: venv
 
 # pytest exits 5 when it collects no tests; that fails the target like any other error.
 test: venv
-	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
+	exit $$status
+
+# The edit loop: every test not marked integration (no worker, sandbox or app process).
+test-fast: venv
+	@status=0; $(BIN)/python -m pytest -n $(FAST_WORKERS) -m "not integration" $(PYTEST_ARGS) \
+		|| status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; fi; \
 	exit $$status
 
 lint: venv

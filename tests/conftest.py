@@ -4,7 +4,10 @@ A session-wide sandbox and a pair of worker processes (``celery -A worker.app
 worker`` subprocesses with fast poll/retry settings) serve most tests; tests
 that need other settings, or that kill workers, start their own with
 ``start_workers``. Jobs of different tests never collide: every test uses its
-own prompts, and the sandbox counts createTask requests per prompt.
+own prompts, and the sandbox counts createTask requests per prompt. Each pytest process
+(every xdist worker) has its own Redis (:mod:`tests.redis_kit`) and sandbox, so modules
+of different xdist workers run side by side; :mod:`tests.schedule_kit` marks the tests
+that start processes and orders the modules.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import pytest
 import redis
 
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess, start_sandbox, start_worker
+from sandbox.launch import ManagedProcess, die_with_parent, start_sandbox, start_worker
+from tests import redis_kit, schedule_kit
 from tests.helpers import empty_database
 
 pytest_plugins = ["tests.policy_kit"]
 
-TEST_REDIS_URL = os.environ.get("REMIXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 #: A distinctive key, so that a leak into a log line or a Redis value is found.
 SECRET_API_KEY = f"sk-test-SECRET-{uuid.uuid4().hex}"
 SANDBOX_GENERATION_S = 1.0
@@ -62,6 +65,37 @@ SANDBOX_DEFAULTS: dict[str, Any] = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    schedule_kit.add_option(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        die_with_parent()  # an xdist worker, and all it starts, ends with pytest
+    redis_kit.start(config)
+    schedule_kit.register_writer(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    redis_kit.stop(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that start processes, then put the slowest modules first."""
+    schedule_kit.mark_by_fixtures(items)
+    schedule_kit.slowest_first(items)
+
+
+def __getattr__(name: str) -> str:
+    """``TEST_REDIS_URL``, the main test database: read when asked, because the test Redis
+    starts (:mod:`tests.redis_kit`) after this module is imported."""
+    if name == "TEST_REDIS_URL":
+        return redis_kit.url(redis_kit.MAIN)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
@@ -69,7 +103,8 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_client() -> Iterator[redis.Redis]:
-    with empty_database(TEST_REDIS_URL, "integration tests", empty_after=False) as client:
+    url = redis_kit.url(redis_kit.MAIN)
+    with empty_database(url, "integration tests", empty_after=False) as client:
         yield client
 
 
@@ -94,9 +129,10 @@ def control(sandbox: ManagedProcess) -> Iterator[SandboxControl]:
 
 def worker_env(sandbox_url: str, **overrides: str) -> dict[str, str]:
     env = dict(os.environ)
+    redis_url = redis_kit.url(redis_kit.MAIN)
     env.update(
-        REDIS_URL=TEST_REDIS_URL,
-        RESULT_BACKEND_URL=TEST_REDIS_URL,
+        REDIS_URL=redis_url,
+        RESULT_BACKEND_URL=redis_url,
         KIE_API_KEY=SECRET_API_KEY,
         KIE_BASE_URL=sandbox_url,
         KIE_UPLOAD_BASE_URL=sandbox_url,
@@ -112,7 +148,8 @@ def producer_env(redis_client: redis.Redis) -> Iterator[None]:
     """Point this process (the producer side) at the test Redis."""
     from worker.app import configure
 
-    configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
+    url = redis_kit.url(redis_kit.MAIN)
+    configure(redis_url=url, result_backend_url=url)
     yield
     configure()
 
@@ -127,7 +164,8 @@ def fleet(
     """Worker processes for one test module.
 
     A module sets ``WORKER_SETTINGS`` (env overrides) and ``WORKER_COUNT`` to
-    change them; workers of different modules never run at the same time.
+    change them. Workers of different modules never run at the same time in one pytest
+    process; each xdist worker has a Redis (broker) and a sandbox of its own.
     """
     overrides = getattr(request.module, "WORKER_SETTINGS", {})
     count = getattr(request.module, "WORKER_COUNT", 2)

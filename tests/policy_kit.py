@@ -8,7 +8,6 @@ looks at the record, the schedule and the sandbox's counters.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,13 +18,13 @@ from celery import Celery
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
+from tests import redis_kit
 from tests.helpers import empty_database
 from worker.fields import BlobRef
 from worker.services import Services, build_services
 from worker.settings import Settings
 from worker.store.blobs import new_ref
 
-POLICY_REDIS_URL = os.environ.get("REMIXQ_TEST_POLICY_REDIS_URL", "redis://127.0.0.1:6379/12")
 API_KEY = f"sk-policy-{uuid.uuid4().hex}"
 INPUT = {
     "image_url": "https://example.test/base.png",
@@ -44,9 +43,17 @@ FAST = {
 }
 
 
+def __getattr__(name: str) -> str:
+    """``POLICY_REDIS_URL``, the policy tests' database: read when asked, because the test
+    Redis starts (:mod:`tests.redis_kit`) after this module is imported."""
+    if name == "POLICY_REDIS_URL":
+        return redis_kit.url(redis_kit.POLICY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @pytest.fixture
 def policy_redis() -> Iterator[redis.Redis]:
-    with empty_database(POLICY_REDIS_URL, "the policy tests") as client:
+    with empty_database(redis_kit.url(redis_kit.POLICY), "the policy tests") as client:
         yield client
 
 
@@ -61,9 +68,10 @@ def make_services(
     upstream_url: str, redis_retry_s: float | None = None, **overrides: Any
 ) -> Services:
     """Services against the policy database and ``upstream_url``, with fast settings."""
+    url = redis_kit.url(redis_kit.POLICY)
     fields = {
-        "redis_url": POLICY_REDIS_URL,
-        "result_backend_url": POLICY_REDIS_URL,
+        "redis_url": url,
+        "result_backend_url": url,
         "kie_base_url": upstream_url,
         "kie_upload_base_url": upstream_url,
         "kie_api_key": API_KEY,

@@ -29,7 +29,7 @@ from worker.services import Services
 from worker.store.archive import archive_schedule
 from worker.tasks import is_usable_job_id, message_problem
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 PNG = whole_png(4000)
 

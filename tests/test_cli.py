@@ -2,8 +2,8 @@
 
 Every bad input must exit 2 with exactly one line on stderr and enqueue nothing; a
 good one enqueues exactly one ``remix.submit`` message. The commands use their own
-Redis database (``REMIXQ_TEST_CLI_REDIS_URL``, default database 13), emptied around
-each test.
+Redis database (``REMIXQ_TEST_CLI_REDIS_URL``, see :mod:`tests.redis_kit`), emptied
+around each test.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import redis
 from producers.cli import BadInput, parse_assignment, parse_assignments, parse_batch
 from sandbox.images import render_png
 from sandbox.launch import free_port
+from tests import redis_kit
 from tests.helpers import empty_database
 
-CLI_REDIS_URL = os.environ.get("REMIXQ_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/13")
+pytestmark = pytest.mark.integration  # every command runs as a process
+CLI_REDIS_URL = redis_kit.url(redis_kit.CLI)
 REMIXQ = Path(sys.executable).with_name("remixq")
 CLI_TIMEOUT_S = 60
 JOB_KEYS = "remixq:job:*"

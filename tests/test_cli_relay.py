@@ -23,6 +23,8 @@ from tests.test_cli import (
 )
 from worker.store.jobs import decode_text
 
+pytestmark = pytest.mark.integration  # every command runs as a process
+
 
 @pytest.fixture
 def cli_redis() -> Iterator[redis.Redis]:

@@ -16,6 +16,7 @@ from tests.test_cli import CLI_REDIS_URL, cli_redis, remixq, submit_messages  # 
 from worker.models import JobState
 from worker.store.jobs import JobStore
 
+pytestmark = pytest.mark.integration  # every command runs as a process
 REQUEST = {
     "prompt": "a knight",
     "image_url": "https://example.test/base.png",

@@ -10,8 +10,6 @@ import redis
 from worker.store import clock as clock_module
 from worker.store.clock import RedisClock, server_time
 
-pytestmark = pytest.mark.integration
-
 
 def test_a_step_of_the_host_clock_does_not_move_the_fleet_clock(
     redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch

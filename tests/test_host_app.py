@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from sandbox.launch import REPO_ROOT
-from tests.conftest import TEST_REDIS_URL
+from tests import redis_kit
 
 pytestmark = pytest.mark.integration
-HOST_REDIS_URL = TEST_REDIS_URL.rsplit("/", 1)[0] + "/11"
+HOST_REDIS_URL = redis_kit.sibling(redis_kit.url(redis_kit.MAIN), 11)
 
 HOST = f"""
 import json

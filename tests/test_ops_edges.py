@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from sandbox.server import SandboxServer
+from tests import redis_kit
 from tests.policy_kit import accepted, make_services, new_job, token_of
 from worker import keys
 from worker.policies import cancelling
@@ -65,7 +66,7 @@ def test_a_secret_file_with_a_utf8_bom_is_read_as_the_key(
     )
 
 
-REDIS_URL = __import__("os").environ.get("REMIXQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/4")
+REDIS_URL = redis_kit.sibling(redis_kit.url(redis_kit.MAIN), 4)
 
 
 def test_jobs_failed_is_logged_as_an_expected_failure_without_traceback(tmp_path) -> None:

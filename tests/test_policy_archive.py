@@ -36,7 +36,7 @@ from worker.services import Services
 from worker.store.archive import ArchiveDispatch, archive_schedule
 from worker.store.notify import notify_store
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 __all__ = ["moto_s3"]  # the fixture, used by name
 
 ARCHIVE: dict[str, Any] = {

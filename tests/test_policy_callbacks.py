@@ -37,7 +37,7 @@ from worker.services import Services
 from worker.store.jobs import JobStore
 from worker.upstreams.errors import ValidationFailedError
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 HMAC_KEY = f"whk-policy-{uuid.uuid4().hex}"
 #: Not a local address: the sandbox never delivers there, the tests send every callback.

@@ -31,7 +31,7 @@ from worker.store.blobs import BlobMissing, BlobStoreFull, RedisBlobStore, new_r
 from worker.store.jobs import UPLOADS_FIELD
 from worker.upstreams.kie_upload import UPLOAD_LIFETIME_S
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def png(label: str) -> bytes:

@@ -25,7 +25,7 @@ from worker.fleet.dispatcher import Dispatcher, DispatcherThread
 from worker.services import Services
 from worker.store.publisher import SUBMIT_QUEUE
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def hand_out(svc: Services) -> tuple[str, float]:

@@ -28,7 +28,7 @@ from worker.services import Services
 from worker.store.blobs import put
 from worker.upstreams.errors import UnexpectedCodeError
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 RELAY_FAST = {
     "ideogram_rate_limit": "1000/1s",

@@ -21,7 +21,7 @@ from worker.policies.submit import submit_step
 from worker.services import Services
 from worker.store.jobs import RETRIES_FIELD, SPEND_FIELD
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def capped(upstream: SandboxServer, cap: str, **overrides: Any) -> Services:

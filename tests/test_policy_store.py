@@ -19,7 +19,7 @@ from worker.policies.poll import poll_step
 from worker.policies.submit import submit_step
 from worker.services import Services
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def _members(svc: Services, state: str) -> set[str]:

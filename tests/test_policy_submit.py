@@ -24,7 +24,7 @@ from worker.models import JobState
 from worker.policies.submit import submit_step
 from worker.services import Services
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 
 def test_one_step_sends_once_and_schedules_the_first_poll(

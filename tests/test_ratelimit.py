@@ -9,7 +9,6 @@ import redis
 
 from worker.limits.ratelimit import LATENESS_TOLERANCE_S, SharedRateLimiter
 
-pytestmark = pytest.mark.integration
 LIMIT, WINDOW_S = 5, 2.0
 MAX_AHEAD_S = 10.0
 

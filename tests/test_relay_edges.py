@@ -25,7 +25,7 @@ from worker.policies.poll import poll_step
 from worker.policies.submit import submit_step
 from worker.services import Services
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.policy
 
 #: One answer of the scripted relay: (HTTP status, JSON body).
 Answer = tuple[int, dict[str, Any]]

@@ -811,6 +811,7 @@ def test_cli_refuses_bad_options_with_exit_2(args: list[str]) -> None:
     assert "Error" in result.output
 
 
+@pytest.mark.integration
 def test_python_m_sandbox_runs_as_a_process() -> None:
     chaos_args = ["--cut-rate", "0.1", "--drop-rate", "0.2", "--trickle-rate", "0.3"]
     chaos_args += ["--trickle-seconds", "0.5", "--retry-after", "-5", "--fault-style", "page"]
