@@ -71,7 +71,10 @@ OPTION_FIELDS = {
 IDEMPOTENCY_FIELD = "idempotency_key"
 NOTIFY_URL_FIELD = "notify_url"
 #: Commands imported only when used: name -> (module, attribute, the extra they need).
-LAZY_COMMANDS = {"sandbox": ("sandbox.cli", "sandbox_command", "sandbox")}
+LAZY_COMMANDS = {
+    "sandbox": ("sandbox.cli", "sandbox_command", "sandbox"),
+    "demo": ("sandbox.demo", "demo_command", "sandbox"),
+}
 
 
 class PositiveSeconds(click.ParamType):
@@ -651,25 +654,3 @@ def _print_batch(
     else:
         for job_id in job_ids:
             click.echo(job_id)
-
-
-@main.command("demo")
-@click.option(
-    "--redis-url",
-    help="Redis for the demo (started when a local one does not answer); default: a private "
-    "redis-server on a free port, or database 15 of REDIS_URL when redis-server is missing.",
-)
-@click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False, writable=True),
-    default="demo-output",
-    show_default=True,
-    help="Where the result images are saved.",
-)
-def demo(redis_url: str | None, output_dir: str) -> None:
-    """Run the whole pipeline on this machine: Redis, the sandbox, a worker, a few jobs."""
-    from producers.demo import run_demo
-
-    with redis_errors():
-        code = run_demo(redis_url, output_dir)
-    _exit(code)

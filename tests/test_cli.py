@@ -419,7 +419,7 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(
 
 
 def test_the_demo_never_prints_a_redis_password() -> None:
-    from producers.demo import shown_url
+    from sandbox.demo import shown_url
 
     shown = shown_url("redis://:Pw%2F9x%3AQ@127.0.0.1:6379/0")
     assert "Pw" not in shown and "9x" not in shown

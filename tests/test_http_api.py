@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producers import get_job
 from producers.fleet import pause_submissions, resume_submissions
-from producers.http_guard import BATCH_BODY_MAX, JOB_BODY_MAX
+from producers.http.guard import BATCH_BODY_MAX, JOB_BODY_MAX
 from sandbox.control import SandboxControl
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port, start_api
 from tests.conftest import REMIX_INPUT, SECRET_API_KEY, TEST_REDIS_URL, unique_prompt

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from producers.http_guard import UPLOAD_BODY_MAX
+from producers.http.guard import UPLOAD_BODY_MAX
 from sandbox.images import render_png
 from sandbox.launch import ManagedProcess, start_api
 from tests.conftest import TEST_REDIS_URL

@@ -1,7 +1,7 @@
 """Upstream callbacks step by step: real Redis, the sandbox over HTTP, no worker, no app.
 
 Each test signs a callback the way kie.ai does (the sandbox's own signer, not the
-receiver's), hands it to the receiver's logic (:func:`producers.http_callbacks.respond`,
+receiver's), hands it to the receiver's logic (:func:`producers.http.callbacks.respond`,
 what the route runs once it has read the body) and checks the answer, the record, the
 schedule and what the sandbox was asked. The callback URL names a host the sandbox never
 delivers to, so every callback here is one the test sends.
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import redis
 
-from producers.http_callbacks import respond
-from producers.metrics_export import PROCESS_COUNTERS
+from producers.http.callbacks import respond
+from producers.http.metrics import PROCESS_COUNTERS
 from sandbox.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signature
 from sandbox.launch import free_port, start_redis
 from sandbox.server import SandboxServer

@@ -8,6 +8,7 @@ modules may import each other in a circle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -15,28 +16,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("worker", "producers")
 
-#: Top to bottom: a module may import only from its own layer or the layers below it.
-LAYERS: tuple[tuple[str, ...], ...] = (
-    ("producers",),
-    ("worker.tasks", "worker.health"),
-    ("worker.app",),
-    ("worker.policies",),
-    ("worker.fleet",),
-    ("worker.services",),
-    ("worker.upstreams", "worker.limits"),
-    ("worker.net",),
-    ("worker.store",),
-    ("worker.models", "worker.relay_models", "worker.images", "worker.task_outcomes"),
-    (
-        "worker.fields",
-        "worker.settings",
-        "worker.keys",
-        "worker.lua",
-        "worker.logs",
-        "worker.redaction",
-        "worker",
-    ),
-)
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+#: Packages that only use the others: never imported by ``worker`` or ``producers``.
+USERS_ONLY = ("sandbox", "bench")
+_ROW = re.compile(r"^\| (\d+) \| ([^|]+) \|", re.M)
+
+
+def layers() -> list[tuple[str, ...]]:
+    """The layer table of docs/architecture.md, top to bottom: each row's places as module
+    names; a folder (``worker/policies/``) as ``worker.policies.`` (every module in it), a
+    file as its module (``worker/app.py`` -> ``worker.app``)."""
+    rows: dict[int, list[str]] = {}
+    for number, places in _ROW.findall(ARCHITECTURE.read_text()):
+        for place in re.findall(r"`([^`]+)`", places):
+            if place.endswith("/"):
+                name = place.replace("/", ".")
+            else:
+                name = place.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            rows.setdefault(int(number), []).append(name)
+    assert rows, "docs/architecture.md has no layer table"
+    return [tuple(rows[number]) for number in sorted(rows)]
 
 
 def module_name(path: Path) -> str:
@@ -54,26 +53,36 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imported(path: Path, known: set[str]) -> set[str]:
-    """The project modules ``path`` imports (``from a import b`` names ``a.b`` when it is
-    a module, else ``a``)."""
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Every module ``path`` imports (``from a import b`` names ``a.b`` when that is a
+    project module, else ``a``); relative imports are refused."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: a relative import"
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                found.add(candidate if candidate in known else node.module)
-    return {name for name in found if name in known}
+                found.add(candidate if candidate in known else str(node.module))
+    return found
+
+
+def imported(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports."""
+    return {name for name in imports(path, known) if name in known}
 
 
 def layer_of(module: str) -> int:
+    """The row of the table that names ``module``, or the folder holding it (the nearest;
+    a package's own module is in its folder)."""
     best, best_len = None, -1
-    for index, prefixes in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
-                best, best_len = index, len(prefix)
+    for index, places in enumerate(layers()):
+        for place in places:
+            in_folder = place.endswith(".") and f"{module}.".startswith(place)
+            named = module == place or in_folder
+            if named and len(place) > best_len:
+                best, best_len = index, len(place)
     if best is None:
         raise AssertionError(f"{module} is in no layer of docs/architecture.md")
     return best
@@ -83,6 +92,17 @@ def graph() -> dict[str, set[str]]:
     found = modules()
     known = set(found)
     return {name: imported(path, known) - {name} for name, path in found.items()}
+
+
+def test_worker_and_producers_never_import_the_sandbox_or_the_benchmark() -> None:
+    known = set(modules())
+    found = [
+        f"{module} -> {target}"
+        for module, path in modules().items()
+        for target in sorted(imports(path, known))
+        if target.split(".")[0] in USERS_ONLY
+    ]
+    assert found == []
 
 
 def test_every_module_has_a_layer() -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from producers.http_guard import (
+from producers.http.guard import (
     BATCH_BODY_MAX,
     JOB_BODY_MAX,
     OTHER_BODY_MAX,
@@ -17,8 +17,8 @@ from producers.http_guard import (
     needs_token,
     token_matches,
 )
-from producers.http_jobs import JobRequest, decode_cursor, encode_cursor
-from producers.metrics_export import counter_families
+from producers.http.jobs import JobRequest, decode_cursor, encode_cursor
+from producers.http.metrics import counter_families
 from worker.models import JobState
 
 

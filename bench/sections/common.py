@@ -26,7 +26,7 @@ from bench.procfs import tree_usage
 from bench.report import Figure
 from bench.stack import Stack
 from producers import enqueue_remix
-from producers.http_callbacks import CALLBACK_PATH
+from producers.http.callbacks import CALLBACK_PATH
 from sandbox.control import SandboxControl
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port
 from worker.app import services

@@ -22,7 +22,7 @@ import redis
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from producers.metrics_export import PROCESS_COUNTERS
+from producers.http.metrics import PROCESS_COUNTERS
 from worker.app import services
 from worker.policies import callbacks
 from worker.services import Services

@@ -3,7 +3,7 @@
 They are the Python API (:mod:`producers.api`) over HTTP, for services not written in
 Python: the same request model and validation as ``enqueue_remix``, the same records.
 Redis calls are synchronous (the job store's Lua scripts), so each runs in the thread
-pool; a long poll waits on the app's one subscription (:mod:`producers.longpoll`), not
+pool; a long poll waits on the app's one subscription (:mod:`producers.http.longpoll`), not
 in a thread. A Redis error becomes ``503`` in :mod:`producers.http`.
 """
 
@@ -34,7 +34,7 @@ from producers.api import (
     enqueue_many_validated,
     enqueue_validated,
 )
-from producers.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
+from producers.http.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
 from worker import keys
 from worker.app import services
 from worker.models import (
@@ -61,7 +61,7 @@ UPLOAD_ROUTE = "/v1/jobs:upload"
 FILE_ONLY_PROVIDERS = ("ideogram-remix",)
 
 #: Documents the bearer scheme in the OpenAPI document; the check is in
-#: :mod:`producers.http_guard`, before the body is read.
+#: :mod:`producers.http.guard`, before the body is read.
 bearer = HTTPBearer(
     auto_error=False,
     description="One of the tokens of REMIX_API_TOKENS (required only when it is set).",

@@ -1,11 +1,11 @@
 """The HTTP app other services use: ``uvicorn producers.http:app`` (the Procfile's ``api:``).
 
-Routes: the jobs (:mod:`producers.http_jobs`, files as multipart uploads in
-:mod:`producers.http_uploads`), the upstream's callbacks
-(:mod:`producers.http_callbacks`), ``GET /healthz`` and ``GET /metrics``; the OpenAPI
+Routes: the jobs (:mod:`producers.http.jobs`, files as multipart uploads in
+:mod:`producers.http.uploads`), the upstream's callbacks
+(:mod:`producers.http.callbacks`), ``GET /healthz`` and ``GET /metrics``; the OpenAPI
 document at ``/openapi.json`` (viewer at ``/docs``).
 
-* Auth and body caps are checked before a route runs (:mod:`producers.http_guard`):
+* Auth and body caps are checked before a route runs (:mod:`producers.http.guard`):
   bearer tokens from ``REMIX_API_TOKENS`` when it is set, on every route but
   ``/healthz``, the OpenAPI document and the callback route; ``/metrics`` needs a token.
 * Any Redis error answers ``503`` with one line of JSON (and logs one line); every log
@@ -15,7 +15,7 @@ document at ``/openapi.json`` (viewer at ``/docs``).
   when no tokens are set) also gets the details: Redis, the long-poll subscription and
   the workers whose heartbeat is recent (host:pid), which the status does not depend on.
 * ``/metrics`` exports what the whole fleet counted in Redis, read at scrape time
-  (:mod:`producers.metrics_export`).
+  (:mod:`producers.http.metrics`).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producers.http_callbacks import router as callbacks_router
-from producers.http_guard import GuardMiddleware, authorized
-from producers.http_jobs import ErrorResponse, bearer
-from producers.http_jobs import router as jobs_router
-from producers.http_uploads import router as uploads_router
-from producers.longpoll import FinishedWatch
-from producers.metrics_export import LIVE_WORKER_S, fleet_registry
+from producers.http.callbacks import router as callbacks_router
+from producers.http.guard import GuardMiddleware, authorized
+from producers.http.jobs import ErrorResponse, bearer
+from producers.http.jobs import router as jobs_router
+from producers.http.longpoll import FinishedWatch
+from producers.http.metrics import LIVE_WORKER_S, fleet_registry
+from producers.http.uploads import router as uploads_router
 from worker import keys
 from worker.app import services
 from worker.logs import install_log_format

@@ -4,7 +4,7 @@
 larger) and would share that route's small body cap. Here a ``multipart/form-data`` body
 carries a ``request`` part (the JSON object ``POST /v1/jobs`` takes, plus ``provider``),
 an ``image_file`` part and repeatable ``reference_image_file`` parts, under a cap of its
-own (:data:`producers.http_guard.UPLOAD_BODY_MAX`). Files are checked by content like the
+own (:data:`producers.http.guard.UPLOAD_BODY_MAX`). Files are checked by content like the
 Python API's (:func:`producers.api.enqueue_request` does the rest: validate, store the
 blobs, enqueue); a path is never read from a body.
 """
@@ -21,8 +21,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers.api import FileBlobs, enqueue_request, file_blob
-from producers.http_guard import UPLOAD_BODY_MAX
-from producers.http_jobs import (
+from producers.http.guard import UPLOAD_BODY_MAX
+from producers.http.jobs import (
     UPLOAD_ROUTE,
     IdempotencyKeyHeader,
     _errors,

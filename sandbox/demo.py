@@ -25,11 +25,13 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import click
 import requests
 from rich.console import Console
 from rich.table import Table
 
 from producers.api import enqueue_remix
+from producers.cli import redis_errors
 from producers.display import job_seconds, watch_jobs
 from sandbox.config import DEFAULT_API_KEY
 from sandbox.control import SandboxControl
@@ -410,3 +412,23 @@ def _stop_all(started: list[ManagedProcess], console: Console) -> None:
             signal.signal(sig, handler)
     if started:
         console.print(f"stopped {len(started)} process(es)")
+
+
+@click.command("demo")
+@click.option(
+    "--redis-url",
+    help="Redis for the demo (started when a local one does not answer); default: a private "
+    "redis-server on a free port, or database 15 of REDIS_URL when redis-server is missing.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, writable=True),
+    default="demo-output",
+    show_default=True,
+    help="Where the result images are saved.",
+)
+def demo_command(redis_url: str | None, output_dir: str) -> None:
+    """Run the whole pipeline on this machine: Redis, the sandbox, a worker, a few jobs."""
+    with redis_errors():
+        code = run_demo(redis_url, output_dir)
+    raise click.exceptions.Exit(code)
