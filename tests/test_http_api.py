@@ -605,9 +605,10 @@ def test_200_waiters_are_served_by_one_uvicorn_worker(
     assert all(a.status_code == 200 and a.json()["state"] == "succeeded" for a in late)
     finished_at = late[0].json()["finished_at"]
     # The first answer comes at once; the 200th after 200 responses were written and read
-    # on this (small, shared) machine, at a few milliseconds each.
+    # on this (small, shared) machine, at a few milliseconds each: every one is released by
+    # the finish, well before its 30 s wait ends (how fast is the benchmark's business).
     assert min(ended) - finished_at < 1.0
-    assert max(ended) - finished_at < 3.0
+    assert max(ended) - finished_at < 10.0
 
 
 # ------------------------------------------------------------------ cancel
