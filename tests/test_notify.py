@@ -98,6 +98,11 @@ def notification_of(job_id: str) -> dict[str, Any] | None:
     )
 
 
+def queued(job_id: str) -> bool:
+    record = get_job(job_id)
+    return record is None or record.state is JobState.QUEUED
+
+
 def settled(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
     """The job's notification once it is delivered or given up."""
 
@@ -114,6 +119,8 @@ def test_each_finished_job_is_delivered_once_and_verifies_with_the_readme(
     verify = readme_verifier()
     succeeded = enqueue(unique_prompt("notify-ok"), hooks.url("/succeeded"))
     failed = enqueue(unique_prompt("[sandbox:create=422] notify"), hooks.url("/failed"))
+    # Only the cancelled job is to meet the pause: the other two are past submitting first.
+    wait_until(lambda: not any(queued(job_id) for job_id in (succeeded, failed)), JOB_TIMEOUT_S)
     assert pause_submissions("notify cancel test")
     try:
         cancelled = enqueue(unique_prompt("notify-cancel"), hooks.url("/cancelled"))
