@@ -94,6 +94,7 @@ def _wait_for_polls(control: SandboxControl, total: int) -> None:
 def job_cost_section(run: Run) -> list[Figure]:
     """Redis commands and round trips of one job: enqueue, submit, two polls, finish."""
     stack = run.stack
+    stack.flush()  # what earlier sections left in Redis would be polled meanwhile
     sandbox = stack.start_sandbox(["--generation-seconds", f"{GENERATION_S:g}"])
     control = SandboxControl(sandbox.url or "")
     client = private_redis(stack)
