@@ -120,7 +120,9 @@ def test_the_configuration_reference_shows_each_default() -> None:
             if not cell.startswith(("unset", "same as")):
                 wrong.append(f"{env}: default is unset, the row says {cell!r}")
         elif f"`{shown_default(field.default)}`" not in cell:
-            wrong.append(f"{env}: default is `{shown_default(field.default)}`, the row says {cell!r}")
+            wrong.append(
+                f"{env}: default is `{shown_default(field.default)}`, the row says {cell!r}"
+            )
     assert not wrong, "\n".join(wrong)
 
 
