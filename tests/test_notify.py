@@ -42,7 +42,7 @@ WORKER_SETTINGS = {
 }
 WORKER_COUNT = 2
 JOB_TIMEOUT_S = 60
-README = Path(__file__).resolve().parents[1] / "README.md"
+PRODUCERS_DOC = Path(__file__).resolve().parents[1] / "docs" / "producers.md"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,12 +78,12 @@ def hooks() -> Iterator[WebhookReceiver]:
         yield server
 
 
-def readme_verifier() -> Callable[..., dict[str, Any]]:
-    """The README's own receiver snippet, run as written."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def documented_verifier() -> Callable[..., dict[str, Any]]:
+    """The receiver snippet of docs/producers.md, run as written."""
+    blocks = re.findall(r"```python\n(.*?)```", PRODUCERS_DOC.read_text(), flags=re.S)
     [snippet] = [b for b in blocks if "def verify_remixq_webhook" in b]
     namespace: dict[str, Any] = {}
-    exec(compile(snippet, str(README), "exec"), namespace)
+    exec(compile(snippet, str(PRODUCERS_DOC), "exec"), namespace)
     return namespace["verify_remixq_webhook"]  # type: ignore[no-any-return]
 
 
@@ -113,10 +113,10 @@ def settled(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
     return wait_until(done, timeout, interval=0.1)
 
 
-def test_each_finished_job_is_delivered_once_and_verifies_with_the_readme(
+def test_each_finished_job_is_delivered_once_and_verifies_with_the_documented_snippet(
     hooks: WebhookReceiver,
 ) -> None:
-    verify = readme_verifier()
+    verify = documented_verifier()
     succeeded = enqueue(unique_prompt("notify-ok"), hooks.url("/succeeded"))
     failed = enqueue(unique_prompt("[sandbox:create=422] notify"), hooks.url("/failed"))
     # Only the cancelled job is to meet the pause: the other two are past submitting first.

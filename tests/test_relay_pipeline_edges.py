@@ -69,6 +69,7 @@ def test_a_relay_job_of_unknown_outcome_says_how_to_send_it_anew(sandbox: Manage
     outcome = retry_one(job_id, force=True)
 
     assert outcome.skipped is not None and "submit it again" in outcome.line()
-    docs = "\n".join((REPO_ROOT / name).read_text() for name in ("README.md", "docs/design.md"))
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    docs = "\n".join(page.read_text() for page in pages)
     assert "retry --force JOB_ID` sends it anew" not in docs
     assert "`remixq retry --force` is the deliberate way" not in docs

@@ -26,7 +26,7 @@ from worker.policies.notify import (
 )
 from worker.settings import ConfigurationError, load_settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PRODUCERS_DOC = Path(__file__).resolve().parents[1] / "docs" / "producers.md"
 LINE = {
     "prompt": "a knight",
     "image_url": "https://example.com/a.png",
@@ -51,11 +51,11 @@ def test_the_signature_is_hmac_sha256_over_timestamp_dot_body() -> None:
     assert signature("k", "1700000000", body) == "sha256=" + expected
 
 
-def test_the_readme_snippet_accepts_ours_and_refuses_others() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def test_the_documented_receiver_snippet_accepts_ours_and_refuses_others() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", PRODUCERS_DOC.read_text(), flags=re.S)
     [snippet] = [b for b in blocks if "def verify_remixq_webhook" in b]
     namespace: dict[str, Any] = {}
-    exec(compile(snippet, str(README), "exec"), namespace)
+    exec(compile(snippet, str(PRODUCERS_DOC), "exec"), namespace)
     verify = namespace["verify_remixq_webhook"]
     settings = load_settings(remix_notify_hmac_key="whsec-unit")
     record = _record()
