@@ -19,9 +19,10 @@
 -- idempotency key names (its own id when it names none) and 1 if a record was written; or
 -- {'full', tenant, waiting, adding} when a tenant's waiting jobs plus its new ones would be
 -- more than ARGV[3]: then nothing is written. A new record's '_waiting' names its field in
--- the waiting counts (tenant_state.lua takes it out of them).
+-- the waiting counts (tenant_state.lua takes it out of them). The jobs' creation times are
+-- a microsecond apart, in their order, so every index lists them as they were given.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local micros = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[3])
 
 -- Which jobs are new, and how many each tenant adds (nothing is written yet).
@@ -60,15 +61,17 @@ for _, job in ipairs(jobs) do
     redis.call('SET', job.idem, job.id, 'EX', ARGV[1])
   end
   if job.new then
+    local created = string.format('%d.%06d', math.floor(micros / 1000000), micros % 1000000)
+    local at = tonumber(created)
+    micros = micros + 1
     for name, value in pairs(cjson.decode(job.fields)) do
       redis.call('HSET', job.key, name, value)
     end
-    redis.call('HSET', job.key, 'created_at', string.format('%.6f', now), '_dispatch', '0',
-      '_dispatched_at', string.format('%.6f', now))
+    redis.call('HSET', job.key, 'created_at', created, '_dispatch', '0', '_dispatched_at', created)
     redis.call('EXPIRE', job.key, ARGV[1])
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), job.id)
-    redis.call('ZADD', KEYS[2], now, job.id)
-    redis.call('ZADD', job.index, now, job.id)
+    redis.call('ZADD', KEYS[1], at + tonumber(ARGV[2]), job.id)
+    redis.call('ZADD', KEYS[2], at, job.id)
+    redis.call('ZADD', job.index, at, job.id)
     redis.call('SADD', KEYS[4], job.tenant)
     local waiting = job.tenant .. ':' .. job.priority
     redis.call('HSET', job.key, '_waiting', cjson.encode(waiting))

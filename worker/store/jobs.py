@@ -395,6 +395,13 @@ class JobStore:
         owner = self.redis.get(keys.idempotency(key, tenant))
         return None if owner is None else decode_text(owner)
 
+    def idempotency_owners(self, idem_keys: Sequence[str], tenant: str) -> list[str | None]:
+        """:meth:`idempotency_owner` of many keys of one tenant, in one round trip."""
+        if not idem_keys:
+            return []
+        found = self.redis.mget([keys.idempotency(key, tenant) for key in idem_keys])
+        return [None if raw is None else decode_text(raw) for raw in found]
+
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""
         raw = self.redis.hgetall(keys.job(job_id))
