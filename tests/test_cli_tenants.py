@@ -27,6 +27,8 @@ from tests.test_cli import (
     write_batch,
 )
 from worker import keys
+from worker.models import JobState
+from worker.store.jobs import JobStore
 
 pytestmark = pytest.mark.integration
 MAX_WAITING = 2
@@ -161,3 +163,35 @@ def test_a_batch_of_keys_already_enqueued_needs_no_room(
 
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout
+
+
+def _failed_job(client: redis.Redis, job_id: str, tenant: str, priority: str) -> str:
+    store = JobStore(client, 3600)
+    store.create(job_id, GOOD_LINE, due_in=60, tenant=tenant, priority=priority)
+    assert store.finish(job_id, JobState.FAILED, fail_code="500", fail_msg="gave up")
+    return job_id
+
+
+def test_a_retry_keeps_the_tenant_and_the_priority(cli_redis: redis.Redis) -> None:
+    old = _failed_job(cli_redis, "old-tenant", "svc-a", "bulk")
+
+    result = remixq("retry", old)
+
+    assert result.returncode == 0, result.stderr
+    new = record(cli_redis, result.stdout.split()[-1])
+    assert (new["tenant"], new["priority"], new["retry_of"]) == ("svc-a", "bulk", old)
+
+
+def test_a_retry_for_a_tenant_at_its_limit_is_skipped(cli_redis: redis.Redis) -> None:
+    old = _failed_job(cli_redis, "old-full", "svc-a", "normal")
+    for _ in range(MAX_WAITING):
+        assert remixq("submit", *REQUIRED, "--tenant", "svc-a").returncode == 0
+    before = enqueued(cli_redis)
+
+    result = remixq("retry", old)
+
+    assert result.returncode == 1
+    assert result.stdout.strip() == (
+        f"skipped {old}: its tenant has as many jobs waiting as REMIX_TENANT_MAX_WAITING allows"
+    )
+    assert enqueued(cli_redis) == before

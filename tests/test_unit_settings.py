@@ -294,6 +294,8 @@ def test_each_token_names_its_tenant_and_a_bare_one_is_the_default_tenants(
         (f"svc-a:{TOKEN_A},svc-b:{TOKEN_A}", "entries 1 and 2 hold the same token"),
         (f"{TOKEN_A},{TOKEN_A}", "entries 1 and 2 hold the same token"),
         (f"svc-a:{TOKEN_A},svc-b:", "entry 2 has no token"),
+        (f"svc-a:{TOKEN_A}|", "entry 1 has no token"),
+        (f"svc-a:{TOKEN_A}|{TOKEN_A}", "entry 1 holds the same token twice"),
         (f":{TOKEN_A}", "entry 1 has nothing before its ':'"),
         (f"svc a:{TOKEN_A}", "entry 1: the tenant before ':' must be"),
         (f"{TOKEN_B[:6]}/x:{TOKEN_A}", "entry 1: the tenant before ':' must be"),
@@ -319,6 +321,19 @@ def test_a_tokens_file_naming_a_tenant_twice_is_refused_naming_the_file_variable
     ) as caught:
         load_settings()
     assert TOKEN_A[:8] not in str(caught.value) and TOKEN_B[:8] not in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_tenant_may_hold_two_tokens_while_they_are_rotated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REMIX_API_TOKENS", f"svc-a:{TOKEN_A} | {TOKEN_B},svc-b:tok-c")
+
+    assert load_settings().api_token_tenants() == {
+        TOKEN_A: "svc-a",
+        TOKEN_B: "svc-a",
+        "tok-c": "svc-b",
+    }
 
 
 def test_tenant_weights_are_read_and_an_unnamed_tenant_weighs_one(

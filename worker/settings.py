@@ -146,7 +146,8 @@ def parse_api_tokens(text: str) -> list[str]:
 
 def parse_token_tenants(text: str) -> dict[str, str]:
     """``"svc-a:tok-a, tok-b"`` -> ``{"tok-a": "svc-a", "tok-b": "default"}``: each bearer
-    token of ``REMIX_API_TOKENS`` and its tenant (a bare token's is ``default``).
+    token of ``REMIX_API_TOKENS`` and its tenant (a bare token's is ``default``). A tenant's
+    entry may hold two tokens while they are rotated: ``svc-a:NEW|OLD``.
 
     Raises ``ValueError`` with one line naming the entry by its position (1 is the first),
     never a token: on an empty entry (a list that holds no token would turn the API's auth
@@ -163,26 +164,34 @@ def parse_token_tenants(text: str) -> dict[str, str]:
     where: dict[str, int] = {}
     named: dict[str, int] = {}
     for position, entry in enumerate(entries, start=1):
-        tenant, token = _token_entry(position, entry)
-        if token in where:
-            raise ValueError(f"entries {where[token]} and {position} hold the same token")
+        tenant, tokens = _token_entry(position, entry)
         if ":" in entry and tenant in named:
             raise ValueError(f"entries {named[tenant]} and {position} name the same tenant")
-        where[token] = position
         if ":" in entry:
             named[tenant] = position
-        found[token] = tenant
+        for token in tokens:
+            if token in where:
+                which = (
+                    f"entry {position} holds"
+                    if where[token] == position
+                    else f"entries {where[token]} and {position} hold"
+                )
+                raise ValueError(f"{which} the same token twice")
+            where[token] = position
+            found[token] = tenant
     return found
 
 
-def _token_entry(position: int, entry: str) -> tuple[str, str]:
-    """One entry of ``REMIX_API_TOKENS``: ``tenant:token`` or a bare token."""
+def _token_entry(position: int, entry: str) -> tuple[str, list[str]]:
+    """One entry of ``REMIX_API_TOKENS``: ``tenant:token`` (``tenant:new|old``) or a bare
+    token; its tenant and tokens."""
     if ":" not in entry:
-        return DEFAULT_TENANT, entry
-    tenant, _, token = (part.strip() for part in entry.partition(":"))
+        return DEFAULT_TENANT, [entry]
+    tenant, _, token_text = (part.strip() for part in entry.partition(":"))
     if not tenant:
         raise ValueError(f"entry {position} has nothing before its ':' (tenant:token)")
-    if not token:
+    tokens = [token.strip() for token in token_text.split("|")]
+    if not all(tokens):
         raise ValueError(f"entry {position} has no token after its tenant (tenant:token)")
     try:
         check_tenant(tenant)
@@ -192,7 +201,7 @@ def _token_entry(position: int, entry: str) -> tuple[str, str]:
             f"entry {position}: the tenant before ':' must be 1 to 64 letters, digits, "
             "'_', '.' or '-'"
         ) from None
-    return tenant, token
+    return tenant, tokens
 
 
 def parse_tenant_weights(text: str | None) -> dict[str, float]:
