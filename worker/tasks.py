@@ -74,12 +74,12 @@ def remix_submit(
     it failed the job, so Flower lists the job's row (its task id is the job id) as
     FAILURE with the job's ``fail_code``.
     """
-    problem = message_problem(job_id, dispatch, unexpected, positional, provider) or job_problem(
-        tenant, priority
-    )
+    problem = message_problem(job_id, dispatch, unexpected, positional, provider)
+    provider = provider if problem is None else PROVIDER
+    problem = problem or job_problem(tenant, priority)
     job_id = job_id if is_usable_job_id(job_id) else self.request.id
     owner = Owner(
-        provider if problem is None else PROVIDER,
+        provider,
         tenant if _valid(check_tenant, tenant) else DEFAULT_TENANT,
         priority if _valid(check_priority, priority) else DEFAULT_PRIORITY,
     )
