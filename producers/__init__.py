@@ -3,6 +3,7 @@
 from producers.api import JobNotCancellable, cancel_job, enqueue_remix, get_job, wait_for_job
 from producers.retry import JobNotRetryable, retry_job
 from worker.models import InvalidRequestError, JobRecord, JobState
+from worker.store.jobs import QueueFull
 
 __all__ = [
     "InvalidRequestError",
@@ -10,6 +11,7 @@ __all__ = [
     "JobNotRetryable",
     "JobRecord",
     "JobState",
+    "QueueFull",
     "cancel_job",
     "enqueue_remix",
     "get_job",

@@ -14,6 +14,11 @@ schedule. From then on the job *will* be sent, by the schedule if by nothing els
 ``enqueue_remix`` either returns (the job is durably queued) or raises with nothing
 written. (If Redis accepted the write but its answer was lost, the call raises although
 the job exists: the same ``idempotency_key`` on the retry finds it.)
+
+Every job belongs to a ``tenant`` (a trusted caller names it; default ``default``) and
+has a ``priority`` (``interactive``, ``normal``, ``bulk``); a tenant's idempotency keys
+are its own, and with ``REMIX_TENANT_MAX_WAITING`` set a tenant with that many jobs not
+yet sent gets :class:`~worker.store.jobs.QueueFull` (docs/tenants.md).
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ import kombu.exceptions
 import redis
 
 from worker.app import services
-from worker.fields import BlobRef
+from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT, BlobRef, check_priority, check_tenant
 from worker.images import load_image
 from worker.logs import job_fields
 from worker.models import PROVIDER, InvalidRequestError, JobRecord, validate_request
 from worker.net import outbound
 from worker.policies import cancelling
 from worker.store.blobs import new_ref
-from worker.store.jobs import NewJob
+from worker.store.jobs import NewJob, QueueFull
 
 logger = logging.getLogger("producers")
 
@@ -81,6 +86,8 @@ def enqueue_remix(
     provider: str = PROVIDER,
     image_file: ImageSource | None = None,
     reference_image_files: Sequence[ImageSource] | None = None,
+    tenant: str = DEFAULT_TENANT,
+    priority: str = DEFAULT_PRIORITY,
     **other_input_fields: Any,
 ) -> str:
     """Validate a remix request and enqueue it; returns the job id.
@@ -90,7 +97,12 @@ def enqueue_remix(
         image_url, reference_image_urls: the source image and the references, as URLs.
         provider: the upstream: ``kie`` (default) or ``ideogram-remix`` (the legacy remix
             relay, which takes the source image as ``image_file`` only).
-        idempotency_key: the same key returns the same job id and enqueues nothing new.
+        tenant: who the job is for (``[A-Za-z0-9_.-]{1,64}``); its idempotency keys, its
+            share of the key's budget and its limit of waiting jobs are its own.
+        priority: ``interactive``, ``normal`` or ``bulk``: between classes the key's send
+            moments go strictly to the higher one.
+        idempotency_key: the same key (of the same tenant) returns the same job id and
+            enqueues nothing new.
         notify_url: an http(s) URL the finished job's record is POSTed to (signed with
             ``REMIX_NOTIFY_HMAC_KEY``), at least once, tried up to
             ``REMIX_NOTIFY_MAX_ATTEMPTS`` times; the record's ``notification`` says how it went.
@@ -100,13 +112,48 @@ def enqueue_remix(
             reference in all. The bytes go to the blob store (``REMIX_BLOB_URL``), never
             into a Celery message.
         other_input_fields: any optional input field (``strength=0.5``, ``num_images="2"`` ...).
+
+    Raises :class:`~worker.models.InvalidRequestError` (a ``ValueError``) for bad input and
+    :class:`~worker.store.jobs.QueueFull` when the tenant has as many jobs waiting as
+    ``REMIX_TENANT_MAX_WAITING`` allows; either way nothing is written.
     """
+    check_job_options(tenant, priority)
     blobs = _load_files(image_file, reference_image_files)
     data: dict[str, Any] = {"prompt": prompt, **other_input_fields}
     for name, value in (("image_url", image_url), ("reference_image_urls", reference_image_urls)):
         if value is not None:
             data[name] = value
-    return enqueue_request(data, blobs, idempotency_key, notify_url, provider=provider)[0]
+    return enqueue_request(
+        data,
+        blobs,
+        idempotency_key,
+        notify_url,
+        provider=provider,
+        tenant=tenant,
+        priority=priority,
+    )[0]
+
+
+def check_job_options(tenant: Any, priority: Any) -> None:
+    """A tenant name and a priority, or :class:`InvalidRequestError` (one line)."""
+    try:
+        check_tenant(tenant)
+        check_priority(priority)
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid request: {exc}") from None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a job has besides its request (all checked before they get here)."""
+
+    idempotency_key: str | None = None
+    notify_url: str | None = None
+    provider: str = PROVIDER
+    tenant: str = DEFAULT_TENANT
+    priority: str = DEFAULT_PRIORITY
+    #: The job this one replays (``remixq retry``).
+    retry_of: str | None = None
 
 
 def _load_files(
@@ -159,58 +206,63 @@ def enqueue_request(
     notify_url: str | None,
     *,
     provider: str = PROVIDER,
+    tenant: str = DEFAULT_TENANT,
+    priority: str = DEFAULT_PRIORITY,
 ) -> tuple[str, bool]:
     """Validate everything, then store the files, then enqueue (the HTTP app's path too).
 
     Returns ``(job_id, created)``, as :func:`enqueue_validated` does.
 
     An idempotent repeat that finds its job stores nothing; when a concurrent producer
-    wins the key between the check and the write, the files just stored are deleted.
+    wins the key between the check and the write, or the tenant's waiting jobs are at
+    their limit (:class:`QueueFull`), the files just stored are deleted.
     """
     request = validate_request({**data, **blobs.fields()}, provider=provider)
     check_idempotency_key(idempotency_key)
+    check_job_options(tenant, priority)
     svc = services()
     check_notify_url(notify_url, allow_private=svc.settings.remix_notify_allow_private)
     if blobs.all and idempotency_key is not None:
-        owner = svc.store.idempotency_owner(idempotency_key)
+        owner = svc.store.idempotency_owner(idempotency_key, tenant)
         if owner is not None:
             return owner, False
     svc.blobs.store(blobs.all)
-    job_id, created = enqueue_validated(
-        request.stored(), idempotency_key, notify_url, provider=provider
-    )
-    if not created and blobs.all:
-        with contextlib.suppress(Exception):
-            svc.blobs.delete(ref for ref, _ in blobs.all)
+    options = JobOptions(idempotency_key, notify_url, provider, tenant, priority)
+    try:
+        job_id, created = enqueue_validated(request.stored(), options)
+    except QueueFull:
+        _delete_blobs(blobs)
+        raise
+    if not created:
+        _delete_blobs(blobs)
     return job_id, created
 
 
-def enqueue_validated(
-    payload: dict[str, Any],
-    idempotency_key: str | None,
-    notify_url: str | None,
-    *,
-    retry_of: str | None = None,
-    provider: str = PROVIDER,
-) -> tuple[str, bool]:
-    """Enqueue a request already validated; returns ``(job_id, created)``.
+def _delete_blobs(blobs: FileBlobs) -> None:
+    if blobs.all:
+        with contextlib.suppress(Exception):
+            services().blobs.delete(ref for ref, _ in blobs.all)
 
-    ``retry_of``: the job this one replays (``remixq retry``), kept on the new record.
-    ``provider``: the upstream the job goes to (the payload was validated for it).
-    """
+
+def enqueue_validated(payload: dict[str, Any], job: JobOptions) -> tuple[str, bool]:
+    """Enqueue a request already validated for ``job.provider``; returns ``(job_id,
+    created)``. Raises :class:`QueueFull` when the tenant may not have one more job
+    waiting."""
     svc = services()
     job_id, created = svc.store.create(
         uuid.uuid4().hex,
         payload,
         due_in=svc.settings.lease_s,
-        idempotency_key=idempotency_key,
-        notify_url=notify_url,
-        retry_of=retry_of,
-        provider=provider,
+        idempotency_key=job.idempotency_key,
+        notify_url=job.notify_url,
+        retry_of=job.retry_of,
+        provider=job.provider,
+        tenant=job.tenant,
+        priority=job.priority,
     )
     if created:
-        _log_queued(job_id, retry_of)
-        _send_first_steps([(job_id, payload)], provider)
+        _log_queued(job_id, job.retry_of)
+        _send_first_steps([(job_id, payload)], job.provider)
     return job_id, created
 
 
@@ -221,17 +273,28 @@ def _log_queued(job_id: str, retry_of: str | None = None) -> None:
 
 
 def enqueue_many_validated(
-    jobs: Sequence[tuple[dict[str, Any], str | None, str | None]],
+    jobs: Sequence[tuple[dict[str, Any], JobOptions]],
     check: Callable[[list[str | None]], None] | None = None,
 ) -> list[tuple[str, bool]]:
     """Enqueue requests already validated, all in one transaction (all of them or none).
 
-    ``jobs``: ``(payload, idempotency_key, notify_url)`` each. ``check`` is called with,
-    for each job, the id of the job its idempotency key already names (or None) and may
-    raise to enqueue nothing. Returns ``(job_id, created)`` for each job, in order.
+    ``jobs``: ``(payload, options)`` each (kie.ai requests). ``check`` is called with, for
+    each job, the id of the job its idempotency key already names (or None) and may raise
+    to enqueue nothing. Returns ``(job_id, created)`` for each job, in order. Raises
+    :class:`QueueFull` (nothing enqueued) when a tenant may not have them all waiting.
     """
     svc = services()
-    new = [NewJob(uuid.uuid4().hex, payload, key, url) for payload, key, url in jobs]
+    new = [
+        NewJob(
+            uuid.uuid4().hex,
+            payload,
+            job.idempotency_key,
+            job.notify_url,
+            tenant=job.tenant,
+            priority=job.priority,
+        )
+        for payload, job in jobs
+    ]
     owners = svc.store.create_many(new, due_in=svc.settings.lease_s, check=check)
     created = [job for job, (_, fresh) in zip(new, owners, strict=True) if fresh]
     for job in created:
@@ -240,14 +303,19 @@ def enqueue_many_validated(
     return owners
 
 
-def cancel_job(job_id: str) -> JobRecord:
+def cancel_job(job_id: str, *, tenant: str | None = None) -> JobRecord:
     """Cancel a job that was not sent upstream; returns its ``cancelled`` record.
 
-    Raises ``KeyError`` when there is no such job and :class:`JobNotCancellable` when it
-    was accepted upstream, is being sent, has a createTask of unknown outcome, or finished
-    otherwise. Cancelling a cancelled job again returns its record.
+    Raises ``KeyError`` when there is no such job (or, with ``tenant``, it is another
+    tenant's) and :class:`JobNotCancellable` when it was accepted upstream, is being sent,
+    has a createTask of unknown outcome, or finished otherwise. Cancelling a cancelled job
+    again returns its record.
     """
     svc = services()
+    if tenant is not None:
+        record = svc.store.get(job_id)
+        if record is None or record.tenant != tenant:
+            raise KeyError(f"no job {job_id!r}")
     outcome = cancelling.cancel(svc, job_id)
     if outcome == "missing":
         raise KeyError(f"no job {job_id!r}")

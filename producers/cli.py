@@ -2,7 +2,9 @@
 
 Exit codes: 0 done; 1 a job failed (with ``--wait``), a job was skipped by ``retry``, or
 Redis could not be reached; 2 bad input (an unknown job id for ``status``, ``cancel`` and
-``retry`` included). Every error is one line on stderr (``error: ...``), never a traceback.
+``retry`` included, and a tenant with as many jobs waiting as ``REMIX_TENANT_MAX_WAITING``
+allows). Every error is one line on stderr (``error: ...``), never a traceback. The CLI
+is a trusted caller: ``--tenant`` names the tenant (docs/tenants.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from producers.api import (
     JobNotCancellable,
     cancel_job,
     check_idempotency_key,
+    check_job_options,
     check_notify_url,
     enqueue_remix,
     get_job,
@@ -42,6 +45,7 @@ from producers.display import (
 from producers.fleet import fleet_status, pause_submissions, resume_submissions
 from producers.retry import RetryOutcome, finished_since, parse_since, retry_one
 from worker.app import services
+from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT, PRIORITIES
 from worker.models import (
     PROVIDER,
     PROVIDERS,
@@ -53,6 +57,7 @@ from worker.models import (
 )
 from worker.settings import ConfigurationError, get_settings
 from worker.store.blobs import BlobStoreError, BlobStoreFull
+from worker.store.jobs import QueueFull
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -67,9 +72,13 @@ OPTION_FIELDS = {
     "idempotency_key": "--idempotency-key",
     "provider": "--provider",
     "notify_url": "--notify-url",
+    "tenant": "--tenant",
+    "priority": "--priority",
 }
 IDEMPOTENCY_FIELD = "idempotency_key"
 NOTIFY_URL_FIELD = "notify_url"
+PRIORITY_FIELD = "priority"
+TENANT_FIELD = "tenant"
 #: Commands imported only when used: name -> (module, attribute, the extra they need).
 LAZY_COMMANDS = {
     "sandbox": ("sandbox.cli", "sandbox_command", "sandbox"),
@@ -242,12 +251,14 @@ class BatchItem:
     :param fields: the input fields, validated.
     :param idempotency_key: the line's ``idempotency_key``, if any.
     :param notify_url: the line's ``notify_url`` (its completion webhook), if any.
+    :param priority: the line's ``priority`` (``normal`` when it has none).
     """
 
     line: int
     fields: dict[str, Any]
     idempotency_key: str | None
     notify_url: str | None = None
+    priority: str = DEFAULT_PRIORITY
 
 
 def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
@@ -271,11 +282,15 @@ def parse_batch_line(line: int, raw: str | bytes) -> BatchItem:
         raise ValueError("expected a JSON object of enqueue_remix's keyword arguments")
     key = data.pop(IDEMPOTENCY_FIELD, None)
     notify_url = data.pop(NOTIFY_URL_FIELD, None)
+    priority = data.pop(PRIORITY_FIELD, DEFAULT_PRIORITY)
+    if TENANT_FIELD in data:
+        raise ValueError("tenant: give it for the whole batch with --tenant")
     refuse_file_fields(data, "remixq submit --image-file (one job at a time)")
     validate_request(data)
     check_idempotency_key(key)
+    check_job_options(DEFAULT_TENANT, priority)
     check_notify_url(notify_url, allow_private=get_settings().remix_notify_allow_private)
-    return BatchItem(line, data, key, notify_url)
+    return BatchItem(line, data, key, notify_url, priority)
 
 
 def parse_batch(lines: Iterable[str | bytes]) -> list[BatchItem]:
@@ -315,6 +330,21 @@ def _exit(code: int) -> NoReturn:
 
 
 # ------------------------------------------------------------------ commands
+
+TENANT_OPTION = click.option(
+    "--tenant",
+    default=DEFAULT_TENANT,
+    show_default=True,
+    help="Who the job is for ([A-Za-z0-9_.-]{1,64}): its idempotency keys, share of the "
+    "key's budget and limit of waiting jobs are its own.",
+)
+PRIORITY_OPTION = click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default=DEFAULT_PRIORITY,
+    show_default=True,
+    help="Between classes the key's send moments go strictly to the higher one.",
+)
 
 
 @click.group(cls=RemixqGroup)
@@ -364,6 +394,8 @@ def main() -> None:
 )
 @click.option("--idempotency-key", help="The same key returns the same job and enqueues nothing.")
 @click.option("--notify-url", help="http(s) URL the finished job's record is POSTed to.")
+@TENANT_OPTION
+@PRIORITY_OPTION
 @click.option("--wait", is_flag=True, help="Wait until the job finishes; exit 1 if it failed.")
 @click.option(
     "--timeout",
@@ -383,6 +415,8 @@ def submit(
     assignments: tuple[str, ...],
     idempotency_key: str | None,
     notify_url: str | None,
+    tenant: str,
+    priority: str,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -407,9 +441,11 @@ def submit(
                 provider=provider,
                 image_file=image_file,
                 reference_image_files=list(reference_image_files) or None,
+                tenant=tenant,
+                priority=priority,
                 **fields,
             )
-        except InvalidRequestError as exc:
+        except (InvalidRequestError, QueueFull) as exc:
             raise BadInput(str(exc)) from None
         except (BlobStoreFull, BlobStoreError) as exc:
             raise CliError(str(exc)) from None
@@ -596,14 +632,25 @@ def resume() -> None:
     help="Seconds --wait waits at most, for the whole batch.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one job record per line as JSON.")
-def submit_batch(file: IO[bytes], wait: bool, timeout: float, as_json: bool) -> None:
-    """Enqueue one job per line of FILE (a JSON object of enqueue_remix's keyword arguments).
+@click.option(
+    "--tenant",
+    default=DEFAULT_TENANT,
+    show_default=True,
+    help="The tenant of every job of the batch (see remixq submit --tenant).",
+)
+def submit_batch(file: IO[bytes], wait: bool, timeout: float, as_json: bool, tenant: str) -> None:
+    """Enqueue one job per line of FILE (a JSON object of enqueue_remix's keyword arguments,
+    ``priority`` included; the tenant is --tenant's).
 
-    Every line is validated first; if any is bad nothing is enqueued. Prints the job ids
-    in file order (with --wait a summary table; with --json the records).
+    Every line is validated first; if any is bad nothing is enqueued, nor when the tenant
+    has no room for the batch's new jobs (REMIX_TENANT_MAX_WAITING). Prints the job ids in
+    file order (with --wait a summary table; with --json the records).
     """
     try:
+        check_job_options(tenant, DEFAULT_PRIORITY)
         items = parse_batch(file)
+    except InvalidRequestError as exc:
+        raise BadInput(str(exc)) from None
     except BatchError as exc:
         for reason in exc.errors:
             click.echo(f"error: {reason}", err=True)
@@ -612,7 +659,8 @@ def submit_batch(file: IO[bytes], wait: bool, timeout: float, as_json: bool) -> 
         raise BadInput(f"{file.name} holds no requests")
     console = Console(stderr=True)
     with redis_errors():
-        job_ids = _enqueue_batch(items, console)
+        _check_room(items, tenant)
+        job_ids = _enqueue_batch(items, tenant, console)
         if wait:
             records = watch_jobs(job_ids, timeout, console)
         else:
@@ -622,17 +670,47 @@ def submit_batch(file: IO[bytes], wait: bool, timeout: float, as_json: bool) -> 
         _exit(EXIT_FAILED)
 
 
-def _enqueue_batch(items: Sequence[BatchItem], console: Console) -> list[str]:
-    """Enqueue validated requests with a progress bar; returns their job ids in order."""
+def _check_room(items: Sequence[BatchItem], tenant: str) -> None:
+    """Refuse the batch before enqueueing any of it when the tenant may not have all of its
+    new jobs waiting (lines whose idempotency key names a job already add none)."""
+    store = services().store
+    if store.max_waiting is None:
+        return
+    keyed = [item.idempotency_key for item in items if item.idempotency_key is not None]
+    known = sum(owner is not None for owner in store.idempotency_owners(keyed, tenant))
+    adding = len(items) - known
+    waiting = sum(n for (name, _), n in store.waiting_counts().items() if name == tenant)
+    if waiting + adding > store.max_waiting:
+        raise BadInput(str(QueueFull(tenant, waiting, store.max_waiting, adding)))
+
+
+def _enqueue_batch(items: Sequence[BatchItem], tenant: str, console: Console) -> list[str]:
+    """Enqueue validated requests with a progress bar; returns their job ids in order.
+
+    When the tenant's room runs out on the way (other producers enqueue too), the ids
+    enqueued so far are printed, then the error (exit 2).
+    """
     job_ids: list[str] = []
     columns = (TextColumn("enqueueing"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console) as progress:
         for item in progress.track(items):
-            job_ids.append(
-                enqueue_remix(
-                    idempotency_key=item.idempotency_key, notify_url=item.notify_url, **item.fields
+            try:
+                job_id = enqueue_remix(
+                    idempotency_key=item.idempotency_key,
+                    notify_url=item.notify_url,
+                    tenant=tenant,
+                    priority=item.priority,
+                    **item.fields,
                 )
-            )
+            except QueueFull as exc:
+                progress.stop()
+                for done in job_ids:
+                    click.echo(done)
+                raise BadInput(
+                    f"line {item.line}: {exc} ({len(job_ids)} earlier line(s) enqueued, "
+                    "their job ids printed above)"
+                ) from None
+            job_ids.append(job_id)
     return job_ids
 
 

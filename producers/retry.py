@@ -1,6 +1,7 @@
 """Replaying finished jobs: ``remixq retry`` and :func:`retry_job`.
 
-A retry enqueues a *new* job with the old one's request and ``notify_url``; its record
+A retry enqueues a *new* job with the old one's request, ``notify_url``, tenant and
+priority; its record
 names the old one in ``retry_of``, which stays as it was. What is refused, and why, is
 :data:`SKIP_REASONS` (an accepted job or one of unknown outcome unless forced). Each retry
 carries the idempotency key ``remixq-retry:<old job id>``, so retrying a job twice
@@ -14,10 +15,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from producers.api import check_notify_url, enqueue_validated
+from producers.api import JobOptions, check_notify_url, enqueue_validated
 from worker.app import services
 from worker.models import InvalidRequestError, JobRecord, JobState, validate_request
-from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD
+from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD, QueueFull
 
 #: Idempotency key of the retry of a job: one retry per job, however often it is asked.
 RETRY_KEY_PREFIX = "remixq-retry:"
@@ -39,6 +40,7 @@ SKIP_REASONS = {
     "files": "its source images were files, deleted when it finished: submit it again",
     "invalid_request": "its request is no longer valid",
     "invalid_notify_url": "its notify_url is refused by the current settings",
+    "queue_full": "its tenant has as many jobs waiting as REMIX_TENANT_MAX_WAITING allows",
 }
 
 
@@ -140,9 +142,18 @@ def _retry(job_id: str, force: bool, record: JobRecord | None) -> tuple[str, boo
         check_notify_url(notify_url, allow_private=services().settings.remix_notify_allow_private)
     except InvalidRequestError as exc:
         raise JobNotRetryable(job_id, "invalid_notify_url", str(exc)) from None
-    return enqueue_validated(
-        payload, RETRY_KEY_PREFIX + job_id, notify_url, retry_of=job_id, provider=record.provider
+    options = JobOptions(
+        RETRY_KEY_PREFIX + job_id,
+        notify_url,
+        record.provider,
+        record.tenant,
+        record.priority,
+        retry_of=job_id,
     )
+    try:
+        return enqueue_validated(payload, options)
+    except QueueFull as exc:
+        raise JobNotRetryable(job_id, "queue_full", str(exc)) from None
 
 
 def finished_since(state: JobState, since: float) -> Iterator[JobRecord]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from producers.api import enqueue_validated
+from producers.api import JobOptions, enqueue_validated
 from worker.fields import BlobRef
 from worker.models import validate_request
 from worker.services import Services
@@ -44,6 +44,6 @@ def new_relay_job(svc: Services, prompt: str | None = None, **fields: Any) -> tu
 def enqueue_relay_job(svc: Services, prompt: str, **fields: Any) -> str:
     """Enqueue a relay job the way a producer does (record and first message)."""
     payload, _ = relay_payload(svc, prompt, **fields)
-    job_id, created = enqueue_validated(payload, None, None, provider=RELAY)
+    job_id, created = enqueue_validated(payload, JobOptions(provider=RELAY))
     assert created
     return job_id

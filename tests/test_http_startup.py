@@ -1,4 +1,5 @@
-"""The HTTP app refuses to start on a token setting that holds no token.
+"""The HTTP app refuses to start on a token setting that holds no token, or entries that
+do not say whose they are (a tenant named twice, a malformed entry).
 
 ``uvicorn producers.http:app`` runs as a real process; it must exit non-zero with one line
 naming the setting, no traceback, and no token in its output.
@@ -18,6 +19,7 @@ from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.integration
 TOKEN = "tok-SECRET-startup-0123456789"
+OTHER_TOKEN = "tok-SECRET-other-9876543210"
 #: The app refuses within its imports' time; an app that starts serves until killed.
 EXIT_TIMEOUT_S = 30.0
 
@@ -40,13 +42,15 @@ def run_app(env: dict[str, str], tmp_path: Path) -> tuple[int | None, str]:
     return code, log.read_text(errors="replace")
 
 
-def assert_refused_in_one_line(code: int | None, output: str, variable: str) -> None:
+def assert_refused_in_one_line(
+    code: int | None, output: str, variable: str, reasons: tuple[str, ...] = ()
+) -> None:
     assert code not in (None, 0), f"the app started:\n{output[-2000:]}"
     assert "Traceback" not in output, output
     naming = [line for line in output.splitlines() if f"{variable}:" in line]
     assert len(naming) == 1, output
-    assert "holds no token" in naming[0] or "empty entry" in naming[0], output
-    assert TOKEN[:10] not in output
+    assert any(reason in naming[0] for reason in reasons or ("holds no token", "empty entry"))
+    assert TOKEN[:10] not in output and OTHER_TOKEN[:10] not in output
 
 
 @pytest.mark.parametrize("content", [",", " , \n", f"{TOKEN},,\n"])
@@ -61,3 +65,30 @@ def test_a_tokens_file_without_a_token_stops_the_app(tmp_path: Path, content: st
 def test_a_tokens_variable_without_a_token_stops_the_app(tmp_path: Path, raw: str) -> None:
     code, output = run_app({"REMIX_API_TOKENS": raw}, tmp_path)
     assert_refused_in_one_line(code, output, "REMIX_API_TOKENS")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            f"svc-a:{TOKEN},svc-b:x-{OTHER_TOKEN},svc-a:{OTHER_TOKEN}\n",
+            "entries 1 and 3 name the same tenant",
+        ),
+        (f"svc-a:{TOKEN},svc-b:\n", "entry 2 has no token"),
+        (f"svc a:{TOKEN}\n", "entry 1: the tenant before ':' must be"),
+        (f"svc-a:{TOKEN},svc-b:{TOKEN}\n", "entries 1 and 2 hold the same token"),
+    ],
+)
+def test_a_tokens_file_that_mixes_up_tenants_stops_the_app(
+    tmp_path: Path, content: str, reason: str
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(content)
+    code, output = run_app({"REMIX_API_TOKENS_FILE": str(tokens)}, tmp_path)
+    assert_refused_in_one_line(code, output, "REMIX_API_TOKENS_FILE", (reason,))
+
+
+@pytest.mark.parametrize(("raw", "reason"), [("svc-a=0", "above 0"), ("svc-a=-2", "above 0")])
+def test_a_weight_of_zero_or_below_stops_the_app(tmp_path: Path, raw: str, reason: str) -> None:
+    code, output = run_app({"REMIX_TENANT_WEIGHTS": raw}, tmp_path)
+    assert_refused_in_one_line(code, output, "REMIX_TENANT_WEIGHTS", (reason,))

@@ -83,3 +83,20 @@ def test_the_same_key_twice_in_one_batch_names_one_job(svc: Services) -> None:
     owners = svc.store.create_many(jobs, due_in=30)
 
     assert owners == [(first.job_id, True), (first.job_id, False)]
+
+
+def test_a_batch_is_indexed_and_scheduled_in_its_order(svc: Services) -> None:
+    """One script writes the whole batch at one moment: each job still gets its own
+    creation time, so every index (and the schedule) lists them in the order given."""
+    jobs = _jobs(50)
+
+    svc.store.create_many(jobs, due_in=30)
+
+    ids = [job.job_id for job in jobs]
+    records = svc.store.get_many(ids)
+    times = [record.created_at for record in records if record is not None]
+    assert times == sorted(times) and len(set(times)) == len(ids)
+    listed, _ = svc.store.list_by_state(JobState.QUEUED, 100)
+    assert [record.job_id for record in listed] == ids
+    scheduled = [m.decode() for m in svc.store.redis.zrange(keys.SCHEDULE, 0, -1)]
+    assert scheduled == ids

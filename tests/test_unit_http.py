@@ -14,8 +14,9 @@ from producers.http.guard import (
     OTHER_BODY_MAX,
     authorized,
     body_cap,
+    caller_tenant,
     needs_token,
-    token_matches,
+    token_tenant,
 )
 from producers.http.jobs import JobRequest, decode_cursor, encode_cursor
 from producers.http.metrics import counter_families
@@ -77,13 +78,24 @@ def test_anything_but_a_cursor_of_the_state_is_refused_as_a_field_error(cursor: 
     ],
 )
 def test_a_bearer_token_must_be_one_of_the_tokens(header: str | None, ok: bool) -> None:
-    assert token_matches(header, ["tok-a", "tok-b"]) is ok
+    found = token_tenant(header, {"tok-a": "svc-a", "tok-b": "default"})
+    assert (found is not None) is ok
 
 
 def test_without_tokens_every_caller_is_authorized_and_with_them_only_a_token() -> None:
-    assert authorized(None, []) and authorized("Bearer anything", [])
-    assert authorized("Bearer tok-a", ["tok-a"])
-    assert not authorized(None, ["tok-a"]) and not authorized("Bearer tok-b", ["tok-a"])
+    assert authorized(None, {}) and authorized("Bearer anything", {})
+    assert authorized("Bearer tok-a", {"tok-a": "default"})
+    assert not authorized(None, {"tok-a": "default"})
+    assert not authorized("Bearer tok-b", {"tok-a": "default"})
+
+
+def test_the_token_names_the_callers_tenant_and_without_tokens_it_is_the_default() -> None:
+    tokens = {"tok-a": "svc-a", "tok-b": "svc-b", "tok-c": "default"}
+    assert caller_tenant("Bearer tok-a", tokens) == "svc-a"
+    assert caller_tenant("Bearer tok-b", tokens) == "svc-b"
+    assert caller_tenant("Bearer tok-c", tokens) == "default"
+    assert caller_tenant("Bearer tok-d", tokens) is None
+    assert caller_tenant(None, {}) == "default" and caller_tenant("Bearer x", {}) == "default"
 
 
 def test_public_paths_need_no_token() -> None:

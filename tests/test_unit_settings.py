@@ -261,3 +261,124 @@ def test_an_api_key_outside_ascii_is_refused_at_start(
     with pytest.raises(ConfigurationError, match="outside ASCII") as caught:
         load_settings()
     assert KEY[:8] not in str(caught.value)
+
+
+# ------------------------------------------------------------------ tenants
+
+TOKEN_A, TOKEN_B = "tok-A-SECRET-0123456789", "tok-B-SECRET-9876543210"
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_each_token_names_its_tenant_and_a_bare_one_is_the_default_tenants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REMIX_API_TOKENS", f"svc-a:{TOKEN_A}, svc.b_2 : {TOKEN_B} ,bare-1,bare-2")
+    settings = load_settings()
+
+    assert settings.api_token_tenants() == {
+        TOKEN_A: "svc-a",
+        TOKEN_B: "svc.b_2",
+        "bare-1": "default",
+        "bare-2": "default",
+    }
+    assert settings.api_tokens() == [TOKEN_A, TOKEN_B, "bare-1", "bare-2"]
+    assert TOKEN_A in settings.secrets() and TOKEN_B in settings.secrets()
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (f"svc-a:{TOKEN_A},svc-b:x-1,svc-a:{TOKEN_B}", "entries 1 and 3 name the same tenant"),
+        (f"default:{TOKEN_A},default:{TOKEN_B}", "entries 1 and 2 name the same tenant"),
+        (f"svc-a:{TOKEN_A},svc-b:{TOKEN_A}", "entries 1 and 2 hold the same token"),
+        (f"{TOKEN_A},{TOKEN_A}", "entries 1 and 2 hold the same token"),
+        (f"svc-a:{TOKEN_A},svc-b:", "entry 2 has no token"),
+        (f"svc-a:{TOKEN_A}|", "entry 1 has no token"),
+        (f"svc-a:{TOKEN_A}|{TOKEN_A}", "entry 1 holds the same token twice"),
+        (f":{TOKEN_A}", "entry 1 has nothing before its ':'"),
+        (f"svc a:{TOKEN_A}", "entry 1: the tenant before ':' must be"),
+        (f"{TOKEN_B[:6]}/x:{TOKEN_A}", "entry 1: the tenant before ':' must be"),
+    ],
+)
+def test_a_malformed_token_list_is_refused_naming_the_entry_not_the_secret(
+    monkeypatch: pytest.MonkeyPatch, raw: str, reason: str
+) -> None:
+    message = refusal(monkeypatch, "REMIX_API_TOKENS", raw)
+
+    assert message.startswith("invalid configuration: REMIX_API_TOKENS: ") and reason in message
+    assert TOKEN_A[:8] not in message and TOKEN_B[:6] not in message
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_tokens_file_naming_a_tenant_twice_is_refused_naming_the_file_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "tokens").write_text(f"svc-a:{TOKEN_A},svc-a:{TOKEN_B}\n")
+    monkeypatch.setenv("REMIX_API_TOKENS_FILE", str(tmp_path / "tokens"))
+    with pytest.raises(
+        ConfigurationError, match=r"REMIX_API_TOKENS_FILE: .* name the same"
+    ) as caught:
+        load_settings()
+    assert TOKEN_A[:8] not in str(caught.value) and TOKEN_B[:8] not in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_secrets_in_env")
+def test_a_tenant_may_hold_two_tokens_while_they_are_rotated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REMIX_API_TOKENS", f"svc-a:{TOKEN_A} | {TOKEN_B},svc-b:tok-c")
+
+    assert load_settings().api_token_tenants() == {
+        TOKEN_A: "svc-a",
+        TOKEN_B: "svc-a",
+        "tok-c": "svc-b",
+    }
+
+
+def test_tenant_weights_are_read_and_an_unnamed_tenant_weighs_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REMIX_TENANT_WEIGHTS", " svc-a=3, svc-b = 0.5 ")
+    settings = load_settings()
+
+    assert settings.tenant_weights == {"svc-a": 3.0, "svc-b": 0.5}
+    assert settings.tenant_weight("svc-a") == 3.0 and settings.tenant_weight("other") == 1.0
+
+
+def test_without_weights_every_tenant_weighs_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMIX_TENANT_WEIGHTS", " ")
+    settings = load_settings()
+    assert settings.tenant_weights == {} and settings.tenant_weight("svc-a") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("svc-a=0", "tenant svc-a: the weight must be a number above 0, not '0'"),
+        ("svc-a=3,svc-b=-1", "tenant svc-b: the weight must be a number above 0"),
+        ("svc-a=heavy", "tenant svc-a: the weight must be a number above 0"),
+        ("svc-a=nan", "the weight must be a number above 0"),
+        ("svc-a=inf", "the weight must be a number above 0"),
+        ("svc-a=1,svc-a=2", "tenant svc-a is named twice"),
+        ("svc a=1", "entry 1: tenant: must be 1 to 64 letters"),
+        ("svc-a=1,,svc-b=1", "entry 2 '' is not tenant=weight"),
+        ("svc-a", "entry 1 'svc-a' is not tenant=weight"),
+    ],
+)
+def test_a_bad_tenant_weight_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, raw: str, reason: str
+) -> None:
+    message = refusal(monkeypatch, "REMIX_TENANT_WEIGHTS", raw)
+    assert message.startswith("invalid configuration: REMIX_TENANT_WEIGHTS: ") and reason in message
+
+
+def test_max_waiting_is_unlimited_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().remix_tenant_max_waiting is None
+    monkeypatch.setenv("REMIX_TENANT_MAX_WAITING", "500")
+    assert load_settings().remix_tenant_max_waiting == 500
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "many", "1.5", ""])
+def test_a_bad_max_waiting_is_refused(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    assert "REMIX_TENANT_MAX_WAITING" in refusal(monkeypatch, "REMIX_TENANT_MAX_WAITING", raw)

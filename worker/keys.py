@@ -5,12 +5,15 @@ Job records, the schedule and idempotency keys live in the result backend's Redi
 the broker's Redis (``REDIS_URL``), which every worker shares. By default both are the same
 server. The Lua scripts in ``worker/lua`` receive these keys as ``KEYS``; the only key a script
 derives itself are a job's hash from ``JOB_PREFIX`` (in ``claim_due.lua`` and
-``claim_notify.lua``) and a webhook receiver's keys from ``NOTIFY_RECEIVER_PREFIX`` and
-``NOTIFY_BUSY_PREFIX`` (in ``claim_notify.lua``), which is fine on the single Redis server
-the pipeline runs on.
+``claim_notify.lua``), a webhook receiver's keys from ``NOTIFY_RECEIVER_PREFIX`` and
+``NOTIFY_BUSY_PREFIX`` (in ``claim_notify.lua``), and a tenant's state indexes from the
+prefix a job's record holds (:func:`tenant_index_prefix`, in ``tenant_state.lua``), which
+is fine on the single Redis server the pipeline runs on.
 """
 
 from __future__ import annotations
+
+from worker.fields import DEFAULT_TENANT
 
 PREFIX = "remixq:"
 
@@ -19,6 +22,15 @@ JOB_PREFIX = PREFIX + "job:"
 #: Sorted set of unfinished jobs, scored by when their next step is due (Redis clock).
 SCHEDULE = PREFIX + "schedule"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
+#: Every tenant's own keys start with ``<TENANT_PREFIX><tenant>:`` (a tenant name holds no
+#: ``:``, so no two tenants' keys, nor the default tenant's idempotency keys, can meet).
+TENANT_PREFIX = PREFIX + "tenant:"
+#: Set of the tenants that have had jobs (whose state indexes ``prune_indexes`` prunes).
+TENANTS = PREFIX + "tenants"
+#: Hash: ``<tenant>:<priority>`` (:func:`waiting_field`) -> how many of the tenant's jobs of
+#: that priority are ``queued``, not yet accepted upstream (admission control,
+#: ``REMIX_TENANT_MAX_WAITING``). ``create.lua`` adds, ``tenant_state.lua`` takes away.
+WAITING = PREFIX + "waiting"
 #: Ids of the API keys workers use (hash: key id -> its rate limit), never the keys.
 KNOWN_API_KEYS = PREFIX + "keys"
 #: Spend caps of the API keys workers use (hash: key id -> its ``REMIX_SPEND_CAP``).
@@ -55,8 +67,28 @@ def job(job_id: str) -> str:
     return JOB_PREFIX + job_id
 
 
-def idempotency(key: str) -> str:
-    return IDEMPOTENCY_PREFIX + key
+def idempotency(key: str, tenant: str = DEFAULT_TENANT) -> str:
+    """A producer's idempotency key, in its tenant's namespace (two tenants' equal keys
+    are two keys). The default tenant's keys keep the name they had before tenants."""
+    if tenant == DEFAULT_TENANT:
+        return IDEMPOTENCY_PREFIX + key
+    return f"{TENANT_PREFIX}{tenant}:idem:{key}"
+
+
+def waiting_field(tenant: str, priority: str) -> str:
+    """A tenant and priority's field in :data:`WAITING` (``create.lua`` builds the same)."""
+    return f"{tenant}:{priority}"
+
+
+def tenant_index_prefix(tenant: str) -> str:
+    """The start of a tenant's state indexes' names: the state follows (a job's record
+    holds it, so the scripts that move the job find its tenant's indexes)."""
+    return f"{TENANT_PREFIX}{tenant}:jobs:"
+
+
+def tenant_state_index(tenant: str, state: str) -> str:
+    """Sorted set of one tenant's jobs in one state, scored by when they were created."""
+    return tenant_index_prefix(tenant) + state
 
 
 def rate_log(api_key_id: str) -> str:

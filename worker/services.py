@@ -204,7 +204,12 @@ def build_services(settings: Settings, app: Any, redis_retry_s: float | None = N
     clock = RedisClock(backend)
     return Services(
         settings=settings,
-        store=JobStore(backend, ttl_s=settings.remix_job_ttl_s, archive=settings.archive_enabled),
+        store=JobStore(
+            backend,
+            ttl_s=settings.remix_job_ttl_s,
+            archive=settings.archive_enabled,
+            max_waiting=settings.remix_tenant_max_waiting,
+        ),
         clock=clock,
         limiter=kie.limiter,
         spend=kie.spend,

@@ -11,12 +11,14 @@ variable) that is set but holds nothing is refused at start, never read as unset
 token list would open the HTTP API, an empty HMAC key would turn a signature off.
 
 The knobs are also checked against each other, so that for example a job record cannot
-expire while its job may still run.
+expire while its job may still run. Tenants (each token's, their weights, how many jobs
+one may have waiting): docs/tenants.md.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from functools import lru_cache
@@ -32,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.fields import DEFAULT_TENANT, check_tenant
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 RATE_LIMIT_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d+)?\s*(s|sec|m|min|h|d)?\s*$")
@@ -135,17 +139,101 @@ def clean_secret(value: Any) -> Any:
 
 
 def parse_api_tokens(text: str) -> list[str]:
-    """``"tok-a, tok-b"`` -> ``["tok-a", "tok-b"]``: the bearer tokens of ``REMIX_API_TOKENS``.
+    """``"svc-a:tok-a, tok-b"`` -> ``["tok-a", "tok-b"]``: the bearer tokens of
+    ``REMIX_API_TOKENS`` (see :func:`parse_token_tenants`, which checks them)."""
+    return list(parse_token_tenants(text))
 
-    An empty entry (``","``, ``"a,,b"``, ``"a,"``) raises ``ValueError``, whose message
-    quotes no token: a list that holds no token would turn the API's auth off.
+
+def parse_token_tenants(text: str) -> dict[str, str]:
+    """``"svc-a:tok-a, tok-b"`` -> ``{"tok-a": "svc-a", "tok-b": "default"}``: each bearer
+    token of ``REMIX_API_TOKENS`` and its tenant (a bare token's is ``default``). A tenant's
+    entry may hold two tokens while they are rotated: ``svc-a:NEW|OLD``.
+
+    Raises ``ValueError`` with one line naming the entry by its position (1 is the first),
+    never a token: on an empty entry (a list that holds no token would turn the API's auth
+    off), an entry with an empty tenant or token, a tenant name that is not one
+    (:func:`~worker.fields.check_tenant`), two entries naming the same tenant, or the same
+    token twice. Bare tokens may be many (today's lists of tokens keep working).
     """
-    tokens = [entry.strip() for entry in text.split(",")]
-    if not any(tokens):
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
         raise ValueError("holds no token, only commas or spaces")
-    if not all(tokens):
+    if not all(entries):
         raise ValueError("has an empty entry (two commas in a row, or one at an end)")
-    return tokens
+    found: dict[str, str] = {}
+    where: dict[str, int] = {}
+    named: dict[str, int] = {}
+    for position, entry in enumerate(entries, start=1):
+        tenant, tokens = _token_entry(position, entry)
+        if ":" in entry and tenant in named:
+            raise ValueError(f"entries {named[tenant]} and {position} name the same tenant")
+        if ":" in entry:
+            named[tenant] = position
+        for token in tokens:
+            if token in where:
+                which = (
+                    f"entry {position} holds"
+                    if where[token] == position
+                    else f"entries {where[token]} and {position} hold"
+                )
+                raise ValueError(f"{which} the same token twice")
+            where[token] = position
+            found[token] = tenant
+    return found
+
+
+def _token_entry(position: int, entry: str) -> tuple[str, list[str]]:
+    """One entry of ``REMIX_API_TOKENS``: ``tenant:token`` (``tenant:new|old``) or a bare
+    token; its tenant and tokens."""
+    if ":" not in entry:
+        return DEFAULT_TENANT, [entry]
+    tenant, _, token_text = (part.strip() for part in entry.partition(":"))
+    if not tenant:
+        raise ValueError(f"entry {position} has nothing before its ':' (tenant:token)")
+    tokens = [token.strip() for token in token_text.split("|")]
+    if not all(tokens):
+        raise ValueError(f"entry {position} has no token after its tenant (tenant:token)")
+    try:
+        check_tenant(tenant)
+    except ValueError:
+        # Not quoted: in a list written before tenants existed it may be half a token.
+        raise ValueError(
+            f"entry {position}: the tenant before ':' must be 1 to 64 letters, digits, "
+            "'_', '.' or '-'"
+        ) from None
+    return tenant, tokens
+
+
+def parse_tenant_weights(text: str | None) -> dict[str, float]:
+    """``"svc-a=3,svc-b=1"`` -> ``{"svc-a": 3.0, "svc-b": 1.0}`` (``REMIX_TENANT_WEIGHTS``).
+
+    Blank or ``None``: no weights (every tenant weighs 1). Raises ``ValueError`` with one
+    line for an entry that is not ``tenant=weight``, a bad tenant name, a weight that is
+    not a finite number above 0, or a tenant named twice.
+    """
+    if text is None or not text.strip():
+        return {}
+    weights: dict[str, float] = {}
+    for position, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        name, sep, raw = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not raw:
+            raise ValueError(f"entry {position} {entry[:40]!r} is not tenant=weight")
+        try:
+            tenant = check_tenant(name)
+        except ValueError as exc:
+            raise ValueError(f"entry {position}: {exc}") from None
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(
+                f"tenant {tenant}: the weight must be a number above 0, not {raw[:20]!r}"
+            )
+        if tenant in weights:
+            raise ValueError(f"tenant {tenant} is named twice")
+        weights[tenant] = weight
+    return weights
 
 
 def check_secret(name: str, value: Any) -> Any:
@@ -319,9 +407,15 @@ class Settings(BaseSettings):
     #: (which the signature does not cover): 2 upstream requests per job instead of 1.
     kie_callback_confirm: bool = False
 
-    #: Bearer tokens that may use the HTTP API (comma-separated); unset: no auth. Set, it
+    #: Bearer tokens that may use the HTTP API, each naming its tenant (``svc-a:TOKEN``,
+    #: comma-separated; a bare token is the ``default`` tenant's); unset: no auth. Set, it
     #: must hold at least one token and no empty entry.
     remix_api_tokens: SecretStr | None = None
+    #: Share of a key's send budget between tenants waiting in the same priority class
+    #: (``svc-a=3,svc-b=1``); a tenant not named weighs 1.
+    remix_tenant_weights: str | None = None
+    #: The most jobs not yet sent (``queued``) one tenant may have; unset: no limit.
+    remix_tenant_max_waiting: int | None = Field(None, ge=1)
     #: Signs completion webhooks (``notify_url``); unset: they are sent unsigned.
     remix_notify_hmac_key: SecretStr | None = None
     #: Allow completion webhooks to private and loopback addresses (tests, internal nets);
@@ -475,6 +569,11 @@ class Settings(BaseSettings):
     def _check_spend_cap(cls, value: str | None) -> str | None:
         return value if parse_spend_cap(value) else None
 
+    @field_validator("remix_tenant_weights")
+    @classmethod
+    def _check_tenant_weights(cls, value: str | None) -> str | None:
+        return value if parse_tenant_weights(value) else None
+
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         if self.remix_poll_initial_s > self.remix_poll_max_s:
@@ -533,9 +632,24 @@ class Settings(BaseSettings):
     def api_tokens(self) -> list[str]:
         """The bearer tokens of ``REMIX_API_TOKENS`` (empty only when it is unset: then the
         HTTP API needs none)."""
+        return list(self.api_token_tenants())
+
+    def api_token_tenants(self) -> dict[str, str]:
+        """Each bearer token of ``REMIX_API_TOKENS`` and the tenant it belongs to (empty
+        only when it is unset: then every caller is the ``default`` tenant)."""
         if self.remix_api_tokens is None:
-            return []
-        return parse_api_tokens(self.remix_api_tokens.get_secret_value())
+            return {}
+        return parse_token_tenants(self.remix_api_tokens.get_secret_value())
+
+    @property
+    def tenant_weights(self) -> dict[str, float]:
+        """``REMIX_TENANT_WEIGHTS``: the tenants named and their weights."""
+        return parse_tenant_weights(self.remix_tenant_weights)
+
+    def tenant_weight(self, tenant: str) -> float:
+        """A tenant's weight in its priority class (1 when ``REMIX_TENANT_WEIGHTS`` does not
+        name it)."""
+        return self.tenant_weights.get(tenant, 1.0)
 
     @property
     def archive_enabled(self) -> bool:

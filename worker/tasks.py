@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -19,6 +21,7 @@ from celery import Task
 
 from worker import keys
 from worker.app import app, services
+from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT, check_priority, check_tenant
 from worker.models import PROVIDER, PROVIDERS
 from worker.policies.archive import archive_step
 from worker.policies.notify import notify_step
@@ -26,6 +29,7 @@ from worker.policies.outcome import fail_job
 from worker.policies.poll import POLLED, poll_step
 from worker.policies.submit import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 from worker.services import Services
+from worker.store.jobs import QueueFull
 from worker.store.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
 
@@ -51,27 +55,46 @@ def remix_submit(
     job_id: Any = None,
     dispatch: Any = 0,
     provider: Any = PROVIDER,
+    tenant: Any = DEFAULT_TENANT,
+    priority: Any = DEFAULT_PRIORITY,
     **unexpected: Any,
 ) -> dict[str, str]:
     """One submit step of a job. ``request`` holds the createTask ``input`` fields.
 
     ``job_id`` defaults to this task's id, so producers in other languages may send
     ``remix.submit`` with only ``request``. ``dispatch`` is the schedule's token (0 for
-    the first message). ``provider`` names the upstream (``kie`` or ``ideogram-remix``);
-    it matters only for a first message that creates its record. A message that breaks
-    these rules fails its job with ``invalid_request`` (under the task's id when its
-    ``job_id`` is unusable).
+    the first message). ``provider`` names the upstream (``kie`` or ``ideogram-remix``),
+    ``tenant`` and ``priority`` the job's (any tenant name is taken: tenants are not a
+    registry); they matter only for a first message that creates its record. A message
+    that breaks these rules fails its job with ``invalid_request`` (under the task's id
+    when its ``job_id`` is unusable); a tenant with as many jobs waiting as
+    ``REMIX_TENANT_MAX_WAITING`` allows has its new job failed with ``queue_full``.
 
     Returns what the step did (Flower's result column); raises :class:`JobsFailed` when
     it failed the job, so Flower lists the job's row (its task id is the job id) as
     FAILURE with the job's ``fail_code``.
     """
     problem = message_problem(job_id, dispatch, unexpected, positional, provider)
-    job_id = job_id if is_usable_job_id(job_id) else self.request.id
     provider = provider if problem is None else PROVIDER
+    problem = problem or job_problem(tenant, priority)
+    job_id = job_id if is_usable_job_id(job_id) else self.request.id
+    owner = Owner(
+        provider,
+        tenant if _valid(check_tenant, tenant) else DEFAULT_TENANT,
+        priority if _valid(check_priority, priority) else DEFAULT_PRIORITY,
+    )
     with recording_outcomes() as outcomes:
-        step = _submit(services(), job_id, request, dispatch, problem, provider)
+        step = _submit(services(), job_id, request, dispatch, problem, owner)
     return reported({"job_id": job_id, "step": step}, outcomes)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What a first message says of its job besides the request (checked)."""
+
+    provider: str = PROVIDER
+    tenant: str = DEFAULT_TENANT
+    priority: str = DEFAULT_PRIORITY
 
 
 def _submit(
@@ -80,17 +103,18 @@ def _submit(
     request: Any,
     dispatch: Any,
     problem: str | None,
-    provider: str = PROVIDER,
+    owner: Owner = Owner(),
 ) -> str:
     """Run the step and deal with infrastructure errors; returns what happened, in a word."""
     try:
         if problem is not None:
-            _fail_malformed(svc, job_id, request, problem)
+            _fail_malformed(svc, job_id, request, problem, owner)
             return "malformed"
         step = submit_step(svc, job_id, dispatch)
         if step == "missing" and dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
-            svc.store.create(job_id, request, due_in=svc.settings.lease_s, provider=provider)
+            if not _create_foreign(svc, job_id, request, owner):
+                return "queue_full"
             step = submit_step(svc, job_id, dispatch)
         return step
     except AcceptedButUnrecorded as exc:
@@ -157,10 +181,55 @@ def message_problem(
     return None
 
 
-def _fail_malformed(svc: Services, job_id: str, request: Any, problem: str) -> None:
+def job_problem(tenant: Any, priority: Any) -> str | None:
+    """What is wrong with a ``remix.submit`` message's tenant or priority (None: fine)."""
+    for check, value in ((check_tenant, tenant), (check_priority, priority)):
+        try:
+            check(value)
+        except ValueError as exc:
+            return f"invalid request: {exc}"
+    return None
+
+
+def _valid(check: Callable[[Any], Any], value: Any) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _create(svc: Services, job_id: str, request: Any, owner: Owner, *, admit: bool) -> bool:
+    """Write a first message's record (``admit=False``: whatever its tenant's waiting
+    jobs, for a record failed at once); whether it was written."""
+    return svc.store.create(
+        job_id,
+        request,
+        due_in=svc.settings.lease_s,
+        provider=owner.provider,
+        tenant=owner.tenant,
+        priority=owner.priority,
+        admit=admit,
+    )[1]
+
+
+def _create_foreign(svc: Services, job_id: str, request: Any, owner: Owner) -> bool:
+    """Create the record of a first message that found none; False when its tenant had no
+    room (the record is then written failed with ``queue_full``, for the producer to read)."""
+    try:
+        _create(svc, job_id, request, owner, admit=True)
+    except QueueFull as exc:
+        if _create(svc, job_id, request, owner, admit=False):
+            fail_job(svc, job_id, "queue_full", str(exc))
+        return False
+    return True
+
+
+def _fail_malformed(
+    svc: Services, job_id: str, request: Any, problem: str, owner: Owner = Owner()
+) -> None:
     """Fail the job a malformed message names, but never a job that existed before it."""
-    _, created = svc.store.create(job_id, request, due_in=svc.settings.lease_s)
-    if created:
+    if _create(svc, job_id, request, owner, admit=False):
         fail_job(svc, job_id, "invalid_request", problem)
     else:
         logger.warning("job %s: dropped a malformed message (%s)", job_id, problem)

@@ -8,6 +8,8 @@ document at ``/openapi.json`` (viewer at ``/docs``).
 * Auth and body caps are checked before a route runs (:mod:`producers.http.guard`):
   bearer tokens from ``REMIX_API_TOKENS`` when it is set, on every route but
   ``/healthz``, the OpenAPI document and the callback route; ``/metrics`` needs a token.
+  The token names the caller's tenant, and every jobs route sees only that tenant's jobs
+  (docs/tenants.md).
 * Any Redis error answers ``503`` with one line of JSON (and logs one line); every log
   line passes the secret-redacting filter the workers use, uvicorn's included.
 * ``/healthz`` is a readiness probe: 200 ``ok`` whenever Redis answers, 503 ``degraded``
@@ -219,7 +221,7 @@ app = FastAPI(
     summary="Image remix jobs on kie.ai's ideogram/character-remix, for other services.",
     lifespan=lifespan,
 )
-app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_tokens())
+app.add_middleware(GuardMiddleware, tokens=lambda: get_settings().api_token_tenants())
 app.add_middleware(SettingsCheck)
 app.include_router(jobs_router)
 app.include_router(uploads_router)
@@ -267,7 +269,7 @@ async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
 )
 async def healthz(request: Request) -> Health | HealthStatus | JSONResponse:
     probe: HealthProbe = request.app.state.health
-    if not authorized(request.headers.get("authorization"), get_settings().api_tokens()):
+    if not authorized(request.headers.get("authorization"), get_settings().api_token_tenants()):
         return await _public_health(probe)
     watch: FinishedWatch = request.app.state.finished_watch
     long_poll: Literal["live", "reconnecting"] = "live" if watch.live else "reconnecting"

@@ -9,6 +9,9 @@ its route's cap is refused with ``413`` after at most cap + one chunk was read.
   health probe (which shows its details only to an :func:`authorized` caller), the
   OpenAPI document and its viewers, and the upstream's callback route (the upstream
   cannot send our token; it is authenticated by its signature instead).
+* The token names the caller's tenant (``svc-a:TOKEN``; a bare token, or no tokens set at
+  all, is the ``default`` tenant): it is put in the request's state, where the routes read
+  it (:func:`tenant_of`). A tenant never comes from anything else (docs/tenants.md).
 * Caps are sized for the largest *legal* request as a JSON encoder may write it: a
   5,000-character prompt of emoji written as ``\\ud83d\\ude00`` escapes is 60 KB, its
   negative prompt 6 KB more, so one job may have :data:`JOB_BODY_MAX` and a batch of
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from worker.fields import DEFAULT_TENANT
 
 logger = logging.getLogger("producers.http")
 
@@ -64,20 +69,42 @@ def needs_token(path: str) -> bool:
     return path not in PUBLIC_PATHS and not path.startswith(SELF_GUARDED_PREFIX)
 
 
-def token_matches(header: str | None, tokens: list[str]) -> bool:
-    """Whether an ``Authorization`` header carries one of ``tokens`` (constant time each)."""
+#: Where the guard leaves the caller's tenant in the request's state.
+TENANT_STATE = "tenant"
+
+
+def token_tenant(header: str | None, tokens: Mapping[str, str]) -> str | None:
+    """The tenant of the token an ``Authorization`` header carries (``tokens``: token ->
+    tenant), or None when it carries none of them. Every token is compared, each in
+    constant time, so the answer takes as long whichever token matched."""
     scheme, _, given = (header or "").partition(" ")
     if scheme.lower() != "bearer":
-        return False
+        return None
     given_bytes = given.strip().encode()
-    matches = [hmac.compare_digest(given_bytes, token.encode()) for token in tokens]
-    return any(matches)
+    found = None
+    for token, tenant in tokens.items():
+        if hmac.compare_digest(given_bytes, token.encode()):
+            found = tenant
+    return found
 
 
-def authorized(header: str | None, tokens: list[str]) -> bool:
+def caller_tenant(header: str | None, tokens: Mapping[str, str]) -> str | None:
+    """The tenant of a request with this ``Authorization`` header, None when it may not use
+    the guarded routes: without tokens (no auth) every caller is the default tenant."""
+    return DEFAULT_TENANT if not tokens else token_tenant(header, tokens)
+
+
+def authorized(header: str | None, tokens: Mapping[str, str]) -> bool:
     """Whether a request with this ``Authorization`` header may use the guarded routes:
     it carries one of ``tokens``, or there are none (no auth)."""
-    return not tokens or token_matches(header, tokens)
+    return caller_tenant(header, tokens) is not None
+
+
+def tenant_of(scope: Scope) -> str | None:
+    """The tenant the guard found for a request (None on a public route)."""
+    state = scope.get("state") or {}
+    tenant = state.get(TENANT_STATE)
+    return tenant if isinstance(tenant, str) else None
 
 
 class BodyTooLarge(Exception):
@@ -93,10 +120,10 @@ class GuardMiddleware:
 
     Parameters:
         app: the application behind it.
-        tokens: returns the accepted bearer tokens (empty: no auth).
+        tokens: returns the accepted bearer tokens, each with its tenant (empty: no auth).
     """
 
-    def __init__(self, app: ASGIApp, tokens: Callable[[], list[str]]) -> None:
+    def __init__(self, app: ASGIApp, tokens: Callable[[], Mapping[str, str]]) -> None:
         self.app = app
         self.tokens = tokens
 
@@ -105,10 +132,13 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if not self._authorized(scope):
-            logger.info("refused %s %s: no valid bearer token", scope["method"], path)
-            await _unauthorized()(scope, receive, send)
-            return
+        if needs_token(path):
+            tenant = caller_tenant(_header(scope, b"authorization"), self.tokens())
+            if tenant is None:
+                logger.info("refused %s %s: no valid bearer token", scope["method"], path)
+                await _unauthorized()(scope, receive, send)
+                return
+            scope.setdefault("state", {})[TENANT_STATE] = tenant
         cap = body_cap(scope["method"], path)
         if cap is None:
             await self.app(scope, receive, send)
@@ -121,11 +151,6 @@ class GuardMiddleware:
             await _too_large(cap)(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        if not needs_token(scope["path"]):
-            return True
-        return authorized(_header(scope, b"authorization"), self.tokens())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -2,6 +2,10 @@
 
 They are the Python API (:mod:`producers.api`) over HTTP, for services not written in
 Python: the same request model and validation as ``enqueue_remix``, the same records.
+Every route sees only the jobs of the caller's tenant, which comes from its bearer token
+(:mod:`producers.http.guard`), never from the body: another tenant's job answers ``404``
+exactly like an unknown one, and a tenant over ``REMIX_TENANT_MAX_WAITING`` gets ``429``
+with ``Retry-After`` (docs/tenants.md).
 Redis calls are synchronous (the job store's Lua scripts), so each runs in the thread
 pool; a long poll waits on the app's one subscription (:mod:`producers.http.longpoll`), not
 in a thread. A Redis error becomes ``503`` in :mod:`producers.http`.
@@ -14,6 +18,7 @@ import binascii
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -29,14 +34,23 @@ from producers.api import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_NOTIFY_URL_CHARS,
     JobNotCancellable,
+    JobOptions,
     cancel_job,
     check_notify_url,
     enqueue_many_validated,
     enqueue_validated,
 )
-from producers.http.longpoll import MAX_WAIT_S, FinishedWatch, read_record, wait_for_record
+from producers.http.guard import tenant_of
+from producers.http.longpoll import (
+    MAX_WAIT_S,
+    FinishedWatch,
+    read_record,
+    visible,
+    wait_for_record,
+)
 from worker import keys
 from worker.app import services
+from worker.fields import DEFAULT_PRIORITY, PRIORITIES, Priority
 from worker.models import (
     FILE_FIELDS,
     PROVIDER,
@@ -48,7 +62,7 @@ from worker.models import (
     RemixRequest,
 )
 from worker.settings import get_settings
-from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD
+from worker.store.jobs import NOTIFY_URL_FIELD, REQUEST_FIELD, QueueFull
 
 MAX_BATCH = 1000
 DEFAULT_PAGE = 100
@@ -59,6 +73,13 @@ MAX_JOB_ID_CHARS = 200
 UPLOAD_ROUTE = "/v1/jobs:upload"
 #: Upstreams whose source image can only be a file (refused by the JSON route).
 FILE_ONLY_PROVIDERS = ("ideogram-remix",)
+#: ``Retry-After`` of a ``429`` (the tenant's waiting jobs are at their limit) is the time
+#: the key needs to send as many jobs as are over the limit, at its full rate, within these
+#: bounds: a lower bound of the wait, since other tenants share the key.
+RETRY_AFTER_MIN_S = 1
+RETRY_AFTER_MAX_S = 60
+#: Why a body may not name its tenant.
+TENANT_FROM_TOKEN = "the tenant comes from the bearer token, never from the body"
 
 #: Documents the bearer scheme in the OpenAPI document; the check is in
 #: :mod:`producers.http.guard`, before the body is read.
@@ -67,6 +88,18 @@ bearer = HTTPBearer(
     description="One of the tokens of REMIX_API_TOKENS (required only when it is set).",
 )
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
+
+
+def caller_tenant(request: Request) -> str:
+    """The caller's tenant, as the guard found it from the bearer token."""
+    tenant = tenant_of(request.scope)
+    if tenant is None:  # the guard runs before every jobs route: this is a bug
+        raise HTTPException(401, "a valid bearer token is required")
+    return tenant
+
+
+#: The caller's tenant, a dependency of every jobs route.
+Tenant = Annotated[str, Depends(caller_tenant)]
 
 
 # ------------------------------------------------------------------ models
@@ -133,6 +166,18 @@ class JobRequest(RemixRequest):
         max_length=MAX_NOTIFY_URL_CHARS,
         description="An http(s) URL the finished job's record is POSTed to, signed.",
     )
+    priority: Priority = Field(
+        DEFAULT_PRIORITY,
+        description=f"One of {', '.join(PRIORITIES)} (highest first): between classes the "
+        "key's send moments go strictly to the higher one.",
+    )
+    #: Refused: the tenant comes from the bearer token only.
+    tenant: SkipJsonSchema[None] = None
+
+    @field_validator("tenant", mode="before")
+    @classmethod
+    def _no_tenant(cls, value: Any) -> Any:
+        raise ValueError(TENANT_FROM_TOKEN)
 
     @field_validator("idempotency_key")
     @classmethod
@@ -167,8 +212,14 @@ class JobRequest(RemixRequest):
     def payload(self) -> dict[str, Any]:
         """The createTask input, exactly as ``enqueue_remix`` stores it."""
         return self.model_dump(
-            mode="json", exclude_none=True, exclude={"idempotency_key", "notify_url", "provider"}
+            mode="json",
+            exclude_none=True,
+            exclude={"idempotency_key", "notify_url", "provider", "priority", "tenant"},
         )
+
+    def enqueued_with(self) -> Stored:
+        """What a job enqueued with this request holds (an idempotent repeat must match)."""
+        return Stored(self.payload(), self.notify_url, self.priority)
 
 
 class OneJobRequest(JobRequest):
@@ -215,12 +266,23 @@ class CancelRefused(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     described = {
         401: "REMIX_API_TOKENS is set and no valid bearer token came",
-        404: "no such job (or its record expired)",
+        404: "no such job of the caller's tenant (or its record expired)",
         409: "the idempotency key already names a job with another request",
         413: "the body is larger than this route accepts",
+        429: "the tenant has as many jobs waiting to be sent as REMIX_TENANT_MAX_WAITING "
+        "allows; nothing was enqueued (see Retry-After)",
         503: "Redis is unavailable",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
+
+
+def queue_full(exc: QueueFull) -> HTTPException:
+    """The ``429`` of a tenant at its limit, with ``Retry-After`` (see
+    :data:`RETRY_AFTER_MIN_S`)."""
+    count, window = get_settings().rate_limit
+    seconds = math.ceil(exc.excess * window / count)
+    retry_after = min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, seconds))
+    return HTTPException(429, str(exc), headers={"Retry-After": str(retry_after)})
 
 
 # ------------------------------------------------------------------ enqueue
@@ -240,23 +302,34 @@ def _invalid(loc: Sequence[str | int], message: str, value: Any = None) -> Reque
     )
 
 
-def _stored(job_ids: Sequence[str]) -> list[tuple[Any, Any]]:
-    """The request and notify URL each job was enqueued with, in one round trip."""
+@dataclass(frozen=True)
+class Stored:
+    """What a job was enqueued with, that an idempotent repeat must match."""
+
+    request: Any
+    notify_url: Any
+    priority: Any
+
+
+def _stored(job_ids: Sequence[str]) -> list[Stored]:
+    """The request, notify URL and priority each job was enqueued with, in one round trip."""
     pipe = services().store.redis.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.hmget(keys.job(job_id), [REQUEST_FIELD, NOTIFY_URL_FIELD])
-    return [(_decoded(request), _decoded(url)) for request, url in pipe.execute()]
+        pipe.hmget(keys.job(job_id), [REQUEST_FIELD, NOTIFY_URL_FIELD, "priority"])
+    return [
+        Stored(_decoded(request), _decoded(url), _decoded(priority) or DEFAULT_PRIORITY)
+        for request, url, priority in pipe.execute()
+    ]
 
 
 def _decoded(raw: Any) -> Any:
     return None if raw is None else json.loads(raw)
 
 
-def _enqueue_one(
-    payload: dict[str, Any], key: str | None, notify: str | None, provider: str = PROVIDER
-) -> tuple[JobRecord, bool]:
-    job_id, created = enqueue_validated(payload, key, notify, provider=provider)
-    if not created and _stored([job_id])[0] != (payload, notify):
+def _enqueue_one(body: OneJobRequest, key: str | None, tenant: str) -> tuple[JobRecord, bool]:
+    options = JobOptions(key, body.notify_url, body.provider, tenant, body.priority)
+    job_id, created = enqueue_validated(body.payload(), options)
+    if not created and _stored([job_id])[0] != body.enqueued_with():
         raise IdempotencyConflict([0], job_id)
     record = services().store.get(job_id)
     if record is None:  # the key outlived its job's record: it cannot be used again yet
@@ -283,21 +356,24 @@ IdempotencyKeyHeader = Annotated[
     summary="Enqueue a remix job",
     responses={
         200: {"model": JobRecord, "description": "the job this idempotency key already names"},
-        **_errors(401, 409, 413, 503),
+        **_errors(401, 409, 413, 429, 503),
     },
 )
 async def create_job(
-    body: OneJobRequest, response: Response, idempotency_key: IdempotencyKeyHeader = None
+    body: OneJobRequest,
+    response: Response,
+    tenant: Tenant,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRecord:
     key = _one_key(body.idempotency_key, idempotency_key)
     try:
-        record, created = await run_in_threadpool(
-            _enqueue_one, body.payload(), key, body.notify_url, body.provider
-        )
+        record, created = await run_in_threadpool(_enqueue_one, body, key, tenant)
     except IdempotencyConflict as exc:
         raise HTTPException(
             409, f"the idempotency key already names job {exc.owner} with another request"
         ) from None
+    except QueueFull as exc:
+        raise queue_full(exc) from None
     response.headers["Location"] = f"/v1/jobs/{record.job_id}"
     response.status_code = 202 if created else 200
     return record
@@ -339,10 +415,7 @@ def _check_batch(jobs: list[JobRequest]) -> None:
         if key is None:
             continue
         earlier = first_with_key.setdefault(key, job)
-        if earlier is not job and (earlier.payload(), earlier.notify_url) != (
-            job.payload(),
-            job.notify_url,
-        ):
+        if earlier is not job and earlier.enqueued_with() != job.enqueued_with():
             errors += _invalid(
                 ["body", "jobs", index, "idempotency_key"],
                 "an earlier request of the batch has this key and another body",
@@ -352,16 +425,20 @@ def _check_batch(jobs: list[JobRequest]) -> None:
         raise RequestValidationError(errors)
 
 
-def _enqueue_batch(jobs: list[JobRequest]) -> tuple[list[JobRecord], bool]:
-    items = [(job.payload(), job.idempotency_key, job.notify_url) for job in jobs]
+def _enqueue_batch(jobs: list[JobRequest], tenant: str) -> tuple[list[JobRecord], bool]:
+    items = [
+        (
+            job.payload(),
+            JobOptions(job.idempotency_key, job.notify_url, PROVIDER, tenant, job.priority),
+        )
+        for job in jobs
+    ]
 
     def refuse_conflicts(owners: list[str | None]) -> None:
         known = [(i, owner) for i, owner in enumerate(owners) if owner is not None]
         stored = _stored([owner for _, owner in known])
         clashes = [
-            i
-            for (i, _), was in zip(known, stored, strict=True)
-            if was != (items[i][0], items[i][2])
+            i for (i, _), was in zip(known, stored, strict=True) if was != jobs[i].enqueued_with()
         ]
         if clashes:
             raise IdempotencyConflict(clashes)
@@ -381,18 +458,20 @@ def _enqueue_batch(jobs: list[JobRequest]) -> tuple[list[JobRecord], bool]:
     summary="Enqueue up to 1,000 jobs at once: all of them or none",
     responses={
         200: {"model": BatchResponse, "description": "every idempotency key named a job"},
-        **_errors(401, 409, 413, 503),
+        **_errors(401, 409, 413, 429, 503),
     },
 )
-async def create_jobs(body: BatchRequest, response: Response) -> BatchResponse:
+async def create_jobs(body: BatchRequest, response: Response, tenant: Tenant) -> BatchResponse:
     _check_batch(body.jobs)
     try:
-        records, created = await run_in_threadpool(_enqueue_batch, body.jobs)
+        records, created = await run_in_threadpool(_enqueue_batch, body.jobs, tenant)
     except IdempotencyConflict as exc:
         where = ", ".join(map(str, exc.indexes[:20]))
         raise HTTPException(
             409, f"jobs {where}: the idempotency key already names a job with another request"
         ) from None
+    except QueueFull as exc:
+        raise queue_full(exc) from None
     response.status_code = 202 if created else 200
     return BatchResponse(jobs=records)
 
@@ -411,6 +490,7 @@ JobId = Annotated[str, Path(min_length=1, max_length=MAX_JOB_ID_CHARS)]
 async def read_job(
     request: Request,
     job_id: JobId,
+    tenant: Tenant,
     wait: Annotated[
         float,
         Query(
@@ -422,9 +502,9 @@ async def read_job(
 ) -> JobRecord:
     if wait > 0:
         watch: FinishedWatch = request.app.state.finished_watch
-        record = await wait_for_record(watch, job_id, wait)
+        record = await wait_for_record(watch, job_id, wait, tenant)
     else:
-        record = await read_record(job_id)
+        record = visible(await read_record(job_id), tenant)
     if record is None:
         raise HTTPException(404, "no such job")
     return record
@@ -433,11 +513,12 @@ async def read_job(
 @router.get(
     "/jobs",
     response_model=JobPage,
-    summary="The jobs in one state, oldest first, a page at a time",
+    summary="The caller's tenant's jobs in one state, oldest first, a page at a time",
     responses=_errors(401, 503),
 )
 async def list_jobs(
     state: Annotated[JobState, Query(description="Which state's jobs to list.")],
+    tenant: Tenant,
     cursor: Annotated[
         str | None,
         Query(max_length=MAX_CURSOR_CHARS, description="`next_cursor` of the previous page."),
@@ -445,7 +526,9 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
 ) -> JobPage:
     after = None if cursor is None else decode_cursor(cursor, state)
-    records, position = await run_in_threadpool(services().store.list_by_state, state, limit, after)
+    records, position = await run_in_threadpool(
+        lambda: services().store.list_by_state(state, limit, after, tenant=tenant)
+    )
     next_cursor = None if position is None else encode_cursor(state, position)
     return JobPage(jobs=records, next_cursor=next_cursor)
 
@@ -485,9 +568,9 @@ def decode_cursor(cursor: str, state: JobState) -> tuple[float, str]:
         409: {"model": CancelRefused, "description": "too late: " + "; ".join(CANCEL_REFUSALS)},
     },
 )
-async def cancel(job_id: JobId) -> JobRecord | JSONResponse:
+async def cancel(job_id: JobId, tenant: Tenant) -> JobRecord | JSONResponse:
     try:
-        return await run_in_threadpool(cancel_job, job_id)
+        return await run_in_threadpool(lambda: cancel_job(job_id, tenant=tenant))
     except KeyError:
         raise HTTPException(404, "no such job") from None
     except JobNotCancellable as exc:

@@ -4,7 +4,9 @@ One subscription per app process (:class:`FinishedWatch`, on ``redis.asyncio``) 
 channel where every finish is published (:func:`worker.keys.finished_channel`) hands each
 message to the requests waiting for that job; the record is read once for all of them.
 A waiter registers before it reads, so no finish is missed, and reads again while the
-subscription is down. The design: docs/design.md, "Job records" (the finished channel).
+subscription is down. Another tenant's job is answered as unknown at the first read, with
+no wait (:func:`visible`). The design: docs/design.md, "Job records" (the finished
+channel); tenants: docs/tenants.md.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ Reader = Callable[[str], Awaitable[JobRecord | None]]
 async def read_record(job_id: str) -> JobRecord | None:
     """The job's record, read in the thread pool (the job store is synchronous)."""
     return await run_in_threadpool(services().store.get, job_id)
+
+
+def visible(record: JobRecord | None, tenant: str) -> JobRecord | None:
+    """The record if it is ``tenant``'s job, else None: to a caller, another tenant's job
+    is exactly an unknown one."""
+    return record if record is not None and record.tenant == tenant else None
 
 
 @dataclass(eq=False)
@@ -175,8 +183,11 @@ class FinishedWatch:
                 waiter.event.set()
 
 
-async def wait_for_record(watch: FinishedWatch, job_id: str, wait_s: float) -> JobRecord | None:
-    """The job's record once it has finished, or after ``wait_s`` seconds; None if unknown.
+async def wait_for_record(
+    watch: FinishedWatch, job_id: str, wait_s: float, tenant: str
+) -> JobRecord | None:
+    """``tenant``'s job's record once it has finished, or after ``wait_s`` seconds; None at
+    once if there is no such job of ``tenant``.
 
     A Redis error on the first read answers the caller; one while waiting is waited out
     (the record is read again soon), unless it is still there at the deadline.
@@ -189,7 +200,7 @@ async def wait_for_record(watch: FinishedWatch, job_id: str, wait_s: float) -> J
             waiter.event.clear()
             live = watch.live  # before the read: a later message must reach the waiter
             try:
-                record = await watch.read(job_id)
+                record = visible(await watch.read(job_id), tenant)
             except redis.RedisError:
                 if first or time.monotonic() >= deadline:
                     raise
@@ -206,4 +217,4 @@ async def wait_for_record(watch: FinishedWatch, job_id: str, wait_s: float) -> J
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.event.wait(), min(remaining, recheck))
             if waiter.record is not None:
-                return waiter.record
+                return visible(waiter.record, tenant)

@@ -6,7 +6,8 @@ carries a ``request`` part (the JSON object ``POST /v1/jobs`` takes, plus ``prov
 an ``image_file`` part and repeatable ``reference_image_file`` parts, under a cap of its
 own (:data:`producers.http.guard.UPLOAD_BODY_MAX`). Files are checked by content like the
 Python API's (:func:`producers.api.enqueue_request` does the rest: validate, store the
-blobs, enqueue); a path is never read from a body.
+blobs, enqueue); a path is never read from a body. The ``request`` part may carry
+``priority``; the tenant is the bearer token's, as on every jobs route.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from producers.api import FileBlobs, enqueue_request, file_blob
 from producers.http.guard import UPLOAD_BODY_MAX
 from producers.http.jobs import (
+    TENANT_FROM_TOKEN,
     UPLOAD_ROUTE,
     IdempotencyKeyHeader,
+    Stored,
+    Tenant,
     _errors,
     _invalid,
     _one_key,
     _stored,
     bearer,
+    queue_full,
 )
 from worker.app import services
+from worker.fields import DEFAULT_PRIORITY, check_priority
 from worker.models import (
     MAX_REFERENCE_FILES,
     PROVIDER,
@@ -41,6 +47,7 @@ from worker.models import (
     validate_request,
 )
 from worker.store.blobs import BlobStoreError, BlobStoreFull
+from worker.store.jobs import QueueFull
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
 
@@ -49,7 +56,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
 MAX_FIELDS = 16
 #: The parts of the form: ``request``, ``image_file``, ``reference_image_file``.
 REQUEST_PART, IMAGE_PART, REFERENCE_PART = "request", "image_file", "reference_image_file"
-JOB_OPTIONS = ("idempotency_key", "notify_url", "provider")
+JOB_OPTIONS = ("idempotency_key", "notify_url", "provider", "priority", "tenant")
 FORM_SCHEMA = {
     "type": "object",
     "required": [REQUEST_PART],
@@ -57,7 +64,7 @@ FORM_SCHEMA = {
         REQUEST_PART: {
             "type": "string",
             "description": "JSON object: the fields of POST /v1/jobs (image_url optional "
-            "when image_file is given), plus `provider` (default kie).",
+            "when image_file is given; `priority` too), plus `provider` (default kie).",
         },
         IMAGE_PART: {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
         REFERENCE_PART: {
@@ -85,6 +92,21 @@ class UploadedJob:
         if not isinstance(value, str):
             raise _invalid(["body", REQUEST_PART, "provider"], "must be a string")
         return value
+
+    @property
+    def priority(self) -> str:
+        value = self.options["priority"]
+        if value is None:
+            return DEFAULT_PRIORITY
+        try:
+            return check_priority(value)
+        except ValueError as exc:
+            message = str(exc).removeprefix("priority: ")
+            raise _invalid(["body", REQUEST_PART, "priority"], message) from None
+
+    def refuse_tenant(self) -> None:
+        if self.options["tenant"] is not None:
+            raise _invalid(["body", REQUEST_PART, "tenant"], TENANT_FROM_TOKEN)
 
 
 async def _read_form(request: Request) -> UploadedJob:
@@ -132,16 +154,25 @@ async def _blob(part: Any, field: str) -> Any:
         raise _invalid(["body", field], message) from None
 
 
-def _enqueue(job: UploadedJob, key: str | None) -> tuple[JobRecord, bool]:
+def _enqueue(job: UploadedJob, key: str | None, tenant: str) -> tuple[JobRecord, bool]:
     """Enqueue; a repeat of the key must carry the same request and the same files."""
     key = key if key is not None else job.options["idempotency_key"]
-    notify = job.options["notify_url"]
-    job_id, created = enqueue_request(job.fields, job.blobs, key, notify, provider=job.provider)
+    notify, priority = job.options["notify_url"], job.priority
+    job_id, created = enqueue_request(
+        job.fields,
+        job.blobs,
+        key,
+        notify,
+        provider=job.provider,
+        tenant=tenant,
+        priority=priority,
+    )
     record = services().store.get(job_id)
     if not created:
         ours = validate_request({**job.fields, **job.blobs.fields()}, job.provider).stored()
-        stored, stored_notify = _stored([job_id])[0]
-        if record is None or (_sans_ids(stored), stored_notify) != (_sans_ids(ours), notify):
+        stored = _stored([job_id])[0]
+        theirs = Stored(_sans_ids(stored.request), stored.notify_url, stored.priority)
+        if record is None or theirs != Stored(_sans_ids(ours), notify, priority):
             raise HTTPException(
                 409, f"the idempotency key already names job {job_id} with another request"
             )
@@ -179,20 +210,26 @@ def _sans_ids(request: Any) -> Any:
     },
     responses={
         200: {"model": JobRecord, "description": "the job this idempotency key already names"},
-        **_errors(401, 409, 413, 503),
+        **_errors(401, 409, 413, 429, 503),
     },
 )
 async def upload_job(
-    request: Request, response: Response, idempotency_key: IdempotencyKeyHeader = None
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRecord:
     job = await _read_form(request)
+    job.refuse_tenant()
     key = _one_key(job.options["idempotency_key"], idempotency_key)
     try:
-        record, created = await run_in_threadpool(_enqueue, job, key)
+        record, created = await run_in_threadpool(_enqueue, job, key, tenant)
     except InvalidRequestError as exc:
         raise _invalid(["body", REQUEST_PART], str(exc)) from None
     except (BlobStoreFull, BlobStoreError) as exc:
         raise HTTPException(503, str(exc)) from None
+    except QueueFull as exc:
+        raise queue_full(exc) from None
     response.headers["Location"] = f"/v1/jobs/{record.job_id}"
     response.status_code = 202 if created else 200
     return record

@@ -9,6 +9,7 @@
 -- KEYS[3]  the task's index key (its value is the job id)
 -- KEYS[4]  the index of queued jobs
 -- KEYS[5]  the index of submitted jobs
+-- KEYS[6]  the waiting counts (see tenant_state.lua)
 -- ARGV[1]  job id
 -- ARGV[2]  attempt id ('' when the task comes from elsewhere: an adopted callback)
 -- ARGV[3]  upstream task id
@@ -18,6 +19,7 @@
 -- have created a task too: possibly paid twice), 'again' (this task was recorded before),
 -- 'extra' or 'missing'. An adopted task (attempt id '') closes any open attempt: its owner's
 -- own answer then finds the job's task set ('again', or 'extra' for another task).
+-- #include tenant_state.lua
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -49,9 +51,11 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'upstream_task_id', task, 'submitted_at',
   string.format('%.6f', now), '_slot', 'null', '_last_error', 'null')
 if state == '"queued"' then
+  local created = tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
   redis.call('HSET', KEYS[1], 'state', '"submitted"')
   redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZADD', KEYS[5], tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0, ARGV[1])
+  redis.call('ZADD', KEYS[5], created, ARGV[1])
+  tenant_moved(KEYS[1], ARGV[1], 'queued', 'submitted', created, KEYS[6])
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('HSET', KEYS[1], '_parked', redis.call('HGET', KEYS[1], '_dispatch') or '0')

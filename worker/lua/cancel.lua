@@ -8,12 +8,15 @@
 -- KEYS[2]  the schedule
 -- KEYS[3..8] the state indexes: queued, submitted, running, succeeded, failed, cancelled
 -- KEYS[9]  the schedule of completion webhooks
+-- KEYS[10] the archive schedule (not used)
+-- KEYS[11] the waiting counts (see tenant_state.lua)
 -- ARGV[1]  job id
 -- ARGV[2]  time to live of the record, in seconds
 -- ARGV[3]  the finished channel
 -- ARGV[4]  JSON text of the cancellation message (fail_msg)
 -- Returns 'cancelled', 'already' (it was cancelled before), 'finished' (it ended
 -- otherwise), 'accepted', 'sending', 'unknown_outcome' or 'missing'.
+-- #include tenant_state.lua
 local index = {['"queued"'] = 3, ['"submitted"'] = 4, ['"running"'] = 5}
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -33,6 +36,7 @@ redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'fail_code', '"cancelled"',
   'fail_msg', ARGV[4], 'finished_at', string.format('%.6f', now))
 redis.call('ZREM', KEYS[index[state]], ARGV[1])
 redis.call('ZADD', KEYS[8], created, ARGV[1])
+tenant_moved(KEYS[1], ARGV[1], cjson.decode(state), 'cancelled', created, KEYS[11])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local notify = redis.call('HGET', KEYS[1], '_notify_url')
 if notify and notify ~= 'null' then

@@ -12,6 +12,7 @@
 -- KEYS[3..8] the state indexes: queued, submitted, running, succeeded, failed, cancelled
 -- KEYS[9]  the schedule of completion webhooks
 -- KEYS[10] the archive schedule
+-- KEYS[11] the waiting counts (see tenant_state.lua)
 -- ARGV[1]  job id
 -- ARGV[2]  time to live of the record, in seconds
 -- ARGV[3]  new state, or '' to keep it
@@ -22,6 +23,7 @@
 -- ARGV[8..] field, JSON value, field, JSON value, ...
 -- Returns 1 written, 0 refused (finished, or the state would go back), -1 no such job,
 -- -2 the token is stale.
+-- #include tenant_state.lua
 local rank = {['"queued"'] = 0, ['"submitted"'] = 1, ['"running"'] = 2,
   ['"succeeded"'] = 3, ['"failed"'] = 3, ['"cancelled"'] = 3}
 local index = {['"queued"'] = 3, ['"submitted"'] = 4, ['"running"'] = 5,
@@ -44,6 +46,7 @@ if ARGV[3] ~= '' then
     local created = tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
     redis.call('ZREM', KEYS[index[raw]], ARGV[1])
     redis.call('ZADD', KEYS[index[encoded]], created, ARGV[1])
+    tenant_moved(KEYS[1], ARGV[1], cjson.decode(raw), ARGV[3], created, KEYS[11])
   end
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end

@@ -7,6 +7,10 @@ message with the latest dispatch token acts, and a createTask attempt is opened 
 closed around each send. Which update to make and when is the policies'
 (:mod:`worker.policies.submit`, :mod:`worker.policies.poll`).
 
+Every job belongs to a tenant and has a priority (docs/tenants.md): the store keeps each
+tenant's own state indexes and idempotency keys, and counts each tenant's jobs waiting to
+be sent, which ``max_waiting`` bounds when jobs are created.
+
 The design: docs/design.md, "Job records", "The schedule and the dispatcher" and
 "createTask attempts".
 """
@@ -22,6 +26,13 @@ from typing import Any
 import redis
 
 from worker import keys
+from worker.fields import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TENANT,
+    PRIORITIES,
+    check_priority,
+    check_tenant,
+)
 from worker.lua import load_script
 from worker.models import PROVIDER, JobRecord, JobState, upstream_model
 
@@ -40,6 +51,8 @@ NOTIFY_URL_FIELD = "_notify_url"
 RELAY_RESULTS_FIELD = "_relay_results"
 #: Source files already uploaded for the job: ``{blob id: {"url": ..., "uploaded_at": ...}}``.
 UPLOADS_FIELD = "_uploads"
+#: The start of the names of the job's tenant's state indexes (see ``tenant_state.lua``).
+TENANT_INDEX_FIELD = "_tenant_index"
 #: What a cancelled job's ``fail_msg`` says.
 CANCELLED_MESSAGE = "cancelled before it was sent upstream"
 
@@ -57,11 +70,17 @@ def _queue_heads(oldest_waiting: dict[str, float] | None) -> list[str]:
     return [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
 
 
+def _encoded(fields: dict[str, Any]) -> dict[str, str]:
+    """Each field's value as the JSON text a record holds."""
+    return {
+        name: json.dumps(value.value if isinstance(value, JobState) else value)
+        for name, value in fields.items()
+    }
+
+
 def _encode(fields: dict[str, Any]) -> list[str]:
-    flat: list[str] = []
-    for name, value in fields.items():
-        flat += [name, json.dumps(value.value if isinstance(value, JobState) else value)]
-    return flat
+    """``name, JSON text, name, JSON text, ...`` as the scripts take fields."""
+    return [text for pair in _encoded(fields).items() for text in pair]
 
 
 def decode_text(value: Any) -> str:
@@ -141,6 +160,29 @@ class NewJob:
     provider: str = PROVIDER
     #: The job this one replays (``remixq retry``).
     retry_of: str | None = None
+    tenant: str = DEFAULT_TENANT
+    priority: str = DEFAULT_PRIORITY
+
+
+class QueueFull(Exception):
+    """A tenant already has as many jobs waiting to be sent as ``REMIX_TENANT_MAX_WAITING``
+    allows, or would have more with the new ones; nothing was written. ``str()`` is one
+    line."""
+
+    def __init__(self, tenant: str, waiting: int, limit: int, adding: int) -> None:
+        self.tenant = tenant
+        self.waiting = waiting
+        self.limit = limit
+        self.adding = adding
+        super().__init__(
+            f"tenant {tenant} has {waiting} job(s) waiting to be sent and may have at most "
+            f"{limit} (REMIX_TENANT_MAX_WAITING): {adding} more refused; try again later"
+        )
+
+    @property
+    def excess(self) -> int:
+        """How many of the tenant's waiting jobs must be sent before these would fit."""
+        return max(1, self.waiting + self.adding - self.limit)
 
 
 @dataclass(frozen=True)
@@ -181,12 +223,21 @@ class JobStore:
         client: a redis-py client for the result backend's database.
         ttl_s: how long a record (and an idempotency key) lives after its last write.
         archive: a job that succeeds is put in the archive schedule (``REMIX_ARCHIVE_URL``).
+        max_waiting: the most jobs one tenant may have waiting to be sent (``queued``);
+            a create that would pass it raises :class:`QueueFull`. None: no limit.
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int, archive: bool = False) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        archive: bool = False,
+        max_waiting: int | None = None,
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.archive = archive
+        self.max_waiting = max_waiting
         database = int(client.connection_pool.connection_kwargs.get("db") or 0)
         #: Where the id of each job that finishes is published (see ``keys.finished_channel``).
         self.finished_channel = keys.finished_channel(database)
@@ -217,16 +268,23 @@ class JobStore:
         provider: str = PROVIDER,
         notify_url: str | None = None,
         retry_of: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        priority: str = DEFAULT_PRIORITY,
+        admit: bool = True,
     ) -> tuple[str, bool]:
         """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
 
-        Returns ``(owner_job_id, created)``: with an ``idempotency_key`` seen before,
-        nothing is written and the earlier job's id comes back; ``created`` is False
-        whenever no new record was written (also when ``job_id`` already exists).
+        Returns ``(owner_job_id, created)``: with an ``idempotency_key`` the tenant used
+        before, nothing is written and the earlier job's id comes back; ``created`` is
+        False whenever no new record was written (also when ``job_id`` already exists).
+        Raises :class:`QueueFull` when the tenant may not have one more job waiting
+        (``admit=False``: no limit, for a record that is failed at once) and
+        ``ValueError`` for a bad tenant or priority.
         """
-        job = NewJob(job_id, request, idempotency_key, notify_url, provider, retry_of)
-        owner, created = self._create(*self._create_call(job, due_in))
-        return decode_text(owner), bool(created)
+        job = NewJob(
+            job_id, request, idempotency_key, notify_url, provider, retry_of, tenant, priority
+        )
+        return self._created(self._create(*self._create_call([job], due_in, admit)))[0]
 
     def create_many(
         self,
@@ -240,11 +298,15 @@ class JobStore:
         ``check`` gets, for each job, the id of the job its idempotency key already names
         (None when it names none) and may raise to write nothing. The keys are WATCHed
         from that read to the write, so no other producer takes one in between. Returns
-        ``(owner_job_id, created)`` per job, as :meth:`create` does.
+        ``(owner_job_id, created)`` per job, as :meth:`create` does; raises
+        :class:`QueueFull` (nothing written) when a tenant may not have them all waiting.
         """
         idem_keys = [
-            keys.idempotency(j.idempotency_key) for j in jobs if j.idempotency_key is not None
+            keys.idempotency(j.idempotency_key, j.tenant)
+            for j in jobs
+            if j.idempotency_key is not None
         ]
+        call = self._create_call(jobs, due_in)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -252,12 +314,19 @@ class JobStore:
                     if check is not None:
                         check(owners)
                     pipe.multi()
-                    for job in jobs:
-                        self._create(*self._create_call(job, due_in), client=pipe)
-                    replies = pipe.execute()
+                    self._create(*call, client=pipe)
+                    (reply,) = pipe.execute()
                 except redis.WatchError:
                     continue
-                return [(decode_text(owner), bool(created)) for owner, created in replies]
+                return self._created(reply)
+
+    def _created(self, reply: Sequence[Any]) -> list[tuple[str, bool]]:
+        """``create.lua``'s answer as ``(owner_job_id, created)`` per job, or QueueFull."""
+        if decode_text(reply[0]) == "full":
+            tenant, waiting, adding = decode_text(reply[1]), int(reply[2]), int(reply[3])
+            raise QueueFull(tenant, waiting, self.max_waiting or 0, adding)
+        pairs = zip(reply[1::2], reply[2::2], strict=True)
+        return [(decode_text(owner), bool(created)) for owner, created in pairs]
 
     @staticmethod
     def _watch_owners(pipe: Any, jobs: Sequence[NewJob], idem_keys: list[str]) -> list[str | None]:
@@ -271,29 +340,67 @@ class JobStore:
             owners.append(None if raw is None else decode_text(raw))
         return owners
 
-    def _create_call(self, job: NewJob, due_in: float) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``create.lua`` for one job."""
+    def _create_call(
+        self, jobs: Sequence[NewJob], due_in: float, admit: bool = True
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``create.lua`` for ``jobs``; ``ValueError`` for a bad
+        tenant or priority (they become parts of key names)."""
+        limit = self.max_waiting if admit else None
+        job_keys = [keys.SCHEDULE, keys.state_index(JobState.QUEUED), keys.WAITING, keys.TENANTS]
+        args: list[Any] = [self.ttl_s, due_in, "" if limit is None else limit, " ".join(PRIORITIES)]
+        for job in jobs:
+            tenant, priority = check_tenant(job.tenant), check_priority(job.priority)
+            job_keys += [keys.job(job.job_id), keys.tenant_state_index(tenant, JobState.QUEUED)]
+            if job.idempotency_key is not None:
+                job_keys.append(keys.idempotency(job.idempotency_key, tenant))
+            fields = json.dumps(_encoded(self._new_record(job)))
+            args += [job.job_id, tenant, priority, "" if job.idempotency_key is None else "1"]
+            args.append(fields)
+        return job_keys, args
+
+    @staticmethod
+    def _new_record(job: NewJob) -> dict[str, Any]:
+        """The fields of a new job's record (``create.lua`` adds the times and the token)."""
         record = JobRecord(
             job_id=job.job_id,
             state=JobState.QUEUED,
             provider=job.provider,
             model=upstream_model(job.provider, job.request),
+            tenant=job.tenant,
+            priority=check_priority(job.priority),
             created_at=0,
             retry_of=job.retry_of,
         )
         fields = record.model_dump(mode="json", exclude={"created_at"})
         fields[REQUEST_FIELD] = job.request
+        fields[TENANT_INDEX_FIELD] = keys.tenant_index_prefix(job.tenant)
         if job.notify_url is not None:
             fields[NOTIFY_URL_FIELD] = job.notify_url
-        job_keys = [keys.job(job.job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
-        if job.idempotency_key is not None:
-            job_keys.append(keys.idempotency(job.idempotency_key))
-        return job_keys, [job.job_id, self.ttl_s, due_in, *_encode(fields)]
+        return fields
 
-    def idempotency_owner(self, key: str) -> str | None:
-        """The id of the job ``key`` already names, if any (what ``create`` would answer)."""
-        owner = self.redis.get(keys.idempotency(key))
+    def waiting_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs each tenant has waiting to be sent (``queued``), per priority:
+        ``{(tenant, priority): count}`` (one read; jobs created before tenants existed are
+        not counted)."""
+        counts: dict[tuple[str, str], int] = {}
+        for field, value in self.redis.hgetall(keys.WAITING).items():
+            tenant, _, priority = decode_text(field).rpartition(":")
+            if int(value) > 0:
+                counts[(tenant, priority)] = int(value)
+        return counts
+
+    def idempotency_owner(self, key: str, tenant: str = DEFAULT_TENANT) -> str | None:
+        """The id of the job the tenant's ``key`` already names, if any (what ``create``
+        would answer)."""
+        owner = self.redis.get(keys.idempotency(key, tenant))
         return None if owner is None else decode_text(owner)
+
+    def idempotency_owners(self, idem_keys: Sequence[str], tenant: str) -> list[str | None]:
+        """:meth:`idempotency_owner` of many keys of one tenant, in one round trip."""
+        if not idem_keys:
+            return []
+        found = self.redis.mget([keys.idempotency(key, tenant) for key in idem_keys])
+        return [None if raw is None else decode_text(raw) for raw in found]
 
     def get(self, job_id: str) -> JobRecord | None:
         """The public record, or None when there is no such job (or it expired)."""
@@ -339,15 +446,23 @@ class JobStore:
         return bool(self._release(keys=[key], args=[token]))
 
     def list_by_state(
-        self, state: JobState, limit: int, after: tuple[float, str] | None = None
+        self,
+        state: JobState,
+        limit: int,
+        after: tuple[float, str] | None = None,
+        *,
+        tenant: str | None = None,
     ) -> tuple[list[JobRecord], tuple[float, str] | None]:
         """One page of the jobs in ``state``, oldest first, and the cursor of the next page.
 
-        ``after`` is the ``(created_at, job_id)`` of the last job of the previous page. A
-        page costs O(``limit``): the state's index is read from the cursor on; entries of
-        expired records are dropped from the index as they are met.
+        ``after`` is the ``(created_at, job_id)`` of the last job of the previous page.
+        ``tenant``: only that tenant's jobs (its own index; jobs created before tenants
+        existed are in none); None: every job. A page costs O(``limit``): the index is
+        read from the cursor on; entries of expired records are dropped as they are met.
         """
-        index = keys.state_index(state)
+        index = (
+            keys.state_index(state) if tenant is None else keys.tenant_state_index(tenant, state)
+        )
         records: list[JobRecord] = []
         position = after
         while True:
@@ -384,8 +499,12 @@ class JobStore:
         have expired); returns how many were dropped."""
         cutoff = self.redis.time()
         bound = cutoff[0] + cutoff[1] / 1e6 - older_than_s
+        tenants = sorted(decode_text(name) for name in self.redis.smembers(keys.TENANTS))
+        indexes = keys.state_indexes() + [
+            keys.tenant_state_index(tenant, state) for tenant in tenants for state in keys.STATES
+        ]
         pipe = self.redis.pipeline(transaction=False)
-        for index in keys.state_indexes():
+        for index in indexes:
             pipe.zremrangebyscore(index, "-inf", bound)
         return sum(int(n) for n in pipe.execute())
 
@@ -517,6 +636,7 @@ class JobStore:
             *keys.state_indexes(),
             keys.NOTIFY_SCHEDULE,
             keys.ARCHIVE_SCHEDULE,
+            keys.WAITING,
         ]
 
     def cancel(self, job_id: str) -> str:
@@ -595,6 +715,7 @@ class JobStore:
             keys.task(task_id),
             keys.state_index(JobState.QUEUED),
             keys.state_index(JobState.SUBMITTED),
+            keys.WAITING,
         ]
         return decode_text(self._accept(keys=job_keys, args=args))
 
