@@ -34,7 +34,7 @@ def _key_status(key_id: str, rate_limit: str) -> dict[str, Any]:
         "key_id": key_id,
         "rate_limit": rate_limit,
         "sent_in_window": usage.used_in_window,
-        "reserved_ahead": usage.reserved_ahead,
+        "granted_unused": usage.granted_unused,
         "blocked_for_s": round(usage.blocked_for, 2),
         "spend": _spend_status(key_id),
         "paused": None
@@ -100,5 +100,6 @@ def resume_submissions() -> list[str]:
             pause_for(services(), key_id),
             limiter_for(services(), key_id, rate_limit),
             key_id,
+            services().settings.remix_submit_deadline_s,
         )
     ]

@@ -34,3 +34,9 @@ class BlobRef(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     #: The file name sent upstream (letters, digits, ``-``, ``_`` and the extension).
     name: str = Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_-]+\.(jpg|png|webp)$")
+
+
+#: Priority classes, highest first: between classes strictly, inside one by fair share.
+PRIORITIES = ("interactive", "normal", "bulk")
+DEFAULT_TENANT = "default"
+DEFAULT_PRIORITY = "normal"

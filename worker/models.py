@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.fields import BlobRef, not_a_boolean, not_blank
+from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT, BlobRef, not_a_boolean, not_blank
 from worker.relay_models import DEFAULT_MODEL as IDEOGRAM_DEFAULT_MODEL
 from worker.relay_models import PROVIDER as IDEOGRAM_PROVIDER
 from worker.relay_models import IdeogramRemixRequest
@@ -294,6 +294,8 @@ class JobRecord(BaseModel):
     state: JobState
     provider: str = PROVIDER
     model: str = KIE_MODEL
+    tenant: str = DEFAULT_TENANT
+    priority: str = DEFAULT_PRIORITY
     upstream_task_id: str | None = None
     result_urls: list[str] = Field(default_factory=list)
     fail_code: str | None = None

@@ -305,6 +305,8 @@ class Settings(BaseSettings):
     remix_submit_deadline_s: float = Field(86400.0, gt=0)
     remix_pause_probe_s: float = Field(5.0, gt=0)
     remix_job_ttl_s: int = Field(7 * 86400, gt=0)
+    #: Each tenant's weight in its class's share of the key (``svc-a=3,svc-b=1``; others 1).
+    remix_tenant_weights: str | None = None
 
     #: With KIE_CALLBACK_URL set, the first (safety-net) poll comes this long after accept.
     remix_callback_poll_s: float = Field(60.0, gt=0)
@@ -551,6 +553,16 @@ class Settings(BaseSettings):
     def rate_limit(self) -> tuple[int, float]:
         """``KIE_RATE_LIMIT`` as ``(requests, window_seconds)``."""
         return parse_rate_limit(self.kie_rate_limit)
+
+    @property
+    def tenant_weights(self) -> dict[str, float]:
+        """``REMIX_TENANT_WEIGHTS`` as ``{tenant: weight}``."""
+        weights: dict[str, float] = {}
+        for entry in (self.remix_tenant_weights or "").split(","):
+            if entry.strip():
+                tenant, _, weight = entry.partition("=")
+                weights[tenant.strip()] = float(weight)
+        return weights
 
     @property
     def spend_caps(self) -> list[tuple[int, float]]:

@@ -26,6 +26,7 @@ from worker.policies.outcome import fail_job
 from worker.policies.poll import POLLED, poll_step
 from worker.policies.submit import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 from worker.services import Services
+from worker.store.lines import backstop_s
 from worker.store.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
 
@@ -90,7 +91,7 @@ def _submit(
         step = submit_step(svc, job_id, dispatch)
         if step == "missing" and dispatch == 0:
             # A producer that speaks the Celery protocol sent no record: keep its request.
-            svc.store.create(job_id, request, due_in=svc.settings.lease_s, provider=provider)
+            svc.store.create(job_id, request, due_in=backstop_s(svc.settings), provider=provider)
             step = submit_step(svc, job_id, dispatch)
         return step
     except AcceptedButUnrecorded as exc:
@@ -159,7 +160,7 @@ def message_problem(
 
 def _fail_malformed(svc: Services, job_id: str, request: Any, problem: str) -> None:
     """Fail the job a malformed message names, but never a job that existed before it."""
-    _, created = svc.store.create(job_id, request, due_in=svc.settings.lease_s)
+    _, created = svc.store.create(job_id, request, due_in=backstop_s(svc.settings))
     if created:
         fail_job(svc, job_id, "invalid_request", problem)
     else:

@@ -22,13 +22,15 @@ from typing import Any
 import redis
 
 from worker import keys
+from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT
 from worker.lua import load_script
 from worker.models import PROVIDER, JobRecord, JobState, upstream_model
 
 REQUEST_FIELD = "_request"
 DISPATCH_FIELD = "_dispatch"
 ATTEMPT_FIELD = "_attempt"
-SLOT_FIELD = "_slot"
+#: The send moment granted to the job (its member in the key's budget), until it is used.
+GRANT_FIELD = "_grant"
 #: The job's spend reservation not yet used by an attempt: ``{"id": member, "at": moment}``.
 SPEND_FIELD = "_spend"
 RETRIES_FIELD = "_retries"
@@ -57,7 +59,7 @@ def _queue_heads(oldest_waiting: dict[str, float] | None) -> list[str]:
     return [repr(waiting[q]) if q in waiting else "" for q in ("submit", "poll")]
 
 
-def _encode(fields: dict[str, Any]) -> list[str]:
+def encode_fields(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
         flat += [name, json.dumps(value.value if isinstance(value, JobState) else value)]
@@ -98,7 +100,7 @@ class Job:
     token: int
     request: Any
     attempt: str | None
-    slot: float | None
+    grant: str | None
     spend: dict[str, Any] | None
     retries: int
     holds: int
@@ -119,7 +121,7 @@ class Job:
             token=int(fields.get(DISPATCH_FIELD) or 0),
             request=fields.get(REQUEST_FIELD),
             attempt=fields.get(ATTEMPT_FIELD),
-            slot=fields.get(SLOT_FIELD),
+            grant=fields.get(GRANT_FIELD),
             spend=fields.get(SPEND_FIELD),
             retries=int(fields.get(RETRIES_FIELD) or 0),
             holds=int(fields.get(HOLDS_FIELD) or 0),
@@ -141,6 +143,8 @@ class NewJob:
     provider: str = PROVIDER
     #: The job this one replays (``remixq retry``).
     retry_of: str | None = None
+    tenant: str = DEFAULT_TENANT
+    priority: str = DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -217,14 +221,19 @@ class JobStore:
         provider: str = PROVIDER,
         notify_url: str | None = None,
         retry_of: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        priority: str = DEFAULT_PRIORITY,
     ) -> tuple[str, bool]:
-        """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
+        """Create a ``queued`` record, waiting in its line (:mod:`worker.store.lines`); the
+        schedule hands it out after ``due_in`` seconds if it is still there (its deadline).
 
         Returns ``(owner_job_id, created)``: with an ``idempotency_key`` seen before,
         nothing is written and the earlier job's id comes back; ``created`` is False
         whenever no new record was written (also when ``job_id`` already exists).
         """
-        job = NewJob(job_id, request, idempotency_key, notify_url, provider, retry_of)
+        job = NewJob(
+            job_id, request, idempotency_key, notify_url, provider, retry_of, tenant, priority
+        )
         owner, created = self._create(*self._create_call(job, due_in))
         return decode_text(owner), bool(created)
 
@@ -280,6 +289,8 @@ class JobStore:
             model=upstream_model(job.provider, job.request),
             created_at=0,
             retry_of=job.retry_of,
+            tenant=job.tenant,
+            priority=job.priority,
         )
         fields = record.model_dump(mode="json", exclude={"created_at"})
         fields[REQUEST_FIELD] = job.request
@@ -288,7 +299,8 @@ class JobStore:
         job_keys = [keys.job(job.job_id), keys.SCHEDULE, keys.state_index(JobState.QUEUED)]
         if job.idempotency_key is not None:
             job_keys.append(keys.idempotency(job.idempotency_key))
-        return job_keys, [job.job_id, self.ttl_s, due_in, *_encode(fields)]
+        args = [job.job_id, self.ttl_s, due_in, keys.LINES_PREFIX, *encode_fields(fields)]
+        return job_keys, args
 
     def idempotency_owner(self, key: str) -> str | None:
         """The id of the job ``key`` already names, if any (what ``create`` would answer)."""
@@ -505,7 +517,7 @@ class JobStore:
             "" if due_in is None else max(0.0, due_in),
             self.finished_channel,
             "1" if self.archive else "",
-            *_encode(fields),
+            *encode_fields(fields),
         ]
         return int(self._update(keys=self._finishing_keys(job_id), args=args))
 
@@ -583,7 +595,7 @@ class JobStore:
 
     def end_attempt(self, job_id: str, attempt_id: str, *, unknown: bool, **fields: Any) -> bool:
         """Close an attempt that created no known task; True when it was open and ours."""
-        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *_encode(fields)]
+        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *encode_fields(fields)]
         return int(self._attempt_end(keys=[keys.job(job_id)], args=args)) == 1
 
     def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
@@ -604,7 +616,8 @@ class JobStore:
         """Note that the job waits for ``api_key_id`` (its pause, or its budget)."""
         self.redis.sadd(keys.held(api_key_id), job_id)
 
-    def release_held(self, api_key_id: str, spread_s: float) -> int:
-        """Make the jobs held for the key due, spread over ``spread_s`` seconds."""
-        args = [spread_s, keys.JOB_PREFIX]
+    def release_held(self, api_key_id: str, spread_s: float, deadline_s: float) -> int:
+        """Put the jobs held for the key back in their lines (``deadline_s``: from a job's
+        creation to its submit deadline); any other becomes due within ``spread_s``."""
+        args = [spread_s, keys.JOB_PREFIX, keys.LINES_PREFIX, deadline_s]
         return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=args))
