@@ -292,7 +292,10 @@ class JobStore:
             tenant=job.tenant,
             priority=job.priority,
         )
-        fields = record.model_dump(mode="json", exclude={"created_at"})
+        # Fields still at their defaults are not written (a reader fills them in): a
+        # queued job costs Redis about half the memory.
+        fields = record.model_dump(mode="json", exclude={"created_at"}, exclude_defaults=True)
+        fields.update(job_id=job.job_id, state=JobState.QUEUED.value, provider=job.provider)
         fields[REQUEST_FIELD] = job.request
         if job.notify_url is not None:
             fields[NOTIFY_URL_FIELD] = job.notify_url
