@@ -167,3 +167,34 @@ def test_a_held_job_released_goes_back_in_priority_order(
 
     assert resume_key(svc.store, svc.pause, svc.limiter, svc.api_key_id, 600.0)
     assert pick(svc, 4) == interactive + bulk
+
+
+def test_the_fleet_view_and_metrics_show_each_tenants_line(
+    policy_redis: redis.Redis, upstream: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from prometheus_client import generate_latest
+
+    from producers import fleet
+
+    metrics = importlib.import_module("producers.http.metrics")
+
+    svc = lined(upstream)
+    monkeypatch.setattr(fleet, "services", lambda: svc)
+    monkeypatch.setattr(metrics, "services", lambda: svc)
+    enqueue(svc, "a", "bulk", 3)
+    enqueue(svc, "b", "interactive", 2)
+    assert len(pick(svc, 3)) == 3  # b's two, then one of a's
+    time.sleep(0.05)
+
+    rows = {(r["priority"], r["tenant"]): r for r in fleet.tenant_lines()}
+    assert list(rows) == [("interactive", "b"), ("bulk", "a")]
+    assert rows[("bulk", "a")]["waiting"] == 2 and rows[("bulk", "a")]["oldest_wait_s"] >= 0
+    assert rows[("interactive", "b")]["waiting"] == 0
+    assert rows[("interactive", "b")]["budget_share"] == pytest.approx(2 / 3, abs=0.001)
+    assert rows[("bulk", "a")]["sends_per_minute"] == pytest.approx(1 / fleet.SHARE_MINUTES)
+
+    text = generate_latest(metrics.fleet_registry(svc)).decode()
+    assert 'remixq_tenant_waiting{priority="bulk",provider="kie",tenant="a"} 2.0' in text
+    assert 'remixq_tenant_budget_share{priority="interactive",provider="kie",tenant="b"}' in text
