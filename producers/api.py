@@ -44,6 +44,7 @@ from worker.net import outbound
 from worker.policies import cancelling
 from worker.store.blobs import new_ref
 from worker.store.jobs import NewJob, QueueFull
+from worker.store.lines import backstop_s
 
 logger = logging.getLogger("producers")
 
@@ -252,7 +253,7 @@ def enqueue_validated(payload: dict[str, Any], job: JobOptions) -> tuple[str, bo
     job_id, created = svc.store.create(
         uuid.uuid4().hex,
         payload,
-        due_in=svc.settings.lease_s,
+        due_in=backstop_s(svc.settings),
         idempotency_key=job.idempotency_key,
         notify_url=job.notify_url,
         retry_of=job.retry_of,
@@ -262,7 +263,6 @@ def enqueue_validated(payload: dict[str, Any], job: JobOptions) -> tuple[str, bo
     )
     if created:
         _log_queued(job_id, job.retry_of)
-        _send_first_steps([(job_id, payload)], job.provider)
     return job_id, created
 
 
@@ -295,11 +295,10 @@ def enqueue_many_validated(
         )
         for payload, job in jobs
     ]
-    owners = svc.store.create_many(new, due_in=svc.settings.lease_s, check=check)
+    owners = svc.store.create_many(new, due_in=backstop_s(svc.settings), check=check)
     created = [job for job, (_, fresh) in zip(new, owners, strict=True) if fresh]
     for job in created:
         _log_queued(job.job_id)
-    _send_first_steps([(job.job_id, job.request) for job in created])
     return owners
 
 
@@ -329,28 +328,6 @@ def cancel_job(job_id: str, *, tenant: str | None = None) -> JobRecord:
         with contextlib.suppress(Exception):
             svc.results.store(record)
     return record
-
-
-def _send_first_steps(jobs: Sequence[tuple[str, dict[str, Any]]], provider: str = PROVIDER) -> None:
-    """Publish the first submits; if the broker is away, the schedule sends them instead."""
-    if not jobs:
-        return
-    svc = services()
-    sent = 0
-    try:
-        with svc.publisher.producer() as producer:
-            for job_id, payload in jobs:
-                svc.publisher.submit(
-                    job_id, payload, 0, producer=producer, retry=False, provider=provider
-                )
-                sent += 1
-    except _PUBLISH_ERRORS as exc:
-        unsent = [job_id for job_id, _ in jobs[sent:]]
-        named = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
-        logger.warning("job(s) %s queued; the broker is unavailable (%s), sent later", named, exc)
-        # Still scheduled if this fails too: then they are sent after their lease.
-        with contextlib.suppress(redis.RedisError):
-            svc.store.due_now(unsent)
 
 
 #: The longest ``notify_url`` a job may name.

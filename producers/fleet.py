@@ -11,13 +11,49 @@ from typing import Any
 
 from worker import keys
 from worker.app import services
+from worker.fields import PRIORITIES
 from worker.fleet.dispatcher import queues_without_workers
 from worker.fleet.registry import known_api_keys, limiter_for, pause_for, spend_cap_for
+from worker.models import PROVIDERS
 from worker.policies.gates import resume_key
 from worker.store.publisher import ARCHIVE_QUEUE, NOTIFY_QUEUE, POLL_QUEUE, SUBMIT_QUEUE
 
 #: Where the Redis transport keeps delivered but unacknowledged messages.
 UNACKED_HASH = "unacked"
+#: The sends per minute and the shares of the budget are taken over this many minutes.
+SHARE_MINUTES = 5
+
+
+def tenant_lines() -> list[dict[str, Any]]:
+    """Per provider, priority and tenant: jobs waiting in line, the oldest one's wait,
+    sends per minute and the share of the provider's sends over :data:`SHARE_MINUTES`
+    (highest priority first; tenants with recent sends and none waiting too)."""
+    svc = services()
+    now = svc.clock.now()
+    rows = []
+    for provider in PROVIDERS:
+        waiting = {(v.priority, v.tenant): v for v in svc.lines.view(provider)}
+        picks = svc.lines.picks(provider, SHARE_MINUTES, now)
+        total = sum(picks.values())
+        order = {p: i for i, p in enumerate(PRIORITIES)}
+        for priority, tenant in sorted(
+            set(waiting) | set(picks), key=lambda pt: (order.get(pt[0], len(order)), pt[1])
+        ):
+            line = waiting.get((priority, tenant))
+            oldest = line.oldest_created_at if line else None
+            sent = picks.get((priority, tenant), 0)
+            rows.append(
+                {
+                    "provider": provider,
+                    "priority": priority,
+                    "tenant": tenant,
+                    "waiting": line.waiting if line else 0,
+                    "oldest_wait_s": round(max(0.0, now - oldest), 1) if oldest else 0.0,
+                    "sends_per_minute": round(sent / SHARE_MINUTES, 2),
+                    "budget_share": round(sent / total, 3) if total else 0.0,
+                }
+            )
+    return rows
 
 
 def _jobs_by_state() -> dict[str, int]:
@@ -34,7 +70,7 @@ def _key_status(key_id: str, rate_limit: str) -> dict[str, Any]:
         "key_id": key_id,
         "rate_limit": rate_limit,
         "sent_in_window": usage.used_in_window,
-        "reserved_ahead": usage.reserved_ahead,
+        "granted_unused": usage.granted_unused,
         "blocked_for_s": round(usage.blocked_for, 2),
         "spend": _spend_status(key_id),
         "paused": None
@@ -74,6 +110,7 @@ def fleet_status() -> dict[str, Any]:
         "jobs_by_state": dict(sorted(by_state.items())),
         "in_flight_upstream": by_state.get("submitted", 0) + by_state.get("running", 0),
         "keys": [_key_status(k, limit) for k, limit in sorted(known_api_keys(services()).items())],
+        "lines": tenant_lines(),
         "metrics": svc.metrics.read(),
     }
 
@@ -100,5 +137,6 @@ def resume_submissions() -> list[str]:
             pause_for(services(), key_id),
             limiter_for(services(), key_id, rate_limit),
             key_id,
+            services().settings.remix_submit_deadline_s,
         )
     ]

@@ -8,6 +8,7 @@ looks at the record, the schedule and the sandbox's counters.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,9 +22,14 @@ from sandbox.server import SandboxServer
 from tests import redis_kit
 from tests.helpers import empty_database
 from worker.fields import BlobRef
+from worker.fleet.picker import Picker
+from worker.policies.poll import poll_step
+from worker.policies.submit import submit_step
 from worker.services import Services, build_services
 from worker.settings import Settings
 from worker.store.blobs import new_ref
+from worker.store.jobs import Dispatch
+from worker.store.lines import backstop_s
 
 API_KEY = f"sk-policy-{uuid.uuid4().hex}"
 INPUT = {
@@ -90,10 +96,10 @@ def svc(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
 
 
 def new_job(svc: Services, prompt: str | None = None, **fields: Any) -> tuple[str, str]:
-    """Create a queued job (due at once); returns ``(job_id, prompt)``."""
+    """Create a queued job, waiting in its line; returns ``(job_id, prompt)``."""
     prompt = prompt or f"policy {uuid.uuid4().hex[:10]}"
     job_id = uuid.uuid4().hex
-    svc.store.create(job_id, {"prompt": prompt, **INPUT, **fields}, due_in=0.0)
+    svc.store.create(job_id, {"prompt": prompt, **INPUT, **fields}, due_in=backstop_s(svc.settings))
     return job_id, prompt
 
 
@@ -115,3 +121,61 @@ def accepted(upstream: SandboxServer, prompt: str) -> int:
 
 def sent(upstream: SandboxServer, prompt: str) -> int:
     return int(upstream.stats()["create_requests_by_prompt"].get(prompt, 0))
+
+
+def pick_now(svc: Services, provider: str | None = None) -> list[Dispatch]:
+    """What a dispatcher round does for the lines: send moments of the key's budget go to
+    the next jobs waiting in ``provider``'s lines, which are handed out (not published)."""
+    name = provider or svc.provider
+    waiting = svc.lines.waiting([name])[name]
+    return Picker(svc).pick(name, waiting) if waiting else []
+
+
+def give_moment(svc: Services, provider: str | None = None) -> list[str]:
+    """The ids of the jobs :func:`pick_now` picked."""
+    return [d.job_id for d in pick_now(svc, provider)]
+
+
+def submit_now(svc: Services, job_id: str) -> str:
+    """The job's next submit step as the fleet would run it: with its latest token, and,
+    while it waits in its line, after rounds of the picker gave it a send moment (jobs
+    ahead of it in the lines' order are handed out first, and not run)."""
+    step = submit_step(svc, job_id, token_of(svc, job_id))
+    for _ in range(3):
+        if step != "line" or not _picked(svc, job_id):
+            return step
+        step = submit_step(svc, job_id, token_of(svc, job_id))
+    return step
+
+
+def _picked(svc: Services, job_id: str, rounds: int = 20) -> bool:
+    provider = svc.store.get(job_id).provider  # type: ignore[union-attr]
+    for _ in range(rounds):
+        picked = give_moment(svc, provider)
+        if job_id in picked:
+            return True
+        if not picked:
+            return False
+    return False
+
+
+def run_steps(svc: Services, job_id: str, timeout: float = 15.0) -> list[str]:
+    """Run the job's steps (submit or poll, by its record) as they come due, until it
+    finishes or ``timeout`` passes; returns what each step did."""
+    steps: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = svc.store.get(job_id)
+        assert record is not None
+        if record.finished:
+            return steps
+        if not record.upstream_task_id and svc.store.get_internal(job_id, "_line"):
+            steps.append(submit_now(svc, job_id))  # waits in line: a send moment comes
+            continue
+        due = svc.store.scheduled(job_id)
+        if due is not None and due > svc.clock.now():
+            time.sleep(min(0.2, due - svc.clock.now()))
+            continue
+        step = poll_step if record.upstream_task_id else submit_step
+        steps.append(step(svc, job_id, token_of(svc, job_id)))
+    return steps

@@ -67,7 +67,7 @@ def test_a_job_does_not_upload_reference_files_the_model_never_uses(svc, upstrea
     Upload API in one submit step (each one a request that may be rate-limited, each up
     to the request deadline, all before the attempt) for 39 images nobody uses."""
     from sandbox.images import render_png
-    from tests.policy_kit import stored_ref, token_of
+    from tests.policy_kit import stored_ref, submit_now
 
     refs = [
         stored_ref(svc, render_png(f"ref{n}", n, f"ref {n}", "square"), f"ref{n}.png").model_dump()
@@ -86,9 +86,7 @@ def test_a_job_does_not_upload_reference_files_the_model_never_uses(svc, upstrea
         validate_request(request)  # what a producer meets before anything is written
     svc.store.create(job_id, request, due_in=0.0)  # a Celery-protocol producer's message
 
-    from worker.policies.submit import submit_step
-
-    step = submit_step(svc, job_id, token_of(svc, job_id))
+    step = submit_now(svc, job_id)
 
     uploaded = int(upstream.stats()["upload_requests"])
     assert uploaded <= 2, (

@@ -11,17 +11,16 @@ import redis
 
 from sandbox.server import SandboxServer
 from tests import redis_kit
-from tests.policy_kit import accepted, make_services, new_job, token_of
+from tests.policy_kit import accepted, make_services, new_job, submit_now
 from worker import keys
 from worker.policies import cancelling
-from worker.policies.submit import submit_step
 from worker.store.jobs import SPEND_FIELD
 
 pytestmark = pytest.mark.integration
 
 
 def _step(svc, job_id: str) -> str:
-    return submit_step(svc, job_id, token_of(svc, job_id))
+    return submit_now(svc, job_id)
 
 
 def test_cancel_of_a_job_holding_a_spend_reservation_gives_it_back(

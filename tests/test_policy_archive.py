@@ -23,7 +23,7 @@ import requests
 from sandbox.server import SandboxServer
 from tests.helpers import redis_value, wait_until
 from tests.moto_kit import AWS_TEST_ENV, S3Server, moto_s3
-from tests.policy_kit import INPUT, make_services, token_of
+from tests.policy_kit import INPUT, make_services, submit_now, token_of
 from tests.webhook_receiver import WebhookReceiver, receiver
 from worker import keys
 from worker.fleet.dispatcher import Dispatcher
@@ -31,7 +31,6 @@ from worker.models import JobRecord, JobState
 from worker.policies.archive import archive_step
 from worker.policies.notify import notify_step
 from worker.policies.poll import poll_step
-from worker.policies.submit import submit_step
 from worker.services import Services
 from worker.store.archive import ArchiveDispatch, archive_schedule
 from worker.store.notify import notify_store
@@ -73,7 +72,7 @@ def succeeded_job(
     job_id = job_id or uuid.uuid4().hex
     request = {"prompt": f"archive {job_id[:8]}", **INPUT, "num_images": str(num_images)}
     svc.store.create(job_id, request, due_in=0.0, **create)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     def finished() -> bool:
         poll_step(svc, job_id, token_of(svc, job_id))

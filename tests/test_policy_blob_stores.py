@@ -23,8 +23,7 @@ from sandbox.images import render_png
 from sandbox.launch import LOOPBACK, ManagedProcess, free_port
 from sandbox.server import SandboxServer
 from tests.helpers import wait_until
-from tests.policy_kit import make_services, stored_ref
-from worker.policies.submit import submit_step
+from tests.policy_kit import make_services, stored_ref, submit_now
 from worker.store.blobs import BlobMissing, BlobStoreError, FileBlobStore, new_ref
 from worker.store.blobs_s3 import S3BlobStore
 
@@ -140,7 +139,7 @@ def test_the_submit_step_uploads_from_any_store(
     }
     svc.store.create(job_id, request_fields, due_in=0.0)
 
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert upstream.stats()["upload_requests"] == 1
     assert policy_redis.keys("remixq:blob:*") == []

@@ -26,13 +26,13 @@ from producers.http.metrics import PROCESS_COUNTERS
 from sandbox.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signature
 from sandbox.launch import free_port, start_redis
 from sandbox.server import SandboxServer
-from tests.policy_kit import INPUT, accepted, make_services, new_job, sent, token_of
+from tests.policy_kit import INPUT, accepted, make_services, new_job, sent, submit_now, token_of
 from worker import keys
 from worker.models import JobRecord, JobState
 from worker.policies import submit as submit_policy
 from worker.policies.callbacks import CLOCK_SKEW_S, CallbackRefused, signature_for, verify
 from worker.policies.poll import poll_step
-from worker.policies.submit import record_acceptance, submit_step
+from worker.policies.submit import record_acceptance
 from worker.services import Services
 from worker.store.jobs import JobStore
 from worker.upstreams.errors import ValidationFailedError
@@ -113,7 +113,7 @@ def call(
 def submitted_job(svc: Services, label: str = "cb") -> tuple[str, str]:
     """A job accepted upstream by one submit step; ``(job_id, task_id)``."""
     job_id, _ = new_job(svc, prompt=f"{label} {uuid.uuid4().hex[:10]}")
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     record = svc.store.get(job_id)
     assert record is not None and record.upstream_task_id
     return job_id, record.upstream_task_id
@@ -446,7 +446,7 @@ def test_a_task_whose_worker_died_mid_create_task_is_adopted(
     assert cb.store.job_for_task(task_id) == job_id
     assert cb.store.scheduled(job_id) is None
     assert record_infos(upstream) == 1  # the one confirmation
-    assert submit_step(cb, job_id, token_of(cb, job_id)) == "finished"
+    assert submit_now(cb, job_id) == "finished"
 
 
 def test_a_task_whose_answer_was_lost_is_adopted_and_not_flagged_as_paid_twice(
@@ -557,7 +557,7 @@ def test_a_task_arriving_after_a_resubmit_is_recorded_as_a_second_charge(
         kie_webhook_hmac_key=HMAC_KEY,
         remix_callback_wait_s=0.0,
     )
-    assert submit_step(no_wait, job_id, token_of(cb, job_id)) == "accepted"
+    assert submit_now(no_wait, job_id) == "accepted"
     second_task = record(cb, job_id).upstream_task_id
     assert second_task and second_task != first_task and record(cb, job_id).possibly_paid_twice
     assert call(cb, second_task) == 200
@@ -602,7 +602,7 @@ def test_after_a_lost_answer_the_job_waits_for_a_callback_instead_of_sending_aga
     assert cb.store.end_attempt(job_id, attempt, unknown=True)
     prompt = json.loads(cb.store.redis.hget(keys.job(job_id), "_request"))["prompt"]
 
-    assert submit_step(cb, job_id, token_of(cb, job_id)) == "await_callback"
+    assert submit_now(cb, job_id) == "await_callback"
 
     assert sent(upstream, prompt) == 1
     due = cb.store.scheduled(job_id)
@@ -619,7 +619,7 @@ def test_with_callbacks_off_a_lost_answer_is_sent_again_at_once(
     assert svc.store.begin_attempt(job_id, attempt, svc.settings.attempt_settle_s).status == "ok"
     assert svc.store.end_attempt(job_id, attempt, unknown=True)
 
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert record(svc, job_id).possibly_paid_twice
 
@@ -933,7 +933,7 @@ def confirming(policy_redis: redis.Redis, upstream: SandboxServer) -> Services:
 def instant_job(svc: Services) -> tuple[str, str]:
     """A job accepted upstream whose generation is over at once; ``(job_id, task_id)``."""
     job_id, _ = new_job(svc, prompt=f"confirm {uuid.uuid4().hex[:10]} {INSTANT}")
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     task_id = record(svc, job_id).upstream_task_id
     assert task_id
     return job_id, task_id

@@ -19,13 +19,12 @@ import requests
 
 from sandbox.images import render_png
 from sandbox.server import SandboxServer
-from tests.policy_kit import make_services, stored_ref, token_of
+from tests.policy_kit import make_services, stored_ref, submit_now
 from worker import keys
 from worker.fields import BlobRef
 from worker.models import JobState
 from worker.policies import cancelling
 from worker.policies.outcome import fail_job
-from worker.policies.submit import submit_step
 from worker.services import Services
 from worker.store.blobs import BlobMissing, BlobStoreFull, RedisBlobStore, new_ref
 from worker.store.jobs import UPLOADS_FIELD
@@ -76,7 +75,7 @@ def test_a_file_is_uploaded_then_its_url_is_sent(svc: Services, upstream: Sandbo
         svc, ref, reference_image_files=[stored_ref(svc, png("r"), "r.png").model_dump()]
     )
 
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     task_input = sent_input(upstream, svc, job_id)
     assert uploads(upstream) == [
@@ -98,7 +97,7 @@ def test_an_upload_answered_500_is_retried_later_without_a_create_task(
     upstream.configure(faults={500: 1.0}, fault_endpoints=["upload"])
     job_id, _ = file_job(svc, stored_ref(svc, png("retry-500")))
 
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
 
     stats = upstream.stats()
     assert stats["upload_by_code"] == {"500": 1} and stats["create_requests"] == 0
@@ -107,7 +106,7 @@ def test_an_upload_answered_500_is_retried_later_without_a_create_task(
     record = svc.store.get(job_id)
     assert record is not None and record.submit_attempts == 0 and record.state is JobState.QUEUED
     upstream.configure(faults={})
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     assert len(uploads(upstream)) == 1
 
 
@@ -115,10 +114,10 @@ def test_a_create_task_retry_does_not_upload_again(svc: Services, upstream: Sand
     upstream.configure(faults={500: 1.0}, fault_endpoints=["createTask"])
     job_id, _ = file_job(svc, stored_ref(svc, png("no-reupload")))
 
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     first_url = svc.store.get_internal(job_id, UPLOADS_FIELD)
     upstream.configure(faults={})
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert upstream.stats()["upload_requests"] == 1
     assert svc.store.get_internal(job_id, UPLOADS_FIELD) == first_url
@@ -135,7 +134,7 @@ def test_a_file_uploaded_nearly_three_days_ago_is_uploaded_again(
     }
     svc.store.set_internal(job_id, UPLOADS_FIELD, {ref.blob: old})
 
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert upstream.stats()["upload_requests"] == 1
     assert sent_input(upstream, svc, job_id)["image_url"].startswith(upstream.url + "/uploads/")
@@ -149,7 +148,7 @@ def test_a_fresh_upload_is_reused(svc: Services, upstream: SandboxServer) -> Non
         job_id, UPLOADS_FIELD, {ref.blob: {"url": url, "uploaded_at": svc.clock.now() - 3600}}
     )
 
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert upstream.stats()["upload_requests"] == 0
     assert sent_input(upstream, svc, job_id)["image_url"] == url
@@ -159,7 +158,7 @@ def test_a_missing_blob_fails_the_job_with_one_line(svc: Services, upstream: San
     ref = new_ref(png("never-stored"), "image/png", "gone.png")
     job_id, _ = file_job(svc, ref)
 
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
 
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "image_missing"
@@ -173,7 +172,7 @@ def test_an_upload_in_maintenance_holds_the_job_without_pausing_create_task(
     upstream.configure(faults={455: 1.0}, fault_endpoints=["upload"])
     job_ids = [file_job(svc, stored_ref(svc, png(f"maint-{i}")))[0] for i in range(4)]
 
-    assert [submit_step(svc, job_id, 0) for job_id in job_ids] == ["held"] * 4
+    assert [submit_now(svc, job_id) for job_id in job_ids] == ["held"] * 4
 
     assert svc.pause.state() is None
     assert all(svc.store.get_internal(j, "_retries") is None for j in job_ids)
@@ -246,7 +245,7 @@ def test_an_upload_refused_401_fails_the_job_without_a_create_task(
     svc = make_services(upstream.url, kie_api_key="sk-not-the-sandbox-key")
     job_id, _ = file_job(svc, stored_ref(svc, png("upload-401")))
 
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
 
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "401"

@@ -20,7 +20,7 @@ import redis
 from sandbox.launch import free_port
 from sandbox.server import SandboxServer
 from tests.helpers import start_snapshot_redis
-from tests.policy_kit import make_services, new_job, token_of
+from tests.policy_kit import make_services, new_job, pick_now, token_of
 from worker.fleet.dispatcher import Dispatcher, DispatcherThread
 from worker.services import Services
 from worker.store.publisher import SUBMIT_QUEUE
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.policy
 def hand_out(svc: Services) -> tuple[str, float]:
     """A queued job whose first message was handed out; returns (job id, hand-out time)."""
     job_id, _ = new_job(svc)
-    (claimed,) = svc.store.claim_due(10, svc.settings.lease_s)
+    (claimed,) = pick_now(svc)
     assert claimed.job_id == job_id
     return job_id, float(svc.store.get_internal(job_id, "_dispatched_at"))
 
@@ -196,9 +196,9 @@ def test_a_reconnection_leaves_jobs_handed_out_after_the_connection_was_lost(
 
 def test_the_schedule_is_read_page_by_page(svc: Services) -> None:
     stranded = [new_job(svc)[0] for _ in range(5)]
-    svc.store.claim_due(10, svc.settings.lease_s)
+    assert len(pick_now(svc)) == len(stranded)
     began = [new_job(svc)[0] for _ in range(3)]
-    for claimed in svc.store.claim_due(10, svc.settings.lease_s):
+    for claimed in pick_now(svc):
         assert svc.store.begin(claimed.job_id, claimed.token, svc.settings.lease_s)[0] == "ok"
 
     assert svc.store.resend_stranded(svc.settings.lease_s, page=2) == len(stranded)

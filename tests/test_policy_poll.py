@@ -9,7 +9,15 @@ import redis
 from celery import Celery
 
 from sandbox.server import SandboxServer
-from tests.policy_kit import API_KEY, accepted, make_services, new_job, token_of
+from tests.policy_kit import (
+    API_KEY,
+    accepted,
+    give_moment,
+    make_services,
+    new_job,
+    submit_now,
+    token_of,
+)
 from worker import keys
 from worker.fleet.dispatcher import POLL_BATCH_SIZE, Dispatcher
 from worker.models import JobState
@@ -22,7 +30,7 @@ pytestmark = pytest.mark.policy
 
 def _accepted_job(svc: Services, prompt: str | None = None) -> str:
     job_id, _ = new_job(svc, prompt)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     return job_id
 
 
@@ -140,6 +148,7 @@ def test_a_scheduled_job_without_a_record_is_dropped_without_a_trace(svc: Servic
 
 def test_claiming_hands_out_tokens_and_a_lease(svc: Services) -> None:
     job_id, _ = new_job(svc)
+    svc.store.update(job_id, due_in=0)
     (claimed,) = svc.store.claim_due(10, 30)
     assert (claimed.job_id, claimed.token, claimed.phase) == (job_id, 1, "submit")
     assert claimed.request["prompt"]
@@ -217,7 +226,8 @@ def test_a_broker_that_refuses_fails_no_job_and_leaves_them_due(svc: Services) -
 def test_enqueue_with_the_broker_down_queues_the_job_durably(
     policy_redis: redis.Redis, upstream: SandboxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The broker is away but the job store answers: the call succeeds, the schedule has it."""
+    """The broker is away but the job store answers: the call succeeds, the job waits in
+    its line (no message is sent before a send moment picks it)."""
     from producers import api as producer_api
 
     svc = make_services(upstream.url)
@@ -232,8 +242,8 @@ def test_enqueue_with_the_broker_down_queues_the_job_durably(
     )
 
     assert svc.store.get(job_id) is not None
-    due = svc.store.scheduled(job_id)
-    assert due is not None and due <= svc.clock.now() + 0.1
+    assert svc.lines.waiting(["kie"]) == {"kie": 1}
+    assert svc.store.scheduled(job_id) is not None  # the backstop at its submit deadline
 
 
 def test_enqueue_with_the_job_store_down_raises_and_writes_nothing(
@@ -258,14 +268,22 @@ def test_the_upstream_accepts_each_job_once_across_steps(
     svc: Services, upstream: SandboxServer
 ) -> None:
     job_id, prompt = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     # A duplicate of the first message and a re-dispatch both arrive later.
-    assert submit_step(svc, job_id, 0) == "has_task"
+    assert submit_now(svc, job_id) == "has_task"
     svc.store.update(job_id, due_in=0)
     (claimed,) = svc.store.claim_due(10, 30)
     assert claimed.phase == "poll"
     assert submit_step(svc, job_id, claimed.token) == "has_task"
     assert accepted(upstream, prompt) == 1
+
+
+def handed_out(svc: Services) -> str:
+    """A new job picked for a send moment (its message is on its way), due again now."""
+    job_id, _ = new_job(svc)
+    assert give_moment(svc) == [job_id]
+    svc.store.update(job_id, due_in=0)
+    return job_id
 
 
 def _oldest_waiting(svc: Services, seconds_ago: float) -> float:
@@ -275,22 +293,22 @@ def _oldest_waiting(svc: Services, seconds_ago: float) -> float:
 
 def test_a_job_whose_message_waits_in_a_backlog_is_not_sent_again(svc: Services) -> None:
     """Its lease ran out while its message still waits in a long queue: no second copy."""
-    job_id, _ = new_job(svc)  # due at once, as if its first message had been waiting a lease
+    job_id = handed_out(svc)  # due at once, as if its message had been waiting a lease
     waiting_since = _oldest_waiting(svc, 60)  # the queue's head was sent before this job
 
     assert svc.store.claim_due(10, 30, oldest_waiting={"submit": waiting_since}) == []
     due = svc.store.scheduled(job_id)
     assert due is not None and due > svc.clock.now() + 29
-    assert token_of(svc, job_id) == 0  # the waiting message is still the one that counts
+    assert token_of(svc, job_id) == 1  # the waiting message is still the one that counts
 
 
 def test_a_lost_message_is_sent_again_although_newer_ones_wait(svc: Services) -> None:
     """Every message still waiting was sent after the job's: the job's message is gone."""
-    job_id, _ = new_job(svc)
+    job_id = handed_out(svc)
     waiting_since = svc.clock.now() + 10  # the queue's head is younger than the job's dispatch
 
     (claimed,) = svc.store.claim_due(10, 30, oldest_waiting={"submit": waiting_since})
-    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 1, True)
+    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 2, True)
 
 
 def test_a_job_made_due_by_its_own_step_is_sent_despite_a_backlog(svc: Services) -> None:
@@ -316,17 +334,17 @@ def test_a_job_whose_send_failed_is_sent_despite_a_backlog(svc: Services) -> Non
 
 
 def test_a_job_whose_message_was_lost_is_sent_again_and_counted(svc: Services) -> None:
-    job_id, _ = new_job(svc)
+    job_id = handed_out(svc)
     (claimed,) = svc.store.claim_due(10, 30)  # no backlog: the message is gone
-    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 1, True)
+    assert (claimed.job_id, claimed.token, claimed.resent) == (job_id, 2, True)
 
 
 def test_a_job_whose_step_began_but_never_parked_is_sent_again_despite_a_backlog(
     svc: Services,
 ) -> None:
     """Its worker was killed mid-step: waiting for a queue to drain would not help."""
-    job_id, _ = new_job(svc)
-    assert svc.store.begin(job_id, 0, 0.0)[0] == "ok"  # began; the lease ends at once
+    job_id = handed_out(svc)
+    assert svc.store.begin(job_id, 1, 0.0)[0] == "ok"  # began; the lease ends at once
 
     (claimed,) = svc.store.claim_due(10, 30, oldest_waiting={"submit": _oldest_waiting(svc, 60)})
     assert claimed.job_id == job_id and claimed.resent

@@ -18,12 +18,11 @@ import requests
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
-from tests.policy_kit import API_KEY, make_services, new_job, sent, token_of
+from tests.policy_kit import API_KEY, make_services, new_job, run_steps, sent, submit_now, token_of
 from tests.relay_kit import RELAY, RELAY_API_KEY, new_relay_job
 from worker import keys
 from worker.models import JobState
 from worker.policies.poll import poll_step
-from worker.policies.submit import submit_step
 from worker.services import Services
 from worker.store.blobs import put
 from worker.upstreams.errors import UnexpectedCodeError
@@ -72,21 +71,12 @@ def open_attempt(svc: Services, job_id: str) -> str:
 
 
 def run_until_finished(svc: Services, job_id: str, timeout: float = 20.0) -> list[str]:
-    """Run the job's steps (submit or poll, by its record) until it finishes."""
-    steps: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = svc.store.get(job_id)
-        assert record is not None
-        if record.finished:
-            return steps
-        due = svc.store.scheduled(job_id)
-        if due is not None and due > svc.clock.now():
-            time.sleep(min(0.2, due - svc.clock.now()))
-            continue
-        step = poll_step if record.upstream_task_id else submit_step
-        steps.append(step(svc, job_id, token_of(svc, job_id)))
-    raise AssertionError(f"job {job_id} not finished after {timeout}s: {steps}")
+    """Run the job's steps until it finishes; fails the test when it does not in time."""
+    steps = run_steps(svc, job_id, timeout)
+    record = svc.store.get(job_id)
+    if record is None or not record.finished:
+        raise AssertionError(f"job {job_id} not finished after {timeout}s: {steps}")
+    return steps
 
 
 def test_a_sync_answer_finishes_the_job_in_the_submit_step(
@@ -95,7 +85,7 @@ def test_a_sync_answer_finishes_the_job_in_the_submit_step(
     prompt = "café ☕ 夜の街 50% & more"
     job_id, _ = new_relay_job(rsvc, prompt, num_images=2, style_type="ANIME")
 
-    assert submit_step(rsvc, job_id, 0) == "succeeded"
+    assert submit_now(rsvc, job_id) == "succeeded"
 
     record = rsvc.store.get(job_id)
     assert record is not None and record.state is JobState.SUCCEEDED
@@ -119,7 +109,7 @@ def test_an_async_answer_is_polled_at_the_status_endpoint(
     relay_upstream.configure(relay_mode="async", generation_seconds=0.6)
     job_id, _ = new_relay_job(rsvc)
 
-    assert submit_step(rsvc, job_id, 0) == "accepted"
+    assert submit_now(rsvc, job_id) == "accepted"
     record = rsvc.store.get(job_id)
     assert record is not None and record.state is JobState.SUBMITTED
     assert record.upstream_task_id and not record.upstream_task_id.startswith("sync-")
@@ -151,7 +141,7 @@ def test_429_and_500_are_retried_with_backoff(
     relay_upstream.configure(faults={code: 1.0}, fault_endpoints=["remix"])
     job_id, prompt = new_relay_job(rsvc)
 
-    assert submit_step(rsvc, job_id, 0) == "retry"
+    assert submit_now(rsvc, job_id) == "retry"
     assert rsvc.store.get_internal(job_id, "_retries") == 1
     due = rsvc.store.scheduled(job_id)
     assert due is not None and due > rsvc.clock.now() - 0.01
@@ -171,7 +161,7 @@ def test_a_relay_455_pauses_the_relay_key_only(
     relay_upstream.configure(faults={455: 1.0}, fault_endpoints=["remix"])
     for _ in range(3):
         job_id, _ = new_relay_job(rsvc)
-        assert submit_step(rsvc, job_id, 0) == "held"
+        assert submit_now(rsvc, job_id) == "held"
 
     relay = rsvc.for_provider(RELAY)
     state = relay.pause.state()
@@ -179,11 +169,11 @@ def test_a_relay_455_pauses_the_relay_key_only(
     assert rsvc.pause.state() is None and relay.api_key_id != rsvc.api_key_id
 
     kie_job, kie_prompt = new_job(rsvc)
-    assert submit_step(rsvc, kie_job, 0) == "accepted"
+    assert submit_now(rsvc, kie_job) == "accepted"
     assert sent(relay_upstream, kie_prompt) == 1
 
     waiting, prompt = new_relay_job(rsvc)
-    assert submit_step(rsvc, waiting, 0) == "pause"
+    assert submit_now(rsvc, waiting) == "pause"
     assert relay_sent(relay_upstream, prompt) == 0
 
 
@@ -195,19 +185,19 @@ def test_a_relay_pause_is_probed_at_the_relay_and_ends_when_it_answers(
     relay_upstream.configure(faults={455: 1.0}, fault_endpoints=["remix", "remixStatus"])
     time.sleep(rsvc.settings.remix_pause_probe_s + 0.1)
     job_id, prompt = new_relay_job(rsvc)
-    assert submit_step(rsvc, job_id, 0) == "pause"  # the probe got 455 too
+    assert submit_now(rsvc, job_id) == "pause"  # the probe got 455 too
     assert relay_stats(relay_upstream)["relay_status_requests"] == 1
 
     relay_upstream.configure(faults={})
     time.sleep(2 * rsvc.settings.remix_pause_probe_s + 0.1)
-    assert submit_step(rsvc, job_id, token_of(rsvc, job_id)) == "succeeded"
+    assert submit_now(rsvc, job_id) == "succeeded"
     assert relay.pause.state() is None and relay_sent(relay_upstream, prompt) == 1
 
 
 def test_a_kie_455_does_not_pause_relay_jobs(rsvc: Services, relay_upstream: SandboxServer) -> None:
     assert rsvc.pause.trip("455", "maintenance")
     job_id, _ = new_relay_job(rsvc)
-    assert submit_step(rsvc, job_id, 0) == "succeeded"
+    assert submit_now(rsvc, job_id) == "succeeded"
 
 
 def test_a_sync_read_timeout_fails_unknown_outcome_after_one_request(
@@ -218,12 +208,12 @@ def test_a_sync_read_timeout_fails_unknown_outcome_after_one_request(
     )
     job_id, prompt = new_relay_job(svc, "[sandbox:seconds=2] slow generation")
 
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
 
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "unknown_outcome"
     assert record.unknown_outcomes == 1 and "submit it again" in (record.fail_msg or "")
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "finished"
+    assert submit_now(svc, job_id) == "finished"
     time.sleep(2.0)  # the relay finishes generating; nothing is sent again
     assert relay_sent(relay_upstream, prompt) == 1
 
@@ -235,7 +225,7 @@ def test_a_lost_earlier_attempt_is_not_sent_again(
     attempt = open_attempt(rsvc, job_id)
     rsvc.store.end_attempt(job_id, attempt, unknown=True)  # a worker died mid-request
 
-    assert submit_step(rsvc, job_id, 0) == "failed"
+    assert submit_now(rsvc, job_id) == "failed"
     record = rsvc.store.get(job_id)
     assert record is not None and record.fail_code == "unknown_outcome"
     assert relay_sent(relay_upstream, prompt) == 0
@@ -243,7 +233,7 @@ def test_a_lost_earlier_attempt_is_not_sent_again(
 
 def test_422_fails_the_job_for_good(rsvc: Services, relay_upstream: SandboxServer) -> None:
     job_id, prompt = new_relay_job(rsvc, "[sandbox:create=422] unsafe")
-    assert submit_step(rsvc, job_id, 0) == "failed"
+    assert submit_now(rsvc, job_id) == "failed"
     record = rsvc.store.get(job_id)
     assert record is not None and record.fail_code == "422"
     assert relay_sent(relay_upstream, prompt) == 1
@@ -267,7 +257,7 @@ def test_a_relay_job_on_a_worker_without_relay_settings_fails(
 ) -> None:
     svc = make_services(relay_upstream.url)
     job_id, prompt = new_relay_job(svc)
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "provider_not_configured"
     assert "IDEOGRAM_API_KEY" in (record.fail_msg or "")
@@ -279,7 +269,7 @@ def test_a_kie_job_on_a_relay_only_worker_fails(
 ) -> None:
     svc = relay_services(relay_upstream, kie_api_key=None)
     job_id, prompt = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "provider_not_configured"
     assert sent(relay_upstream, prompt) == 0
@@ -291,7 +281,7 @@ def test_a_missing_image_fails_the_job_with_one_line(
     job_id, prompt = new_relay_job(rsvc)
     request = rsvc.store.get_internal(job_id, "_request")
     rsvc.store.redis.delete(keys.blob(request["image_file"]["blob"]))
-    assert submit_step(rsvc, job_id, 0) == "failed"
+    assert submit_now(rsvc, job_id) == "failed"
     record = rsvc.store.get(job_id)
     assert record is not None and record.fail_code == "image_missing"
     assert "\n" not in (record.fail_msg or "") and "no longer stored" in (record.fail_msg or "")
@@ -319,7 +309,7 @@ def test_relay_jobs_are_polled_normally_when_kie_callbacks_are_on(
     svc = relay_services(relay_upstream, kie_callback_url="http://127.0.0.1:9/callback")
     relay_upstream.configure(relay_mode="async")
     job_id, _ = new_relay_job(svc)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     due = svc.store.scheduled(job_id)
     initial = svc.settings.remix_poll_initial_s
     assert due is not None and due <= svc.clock.now() + initial + 0.1

@@ -15,9 +15,11 @@ import redis
 from sandbox.server import SandboxServer
 from tests.policy_kit import (
     accepted,
+    give_moment,
     make_services,
     new_job,
     sent,
+    submit_now,
     token_of,
 )
 from worker.models import JobState
@@ -32,7 +34,7 @@ def test_one_step_sends_once_and_schedules_the_first_poll(
 ) -> None:
     job_id, prompt = new_job(svc)
 
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     record = svc.store.get(job_id)
     assert record is not None and record.state is JobState.SUBMITTED
@@ -45,28 +47,30 @@ def test_one_step_sends_once_and_schedules_the_first_poll(
 
 def test_a_stale_message_does_nothing(svc: Services, upstream: SandboxServer) -> None:
     job_id, prompt = new_job(svc)
-    svc.store.claim_due(10, 30)  # the schedule re-sent the job: token 1
+    assert give_moment(svc) == [job_id]  # the job was handed out: token 1
 
     assert submit_step(svc, job_id, 0) == "stale"
     assert sent(upstream, prompt) == 0
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
 
 def test_two_copies_of_one_message_in_flight_send_once(
     svc: Services, upstream: SandboxServer
 ) -> None:
-    """A redelivered message and its original run at once; the attempt lets one through."""
+    """A redelivered message and its original run at once; the attempt lets one through
+    (the copy that finds the moment used goes back to the line, or meets the attempt)."""
     upstream.configure(slow_rate=1.0, slow_seconds=0.5, fault_endpoints=["createTask"])
     job_id, prompt = new_job(svc)
     results: list[str] = []
-    copies = [threading.Thread(target=lambda: results.append(submit_step(svc, job_id, 0)))]
-    copies.append(threading.Thread(target=lambda: results.append(submit_step(svc, job_id, 0))))
+    copies = [threading.Thread(target=lambda: results.append(submit_now(svc, job_id)))]
+    copies.append(threading.Thread(target=lambda: results.append(submit_now(svc, job_id))))
     for copy in copies:
         copy.start()
     for copy in copies:
         copy.join(10)
 
-    assert sorted(results) == ["accepted", "attempt_open"]
+    assert sorted(results)[0] == "accepted"
+    assert sorted(results)[1] in ("attempt_open", "budget", "line")
     assert (sent(upstream, prompt), accepted(upstream, prompt)) == (1, 1)
     assert svc.store.get(job_id).submit_attempts == 1  # type: ignore[union-attr]
 
@@ -101,12 +105,12 @@ def test_an_attempt_that_never_recorded_its_outcome_is_counted_and_flags_a_resen
     job_id, prompt = new_job(svc)
     assert svc.store.begin_attempt(job_id, "dead-worker", 60).status == "ok"
 
-    assert submit_step(svc, job_id, 0) == "attempt_open"
+    assert submit_now(svc, job_id) == "attempt_open"
     assert sent(upstream, prompt) == 0
     svc.store.redis.hset(f"remixq:job:{job_id}", "attempt_started_at", "1")  # long ago
     svc.store.update(job_id, token=token_of(svc, job_id), due_in=0)
 
-    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     record = svc.store.get(job_id)
     assert record is not None
     assert record.unknown_outcomes == 1 and record.possibly_paid_twice
@@ -120,14 +124,14 @@ def test_a_cut_answer_is_an_unknown_outcome_and_the_resend_is_flagged(
     upstream.configure(cut_rate=1.0, fault_endpoints=["createTask"])
     job_id, prompt = new_job(svc)
 
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     record = svc.store.get(job_id)
     assert record is not None and record.state is JobState.QUEUED
     assert record.unknown_outcomes == 1 and record.attempt_started_at is None
     assert upstream.stats()["ambiguous_by_prompt"] == {prompt: 1}
 
     upstream.configure(cut_rate=0.0)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     record = svc.store.get(job_id)
     assert record is not None and record.possibly_paid_twice
     assert accepted(upstream, prompt) == 2  # the upstream did charge twice, and we say so
@@ -136,7 +140,7 @@ def test_a_cut_answer_is_an_unknown_outcome_and_the_resend_is_flagged(
 def test_accept_then_drop_is_an_unknown_outcome(svc: Services, upstream: SandboxServer) -> None:
     upstream.configure(drop_rate=1.0)
     job_id, prompt = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     assert svc.store.get(job_id).unknown_outcomes == 1  # type: ignore[union-attr]
     assert upstream.stats()["ambiguous_by_prompt"] == {prompt: 1}
 
@@ -144,7 +148,7 @@ def test_accept_then_drop_is_an_unknown_outcome(svc: Services, upstream: Sandbox
 def test_a_connection_refused_is_not_an_unknown_outcome(policy_redis: redis.Redis) -> None:
     svc = make_services("http://127.0.0.1:9")  # nothing listens on the discard port
     job_id, _ = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     record = svc.store.get(job_id)
     assert record is not None and record.unknown_outcomes == 0 and record.submit_attempts == 1
 
@@ -158,7 +162,7 @@ def test_a_trickling_answer_ends_at_the_request_deadline(
     job_id, _ = new_job(svc)
     started = time.monotonic()
 
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
 
     assert time.monotonic() - started < 1.5 + 1.0
     record = svc.store.get(job_id)
@@ -171,7 +175,7 @@ def test_a_permanent_code_fails_after_one_request(
     svc: Services, upstream: SandboxServer, code: int
 ) -> None:
     job_id, prompt = new_job(svc, f"[sandbox:create={code}] permanent")
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == str(code)
     assert svc.store.scheduled(job_id) is None
@@ -193,7 +197,7 @@ def test_a_non_json_answer_acts_by_its_http_status(
 ) -> None:
     upstream.configure(fault_style=style)
     job_id, _ = new_job(svc, f"[sandbox:create={code}] page")
-    assert submit_step(svc, job_id, 0) == expected
+    assert submit_now(svc, job_id) == expected
     record = svc.store.get(job_id)
     assert record is not None
     if expected == "held":  # a whole-key answer spends no retry
@@ -207,13 +211,13 @@ def test_a_stray_455_defers_its_job_and_three_in_a_row_pause_the_key(
     svc: Services, upstream: SandboxServer
 ) -> None:
     first, _ = new_job(svc, "[sandbox:create=455] stray")
-    assert submit_step(svc, first, 0) == "held"
+    assert submit_now(svc, first) == "held"
     assert svc.pause.state() is None
     assert not svc.store.get_internal(first, "_retries")
 
     for _ in range(2):
         job_id, _ = new_job(svc, "[sandbox:create=455] again")
-        submit_step(svc, job_id, 0)
+        submit_now(svc, job_id)
 
     state = svc.pause.state()
     assert state is not None and state.reason == "455"
@@ -226,7 +230,7 @@ def test_a_huge_retry_after_is_capped_and_resume_clears_it(
 
     upstream.configure(faults={429: 1.0}, retry_after="86400", fault_endpoints=["createTask"])
     job_id, _ = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     blocked_for = svc.limiter.usage().blocked_for
     assert 0 < blocked_for <= MAX_BLOCK_S
 
@@ -239,7 +243,7 @@ def test_infinite_retry_after_does_not_crash_the_step(
 ) -> None:
     upstream.configure(faults={429: 1.0}, retry_after="inf", fault_endpoints=["createTask"])
     job_id, _ = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
 
 
 def test_a_probe_does_not_erase_an_operator_pause_set_meanwhile(svc: Services) -> None:
@@ -258,15 +262,15 @@ def test_a_job_held_by_a_pause_is_woken_when_the_pause_ends(
 ) -> None:
     svc.pause.pause_by_operator("hold")
     job_id, prompt = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "pause"
+    assert submit_now(svc, job_id) == "pause"
     due = svc.store.scheduled(job_id)
     assert due is not None and due > svc.clock.now() + 30
 
     svc.pause.resume()
-    assert svc.store.release_held(svc.api_key_id, 0.0) == 1
-    due = svc.store.scheduled(job_id)
-    assert due is not None and due <= svc.clock.now() + 0.1
+    assert svc.store.release_held(svc.api_key_id, 0.0, 600.0) == 1
+    assert svc.store.get_internal(job_id, "_line") is not None  # back in its line
     assert sent(upstream, prompt) == 0
+    assert give_moment(svc) == [job_id]
 
 
 def test_past_the_submit_deadline_an_open_attempt_is_waited_for(
@@ -277,7 +281,7 @@ def test_past_the_submit_deadline_an_open_attempt_is_waited_for(
     assert svc.store.begin_attempt(job_id, "in-flight", 60).status == "ok"
     time.sleep(1.2)  # the job's submit deadline passes while the attempt is open
 
-    assert submit_step(svc, job_id, 0) == "attempt_open"
+    assert submit_now(svc, job_id) == "attempt_open"
     assert svc.store.get(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
     assert svc.store.accept(job_id, "in-flight", "task-late", 1) == "accepted"
     assert sent(upstream, prompt) == 0
@@ -287,7 +291,7 @@ def test_invalid_request_from_a_foreign_producer_fails_without_a_request(
     svc: Services, upstream: SandboxServer
 ) -> None:
     job_id, prompt = new_job(svc, strength=0.35)
-    assert submit_step(svc, job_id, 0) == "failed"
+    assert submit_now(svc, job_id) == "failed"
     record = svc.store.get(job_id)
     assert record is not None and record.fail_code == "invalid_request"
     assert sent(upstream, prompt) == 0
@@ -302,19 +306,15 @@ def test_resume_releases_jobs_parked_for_a_long_retry_after(
     svc = make_services(upstream.url, kie_rate_limit="2/1s")
     upstream.configure(faults={429: 1.0}, retry_after="300", fault_endpoints=["createTask"])
     job_id, _ = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     upstream.configure(faults={})
-    svc.store.update(job_id, token=0, due_in=0)
-    assert submit_step(svc, job_id, 0) == "budget"  # parked for its moment, 300 s ahead
-    due = svc.store.scheduled(job_id)
-    assert due is not None and due > svc.clock.now() + 200
+    svc.store.update(job_id, token=token_of(svc, job_id), due_in=0)
+    assert submit_now(svc, job_id) == "line"  # the key is held: no moment is granted
+    assert give_moment(svc) == []
 
-    assert resume_key(svc.store, svc.pause, svc.limiter, svc.api_key_id)
+    assert resume_key(svc.store, svc.pause, svc.limiter, svc.api_key_id, 600.0)
 
-    due = svc.store.scheduled(job_id)
-    assert due is not None and due <= svc.clock.now() + 3
-    later, _ = new_job(svc)
-    assert submit_step(svc, later, 0) == "accepted"  # no reservation left in its way
+    assert submit_now(svc, job_id) == "accepted"
 
 
 def test_a_job_refused_402_while_the_key_has_credits_waits_alone(
@@ -322,13 +322,13 @@ def test_a_job_refused_402_while_the_key_has_credits_waits_alone(
 ) -> None:
     """One job costs more than the balance: it must not pause the fleet again and again."""
     job_id, _ = new_job(svc, "[sandbox:create=402] too expensive")
-    assert submit_step(svc, job_id, 0) == "held"
+    assert submit_now(svc, job_id) == "held"
     assert svc.pause.state() is not None  # the first 402 pauses the key: it may be empty
     time.sleep(svc.settings.remix_pause_probe_s + 0.1)
     svc.store.update(job_id, token=0, due_in=0)
 
     # The probe finds credits and the pause ends; the job is refused again.
-    assert submit_step(svc, job_id, 0) == "held_alone"
+    assert submit_now(svc, job_id) == "held_alone"
 
     record = svc.store.get(job_id)
     assert record is not None and record.state is JobState.QUEUED  # waits; not failed
@@ -343,14 +343,14 @@ def test_a_job_refused_402_again_when_credits_ran_out_again_pauses_the_key(
     """A top-up too small: the key is empty again, so the job waits with the fleet."""
     upstream.configure(credits=0)
     first, _ = new_job(svc)
-    assert submit_step(svc, first, 0) == "held"
+    assert submit_now(svc, first) == "held"
     upstream.configure(credits=1)  # the operator tops up one credit
     time.sleep(svc.settings.remix_pause_probe_s + 0.1)
     other, _ = new_job(svc)
-    assert submit_step(svc, other, 0) == "accepted"  # the probe ends the pause; it spends it
+    assert submit_now(svc, other) == "accepted"  # the probe ends the pause; it spends it
     svc.store.update(first, token=0, due_in=0)
 
-    assert submit_step(svc, first, 0) == "held"  # refused again: the key is empty again
+    assert submit_now(svc, first) == "held"  # refused again: the key is empty again
 
     record = svc.store.get(first)
     assert record is not None and record.state is JobState.QUEUED
@@ -364,11 +364,11 @@ def test_a_gateway_timeout_page_after_acceptance_is_an_unknown_outcome(
     """A proxy answers 504 after passing createTask on: the upstream may have charged."""
     upstream.configure(gateway_rate=1.0)
     job_id, prompt = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     assert svc.store.get(job_id).unknown_outcomes == 1  # type: ignore[union-attr]
 
     upstream.configure(gateway_rate=0.0)
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
     record = svc.store.get(job_id)
     assert record is not None and record.possibly_paid_twice
     assert accepted(upstream, prompt) == 2 and upstream.stats()["ambiguous"] == 1
@@ -379,7 +379,7 @@ def test_a_json_server_error_from_the_upstream_itself_is_not_an_unknown_outcome(
 ) -> None:
     upstream.configure(faults={500: 1.0}, fault_style="body", fault_endpoints=["createTask"])
     job_id, _ = new_job(svc)
-    assert submit_step(svc, job_id, 0) == "retry"
+    assert submit_now(svc, job_id) == "retry"
     assert svc.store.get(job_id).unknown_outcomes == 0  # type: ignore[union-attr]
 
 
@@ -389,11 +389,12 @@ def test_a_job_held_for_its_key_is_left_to_its_waiting_message_when_released(
     """Resume must not send a second message for a held job whose message is queued."""
     job_id, _ = new_job(svc)
     svc.store.hold(svc.api_key_id, job_id)
-    (claimed,) = svc.store.claim_due(10, 30)  # its moment came: a message is on its way
+    assert give_moment(svc) == [job_id]  # its moment came: a message is on its way
 
-    assert svc.store.release_held(svc.api_key_id, 0.0) == 1
-    waiting = {"submit": claimed.due - 60}  # the queue's head is older than that message
-    assert svc.store.claim_due(10, 30, oldest_waiting=waiting) == []
+    assert svc.store.release_held(svc.api_key_id, 0.0, 600.0) == 0
+    assert svc.store.get_internal(job_id, "_line") is None
+    assert svc.store.claim_due(10, 30) == []
+    assert submit_step(svc, job_id, token_of(svc, job_id)) == "accepted"
 
 
 def test_a_credit_balance_that_is_not_a_finite_number_is_a_bad_answer() -> None:

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from sandbox.server import SandboxServer
-from tests.policy_kit import INPUT, make_services
+from tests.policy_kit import INPUT, make_services, submit_now
 from worker import keys
 from worker.models import JobState
-from worker.policies.submit import submit_step
 from worker.services import Services
 from worker.store.jobs import NewJob, QueueFull
 
@@ -153,7 +152,7 @@ def test_each_tenant_lists_only_its_own_jobs_as_they_move(
     assert listed(svc, "default", JobState.QUEUED) == []
 
     assert svc.store.cancel(a1) == "cancelled"
-    assert submit_step(svc, b1, 0) == "accepted"
+    assert submit_now(svc, b1) == "accepted"
     svc.store.finish(a2, JobState.FAILED, fail_code="x", fail_msg="y")
 
     assert listed(svc, "svc-a", JobState.QUEUED) == []
@@ -201,7 +200,7 @@ def test_waiting_counts_follow_every_way_out_of_queued(
     }
 
     svc.store.update(accepted, due_in=0.0)
-    assert submit_step(svc, accepted, 0) == "accepted"
+    assert submit_now(svc, accepted) == "accepted"
     svc.store.update(accepted, JobState.RUNNING)  # later moves take nothing more away
     assert svc.store.cancel(cancelled) == "cancelled"
     svc.store.finish(failed, JobState.FAILED, fail_code="timeout", fail_msg="late")

@@ -1,16 +1,18 @@
-"""The shared budget's reservations and holds, against a real Redis (no workers)."""
+"""The shared budget's send moments and holds, against a real Redis (no workers)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 import redis
 
-from worker.limits.ratelimit import LATENESS_TOLERANCE_S, SharedRateLimiter
+from worker import keys
+from worker.limits import ratelimit
+from worker.limits.ratelimit import SharedRateLimiter
 
 LIMIT, WINDOW_S = 5, 2.0
-MAX_AHEAD_S = 10.0
 
 
 @pytest.fixture
@@ -23,33 +25,89 @@ def _max_in_any_window(moments: list[float], window: float) -> int:
     return max(sum(1 for t in moments[i:] if t - m < window) for i, m in enumerate(moments))
 
 
-def test_reservations_never_put_more_than_the_limit_in_any_window(
+def _send_log(limiter: SharedRateLimiter) -> list[float]:
+    return [score for _, score in limiter.redis.zrange(limiter._log_key, 0, -1, withscores=True)]
+
+
+def test_no_backlog_takes_every_free_moment_at_once(limiter: SharedRateLimiter) -> None:
+    grants = limiter.grant(waiting=3, most=100)
+    assert len(grants.members) == 3 and grants.next_in == 0
+    assert limiter.usage().granted_unused == 3
+
+
+def test_granted_and_unused_moments_count_against_the_limit(limiter: SharedRateLimiter) -> None:
+    first = limiter.grant(waiting=LIMIT, most=100)
+    assert len(first.members) == LIMIT
+    again = limiter.grant(waiting=LIMIT, most=100)
+    assert again.members == [] and again.next_in > 0
+
+    limiter.give_back(first.members[:2])
+    assert len(limiter.grant(waiting=2, most=100).members) == 2
+
+
+def test_a_backlog_is_paced_and_no_window_holds_more_than_the_limit(
     limiter: SharedRateLimiter,
 ) -> None:
-    reservations = [limiter.reserve(MAX_AHEAD_S) for _ in range(4 * LIMIT)]
-
-    assert all(r.reserved for r in reservations)
-    assert [r.delay for r in reservations[:LIMIT]] == pytest.approx([0] * LIMIT, abs=0.05)
-    moments = [r.at for r in reservations]
-    # Even sends that run late by the tolerance stay within the upstream's window.
-    assert _max_in_any_window(moments, WINDOW_S + LATENESS_TOLERANCE_S) <= LIMIT
-    span = max(moments) - min(moments)
-    assert span == pytest.approx(3 * (WINDOW_S + LATENESS_TOLERANCE_S), abs=0.1)
-
-
-def test_a_moment_too_far_ahead_is_not_reserved(limiter: SharedRateLimiter) -> None:
-    for _ in range(LIMIT):
-        assert limiter.reserve(MAX_AHEAD_S).reserved
-    refused = limiter.reserve(max_ahead=0.5)
-    assert not refused.reserved
-    assert refused.delay == pytest.approx(WINDOW_S + LATENESS_TOLERANCE_S, abs=0.1)
-    assert limiter.usage().used_in_window == LIMIT
+    """Jobs always waiting: each moment is used as it is granted; the sends, logged when
+    they are made, never put more than the limit in any window, and come one per period."""
+    sent: list[float] = []
+    deadline = time.monotonic() + 2.5 * WINDOW_S
+    while time.monotonic() < deadline:
+        grants = limiter.grant(waiting=100, most=100)
+        for member in grants.members:
+            assert limiter.consume(member)
+        sent += [limiter.now()] * len(grants.members)
+        time.sleep(min(0.05, grants.next_in))
+    log = _send_log(limiter)
+    assert _max_in_any_window(log, WINDOW_S) <= LIMIT
+    # Paced: at most one moment per period, and one period's credit after a late round.
+    assert _max_in_any_window(sent, limiter.period * 0.9) <= 2
+    assert len(sent) >= 2.5 * LIMIT - 2
 
 
-def test_an_upstream_429_holds_every_reservation(limiter: SharedRateLimiter) -> None:
+def test_a_used_or_returned_moment_cannot_be_used_again(limiter: SharedRateLimiter) -> None:
+    (used, returned) = limiter.grant(waiting=2, most=2).members
+    assert limiter.consume(used)
+    assert not limiter.consume(used)
+    limiter.give_back([returned])
+    assert not limiter.consume(returned)
+    assert limiter.usage().used_in_window == 1
+
+
+def test_a_moment_not_used_in_time_is_void(
+    limiter: SharedRateLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ratelimit, "GRANT_VALID_S", 0.2)
+    (member,) = limiter.grant(waiting=1, most=1).members
+    time.sleep(0.3)
+    assert not limiter.consume(member)
+    assert limiter.usage().granted_unused == 0
+    assert len(limiter.grant(waiting=LIMIT, most=100).members) == LIMIT  # nothing was lost
+
+
+def test_an_upstream_429_holds_every_moment(limiter: SharedRateLimiter) -> None:
+    (granted,) = limiter.grant(waiting=1, most=1).members
     limiter.block(3.0)
-    held = limiter.reserve(MAX_AHEAD_S)
-    assert held.reserved and held.delay == pytest.approx(3.0, abs=0.1)
+    held = limiter.grant(waiting=5, most=5)
+    assert held.members == [] and held.next_in == pytest.approx(3.0, abs=0.1)
+    assert not limiter.consume(granted)  # granted before the 429: not sent during the hold
     limiter.block(1.0)  # a shorter hold never shortens the current one
-    assert limiter.reserve(MAX_AHEAD_S).delay >= 2.8
+    assert limiter.grant(waiting=5, most=5).next_in >= 2.8
     assert limiter.usage().blocked_for > 2.5
+    assert limiter.clear_block()
+    assert len(limiter.grant(waiting=5, most=5).members) == LIMIT
+
+
+def test_a_paused_key_grants_nothing(limiter: SharedRateLimiter) -> None:
+    pause_key = keys.pause(limiter._log_key.split(":")[2])
+    limiter.redis.hset(pause_key, "reason", "455")
+    assert limiter.grant(waiting=5, most=5).members == []
+    limiter.redis.delete(pause_key)
+    assert len(limiter.grant(waiting=5, most=5).members) == LIMIT
+
+
+def test_a_full_spend_cap_grants_nothing(limiter: SharedRateLimiter) -> None:
+    spend_log = keys.spend_log(limiter._log_key.split(":")[2])
+    limiter.redis.zadd(spend_log, {"spent": limiter.now()})
+    assert limiter.grant(waiting=5, most=5, spend_caps=[(1, 60.0)]).members == []
+    assert len(limiter.grant(waiting=5, most=5, spend_caps=[(3, 60.0)]).members) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,12 +16,10 @@ from typing import Any
 import pytest
 import redis
 
-from tests.policy_kit import make_services, token_of
+from tests.policy_kit import make_services, run_steps, submit_now
 from tests.relay_kit import RELAY_API_KEY, new_relay_job
 from worker import keys
 from worker.models import JobState
-from worker.policies.poll import poll_step
-from worker.policies.submit import submit_step
 from worker.services import Services
 
 pytestmark = pytest.mark.policy
@@ -80,23 +77,6 @@ def scripted_services(relay: ScriptedRelay) -> Services:
         ideogram_read_timeout_s=5.0,
         ideogram_request_deadline_s=8.0,
     )
-
-
-def run_steps(svc: Services, job_id: str, timeout: float = 15.0) -> list[str]:
-    steps: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = svc.store.get(job_id)
-        assert record is not None
-        if record.finished:
-            return steps
-        due = svc.store.scheduled(job_id)
-        if due is not None and due > svc.clock.now():
-            time.sleep(min(0.2, due - svc.clock.now()))
-            continue
-        step = poll_step if record.upstream_task_id else submit_step
-        steps.append(step(svc, job_id, token_of(svc, job_id)))
-    return steps
 
 
 SUCCESS_IMAGES = {"created": "2026-01-01", "data": [{"url": "https://img.test/a.png"}]}
@@ -209,7 +189,7 @@ def test_a_relay_only_worker_leaves_a_kie_job_for_a_worker_that_can_send_it(
     now = relay_only.clock.now()
     relay_only.broker.zadd(keys.provider_workers("kie"), {"a-kie-worker:1": now})
 
-    step = submit_step(relay_only, job_id, token_of(relay_only, job_id))
+    step = submit_now(relay_only, job_id)
 
     record = relay_only.store.get(job_id)
     assert record is not None

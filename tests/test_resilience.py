@@ -49,10 +49,10 @@ from sandbox.launch import (
 )
 from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, start_snapshot_redis, wait_until
-from tests.policy_kit import make_services, new_job
+from tests.policy_kit import make_services, new_job, submit_now
 from worker import keys
 from worker.models import JobRecord, JobState
-from worker.policies.submit import record_acceptance, submit_step
+from worker.policies.submit import record_acceptance
 from worker.services import Services
 from worker.store.connection import WORKER_REDIS_RETRY_S
 from worker.store.jobs import ATTEMPT_FIELD, JobStore
@@ -648,7 +648,7 @@ def test_redis_down_right_after_create_task_records_the_task_and_pays_once(
 
     restarter = threading.Thread(target=outage)
     restarter.start()
-    outcome = submit_step(svc, job_id, 0)
+    outcome = submit_now(svc, job_id)
     restarter.join(JOB_TIMEOUT_S)
 
     assert outcome == "accepted"

@@ -188,3 +188,49 @@ def provider_workers(provider: str) -> str:
     """Sorted set of the worker processes that can send ``provider``'s jobs, scored by
     their last heartbeat (a job another worker could send waits for one of them)."""
     return f"{PREFIX}workers:provider:{provider}"
+
+
+#: Prefix of every provider's waiting lines (:mod:`worker.store.lines`): the jobs waiting
+#: for a send moment of their provider's key. Under ``LINES_PREFIX + provider + ":"``:
+#: ``<priority>:<tenant>`` (sorted set: job id -> its place, when it was created),
+#: ``<priority>`` (sorted set: tenant -> its pass, the fair share's virtual time),
+#: ``passes`` (hash: ``<priority>`` -> the class's virtual time, ``<priority>:<tenant>`` ->
+#: an idle tenant's last pass), ``count`` (jobs waiting in every line) and
+#: ``picks:<minute>`` (hash: ``<priority>:<tenant>`` -> jobs picked in that minute).
+#: ``lines.lua`` derives these names from the prefix and the job's fields.
+LINES_PREFIX = PREFIX + "lines:"
+
+
+def lines_base(provider: str) -> str:
+    """The prefix of one provider's waiting lines (see :data:`LINES_PREFIX`)."""
+    return f"{LINES_PREFIX}{provider}:"
+
+
+def line(provider: str, priority: str, tenant: str) -> str:
+    """The jobs of one tenant and priority waiting for ``provider``'s key, by place."""
+    return f"{lines_base(provider)}{priority}:{tenant}"
+
+
+def line_tenants(provider: str, priority: str) -> str:
+    """The tenants with jobs waiting in one priority class, scored by their pass."""
+    return f"{lines_base(provider)}{priority}"
+
+
+def lines_count(provider: str) -> str:
+    """How many jobs wait in every line of ``provider``."""
+    return f"{lines_base(provider)}count"
+
+
+def lines_picks(provider: str, minute: int) -> str:
+    """Jobs picked per ``<priority>:<tenant>`` during one minute (Unix time // 60)."""
+    return f"{lines_base(provider)}picks:{minute}"
+
+
+def rate_pending(api_key_id: str) -> str:
+    """Sorted set of send moments granted and not yet used (member -> when it expires)."""
+    return f"{PREFIX}ratelimit:{api_key_id}:pending"
+
+
+def rate_pace(api_key_id: str) -> str:
+    """When the next paced send moment of one API key comes (a backlog is paced)."""
+    return f"{PREFIX}ratelimit:{api_key_id}:pace"

@@ -28,6 +28,7 @@ from worker.store.blobs import BlobStore, FileBlobStore, RedisBlobStore
 from worker.store.clock import RedisClock
 from worker.store.connection import redis_client
 from worker.store.jobs import JobStore
+from worker.store.lines import WaitingLines
 from worker.store.metrics import Metrics
 from worker.store.publisher import Publisher
 from worker.upstreams.errors import JobFailed
@@ -90,6 +91,7 @@ class Services:
     broker: redis.Redis
     redactor: Redactor
     blobs: BlobStore
+    lines: WaitingLines
     #: The upstream the per-key parts above belong to (see :meth:`for_provider`).
     profile: ProviderProfile = KIE
     providers: dict[str, ProviderParts] = field(default_factory=dict, repr=False)
@@ -220,6 +222,7 @@ def build_services(settings: Settings, app: Any, redis_retry_s: float | None = N
         api_key_id=kie.api_key_id,
         broker=broker,
         redactor=Redactor(settings.secrets()),
+        lines=WaitingLines(backend, ttl_s=settings.remix_job_ttl_s),
         blobs=blob_store_for(
             settings.remix_blob_url, backend, blob_ttl_s(settings), settings.remix_blob_max_bytes
         ),

@@ -30,6 +30,7 @@ from worker.policies.poll import POLLED, poll_step
 from worker.policies.submit import RECORD_PATIENCE_S, AcceptedButUnrecorded, submit_step
 from worker.services import Services
 from worker.store.jobs import QueueFull
+from worker.store.lines import backstop_s
 from worker.store.publisher import ARCHIVE_TASK, NOTIFY_TASK, POLL_TASK, SUBMIT_TASK
 from worker.task_outcomes import JobsFailed, Outcome, failures, recording_outcomes
 
@@ -205,7 +206,7 @@ def _create(svc: Services, job_id: str, request: Any, owner: Owner, *, admit: bo
     return svc.store.create(
         job_id,
         request,
-        due_in=svc.settings.lease_s,
+        due_in=backstop_s(svc.settings),
         provider=owner.provider,
         tenant=owner.tenant,
         priority=owner.priority,

@@ -8,6 +8,7 @@ from bench.sections.callback_latency import callback_latency_section
 from bench.sections.callback_requests import callback_requests_section
 from bench.sections.common import Plan, Run, Section
 from bench.sections.end_to_end import end_to_end_section
+from bench.sections.fair_share import fair_share_section
 from bench.sections.http_enqueue import http_enqueue_section
 from bench.sections.inflight import inflight_section
 from bench.sections.job_cost import job_cost_section
@@ -28,6 +29,7 @@ SECTIONS: dict[str, Section] = {
     "callback-requests": callback_requests_section,
     "http-enqueue": http_enqueue_section,
     "job-cost": job_cost_section,
+    "fair-share": fair_share_section,
 }
 #: Sections whose measurements another section reports.
 DEPENDS_ON: dict[str, tuple[str, ...]] = {"requests": ("end-to-end", "overhead")}

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from producers.fleet import tenant_lines
 from worker import keys
 from worker.app import services
 from worker.fleet.dispatcher import HEARTBEAT_S
@@ -121,6 +122,7 @@ class FleetCollector(Collector):
         yield _jobs_by_state(svc)
         yield _queue_depths(svc)
         yield _live_workers(svc)
+        yield from _tenant_lines()
         for name in HISTOGRAMS:
             yield _histogram(svc, name)
 
@@ -192,6 +194,25 @@ def _live_workers(svc: Services) -> GaugeMetricFamily:
     return GaugeMetricFamily(
         _full("workers_live"), "Worker processes with a recent heartbeat", value=int(live)
     )
+
+
+#: The gauges of the waiting lines: (name, the row's field, help).
+LINE_GAUGES = (
+    ("tenant_waiting", "waiting", "Jobs waiting in line for a send moment"),
+    ("tenant_oldest_wait_seconds", "oldest_wait_s", "How long the oldest job in line waited"),
+    ("tenant_sends_per_minute", "sends_per_minute", "Jobs given a send moment per minute"),
+    ("tenant_budget_share", "budget_share", "Share of the provider's send moments"),
+)
+
+
+def _tenant_lines() -> Iterator[GaugeMetricFamily]:
+    """Per provider, priority and tenant (:func:`producers.fleet.tenant_lines`)."""
+    rows = tenant_lines()
+    for name, field, text in LINE_GAUGES:
+        family = GaugeMetricFamily(_full(name), text, labels=["provider", "priority", "tenant"])
+        for row in rows:
+            family.add_metric([row["provider"], row["priority"], row["tenant"]], row[field])
+        yield family
 
 
 def _histogram(svc: Services, name: str) -> HistogramMetricFamily:

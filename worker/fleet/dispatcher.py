@@ -1,11 +1,13 @@
 """The schedule's dispatcher: a thread in every worker that sends each job's next step when
 it is due.
 
-Each round claims the due jobs (``claim_due.lua``: a new dispatch token and a lease each)
-and publishes ``remix.submit``, or one ``remix.poll`` for up to :data:`POLL_BATCH_SIZE` jobs;
-then the due webhooks and archiving (:mod:`worker.fleet.side_dispatch`), apart from the
-jobs. Its heartbeat says which slots, queues and upstreams the worker has. After a broker
-outage it sends at once the jobs whose messages were dropped (:meth:`Dispatcher.after_outage`).
+Each round gives the send moments of each key to the jobs waiting in its lines
+(:mod:`worker.fleet.picker`) and claims the due jobs (``claim_due.lua``: a new dispatch
+token and a lease each), and publishes ``remix.submit``, or one ``remix.poll`` for up to
+:data:`POLL_BATCH_SIZE` jobs; then the due webhooks and archiving
+(:mod:`worker.fleet.side_dispatch`), apart from the jobs. Its heartbeat says which slots,
+queues and upstreams the worker has. After a broker outage it sends at once the jobs whose
+messages were dropped (:meth:`Dispatcher.after_outage`).
 
 Why jobs are parked and not sent with countdowns, the lease and the backlog rule:
 docs/design.md, "The schedule and the dispatcher"; running a fleet: docs/operations.md.
@@ -26,6 +28,7 @@ from typing import cast
 import redis
 
 from worker import keys
+from worker.fleet.picker import Picker
 from worker.fleet.side_dispatch import dispatch_archives, dispatch_notifications
 from worker.services import Services
 from worker.store.jobs import Dispatch
@@ -46,6 +49,8 @@ POLL_BATCH_SIZE = 25
 CLAIM_LIMIT = 500
 #: Pause between two looks at the schedule when nothing was due.
 TICK_S = 0.05
+#: The shortest pause between two rounds when a send moment is about to come.
+MIN_WAIT_S = 0.002
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
 QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
@@ -80,6 +85,9 @@ class Dispatcher:
         self._failing: set[str] = set()
         self._store_run_id: str | None = None
         self._store_changed_at: float | None = None
+        self.picker = Picker(svc)
+        #: Jobs waiting in each provider's lines, as the last round read them.
+        self.waiting: dict[str, int] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         #: This worker's members of WORKER_SLOTS and WORKER_QUEUES.
         self._slots_member = f"{self.name} {self.slots}"
@@ -141,12 +149,14 @@ class Dispatcher:
         if time.monotonic() - self._last_prune >= PRUNE_S:
             self._last_prune = time.monotonic()
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
-        due = due_schedules(self.svc.store.redis)
-        if not due:  # an idle round costs one round trip
+        due, self.waiting = due_schedules(self.svc.store.redis, self.picker.providers)
+        wanted = self.picker.wanted(self.waiting)
+        if not due and not wanted:  # an idle round costs one round trip
             return 0
         waiting = oldest_waiting(self.svc)
         self.warn_unconsumed(waiting)
-        sent = self._dispatch_jobs(waiting) if keys.SCHEDULE in due else 0
+        sent = self._pick_jobs(wanted)
+        sent += self._dispatch_jobs(waiting) if keys.SCHEDULE in due else 0
         if keys.NOTIFY_SCHEDULE in due:
             sent += self._dispatch_apart(
                 "completion webhooks",
@@ -234,6 +244,22 @@ class Dispatcher:
         self._failing.discard(what)
         return sent
 
+    def seconds_to_next_round(self, default: float) -> float:
+        """How long the thread may wait before the next round: at most ``default``, less
+        when a budget's next moment comes sooner and jobs wait for it."""
+        soonest = self.picker.seconds_to_next(self.waiting)
+        return default if soonest is None else min(default, max(MIN_WAIT_S, soonest))
+
+    def _pick_jobs(self, providers: list[str]) -> int:
+        """Give each provider's free send moments to the next jobs in its lines."""
+        sent = 0
+        for provider in providers:
+            picked = self.picker.pick(provider, self.waiting[provider])
+            if picked:
+                self._send(picked)
+                sent += len(picked)
+        return sent
+
     def _dispatch_jobs(self, waiting: dict[str, float]) -> int:
         """Claim the jobs whose next step is due and publish their messages."""
         claimed = self.svc.store.claim_due(
@@ -244,6 +270,11 @@ class Dispatcher:
         resent = sum(1 for d in claimed if d.resent)
         if resent:
             self.svc.metrics.incr("lease_resends_total", resent)
+        self._send(claimed)
+        return len(claimed)
+
+    def _send(self, claimed: list[Dispatch]) -> None:
+        """Publish the claimed jobs' messages; the unsent ones are due again at once."""
         unsent = {d.job_id for d in claimed}
         try:
             self._publish(claimed, unsent)
@@ -251,7 +282,6 @@ class Dispatcher:
             # The broker refused: make the rest due again at once rather than after the lease.
             self.svc.store.due_now(unsent)
             raise
-        return len(claimed)
 
     def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
         publisher = self.svc.publisher
@@ -271,16 +301,24 @@ class Dispatcher:
 SCHEDULES = (keys.SCHEDULE, keys.NOTIFY_SCHEDULE, keys.ARCHIVE_SCHEDULE)
 
 
-def due_schedules(client: redis.Redis) -> set[str]:
+def due_schedules(
+    client: redis.Redis, providers: Iterable[str] = ()
+) -> tuple[set[str], dict[str, int]]:
     """The schedules whose first entry is due now (on the Redis clock their scores use),
-    read in one round trip, so that a round with nothing due runs no claim script."""
+    and how many jobs wait in each provider's lines, read in one round trip, so that a
+    round with nothing to do runs no script."""
+    names = list(providers)
     pipe = client.pipeline(transaction=False)
     pipe.time()
     for schedule in SCHEDULES:
         pipe.zrange(schedule, 0, 0, withscores=True)
-    (seconds, micros), *heads = pipe.execute()
+    for provider in names:
+        pipe.get(keys.lines_count(provider))
+    (seconds, micros), *replies = pipe.execute()
+    heads, counts = replies[: len(SCHEDULES)], replies[len(SCHEDULES) :]
     now = seconds + micros / 1e6
-    return {key for key, head in zip(SCHEDULES, heads, strict=True) if head and head[0][1] <= now}
+    due = {key for key, head in zip(SCHEDULES, heads, strict=True) if head and head[0][1] <= now}
+    return due, {p: max(0, int(n or 0)) for p, n in zip(names, counts, strict=True)}
 
 
 def _slots_of(member: bytes | str) -> int:
@@ -389,7 +427,7 @@ class DispatcherThread:
                 self._stop.wait(ERROR_PAUSE_S)
                 continue
             if sent < CLAIM_LIMIT:
-                self._stop.wait(TICK_S)
+                self._stop.wait(dispatcher.seconds_to_next_round(TICK_S))
 
     def _resend_stranded(self, dispatcher: Dispatcher) -> None:
         """After an outage this thread or the consumer saw: send the jobs it stranded."""

@@ -1,15 +1,17 @@
 """One createTask budget per API key, shared by every worker on every host.
 
-A sliding log of *reservations* in Redis (``reserve.lua``): a submit is given the earliest
-moment that keeps every window within the limit and is parked until then, so each waiting
-job has its own moment instead of all asking again. An upstream 429 may block the key for
-a while (:meth:`SharedRateLimiter.block`, capped; an operator's resume clears it). Why
-reservations, and the 429 hold: docs/design.md, "The fleet's shared state".
+The dispatchers ask for send moments when jobs wait (``grant.lua``): as many as every
+window allows now, counting the moments granted and not yet used, paced when more jobs
+wait than can go. A submit step uses its moment (``consume.lua``) just before it sends,
+which logs the real send time. An upstream 429 may block the key for a while
+(:meth:`SharedRateLimiter.block`, capped; an operator's resume clears it). Why, and how
+the moments go to jobs: docs/design.md, "Sharing the key's send moments".
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -18,32 +20,28 @@ from worker import keys
 from worker.lua import load_script
 from worker.store.clock import server_time
 
-#: Sends may run this late after their reserved moment (a busy worker); the window is
-#: widened by as much so that late sends still fit the upstream's window.
-LATENESS_TOLERANCE_S = 0.25
-#: A send may be this early (timer granularity) and still count as on time.
-EARLINESS_TOLERANCE_S = 0.02
+#: A send may reach the upstream this much later than the moment it was logged at (a
+#: busy host); the windows are widened by as much.
+SEND_TOLERANCE_S = 0.05
+#: A granted moment not used within this long is void (its job's step was lost or late;
+#: the job goes back to its place in line).
+GRANT_VALID_S = 5.0
 #: No hold after a 429 is longer than this.
 MAX_BLOCK_S = 300.0
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """The answer to a request for budget.
+class Grants:
+    """Send moments granted now (``members``), and when another may be granted."""
 
-    ``reserved`` False means no moment within ``max_ahead`` was free; the next free one
-    is ``delay`` seconds away.
-    """
-
-    reserved: bool
-    delay: float
-    at: float
+    members: list[str]
+    next_in: float
 
 
 @dataclass(frozen=True)
 class Usage:
     used_in_window: int
-    reserved_ahead: int
+    granted_unused: int
     blocked_for: float
 
 
@@ -61,29 +59,73 @@ class SharedRateLimiter:
         self.limit = limit
         self.window = window
         self._log_key = keys.rate_log(api_key_id)
+        self._pending_key = keys.rate_pending(api_key_id)
         self._blocked_key = keys.rate_blocked(api_key_id)
-        self._reserve = load_script(client, "reserve")
+        self._pace_key = keys.rate_pace(api_key_id)
+        self._pause_key = keys.pause(api_key_id)
+        self._spend_key = keys.spend_log(api_key_id)
+        self._grant = load_script(client, "grant")
+        self._consume = load_script(client, "consume")
         self._block = load_script(client, "block")
         self._usage = load_script(client, "usage")
 
     @property
     def effective_window(self) -> float:
-        return self.window + LATENESS_TOLERANCE_S
+        return self.window + SEND_TOLERANCE_S
 
-    def reserve(self, max_ahead: float) -> Reservation:
-        """Reserve the earliest free moment, if it is at most ``max_ahead`` seconds away."""
-        reserved, delay, at = self._reserve(
-            keys=[self._log_key, self._blocked_key],
-            args=[self.limit, self.effective_window, max_ahead, uuid.uuid4().hex],
+    @property
+    def period(self) -> float:
+        """Seconds between two paced moments: the budget spread evenly."""
+        return self.window / self.limit
+
+    def grant(
+        self, waiting: int, most: int, spend_caps: Sequence[tuple[int, float]] = ()
+    ) -> Grants:
+        """Grant up to ``most`` moments to the ``waiting`` jobs (see ``grant.lua``).
+
+        ``spend_caps``: the key's spend cap windows; no moment is granted while one is full.
+        """
+        caps = [str(v) for limit, window in spend_caps for v in (limit, window)]
+        reply = self._grant(
+            keys=[
+                self._log_key,
+                self._pending_key,
+                self._blocked_key,
+                self._pace_key,
+                self._pause_key,
+                self._spend_key,
+            ],
+            args=[
+                self.limit,
+                self.effective_window,
+                self.period,
+                waiting,
+                most,
+                GRANT_VALID_S,
+                uuid.uuid4().hex,
+                len(spend_caps),
+                *caps,
+            ],
         )
-        return Reservation(reserved == b"1", max(0.0, float(delay)), float(at))
+        members = [m.decode() if isinstance(m, bytes) else str(m) for m in reply[1:]]
+        return Grants(members, max(0.0, float(reply[0])))
+
+    def consume(self, member: str) -> bool:
+        """Use a granted moment now; False when it is void (expired, given back, blocked)."""
+        keys_ = [self._log_key, self._pending_key, self._blocked_key]
+        return int(self._consume(keys=keys_, args=[member, self.effective_window])) == 1
+
+    def give_back(self, members: Sequence[str]) -> None:
+        """Return granted moments that no job will use."""
+        if members:
+            self.redis.zrem(self._pending_key, *members)
 
     def now(self) -> float:
-        """Redis's clock, which every reservation is measured against."""
+        """Redis's clock, which every moment is measured against."""
         return server_time(self.redis)
 
     def block(self, seconds: float) -> None:
-        """Hold every reservation for ``seconds`` (at most :data:`MAX_BLOCK_S`)."""
+        """Hold every send for ``seconds`` (at most :data:`MAX_BLOCK_S`)."""
         self._block(keys=[self._blocked_key], args=[min(MAX_BLOCK_S, max(0.0, seconds))])
 
     def blocked_until(self) -> float:
@@ -95,13 +137,9 @@ class SharedRateLimiter:
         """End a hold after a 429 (an operator's resume); True when there was one."""
         return bool(self.redis.delete(self._blocked_key))
 
-    def forget_reservations_ahead(self) -> int:
-        """Drop the moments reserved in the future (their jobs are woken to reserve again)."""
-        return int(self.redis.zremrangebyscore(self._log_key, f"({self.now()}", "+inf"))
-
     def usage(self) -> Usage:
-        """Requests sent in the current window, reserved ahead, and any block."""
-        used, ahead, blocked, now = self._usage(
-            keys=[self._log_key, self._blocked_key], args=[self.window]
+        """Requests sent in the current window, moments granted and unused, any block."""
+        used, granted, blocked, now = self._usage(
+            keys=[self._log_key, self._pending_key, self._blocked_key], args=[self.window]
         )
-        return Usage(int(used), int(ahead), max(0.0, float(blocked) - float(now)))
+        return Usage(int(used), int(granted), max(0.0, float(blocked) - float(now)))

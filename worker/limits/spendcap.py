@@ -15,9 +15,27 @@ from dataclasses import dataclass
 import redis
 
 from worker import keys
-from worker.limits.ratelimit import LATENESS_TOLERANCE_S, Reservation
 from worker.lua import load_script
 from worker.store.clock import server_time
+
+#: Sends may run this late after their reserved moment (a busy worker); the windows are
+#: widened by as much so that late sends still fit them.
+LATENESS_TOLERANCE_S = 0.25
+#: A send may be this early (timer granularity) and still count as on time.
+EARLINESS_TOLERANCE_S = 0.02
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer to a request for a spend moment.
+
+    ``reserved`` False means no moment within ``max_ahead`` was free; the next free one
+    is ``delay`` seconds away.
+    """
+
+    reserved: bool
+    delay: float
+    at: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,11 @@ class SpendCap:
     def enabled(self) -> bool:
         return bool(self.caps)
 
+    @property
+    def windows(self) -> list[tuple[int, float]]:
+        """The caps as the log counts them: each window widened for late sends."""
+        return [(limit, window + LATENESS_TOLERANCE_S) for limit, window in self.caps]
+
     def reserve(self, max_ahead: float, replacing: str | None = None) -> tuple[str, Reservation]:
         """Reserve the earliest moment the cap allows, if at most ``max_ahead`` s away.
 
@@ -54,10 +77,7 @@ class SpendCap:
         (the member is in the log only when ``reserved``).
         """
         member = uuid.uuid4().hex
-        # Sends may run a little after their moment: widen the windows by as much.
-        pairs = [
-            str(v) for limit, window in self.caps for v in (limit, window + LATENESS_TOLERANCE_S)
-        ]
+        pairs = [str(v) for limit, window in self.windows for v in (limit, window)]
         reserved, delay, at = self._reserve(
             keys=[self._log_key],
             args=[max_ahead, member, replacing or "", len(self.caps), *pairs],

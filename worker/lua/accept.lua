@@ -2,7 +2,8 @@
 -- job moves to submitted and its first poll is scheduled. A different task arriving for a
 -- job that already has one (or has finished) is a further charge: it is kept in
 -- extra_task_ids and flags the job possibly_paid_twice; state and results do not change.
--- Every task recorded is indexed (task id -> job id), for callbacks.
+-- Every task recorded is indexed (task id -> job id), for callbacks. A job waiting in its
+-- line (lines.lua) leaves it.
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
@@ -20,6 +21,7 @@
 -- 'extra' or 'missing'. An adopted task (attempt id '') closes any open attempt: its owner's
 -- own answer then finds the job's task set ('again', or 'extra' for another task).
 -- #include tenant_state.lua
+-- #include lines.lua
 local finished = {['"succeeded"'] = true, ['"failed"'] = true, ['"cancelled"'] = true}
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -49,7 +51,8 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'upstream_task_id', task, 'submitted_at',
-  string.format('%.6f', now), '_slot', 'null', '_last_error', 'null')
+  string.format('%.6f', now), '_grant', 'null', '_last_error', 'null')
+line_leave(KEYS[1], ARGV[1])
 if state == '"queued"' then
   local created = tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
   redis.call('HSET', KEYS[1], 'state', '"submitted"')

@@ -2,7 +2,7 @@
 -- submit may open a createTask attempt (attempt_begin.lua) decide here, atomically: a job
 -- with an upstream task, with an attempt open, or with an attempt of unknown outcome (the
 -- upstream may have accepted it) cannot be cancelled. A cancelled job leaves the
--- schedule, its id is published on the finished channel and its webhook becomes due.
+-- schedule and its waiting line (lines.lua), its id is published on the finished channel and its webhook becomes due.
 --
 -- KEYS[1]  the job's hash
 -- KEYS[2]  the schedule
@@ -17,6 +17,7 @@
 -- Returns 'cancelled', 'already' (it was cancelled before), 'finished' (it ended
 -- otherwise), 'accepted', 'sending', 'unknown_outcome' or 'missing'.
 -- #include tenant_state.lua
+-- #include lines.lua
 local index = {['"queued"'] = 3, ['"submitted"'] = 4, ['"running"'] = 5}
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -38,6 +39,7 @@ redis.call('ZREM', KEYS[index[state]], ARGV[1])
 redis.call('ZADD', KEYS[8], created, ARGV[1])
 tenant_moved(KEYS[1], ARGV[1], cjson.decode(state), 'cancelled', created, KEYS[11])
 redis.call('ZREM', KEYS[2], ARGV[1])
+line_leave(KEYS[1], ARGV[1])
 local notify = redis.call('HGET', KEYS[1], '_notify_url')
 if notify and notify ~= 'null' then
   redis.call('HSET', KEYS[1], 'notification', cjson.encode({state = 'pending', attempts = 0}))

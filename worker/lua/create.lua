@@ -1,6 +1,7 @@
--- Create queued jobs, each with its request and its first place in the schedule, unless its
--- idempotency key already names a job (or its id is taken): all the new ones, or none when
--- a tenant would have more jobs waiting to be sent than it may. Record values are JSON text.
+-- Create queued jobs, each with its request and its place in its waiting line (lines.lua),
+-- unless its idempotency key already names a job (or its id is taken): all the new ones,
+-- or none when a tenant would have more jobs waiting to be sent than it may. A job's place
+-- in the schedule is only a backstop, at its submit deadline. Record values are JSON text.
 --
 -- KEYS[1]  the schedule (sorted set: job id -> when its next step is due)
 -- KEYS[2]  the index of queued jobs (sorted set: job id -> creation time)
@@ -9,10 +10,11 @@
 -- KEYS[5..] for each job in turn: its hash, its tenant's index of queued jobs, then its
 --          idempotency key if it has one (its ARGV says)
 -- ARGV[1]  time to live of the records and the idempotency keys, in seconds
--- ARGV[2]  seconds until the schedule sends the jobs (when no message does first)
+-- ARGV[2]  seconds until the schedule hands the jobs out (their submit deadline, a margin)
 -- ARGV[3]  the most jobs one tenant may have waiting, '' for no limit
 -- ARGV[4]  the priorities, separated by spaces (a tenant's waiting jobs are summed over them)
--- ARGV[5..] for each job, five values: its id, tenant, priority, '1' when it has an
+-- ARGV[5]  prefix of the waiting lines' keys
+-- ARGV[6..] for each job, five values: its id, tenant, priority, '1' when it has an
 --          idempotency key (else ''), and a JSON object of the new record's fields (name ->
 --          JSON text of the value)
 -- Returns {'ok', owner, created, owner, created, ...}, a pair per job: the job its
@@ -21,6 +23,7 @@
 -- more than ARGV[3]: then nothing is written. A new record's '_waiting' names its field in
 -- the waiting counts (tenant_state.lua takes it out of them). The jobs' creation times are
 -- a microsecond apart, in their order, so every index lists them as they were given.
+-- #include lines.lua
 local t = redis.call('TIME')
 local micros = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[3])
@@ -28,7 +31,7 @@ local limit = tonumber(ARGV[3])
 -- Which jobs are new, and how many each tenant adds (nothing is written yet).
 local jobs, claimed, seen, adding = {}, {}, {}, {}
 local k = 5
-for a = 5, #ARGV, 5 do
+for a = 6, #ARGV, 5 do
   local job = {id = ARGV[a], tenant = ARGV[a + 1], priority = ARGV[a + 2],
     fields = ARGV[a + 4], key = KEYS[k], index = KEYS[k + 1]}
   k = k + 2
@@ -67,7 +70,8 @@ for _, job in ipairs(jobs) do
     for name, value in pairs(cjson.decode(job.fields)) do
       redis.call('HSET', job.key, name, value)
     end
-    redis.call('HSET', job.key, 'created_at', created, '_dispatch', '0', '_dispatched_at', created)
+    redis.call('HSET', job.key, 'created_at', created, '_dispatch', '0', '_parked', '0',
+      '_dispatched_at', created)
     redis.call('EXPIRE', job.key, ARGV[1])
     redis.call('ZADD', KEYS[1], at + tonumber(ARGV[2]), job.id)
     redis.call('ZADD', KEYS[2], at, job.id)
@@ -76,6 +80,7 @@ for _, job in ipairs(jobs) do
     local waiting = job.tenant .. ':' .. job.priority
     redis.call('HSET', job.key, '_waiting', cjson.encode(waiting))
     redis.call('HINCRBY', KEYS[3], waiting, 1)
+    line_join(ARGV[5], job.key, job.id)
   end
   table.insert(reply, job.owner)
   table.insert(reply, job.new and 1 or 0)

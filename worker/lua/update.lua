@@ -2,7 +2,7 @@
 -- running -> succeeded | failed | cancelled; nothing changes once it has finished.
 -- Optionally only for the holder of a dispatch token, and optionally setting when the
 -- job's next step is due (the token's step has then parked the job: see claim_due.lua).
--- A job that finishes leaves the schedule, its id is published on the finished channel,
+-- A job that finishes leaves the schedule and its waiting line (lines.lua), its id is published on the finished channel,
 -- and its completion webhook (if it has one) becomes due. With archiving on, a job that
 -- succeeds is put in the archive schedule instead, and its webhook waits for the end of
 -- archiving (archive_end.lua schedules it).
@@ -24,6 +24,7 @@
 -- Returns 1 written, 0 refused (finished, or the state would go back), -1 no such job,
 -- -2 the token is stale.
 -- #include tenant_state.lua
+-- #include lines.lua
 local rank = {['"queued"'] = 0, ['"submitted"'] = 1, ['"running"'] = 2,
   ['"succeeded"'] = 3, ['"failed"'] = 3, ['"cancelled"'] = 3}
 local index = {['"queued"'] = 3, ['"submitted"'] = 4, ['"running"'] = 5,
@@ -56,6 +57,7 @@ if wanted == 3 then
   redis.call('HSET', KEYS[1], 'finished_at', string.format('%.6f', now),
     '_attempt', 'null', 'attempt_started_at', 'null')
   redis.call('ZREM', KEYS[2], ARGV[1])
+  line_leave(KEYS[1], ARGV[1])
   local archive = ARGV[7] == '1' and redis.call('HGET', KEYS[1], 'state') == '"succeeded"'
   if archive then
     redis.call('HSET', KEYS[1], 'archive', cjson.encode({state = 'pending', attempts = 0}))

@@ -1,9 +1,9 @@
-"""What a submit must pass before it may send createTask: the key's pause, its spend cap
-and its rate budget.
+"""What a submit must pass before it may send createTask: the key's pause, a send moment
+of its budget (given to the job by the lines, :mod:`worker.store.lines`), its spend cap.
 
 Each gate answers ``None`` (go on) or a :class:`Wait`: park the job in the schedule for
-that long. A wait is not a retry: it spends no retry budget, sends nothing upstream and
-holds no worker slot.
+that long, or put it back in its line (``in_line``). A wait is not a retry: it spends no
+retry budget, sends nothing upstream and holds no worker slot.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, FleetPause, PauseState, RecentAnswers
-from worker.limits.ratelimit import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S, SharedRateLimiter
+from worker.limits.ratelimit import SharedRateLimiter
+from worker.limits.spendcap import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S
 from worker.services import Services
-from worker.store.jobs import LAST_ERROR_FIELD, SLOT_FIELD, SPEND_FIELD, Job, JobStore
+from worker.store.jobs import GRANT_FIELD, LAST_ERROR_FIELD, SPEND_FIELD, Job, JobStore
 from worker.upstreams.errors import RateLimitedError, UpstreamError
 
 logger = logging.getLogger("worker.gates")
@@ -24,9 +25,6 @@ logger = logging.getLogger("worker.gates")
 #: How often a job held by an operator's pause looks again (``remixq resume`` wakes
 #: held jobs at once; this is only the fallback).
 OPERATOR_PAUSE_RECHECK_S = 60.0
-#: A budget moment may be reserved this far ahead; a job further back in line waits
-#: without a reservation until it is within reach.
-RESERVE_AHEAD_S = 600.0
 #: Spread of wake-ups of jobs held by the same condition.
 WAKE_JITTER_S = 1.0
 #: Jobs released when a pause ends become due over this many seconds.
@@ -39,10 +37,15 @@ DEADLINE_WAKE_MARGIN_S = 1.0
 
 @dataclass(frozen=True)
 class Wait:
-    """Park the job for ``seconds``, writing ``fields`` (its reserved slot, the reason)."""
+    """Park the job for ``seconds``, writing ``fields`` (its spend moment, the reason).
+
+    ``in_line``: the job waits in its line for a send moment instead; ``seconds`` is then
+    when the schedule hands it out anyway (its submit deadline).
+    """
 
     seconds: float
     fields: dict[str, Any] = field(default_factory=dict)
+    in_line: bool = False
 
 
 def _jittered(seconds: float, spread: float = WAKE_JITTER_S) -> float:
@@ -61,8 +64,10 @@ def pause_gate(svc: Services, job: Job) -> Wait | None:
         end_pause(svc, state)
         return None
     svc.store.hold(svc.api_key_id, job.job_id)
+    if job.grant is not None:
+        svc.limiter.give_back([job.grant])
     code = "paused" if state.by_operator else state.reason
-    reason = {LAST_ERROR_FIELD: {"code": code, "msg": state.message}}
+    reason = {LAST_ERROR_FIELD: {"code": code, "msg": state.message}, GRANT_FIELD: None}
     if state.by_operator:
         return Wait(_jittered(OPERATOR_PAUSE_RECHECK_S), reason)
     until_probe = min(svc.pause.seconds_to_probe(), MAX_PROBE_INTERVAL_S)
@@ -85,7 +90,8 @@ def probe_key(svc: Services, reason: str) -> bool:
 def end_pause(svc: Services, state: PauseState) -> None:
     """A probe succeeded: end that pause (only that one) and wake the jobs it held."""
     if svc.pause.end(state):
-        released = svc.store.release_held(svc.api_key_id, RELEASE_SPREAD_S)
+        deadline_s = svc.settings.remix_submit_deadline_s + DEADLINE_WAKE_MARGIN_S
+        released = svc.store.release_held(svc.api_key_id, RELEASE_SPREAD_S, deadline_s)
         logger.warning(
             "upstream key usable again (probe after %s): resuming %d held job(s)",
             state.reason,
@@ -107,42 +113,38 @@ def trip_pause(svc: Services, reason: str, message: str) -> None:
 # ------------------------------------------------------------------ the budget
 
 
-def budget_gate(svc: Services, job: Job) -> Wait | None:
-    """Send now if the job's reserved moment has come; otherwise wait for one."""
-    limiter = svc.limiter
-    if job.slot is not None:
-        now = limiter.now()
-        if limiter.blocked_until() <= job.slot:
-            late_by = now - job.slot
-            if late_by < -EARLINESS_TOLERANCE_S:
-                return Wait(-late_by, {SLOT_FIELD: job.slot})
-            if late_by <= LATENESS_TOLERANCE_S:
-                return None
-    reservation = limiter.reserve(max_ahead=RESERVE_AHEAD_S)
-    if reservation.reserved and reservation.delay <= EARLINESS_TOLERANCE_S:
+def line_gate(svc: Services, job: Job) -> Wait | None:
+    """A job without a send moment waits for one in its line, at its place."""
+    if job.grant is not None:
         return None
-    # The job waits for the key: an operator's resume wakes it (see resume_key).
-    svc.store.hold(svc.api_key_id, job.job_id)
+    return _back_in_line(svc, job)
+
+
+def budget_gate(svc: Services, job: Job) -> Wait | None:
+    """Use the job's send moment now; one that is void sends the job back to its line."""
+    if job.grant is not None and svc.limiter.consume(job.grant):
+        return None
     svc.metrics.count("limiter_waits_total")
-    if not reservation.reserved:
-        # Wake once the moment is within reach; spread the crowd over the horizon.
-        wait = reservation.delay - RESERVE_AHEAD_S
-        return Wait(_jittered(wait, RESERVE_AHEAD_S / 4), {SLOT_FIELD: None})
-    return Wait(reservation.delay, {SLOT_FIELD: reservation.at})
+    return _back_in_line(svc, job)
+
+
+def _back_in_line(svc: Services, job: Job) -> Wait:
+    deadline = job.record.created_at + svc.settings.remix_submit_deadline_s
+    until_deadline = max(0.0, deadline - svc.clock.now()) + DEADLINE_WAKE_MARGIN_S
+    return Wait(until_deadline, {GRANT_FIELD: None}, in_line=True)
 
 
 # ------------------------------------------------------------------ the spend cap
 
 
 def spend_gate(svc: Services, job: Job) -> Wait | None:
-    """Send only within the key's spend cap (``REMIX_SPEND_CAP``); otherwise wait for it.
+    """Send only within the key's spend cap (``REMIX_SPEND_CAP``).
 
-    Runs before the rate budget, so that a job never holds a rate moment it may not spend.
-    The job keeps one spend reservation (``SPEND_FIELD``) until an attempt consumes it
-    (``attempt_begin.lua``): a job that waited and comes back uses it instead of reserving
-    again. A reservation whose moment passed unused (the job then waited for the rate
-    budget) is replaced, in the same step, by a fresh one: a spend counts at the moment
-    it is sent, or the windows would not hold.
+    The job's send moment was granted while the cap had room (``grant.lua``), so a spend
+    reservation now is nearly always there; when another worker's send filled the cap
+    meanwhile, the job goes back to its line, reserving nothing (its send moment is lost,
+    which only delays). The reservation is kept (``SPEND_FIELD``) until an attempt
+    consumes it (``attempt_begin.lua``); one whose moment passed unused is replaced.
     """
     cap = svc.spend
     if not cap.enabled:
@@ -150,32 +152,17 @@ def spend_gate(svc: Services, job: Job) -> Wait | None:
     held = job.spend
     if held is not None:
         late_by = cap.now() - float(held["at"])
-        if late_by < -EARLINESS_TOLERANCE_S:
-            return _spend_wait(svc, job, -late_by, held)
-        if late_by <= LATENESS_TOLERANCE_S:
+        if -EARLINESS_TOLERANCE_S <= late_by <= LATENESS_TOLERANCE_S:
             return None
-    member, reservation = cap.reserve(RESERVE_AHEAD_S, replacing=held["id"] if held else None)
+    member, reservation = cap.reserve(EARLINESS_TOLERANCE_S, replacing=held["id"] if held else None)
     if not reservation.reserved:
-        # Wake once a moment is within reach; spread the crowd over the horizon. A held
-        # job costs one schedule member and no message meanwhile.
-        wait = _jittered(reservation.delay - RESERVE_AHEAD_S, RESERVE_AHEAD_S / 4)
-        return _spend_wait(svc, job, wait, None)
+        svc.metrics.count("spend_cap_waits_total")
+        wait = _back_in_line(svc, job)
+        return Wait(wait.seconds, {**wait.fields, SPEND_FIELD: None}, in_line=True)
     svc.metrics.count("spend_reservations_total")
-    fresh = {"id": member, "at": reservation.at}
-    if reservation.delay > EARLINESS_TOLERANCE_S:
-        return _spend_wait(svc, job, reservation.delay, fresh)
-    if not svc.store.set_internal(job.job_id, SPEND_FIELD, fresh):
+    if not svc.store.set_internal(job.job_id, SPEND_FIELD, {"id": member, "at": reservation.at}):
         cap.refund(member)  # the job finished meanwhile (cancelled)
     return None
-
-
-def _spend_wait(svc: Services, job: Job, seconds: float, held: dict[str, Any] | None) -> Wait:
-    """Park the job (still queued, no retry spent) for the cap, but not past its submit
-    deadline: it then wakes to fail like any job never accepted in time."""
-    svc.metrics.count("spend_cap_waits_total")
-    deadline = job.record.created_at + svc.settings.remix_submit_deadline_s
-    until_deadline = max(0.0, deadline - svc.clock.now()) + DEADLINE_WAKE_MARGIN_S
-    return Wait(min(seconds, until_deadline), {SPEND_FIELD: held, SLOT_FIELD: None})
 
 
 def refund_spend(svc: Services, spend: dict[str, Any] | None) -> None:
@@ -185,17 +172,20 @@ def refund_spend(svc: Services, spend: dict[str, Any] | None) -> None:
 
 
 def resume_key(
-    store: JobStore, pause: FleetPause, limiter: SharedRateLimiter, api_key_id: str
+    store: JobStore,
+    pause: FleetPause,
+    limiter: SharedRateLimiter,
+    api_key_id: str,
+    deadline_s: float,
 ) -> bool:
-    """An operator's resume: end any pause and any hold after a 429, and wake every job
-    waiting for the key now (reserved moments are forgotten; the jobs reserve again).
+    """An operator's resume: end any pause and any hold after a 429, and put every job
+    held for the key back in its line (``deadline_s``: ``REMIX_SUBMIT_DEADLINE_S``).
 
     Returns True when the key was paused or held.
     """
     paused = pause.resume()
     blocked = limiter.clear_block()
-    limiter.forget_reservations_ahead()
-    store.release_held(api_key_id, RELEASE_SPREAD_S)
+    store.release_held(api_key_id, RELEASE_SPREAD_S, deadline_s + DEADLINE_WAKE_MARGIN_S)
     return paused or blocked
 
 

@@ -38,6 +38,7 @@ from worker.models import InvalidRequestError, JobState, RemixRequest, validate_
 from worker.policies.gates import (
     budget_gate,
     hold_after_rate_limited,
+    line_gate,
     pause_gate,
     refund_spend,
     spend_gate,
@@ -56,12 +57,12 @@ from worker.relay_models import IdeogramRemixRequest
 from worker.services import Services
 from worker.store.blobs import BlobMissing, BlobStoreError
 from worker.store.jobs import (
+    GRANT_FIELD,
     HOLDS_FIELD,
     LAST_ERROR_FIELD,
     REFUSED_402_FIELD,
     RELAY_RESULTS_FIELD,
     RETRIES_FIELD,
-    SLOT_FIELD,
     SPEND_FIELD,
     UPLOADS_FIELD,
     Job,
@@ -132,11 +133,15 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return _not_configured_here(svc, job, exc)
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
-    for gate in (pause_gate, spend_gate, budget_gate):
+    for gate in (pause_gate, line_gate, budget_gate, spend_gate):
         wait = gate(svc, job)
-        if wait is not None:
+        if wait is None:
+            continue
+        if wait.in_line:
+            svc.lines.join(job, wait.seconds, **wait.fields)
+        else:
             svc.store.park(job, wait.seconds, **wait.fields)
-            return gate.__name__.removesuffix("_gate")
+        return gate.__name__.removesuffix("_gate")
     send = _sender(svc, job, request)
     if isinstance(send, str):
         return send
@@ -149,7 +154,7 @@ def _not_configured_here(svc: Services, job: Job, exc: ProviderNotConfigured) ->
     now = svc.clock.now()
     if svc.broker.zcount(keys.provider_workers(job.record.provider), now - LIVE_WORKER_S, "+inf"):
         wait = PROVIDER_ELSEWHERE_WAIT_S * random.uniform(0.5, 1.5)
-        svc.store.park(job, wait, **{SLOT_FIELD: None})
+        svc.store.park(job, wait, **{GRANT_FIELD: None})
         return "provider_elsewhere"
     fail_job(svc, job.job_id, "provider_not_configured", str(exc))
     return "failed"
@@ -273,7 +278,7 @@ def _attempt(svc: Services, job: Job, send: Sender) -> str:
         # Another attempt may be in flight, or the upstream may still call back with the
         # task a lost attempt created: the job waits instead of paying again.
         wait = opened.settles_in + random.uniform(0, SETTLE_JITTER_S)
-        svc.store.park(job, wait, **{SLOT_FIELD: None})
+        svc.store.park(job, wait, **{GRANT_FIELD: None})
         return "attempt_open" if opened.status == "open" else "await_callback"
     if opened.status != "ok":
         return opened.status
@@ -455,7 +460,7 @@ def _hold_for_key(
     the fleet again; its submit deadline ends it with 402 if it never fits.
     """
     settings = svc.settings
-    fields: dict[str, Any] = {SLOT_FIELD: None}
+    fields: dict[str, Any] = {GRANT_FIELD: None}
     base, cap, floor = settings.remix_retry_base_s, settings.remix_retry_max_s, 0.0
     outcome = "held"
     if isinstance(exc, InsufficientCreditsError):
@@ -508,7 +513,7 @@ def _retry_later(
     delay = submit_retry_delay(retries, settings, exc.retry_after)
     if isinstance(exc, RateLimitedError) and recent is not None:
         hold_after_rate_limited(svc, exc, recent)
-    svc.store.park(job, delay, **{SLOT_FIELD: None})
+    svc.store.park(job, delay, **{GRANT_FIELD: None})
     logger.warning(
         "job %s: %s %s (retry %d), again in %.1fs", job.job_id, what, exc, retries, delay
     )

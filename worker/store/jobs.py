@@ -39,7 +39,8 @@ from worker.models import PROVIDER, JobRecord, JobState, upstream_model
 REQUEST_FIELD = "_request"
 DISPATCH_FIELD = "_dispatch"
 ATTEMPT_FIELD = "_attempt"
-SLOT_FIELD = "_slot"
+#: The send moment granted to the job (its member in the key's budget), until it is used.
+GRANT_FIELD = "_grant"
 #: The job's spend reservation not yet used by an attempt: ``{"id": member, "at": moment}``.
 SPEND_FIELD = "_spend"
 RETRIES_FIELD = "_retries"
@@ -78,7 +79,7 @@ def _encoded(fields: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _encode(fields: dict[str, Any]) -> list[str]:
+def encode_fields(fields: dict[str, Any]) -> list[str]:
     """``name, JSON text, name, JSON text, ...`` as the scripts take fields."""
     return [text for pair in _encoded(fields).items() for text in pair]
 
@@ -117,7 +118,7 @@ class Job:
     token: int
     request: Any
     attempt: str | None
-    slot: float | None
+    grant: str | None
     spend: dict[str, Any] | None
     retries: int
     holds: int
@@ -138,7 +139,7 @@ class Job:
             token=int(fields.get(DISPATCH_FIELD) or 0),
             request=fields.get(REQUEST_FIELD),
             attempt=fields.get(ATTEMPT_FIELD),
-            slot=fields.get(SLOT_FIELD),
+            grant=fields.get(GRANT_FIELD),
             spend=fields.get(SPEND_FIELD),
             retries=int(fields.get(RETRIES_FIELD) or 0),
             holds=int(fields.get(HOLDS_FIELD) or 0),
@@ -272,7 +273,8 @@ class JobStore:
         priority: str = DEFAULT_PRIORITY,
         admit: bool = True,
     ) -> tuple[str, bool]:
-        """Create a ``queued`` record due in the schedule after ``due_in`` seconds.
+        """Create a ``queued`` record, waiting in its line (:mod:`worker.store.lines`); the
+        schedule hands it out after ``due_in`` seconds if it is still there (its deadline).
 
         Returns ``(owner_job_id, created)``: with an ``idempotency_key`` the tenant used
         before, nothing is written and the earlier job's id comes back; ``created`` is
@@ -347,7 +349,13 @@ class JobStore:
         tenant or priority (they become parts of key names)."""
         limit = self.max_waiting if admit else None
         job_keys = [keys.SCHEDULE, keys.state_index(JobState.QUEUED), keys.WAITING, keys.TENANTS]
-        args: list[Any] = [self.ttl_s, due_in, "" if limit is None else limit, " ".join(PRIORITIES)]
+        args: list[Any] = [
+            self.ttl_s,
+            due_in,
+            "" if limit is None else limit,
+            " ".join(PRIORITIES),
+            keys.LINES_PREFIX,
+        ]
         for job in jobs:
             tenant, priority = check_tenant(job.tenant), check_priority(job.priority)
             job_keys += [keys.job(job.job_id), keys.tenant_state_index(tenant, JobState.QUEUED)]
@@ -371,7 +379,10 @@ class JobStore:
             created_at=0,
             retry_of=job.retry_of,
         )
-        fields = record.model_dump(mode="json", exclude={"created_at"})
+        # Fields still at their defaults are not written (a reader fills them in): a
+        # queued job costs Redis about half the memory.
+        fields = record.model_dump(mode="json", exclude={"created_at"}, exclude_defaults=True)
+        fields.update(job_id=job.job_id, state=JobState.QUEUED.value, provider=job.provider)
         fields[REQUEST_FIELD] = job.request
         fields[TENANT_INDEX_FIELD] = keys.tenant_index_prefix(job.tenant)
         if job.notify_url is not None:
@@ -624,7 +635,7 @@ class JobStore:
             "" if due_in is None else max(0.0, due_in),
             self.finished_channel,
             "1" if self.archive else "",
-            *_encode(fields),
+            *encode_fields(fields),
         ]
         return int(self._update(keys=self._finishing_keys(job_id), args=args))
 
@@ -703,7 +714,7 @@ class JobStore:
 
     def end_attempt(self, job_id: str, attempt_id: str, *, unknown: bool, **fields: Any) -> bool:
         """Close an attempt that created no known task; True when it was open and ours."""
-        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *_encode(fields)]
+        args = [attempt_id, "1" if unknown else "0", self.ttl_s, *encode_fields(fields)]
         return int(self._attempt_end(keys=[keys.job(job_id)], args=args)) == 1
 
     def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
@@ -725,7 +736,8 @@ class JobStore:
         """Note that the job waits for ``api_key_id`` (its pause, or its budget)."""
         self.redis.sadd(keys.held(api_key_id), job_id)
 
-    def release_held(self, api_key_id: str, spread_s: float) -> int:
-        """Make the jobs held for the key due, spread over ``spread_s`` seconds."""
-        args = [spread_s, keys.JOB_PREFIX]
+    def release_held(self, api_key_id: str, spread_s: float, deadline_s: float) -> int:
+        """Put the jobs held for the key back in their lines (``deadline_s``: from a job's
+        creation to its submit deadline); any other becomes due within ``spread_s``."""
+        args = [spread_s, keys.JOB_PREFIX, keys.LINES_PREFIX, deadline_s]
         return int(self._release_held(keys=[keys.held(api_key_id), keys.SCHEDULE], args=args))
