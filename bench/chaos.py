@@ -164,6 +164,8 @@ class Outcome:
     watched_after_kill: list[int] = field(default_factory=list)
     watched_after_outage: list[int] = field(default_factory=list)
     pauses: int = 0
+    #: Records whose tenant or priority is not what the producer asked for.
+    mixed_up: int = 0
     leaks: list[str] = field(default_factory=list)
     #: Jobs that did not move after a kill or an outage within the limit, with their fields.
     stuck: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -178,6 +180,7 @@ class Outcome:
             self.states == Counter({"succeeded": self.jobs})
             and self.lost == 0
             and self.paid_twice_unflagged == 0
+            and self.mixed_up == 0
             and not self.leaks
         )
 
@@ -408,8 +411,20 @@ def run_scenario(
     return outcome
 
 
+#: The tenants and priorities the jobs of a scenario take in turn.
+MIX = (
+    ("svc-a", "normal"),
+    ("svc-b", "interactive"),
+    ("svc-a", "bulk"),
+    ("svc-c", "normal"),
+    ("svc-b", "normal"),
+    ("svc-c", "bulk"),
+)
+
+
 def _produce(prompts: Sequence[str], job_ids: list[str], stretch_s: float) -> None:
-    """Enqueue every prompt, spread over ``stretch_s``, as a careful producer would.
+    """Enqueue every prompt, spread over ``stretch_s``, as a careful producer would, from
+    several tenants in every priority (:data:`MIX`), so the lines' order is under fault too.
 
     The job store may be down for a moment (it is restarted): the producer then retries
     the same request with the same idempotency key, so a write whose answer was lost does
@@ -429,6 +444,8 @@ def _produce(prompts: Sequence[str], job_ids: list[str], stretch_s: float) -> No
                         image_url=SOURCE_IMAGE,
                         reference_image_urls=[REFERENCE_IMAGE],
                         idempotency_key=f"chaos-{prompt}",
+                        tenant=MIX[index % len(MIX)][0],
+                        priority=MIX[index % len(MIX)][1],
                     )
                 )
                 break
@@ -472,11 +489,12 @@ def _judge(fleet: Fleet, watcher: Watcher, prompts: Sequence[str], outcome: Outc
     stats = fleet.control.stats()
     accepted = stats["accepted_by_prompt"]
     ambiguous = stats.get("ambiguous_by_prompt", {})
-    for prompt, job_id in zip(prompts, watcher.job_ids, strict=True):
+    for index, (prompt, job_id) in enumerate(zip(prompts, watcher.job_ids, strict=True)):
         record = records.get(job_id)
         if record is None:
             outcome.lost += 1
             continue
+        outcome.mixed_up += (record.tenant, record.priority) != MIX[index % len(MIX)]
         outcome.states[record.state.value] += 1
         if not record.finished:
             outcome.lost += 1
@@ -567,6 +585,7 @@ def figures(outcomes: dict[str, Outcome]) -> list[tuple[str, str]]:
         )
         rows.append((f"{name}: ambiguous answers (sandbox)", str(outcome.ambiguous)))
         rows.append((f"{name}: leaks of the API key", str(len(outcome.leaks))))
+        rows.append((f"{name}: records of another tenant or priority", str(outcome.mixed_up)))
         rows.append((f"{name}: faults injected", _counts(outcome.faults) or "none"))
         rows.append((f"{name}: fleet pauses", str(outcome.pauses)))
         if outcome.kills:

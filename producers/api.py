@@ -32,9 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import kombu.exceptions
-import redis
-
 from worker.app import services
 from worker.fields import DEFAULT_PRIORITY, DEFAULT_TENANT, BlobRef, check_priority, check_tenant
 from worker.images import load_image
@@ -52,7 +49,6 @@ logger = logging.getLogger("producers")
 WAIT_POLL_INITIAL_S = 0.2
 WAIT_POLL_MAX_S = 2.0
 MAX_IDEMPOTENCY_KEY_CHARS = 200
-_PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
 
 
 class JobNotCancellable(Exception):
@@ -263,6 +259,7 @@ def enqueue_validated(payload: dict[str, Any], job: JobOptions) -> tuple[str, bo
     )
     if created:
         _log_queued(job_id, job.retry_of)
+        svc.publisher.announce([(job_id, payload)])
     return job_id, created
 
 
@@ -299,6 +296,7 @@ def enqueue_many_validated(
     created = [job for job, (_, fresh) in zip(new, owners, strict=True) if fresh]
     for job in created:
         _log_queued(job.job_id)
+    svc.publisher.announce([(job.job_id, job.request) for job in created])
     return owners
 
 

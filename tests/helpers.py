@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import subprocess
@@ -11,13 +12,16 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
 from sandbox.control import SandboxControl
 from sandbox.launch import redis_ping
+from worker import keys
+from worker.fields import PRIORITIES
+from worker.store.jobs import decode_text
 
 T = TypeVar("T")
 
@@ -187,3 +191,29 @@ def start_snapshot_redis(port: int, directory: Path, *args: str) -> subprocess.P
         process.kill()
         raise
     return process
+
+
+def waiting_jobs(client: redis.Redis) -> list[dict[str, Any]]:
+    """The jobs waiting in every provider's lines for a send moment, by place: what a
+    producer's enqueue leaves (no message is sent before a send moment picks the job).
+    Each: ``job_id``, ``request``, ``provider``, ``tenant``, ``priority``."""
+    placed: list[tuple[float, str]] = []
+    for key in client.scan_iter(match=keys.LINES_PREFIX + "*:*:*"):
+        _provider, priority, _tenant = decode_text(key).removeprefix(keys.LINES_PREFIX).split(":")
+        if priority in PRIORITIES:
+            line = client.zrange(key, 0, -1, withscores=True)
+            placed += [(score, decode_text(member)) for member, score in line]
+    jobs = []
+    for _, job_id in sorted(placed):
+        fields = client.hmget(keys.job(job_id), "_request", "provider", "tenant", "priority")
+        request, provider, tenant, priority = (json.loads(v) if v else None for v in fields)
+        jobs.append(
+            {
+                "job_id": job_id,
+                "request": request,
+                "provider": provider or "kie",
+                "tenant": tenant or "default",
+                "priority": priority or "normal",
+            }
+        )
+    return jobs

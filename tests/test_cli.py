@@ -8,7 +8,6 @@ around each test.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from producers.cli import BadInput, parse_assignment, parse_assignments, parse_b
 from sandbox.images import render_png
 from sandbox.launch import free_port
 from tests import redis_kit
-from tests.helpers import empty_database
+from tests.helpers import empty_database, waiting_jobs
 
 pytestmark = pytest.mark.integration  # every command runs as a process
 CLI_REDIS_URL = redis_kit.url(redis_kit.CLI)
@@ -63,18 +62,8 @@ def remixq(*args: str, redis_url: str = CLI_REDIS_URL) -> subprocess.CompletedPr
 
 
 def enqueued(client: redis.Redis) -> tuple[int, set[bytes]]:
-    """What producers have written: the length of the ``submit`` queue and the job keys."""
-    return client.llen("submit"), set(client.scan_iter(match=JOB_KEYS))
-
-
-def submit_messages(client: redis.Redis) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The messages waiting on the ``submit`` queue: ``(headers, kwargs)`` each."""
-    messages = []
-    for raw in client.lrange("submit", 0, -1):
-        message = json.loads(raw)
-        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        messages.append((message["headers"], kwargs))
-    return messages
+    """What producers have written: how many jobs wait in line and the job keys."""
+    return len(waiting_jobs(client)), set(client.scan_iter(match=JOB_KEYS))
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], *expected: str) -> None:
@@ -162,10 +151,10 @@ def test_valid_submit_enqueues_exactly_one_message(cli_redis: redis.Redis) -> No
     job_id = result.stdout.strip()
     assert len(job_id) == 32 and result.stdout == job_id + "\n"
     assert enqueued(cli_redis) == (1, {f"remixq:job:{job_id}".encode()})
-    [(headers, kwargs)] = submit_messages(cli_redis)
-    assert headers["task"] == "remix.submit" and headers["id"] == job_id
-    assert kwargs["job_id"] == job_id
-    assert kwargs["request"] == {
+    assert cli_redis.llen("submit") == 0  # no message before a send moment picks the job
+    [waiting] = waiting_jobs(cli_redis)
+    assert waiting["job_id"] == job_id
+    assert waiting["request"] == {
         "prompt": "a knight",
         "image_url": IMAGE,
         "reference_image_urls": [REFERENCE],
@@ -187,15 +176,15 @@ def test_submit_json_prints_the_queued_record(cli_redis: redis.Redis) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["state"] == "queued" and record["result_urls"] == []
-    assert submit_messages(cli_redis)[0][0]["id"] == record["job_id"]
+    assert waiting_jobs(cli_redis)[0]["job_id"] == record["job_id"]
 
 
-def test_same_idempotency_key_gives_the_same_job_and_one_message(cli_redis: redis.Redis) -> None:
+def test_same_idempotency_key_gives_the_same_job_waiting_once(cli_redis: redis.Redis) -> None:
     first = remixq("submit", *REQUIRED, "--idempotency-key", "order-17")
     second = remixq("submit", *REQUIRED, "--idempotency-key", "order-17")
     assert first.returncode == second.returncode == 0
     assert first.stdout == second.stdout
-    assert cli_redis.llen("submit") == 1
+    assert [job["job_id"] for job in waiting_jobs(cli_redis)] == [first.stdout.strip()]
 
 
 def test_wait_without_workers_times_out_with_exit_1(cli_redis: redis.Redis) -> None:
@@ -247,7 +236,7 @@ def test_batch_reports_every_bad_line(cli_redis: redis.Redis, tmp_path: Path) ->
     assert enqueued(cli_redis) == (0, set())
 
 
-def test_good_batch_enqueues_one_message_per_job(cli_redis: redis.Redis, tmp_path: Path) -> None:
+def test_good_batch_puts_each_job_in_line_once(cli_redis: redis.Redis, tmp_path: Path) -> None:
     batch = write_batch(
         tmp_path / "jobs.jsonl",
         {**GOOD_LINE, "idempotency_key": "dup"},
@@ -258,9 +247,9 @@ def test_good_batch_enqueues_one_message_per_job(cli_redis: redis.Redis, tmp_pat
     assert result.returncode == 0, result.stderr
     job_ids = result.stdout.split()
     assert len(job_ids) == 3 and job_ids[0] == job_ids[2] != job_ids[1]
-    messages = submit_messages(cli_redis)
-    assert sorted(headers["id"] for headers, _ in messages) == sorted(set(job_ids))
-    assert {kwargs["request"]["prompt"] for _, kwargs in messages} == {"a knight", "a wizard"}
+    waiting = waiting_jobs(cli_redis)
+    assert sorted(job["job_id"] for job in waiting) == sorted(set(job_ids))
+    assert {job["request"]["prompt"] for job in waiting} == {"a knight", "a wizard"}
 
 
 def test_batch_json_prints_one_record_per_line(cli_redis: redis.Redis, tmp_path: Path) -> None:
@@ -269,7 +258,7 @@ def test_batch_json_prints_one_record_per_line(cli_redis: redis.Redis, tmp_path:
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["state"] for r in records] == ["queued", "queued"]
-    assert cli_redis.llen("submit") == 2
+    assert len(waiting_jobs(cli_redis)) == 2
 
 
 @pytest.mark.parametrize(
@@ -312,7 +301,10 @@ def test_status_without_id_summarises_jobs_and_queues(cli_redis: redis.Redis) ->
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["jobs_by_state"] == {"queued": 2}
-    assert summary["queues"] == {"submit": 2, "poll": 0, "notify": 0, "archive": 0}
+    assert summary["queues"] == {"submit": 0, "poll": 0, "notify": 0, "archive": 0}
+    assert [(line["priority"], line["tenant"], line["waiting"]) for line in summary["lines"]] == [
+        ("normal", "default", 2)
+    ]
     assert summary["webhooks_pending"] == 0 and summary["archives_pending"] == 0
     assert summary["held_by_workers"] == 0 and summary["in_flight_upstream"] == 0
 
@@ -445,8 +437,8 @@ def test_submit_with_image_files_enqueues_references_not_bytes(
     )
 
     assert result.returncode == 0, result.stderr
-    [(_headers, kwargs)] = submit_messages(cli_redis)
-    request = kwargs["request"]
+    [waiting] = waiting_jobs(cli_redis)
+    request = waiting["request"]
     assert request["image_file"]["name"] == "base.png"
     assert [r["name"] for r in request["reference_image_files"]] == ["ref.png"]
     assert "image_url" not in request and "reference_image_urls" not in request

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import empty_database
+from tests.helpers import empty_database, waiting_jobs
 from tests.relay_kit import RELAY, png_bytes
 from tests.test_cli import (
     CLI_REDIS_URL,
@@ -19,7 +19,6 @@ from tests.test_cli import (
     assert_refused,
     enqueued,
     remixq,
-    submit_messages,
 )
 from worker.store.jobs import decode_text
 
@@ -49,9 +48,9 @@ def test_a_relay_job_is_enqueued_with_its_provider(cli_redis: redis.Redis, tmp_p
     )
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
-    ((_, kwargs),) = submit_messages(cli_redis)
-    assert kwargs["provider"] == RELAY and kwargs["job_id"] == job_id
-    sent = kwargs["request"]["image_file"]
+    (waiting,) = waiting_jobs(cli_redis)
+    assert waiting["provider"] == RELAY and waiting["job_id"] == job_id
+    sent = waiting["request"]["image_file"]
     assert sent["sha256"] == hashlib.sha256(png_bytes()).hexdigest()
     assert sent["content_type"] == "image/png" and sent["name"] == "src.png"
     record = {
@@ -65,8 +64,8 @@ def test_a_kie_job_carries_no_provider_argument(cli_redis: redis.Redis) -> None:
         "submit", "--prompt", "a knight", "--image-url", IMAGE, "--reference-image-url", IMAGE
     )
     assert result.returncode == 0, result.stderr
-    ((_, kwargs),) = submit_messages(cli_redis)
-    assert "provider" not in kwargs
+    (waiting,) = waiting_jobs(cli_redis)
+    assert waiting["provider"] == "kie"
 
 
 def test_a_url_for_the_relay_is_refused_in_one_line(cli_redis: redis.Redis) -> None:

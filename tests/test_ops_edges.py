@@ -23,21 +23,21 @@ def _step(svc, job_id: str) -> str:
     return submit_now(svc, job_id)
 
 
-def test_cancel_of_a_job_holding_a_spend_reservation_gives_it_back(
+def test_a_job_waiting_for_the_rate_budget_holds_no_spend_when_cancelled(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
-    """A job passes the spend gate (reserving spend) and then waits for the rate budget;
-    cancelled meanwhile, it never sent anything, yet its reservation stays in the log and
-    blocks the cap for a whole window."""
+    """A job waiting for the rate budget must not hold a spend reservation: cancelled
+    meanwhile, it never sent anything, and a reservation left in the log would block the
+    cap for a whole window. It reserves its spend only once its send moment is used."""
     svc = make_services(upstream.url, remix_spend_cap="2/1h", kie_rate_limit="1/30s")
     (a, _), (b, _) = new_job(svc), new_job(svc)
     assert _step(svc, a) == "accepted"
-    assert _step(svc, b) != "accepted"  # parked on the rate budget, holding a spend
-    assert svc.store.get_internal(b, SPEND_FIELD) is not None
+    assert _step(svc, b) != "accepted"  # waits in line for the rate budget
+    assert svc.store.get_internal(b, SPEND_FIELD) is None
     assert cancelling.cancel(svc, b) == "cancelled"
 
     log = keys.spend_log(svc.api_key_id)
-    assert svc.broker.zcard(log) == 1, "the cancelled job's spend reservation was not refunded"
+    assert svc.broker.zcard(log) == 1, "the cancelled job holds part of the cap"
 
 
 def test_a_secret_file_with_a_utf8_bom_is_read_as_the_key(

@@ -13,7 +13,6 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -24,6 +23,7 @@ from producers.retry import retry_one
 from sandbox.control import SandboxControl
 from sandbox.images import render_png
 from tests.conftest import StartWorkers, unique_prompt
+from tests.helpers import waiting_jobs
 from worker import keys
 from worker.app import configure, services
 from worker.images import MAX_IMAGE_BYTES
@@ -43,15 +43,6 @@ def noise_png(side: int = 128) -> bytes:
     return out.getvalue()
 
 
-def submit_queue(client: redis.Redis) -> list[tuple[Any, dict[str, Any]]]:
-    """The raw messages on the ``submit`` queue and their decoded kwargs."""
-    found = []
-    for raw in client.lrange("submit", 0, -1):
-        body = base64.b64decode(json.loads(raw)["body"])
-        found.append((raw, json.loads(body)[1]))
-    return found
-
-
 def written(client: redis.Redis) -> tuple[int, int, int]:
     """Jobs, blobs and queued submits in the test Redis."""
     jobs = len(list(client.scan_iter(keys.JOB_PREFIX + "*")))
@@ -69,23 +60,22 @@ def test_a_local_png_is_remixed_and_no_message_holds_its_bytes(
     path = tmp_path / "portrait.png"
     path.write_bytes(data)
     prompt = unique_prompt("local file")
-    redis_client.delete("submit")
-
     job_id = enqueue_remix(prompt, reference_image_urls=[REFERENCE], image_file=path)
 
-    [(raw, kwargs)] = [m for m in submit_queue(redis_client) if m[1].get("job_id") == job_id]
+    # What the job's remix.submit will carry is its stored request: a reference, no bytes.
+    [waiting] = [job for job in waiting_jobs(redis_client) if job["job_id"] == job_id]
+    raw = json.dumps(waiting["request"]).encode()
     assert len(data) > 4 * SMALL_MESSAGE_BYTES and len(raw) < SMALL_MESSAGE_BYTES
-    body = base64.b64decode(json.loads(raw)["body"])
-    assert base64.b64encode(data[16:64]) not in body and data[16:64] not in body
-    assert kwargs["request"]["image_file"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert "image_url" not in kwargs["request"]
+    assert base64.b64encode(data[16:64]) not in raw and data[16:64] not in raw
+    assert waiting["request"]["image_file"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert "image_url" not in waiting["request"]
 
     start_workers()
     record = wait_for_job(job_id, timeout=60)
 
     assert record.state is JobState.SUCCEEDED, record.fail_msg
     assert hashlib.sha256(data).hexdigest() in control.stats()["uploaded_sha256"]
-    blob = kwargs["request"]["image_file"]["blob"]
+    blob = waiting["request"]["image_file"]["blob"]
     assert not redis_client.exists(keys.blob(blob))  # the job's blob left with it
 
 

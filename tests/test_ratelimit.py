@@ -111,3 +111,19 @@ def test_a_full_spend_cap_grants_nothing(limiter: SharedRateLimiter) -> None:
     limiter.redis.zadd(spend_log, {"spent": limiter.now()})
     assert limiter.grant(waiting=5, most=5, spend_caps=[(1, 60.0)]).members == []
     assert len(limiter.grant(waiting=5, most=5, spend_caps=[(3, 60.0)]).members) == 2
+
+
+def test_a_pace_set_under_a_slower_limit_does_not_hold_a_faster_one(
+    redis_client: redis.Redis,
+) -> None:
+    key_id = f"test-{uuid.uuid4().hex[:8]}"
+    slow = SharedRateLimiter(redis_client, key_id, 20, 600.0)
+    assert len(slow.grant(waiting=20, most=20).members) == 20  # the pace runs 10 min ahead
+    redis_client.delete(keys.rate_pending(key_id))  # as if those sends were long ago
+    fast = SharedRateLimiter(redis_client, key_id, 100, 1.0)
+    redis_client.delete(keys.rate_log(key_id))
+
+    first = fast.grant(waiting=500, most=500)
+    assert first.next_in <= 1.0  # within the new window, not ten minutes
+    time.sleep(first.next_in + 0.05)
+    assert fast.grant(waiting=500, most=500).members

@@ -4,7 +4,6 @@ sandbox over HTTP in both of the relay's answer modes, and no secret anywhere.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 
@@ -16,14 +15,13 @@ from producers import enqueue_remix, wait_for_job
 from sandbox.control import SandboxControl
 from sandbox.launch import LaunchError, ManagedProcess
 from tests.conftest import REMIX_INPUT, StartWorkers, unique_prompt
-from tests.helpers import redis_value
+from tests.helpers import redis_value, waiting_jobs
 from tests.relay_kit import RELAY, RELAY_API_KEY, enqueue_relay_job
 from worker import keys
 from worker.app import services
 from worker.models import JobState
 from worker.settings import load_settings
 from worker.store.jobs import decode_text
-from worker.store.publisher import SUBMIT_QUEUE
 from worker.upstreams.providers import ideogram_key_id
 
 pytestmark = pytest.mark.integration
@@ -53,12 +51,6 @@ def _fragments(secret: str) -> list[bytes]:
     return [secret[i : i + 10].encode() for i in range(0, len(secret) - 9, 5)]
 
 
-def _queued_submits(client: redis.Redis) -> list[dict[str, object]]:
-    """The ``remix.submit`` messages waiting in the broker (kombu's Redis list)."""
-    messages = [json.loads(raw) for raw in client.lrange(SUBMIT_QUEUE, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[1] for m in messages]
-
-
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_relay_jobs_succeed_on_a_worker_without_a_kie_key(
     relay: SandboxControl,
@@ -71,9 +63,9 @@ def test_relay_jobs_succeed_on_a_worker_without_a_kie_key(
     prompts = [unique_prompt(f"relay-{mode}-{i} ✓") for i in range(3)]
     job_ids = [enqueue_relay_job(services(), p, num_images=2) for p in prompts]
 
-    queued = [m for m in _queued_submits(redis_client) if m.get("job_id") in job_ids]
-    assert len(queued) == 3 and all(m["provider"] == RELAY for m in queued)
-    assert all(len(json.dumps(m)) < 1000 for m in queued)  # a reference, never the bytes
+    queued = [job for job in waiting_jobs(redis_client) if job["job_id"] in job_ids]
+    assert len(queued) == 3 and all(job["provider"] == RELAY for job in queued)
+    assert all(len(json.dumps(job["request"])) < 1000 for job in queued)  # a reference
 
     (worker,) = start_workers(1, **relay_worker_env(sandbox))
     records = [wait_for_job(j, timeout=JOB_TIMEOUT_S) for j in job_ids]

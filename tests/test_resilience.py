@@ -49,7 +49,7 @@ from sandbox.launch import (
 )
 from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, start_snapshot_redis, wait_until
-from tests.policy_kit import make_services, new_job, submit_now
+from tests.policy_kit import make_services, new_job, pick_now, submit_now
 from worker import keys
 from worker.models import JobRecord, JobState
 from worker.policies.submit import record_acceptance
@@ -533,9 +533,10 @@ def test_a_message_lost_as_the_broker_went_down_moves_when_it_returns_not_after_
 ) -> None:
     """A message taken in the instant the broker went down is gone from the broker.
 
-    The lost message is made here by deleting the job's queued message (no worker ran yet)
-    before the broker goes down for a moment. The job must be sent again as soon as the
-    broker is back, well within its lease (45 s), because its step never began.
+    The lost message is made here by handing the job out (a send moment picks it) without
+    publishing its message (no worker ran yet), before the broker goes down for a moment.
+    The job must be sent again as soon as the broker is back, well within its lease (45 s),
+    because its step never began.
     """
     assert upstream.url is not None
     broker, backend = broker_and_backend(tmp_path)
@@ -544,8 +545,10 @@ def test_a_message_lost_as_the_broker_went_down_moves_when_it_returns_not_after_
         store = JobStore(redis.Redis.from_url(backend.url), ttl_s=3600)
         enqueued_at = time.monotonic()
         job_ids = enqueue(broker.url, [unique_prompt("lost-message")], backend_url=backend.url)
-        with broker.admin() as admin:
-            assert admin.delete("submit") == 1  # the job's only message is gone
+        svc = make_services(
+            upstream.url, redis_url=broker.url, result_backend_url=backend.url, kie_api_key=API_KEY
+        )
+        assert [d.job_id for d in pick_now(svc)] == job_ids  # handed out; its message is lost
         [worker] = workers.start(1, RESULT_BACKEND_URL=backend.url, KIE_REQUEST_DEADLINE_S="30")
         wait_until(lambda: BROKER_CONNECTED in worker.log_tail(), RECONNECT_TIMEOUT_S, 0.1)
 

@@ -30,6 +30,7 @@ import redis
 from worker import keys
 from worker.fleet.picker import Picker
 from worker.fleet.side_dispatch import dispatch_archives, dispatch_notifications
+from worker.models import PROVIDERS
 from worker.services import Services
 from worker.store.jobs import Dispatch
 from worker.store.publisher import (
@@ -62,6 +63,8 @@ HEARTBEAT_FORGET_S = 3600.0
 PRUNE_S = 600.0
 #: A worker whose last heartbeat is older than this no longer counts its slots.
 LIVE_WORKER_S = 3 * HEARTBEAT_S
+#: How often jobs of a provider no worker of this one's can send are looked at.
+ORPHAN_CHECK_S = 2.0
 
 
 class Dispatcher:
@@ -86,6 +89,7 @@ class Dispatcher:
         self._store_run_id: str | None = None
         self._store_changed_at: float | None = None
         self.picker = Picker(svc)
+        self._next_orphan_check = time.monotonic() + HEARTBEAT_S
         #: Jobs waiting in each provider's lines, as the last round read them.
         self.waiting: dict[str, int] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -149,13 +153,14 @@ class Dispatcher:
         if time.monotonic() - self._last_prune >= PRUNE_S:
             self._last_prune = time.monotonic()
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
-        due, self.waiting = due_schedules(self.svc.store.redis, self.picker.providers)
+        due, self.waiting = due_schedules(self.svc.store.redis, PROVIDERS)
         wanted = self.picker.wanted(self.waiting)
-        if not due and not wanted:  # an idle round costs one round trip
+        orphans = self.picker.orphans(self.waiting)
+        if not due and not wanted and not orphans:  # an idle round costs one round trip
             return 0
         waiting = oldest_waiting(self.svc)
         self.warn_unconsumed(waiting)
-        sent = self._pick_jobs(wanted)
+        sent = self._pick_jobs(wanted) + self._hand_out_orphans(orphans)
         sent += self._dispatch_jobs(waiting) if keys.SCHEDULE in due else 0
         if keys.NOTIFY_SCHEDULE in due:
             sent += self._dispatch_apart(
@@ -206,7 +211,24 @@ class Dispatcher:
         run_id = self.svc.store.server_run_id()
         if run_id != self._store_run_id and self._store_run_id is not None:
             self._store_changed_at = self.svc.clock.now()
+            logger.warning(
+                "dispatcher: the job store restarted or failed over; no job is given a send "
+                "moment for a lease (%.0f s), so that no step still in flight is sent again",
+                self.svc.settings.lease_s + HEARTBEAT_S,
+            )
         self._store_run_id = run_id
+
+    def _store_settled(self) -> bool:
+        """Whether picking is safe: not within a lease of a change of the job store's
+        server. A failover may have lost a pick, so the job is back in its line while the
+        step it was picked for may still wait for its createTask answer; only the lease is
+        long enough to outlast it. Asked before every round of picks, so a change is seen
+        before the next pick (a server that does not say who it is cannot be watched)."""
+        self.watch_store()
+        changed = self._store_changed_at
+        if changed is None:
+            return True
+        return self.svc.clock.now() - changed >= self.svc.settings.lease_s + HEARTBEAT_S
 
     def _store_restarted_since(self, began_at: float | None) -> bool:
         """Whether the job store may have changed since ``began_at`` (True when it does
@@ -251,13 +273,34 @@ class Dispatcher:
         return default if soonest is None else min(default, max(MIN_WAIT_S, soonest))
 
     def _pick_jobs(self, providers: list[str]) -> int:
-        """Give each provider's free send moments to the next jobs in its lines."""
+        """Give each provider's free send moments to the next jobs in its lines; none for a
+        lease after the job store restarted or failed over (:meth:`_store_settled`)."""
+        if not providers or not self._store_settled():
+            return 0
         sent = 0
         for provider in providers:
             picked = self.picker.pick(provider, self.waiting[provider])
             if picked:
                 self._send(picked)
                 sent += len(picked)
+        return sent
+
+    def _hand_out_orphans(self, providers: list[str]) -> int:
+        """Jobs of providers that no live worker can send are handed out to fail (checked
+        at most every :data:`ORPHAN_CHECK_S`; a worker that can send them may be starting)."""
+        now = time.monotonic()
+        if not providers or now < self._next_orphan_check:
+            return 0
+        self._next_orphan_check = now + ORPHAN_CHECK_S
+        since = self.svc.clock.now() - LIVE_WORKER_S
+        sent = 0
+        for provider in providers:
+            if self.svc.broker.zcount(keys.provider_workers(provider), since, "+inf"):
+                continue
+            handed = self.picker.hand_out_orphans(provider, self.waiting[provider])
+            if handed:
+                self._send(handed)
+                sent += len(handed)
         return sent
 
     def _dispatch_jobs(self, waiting: dict[str, float]) -> int:

@@ -10,6 +10,7 @@ order: docs/design.md, "Sharing the key's send moments".
 from __future__ import annotations
 
 import time
+import uuid
 
 from worker.services import Services
 from worker.store.jobs import Dispatch
@@ -36,6 +37,18 @@ class Picker:
         """How long until a provider with waiting jobs may have a moment (None: none wait)."""
         times = [self._next_at.get(p, 0.0) for p in self.providers if waiting.get(p)]
         return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def orphans(self, waiting: dict[str, int]) -> list[str]:
+        """Providers this worker cannot send to whose lines hold jobs (whether another
+        worker can is the caller's to find out)."""
+        return [p for p, count in waiting.items() if count and p not in self.providers]
+
+    def hand_out_orphans(self, provider: str, waiting: int) -> list[Dispatch]:
+        """Hand out jobs of a provider no live worker can send, without a send moment:
+        their step fails them (``provider_not_configured``) instead of leaving them in line
+        until their submit deadline."""
+        members = [f"none:{uuid.uuid4().hex}:{i}" for i in range(min(waiting, PICK_LIMIT))]
+        return self.svc.lines.pick(provider, members, {}, self.svc.settings.lease_s)
 
     def pick(self, provider: str, waiting: int) -> list[Dispatch]:
         """Moments for up to ``waiting`` of ``provider``'s jobs, given to the next in line."""

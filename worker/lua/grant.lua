@@ -52,7 +52,10 @@ local function next_free()
   return math.max(0, tonumber(nth[2]) + window - now)
 end
 if free <= 0 or waiting <= 0 then return {tostring(next_free())} end
-local pace = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), now - period)
+-- The next paced moment: never more than a window ahead (a pace set under a slower limit
+-- does not hold a faster one back) and at most one period's credit behind.
+local pace = tonumber(redis.call('GET', KEYS[4]) or '0')
+pace = math.max(math.min(pace, now + limit * period), now - period)
 local count = math.min(most, waiting, free)
 if waiting > free then
   -- A backlog: one moment per period (and one period's worth of credit at most).

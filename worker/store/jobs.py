@@ -382,7 +382,13 @@ class JobStore:
         # Fields still at their defaults are not written (a reader fills them in): a
         # queued job costs Redis about half the memory.
         fields = record.model_dump(mode="json", exclude={"created_at"}, exclude_defaults=True)
-        fields.update(job_id=job.job_id, state=JobState.QUEUED.value, provider=job.provider)
+        fields.update(
+            job_id=job.job_id,
+            state=JobState.QUEUED.value,
+            provider=job.provider,
+            tenant=job.tenant,
+            priority=job.priority,
+        )
         fields[REQUEST_FIELD] = job.request
         fields[TENANT_INDEX_FIELD] = keys.tenant_index_prefix(job.tenant)
         if job.notify_url is not None:

@@ -13,6 +13,7 @@ job id and its archive token.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -37,6 +38,8 @@ SENT_AT_HEADER = "remixq_sent_at"
 #: A publish that fails is tried again this much before the caller hears of it (the
 #: schedule sends the job later in any case).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
+
+logger = logging.getLogger("worker.publisher")
 
 
 class Publisher:
@@ -99,6 +102,34 @@ class Publisher:
             kwargsrepr=_submit_repr(job_id, request, token),
             headers={SENT_AT_HEADER: self.clock.now()},
         )
+
+    def announce(self, jobs: Sequence[tuple[str, Any]]) -> None:
+        """Tell Flower (a ``task-sent`` event each) of new jobs ``(job_id, request)`` that
+        wait in line: their ``remix.submit`` is sent only when a send moment picks them, and
+        until then Flower would not know them. Best effort: a broker error is not raised
+        (the job is queued; Flower learns of it when it is sent)."""
+        if not jobs or not self.app.conf.task_send_sent_event:
+            return
+        try:
+            with self.app.events.default_dispatcher() as dispatcher:
+                for job_id, request in jobs:
+                    dispatcher.send(
+                        "task-sent",
+                        uuid=job_id,
+                        root_id=job_id,
+                        parent_id=None,
+                        name=SUBMIT_TASK,
+                        args="()",
+                        kwargs=_submit_repr(job_id, request, 0),
+                        retries=0,
+                        eta=None,
+                        expires=None,
+                        queue=SUBMIT_QUEUE,
+                        exchange="",
+                        routing_key=SUBMIT_QUEUE,
+                    )
+        except Exception as exc:  # the broker is away: nothing is lost but the event
+            logger.debug("no task-sent event for %d new job(s): %s", len(jobs), exc)
 
     def poll(
         self, jobs: Sequence[tuple[str, int, float]], *, producer: Any = None, retry: bool = True
