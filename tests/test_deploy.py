@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -445,6 +446,7 @@ def test_the_image_is_slim_non_root_and_pinned() -> None:
     for copied in (
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "worker/",
         "producers/",
         "sandbox/",
@@ -648,3 +650,18 @@ def test_the_dev_sandbox_line_answers(run_line: Any) -> None:
     port = free_port()
     sandbox = run_line("Procfile.dev", "sandbox", free_port(), SANDBOX_PORT=str(port))
     sandbox.wait_for(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, "sandbox")
+
+
+# --- the licence ---------------------------------------------------------------------------
+
+
+def test_the_project_states_its_licence() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    assert project["project"]["license-files"] == ["LICENSE"]
+    # A license expression (PEP 639) needs setuptools 77 or later.
+    (backend,) = project["build-system"]["requires"]
+    assert backend.replace(" ", "") == "setuptools>=77"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) ")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in text
