@@ -664,4 +664,4 @@ def test_the_project_states_its_licence() -> None:
     assert backend.replace(" ", "") == "setuptools>=77"
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) ")
-    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text

@@ -33,6 +33,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.cpu import default_concurrency
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 RATE_LIMIT_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d+)?\s*(s|sec|m|min|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -359,6 +361,9 @@ class Settings(BaseSettings):
     #: The broker's visibility timeout: a message unacknowledged this long (its worker
     #: died, or its task is still running) is delivered again, so no task may run longer.
     remix_broker_visibility_timeout_s: float = Field(120.0, gt=0)
+    #: Pool slots (prefork children) of a worker started without ``-c``; unset: the
+    #: container's CPU quota, rounded up, else the CPUs (``worker_concurrency``).
+    remix_worker_concurrency: int | None = Field(None, ge=1)
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
@@ -556,6 +561,12 @@ class Settings(BaseSettings):
     def spend_caps(self) -> list[tuple[int, float]]:
         """``REMIX_SPEND_CAP`` as ``[(accepted createTasks, window_seconds), ...]``."""
         return parse_spend_cap(self.remix_spend_cap)
+
+    @property
+    def worker_concurrency(self) -> int:
+        """``REMIX_WORKER_CONCURRENCY``, or the CPUs this process may use (its cgroup's
+        quota rounded up, else the CPU count; at least 1)."""
+        return self.remix_worker_concurrency or default_concurrency()
 
     @property
     def lease_s(self) -> float:
