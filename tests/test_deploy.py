@@ -98,6 +98,29 @@ KEDA_REDIS_METADATA = {
     "unsafeSsl",
 }
 KEDA_REDIS_REQUIRED = {"listName"}
+#: ``spec.advanced`` of a ScaledObject; the HPA ``behavior`` inside is checked as
+#: Kubernetes' own (an autoscaling/v2 HorizontalPodAutoscaler's ``spec.behavior``).
+KEDA_ADVANCED_FIELDS = {
+    "horizontalPodAutoscalerConfig": dict,
+    "restoreToOriginalReplicaCount": bool,
+    "scalingModifiers": dict,
+}
+KEDA_HPA_CONFIG_FIELDS = {"behavior": dict, "name": str}
+#: A TriggerAuthentication's ``secretTargetRef`` entries, and the parameters the redis
+#: scaler takes from one (its "Authentication Parameters").
+KEDA_SECRET_REF_FIELDS = {"parameter": str, "name": str, "key": str}
+KEDA_REDIS_AUTH_PARAMETERS = {
+    "address",
+    "host",
+    "port",
+    "username",
+    "password",
+    "tls",
+    "ca",
+    "cert",
+    "key",
+    "keyPassword",
+}
 INT32_MAX = 2**31 - 1
 
 
@@ -169,13 +192,62 @@ def scaled_object_problems(doc: dict[str, Any]) -> list[str]:
             f"{where}.metadata.{key}: required"
             for key in sorted(KEDA_REDIS_REQUIRED - metadata.keys())
         ]
-        if not {"address", "addressFromEnv", "host", "hostFromEnv"} & metadata.keys():
+        named = {"address", "addressFromEnv", "host", "hostFromEnv"} & metadata.keys()
+        if not named and "authenticationRef" not in trigger:
             problems.append(f"{where}.metadata: names no Redis (address)")
         for key in ("listLength", "activationListLength", "databaseIndex"):
             if isinstance(metadata.get(key), str) and not metadata[key].isdigit():
                 problems.append(f"{where}.metadata.{key}: not a whole number")
     if not spec.get("triggers"):
         problems.append("spec.triggers: empty")
+    return problems + _advanced_problems(spec.get("advanced"))
+
+
+def _advanced_problems(advanced: Any) -> list[str]:
+    if advanced is None:
+        return []
+    problems = _fields("spec.advanced", advanced, KEDA_ADVANCED_FIELDS, set())
+    config = advanced.get("horizontalPodAutoscalerConfig") if isinstance(advanced, dict) else None
+    if config is None:
+        return problems
+    where = "spec.advanced.horizontalPodAutoscalerConfig"
+    problems += _fields(where, config, KEDA_HPA_CONFIG_FIELDS, set())
+    if isinstance(config, dict) and isinstance(config.get("behavior"), dict):
+        problems += _behavior_problems(config["behavior"])
+    return problems
+
+
+def _behavior_problems(behavior: dict[str, Any]) -> list[str]:
+    """What Kubernetes refuses in an HPA's ``behavior`` (KEDA passes it on as it is)."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "keda-hpa-remixq-worker"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "w"},
+            "maxReplicas": 10,
+            "behavior": behavior,
+        },
+    }
+    try:
+        kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"spec.advanced.horizontalPodAutoscalerConfig.behavior: {exc.message}"]
+    return []
+
+
+def trigger_authentication_problems(doc: dict[str, Any]) -> list[str]:
+    """What KEDA's TriggerAuthentication CRD or the redis scaler would refuse or ignore."""
+    problems = []
+    if doc.get("apiVersion") != KEDA_API_VERSION or doc.get("kind") != "TriggerAuthentication":
+        problems.append(f"not a {KEDA_API_VERSION} TriggerAuthentication")
+    problems += _fields("spec", doc.get("spec"), {"secretTargetRef": list}, {"secretTargetRef"})
+    for index, ref in enumerate((doc.get("spec") or {}).get("secretTargetRef") or []):
+        where = f"spec.secretTargetRef[{index}]"
+        problems += _fields(where, ref, KEDA_SECRET_REF_FIELDS, set(KEDA_SECRET_REF_FIELDS))
+        if isinstance(ref, dict) and ref.get("parameter") not in KEDA_REDIS_AUTH_PARAMETERS:
+            problems.append(f"{where}.parameter: unknown to the redis scaler")
     return problems
 
 
@@ -261,11 +333,46 @@ def test_the_workers_grace_period_outlasts_a_warm_shutdown() -> None:
     assert pod["terminationGracePeriodSeconds"] >= 2 * deadline + LEASE_MARGIN_S
 
 
-def test_the_disruption_budget_keeps_a_worker() -> None:
+def test_the_disruption_budget_lets_a_drain_evict_one_worker_at_a_time() -> None:
+    # minAvailable 1 with KEDA's minimum of one worker would block every drain at idle.
     pdb = manifests()["PodDisruptionBudget/remixq-worker"]
     labels = manifests()["Deployment/remixq-worker"]["spec"]["template"]["metadata"]["labels"]
-    assert pdb["spec"]["minAvailable"] >= 1
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_the_worker_deployment_leaves_its_replica_count_to_keda() -> None:
+    # A count here would reset KEDA's on every `kubectl apply`.
+    assert "replicas" not in manifests()["Deployment/remixq-worker"]["spec"]
+
+
+def _redis_env(deployment: str) -> dict[str, Any]:
+    env = _container(manifests()[f"Deployment/{deployment}"]).get("env", [])
+    return {e["name"]: e for e in env if e["name"].startswith("REDIS_")}
+
+
+def test_every_process_builds_redis_url_from_the_parts_keda_reads() -> None:
+    (auth,) = [d for d in manifests().values() if d["kind"] == "TriggerAuthentication"]
+    read_by_keda = {
+        ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]
+    }
+    assert set(read_by_keda) == {"address", "password"}
+    config = manifests()["ConfigMap/remixq-config"]["data"]
+    assert config["REDIS_DB"].isdigit() and "REDIS_URL" not in config
+    for deployment in ("remixq-worker", "remixq-api", "remixq-flower"):
+        env = _redis_env(deployment)
+        for variable, parameter in (("REDIS_ADDRESS", "address"), ("REDIS_PASSWORD", "password")):
+            ref = env[variable]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == read_by_keda[parameter], deployment
+        assert env["REDIS_URL"]["value"] == (
+            "redis://:$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/$(REDIS_DB)"
+        ), deployment
+        # Kubernetes expands $(VAR) only from variables defined before (envFrom first).
+        names = list(env)
+        assert names.index("REDIS_URL") > max(
+            names.index(v) for v in ("REDIS_ADDRESS", "REDIS_PASSWORD")
+        )
 
 
 # --- KEDA ----------------------------------------------------------------------------
@@ -289,16 +396,66 @@ def test_the_scaled_object_scales_the_worker_deployment_on_its_queues() -> None:
     # The schedule and the redelivery sweep run in the workers: never scale to zero.
     assert spec["minReplicaCount"] >= 1
     assert spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    (auth,) = [d for d in manifests().values() if d["kind"] == "TriggerAuthentication"]
     config = manifests()["ConfigMap/remixq-config"]["data"]
-    redis_url = config["REDIS_URL"]
     lists = set()
     for trigger in spec["triggers"]:
         assert trigger["type"] == "redis"
+        assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
         metadata = trigger["metadata"]
-        assert redis_url == f"redis://{metadata['address']}/{metadata['databaseIndex']}"
+        # Where Redis is comes from the Secret, through the TriggerAuthentication only.
+        assert not {"address", "host", "port", "addressFromEnv", "hostFromEnv"} & set(metadata)
+        assert metadata["databaseIndex"] == config["REDIS_DB"]
         assert int(metadata["listLength"]) >= 1
         lists.add(metadata["listName"])
     assert lists == {"submit", "poll", "notify", "archive"}
+
+
+def test_the_trigger_authentication_matches_kedas_crd() -> None:
+    (auth,) = [d for d in manifests().values() if d["kind"] == "TriggerAuthentication"]
+    assert trigger_authentication_problems(auth) == []
+    wrong = copy.deepcopy(auth)
+    wrong["spec"]["secretTargetRef"][0]["parameter"] = "url"
+    del wrong["spec"]["secretTargetRef"][1]["key"]
+    assert trigger_authentication_problems(wrong) == [
+        "spec.secretTargetRef[0].parameter: unknown to the redis scaler",
+        "spec.secretTargetRef[1].key: required",
+    ]
+
+
+def test_scaling_down_is_paced_by_the_hpa_behavior() -> None:
+    # cooldownPeriod only applies to scaling to zero; N -> 1 is the HPA's behavior.
+    behavior = scaled_object()["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    down = behavior["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 60
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+    assert behavior["scaleUp"]["policies"]
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its kustomize) is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_kustomize_copies_the_database_into_every_trigger(tmp_path: Path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    copied = tmp_path / "k8s"
+    shutil.copytree(K8S, copied)
+    config = copied / "configmap.yaml"
+    config.write_text(config.read_text().replace('REDIS_DB: "0"', 'REDIS_DB: "7"'))
+    rendered = kustomize(copied)
+    (scaled,) = [d for d in rendered if d["kind"] == "ScaledObject"]
+    assert [t["metadata"]["databaseIndex"] for t in scaled["spec"]["triggers"]] == ["7"] * 4
+    assert scaled_object_problems(scaled) == []
+    for doc in rendered:
+        if doc["apiVersion"] != KEDA_API_VERSION:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.parametrize(
