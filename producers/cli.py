@@ -127,14 +127,6 @@ class BadInput(CliError):
     exit_code = EXIT_BAD_INPUT
 
 
-#: Usage errors that click answers with the help text, left as they are.
-_HELP_ERRORS: tuple[type[click.UsageError], ...] = tuple(
-    getattr(click.exceptions, name)
-    for name in ("NoArgsIsHelpError",)
-    if hasattr(click.exceptions, name)
-)
-
-
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Turn click's own errors (usage errors, bad parameters) into one-line ``CliError``s."""
@@ -145,8 +137,6 @@ def _one_line_errors() -> Iterator[None]:
     except ConfigurationError as exc:
         raise BadInput(str(exc)) from None
     except click.UsageError as exc:
-        if isinstance(exc, _HELP_ERRORS):
-            raise
         message = exc.format_message().rstrip(".")
         hint = f". Try '{exc.ctx.command_path} --help'." if exc.ctx else "."
         raise BadInput(message + hint) from None
@@ -158,7 +148,8 @@ class RemixqGroup(click.Group):
     """A command group whose every error is one line on stderr.
 
     Commands in :data:`LAZY_COMMANDS` are imported when used, so a producer-only install
-    (without the ``sandbox`` extra's dependencies) runs every other command.
+    (without the ``sandbox`` extra's dependencies) runs every other command, and shows the
+    help of every one.
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -171,10 +162,7 @@ class RemixqGroup(click.Group):
         try:
             command: click.Command = getattr(importlib.import_module(module_name), attribute)
         except ImportError as exc:
-            raise BadInput(
-                f"remixq {cmd_name} needs the {extra} extra: pip install 'remixq[{extra}]' "
-                f"({exc.name} is missing)"
-            ) from None
+            return missing_extra_command(cmd_name, extra, exc.name)
         return command
 
     def make_context(
@@ -190,6 +178,30 @@ class RemixqGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         with _one_line_errors():
             return super().invoke(ctx)
+
+
+def missing_extra_command(name: str, extra: str, missing: str | None) -> click.Command:
+    """A stand-in for a lazy command whose extra is not installed.
+
+    Its help (and the group's) works, so that ``remixq --help`` does on every install;
+    running it fails with one line naming the extra.
+    """
+    reason = (
+        f"remixq {name} needs the {extra} extra: pip install 'remixq[{extra}]' "
+        f"({missing or 'a module'} is missing)"
+    )
+
+    def refuse() -> NoReturn:
+        raise BadInput(reason)
+
+    return click.Command(
+        name,
+        callback=refuse,
+        help=reason,
+        short_help=f"(needs the {extra} extra: pip install 'remixq[{extra}]')",
+        # Whatever options were given, the answer is the missing extra.
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
 
 
 @contextlib.contextmanager
@@ -347,13 +359,16 @@ PRIORITY_OPTION = click.option(
 )
 
 
-@click.group(cls=RemixqGroup)
+@click.group(cls=RemixqGroup, invoke_without_command=True)
 @click.version_option(package_name="remixq", prog_name="remixq")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Enqueue image remix jobs for the remixq worker fleet and read their outcome.
 
     Exit codes: 0 done, 1 a job failed (with --wait) or Redis is unreachable, 2 bad input.
     """
+    if ctx.invoked_subcommand is None:  # bare `remixq`: the help, as with --help
+        click.echo(ctx.get_help())
 
 
 @main.command()

@@ -257,7 +257,7 @@ def start_sandbox(
 def start_worker(
     env: Mapping[str, str | None],
     *,
-    concurrency: int = 2,
+    concurrency: int | None = 2,
     pool: str | None = None,
     queues: Sequence[str] | None = None,
     hostname: str | None = None,
@@ -270,7 +270,7 @@ def start_worker(
 
     :param env: variables added to this process's environment (``REDIS_URL``, ...); one
         whose value is None is removed from it (a secret set but empty is refused).
-    :param concurrency: the pool size (``-c``).
+    :param concurrency: the pool size (``-c``); None: no ``-c``, the settings' size.
     :param pool: the pool implementation (``-P``), e.g. ``prefork`` or ``threads``.
     :param queues: the queues to consume (``-Q``); every queue when None.
     :param hostname: the node name (``-n``); a unique ``remixq-<hex>@%h`` when None.
@@ -283,7 +283,8 @@ def start_worker(
     """
     name = hostname or f"remixq-{uuid.uuid4().hex[:8]}@%h"
     command = [sys.executable, "-m", "celery", "-A", app, "worker"]
-    command += ["--loglevel", "INFO", "-c", str(concurrency), "-n", name]
+    command += ["--loglevel", "INFO", "-n", name]
+    command += ["-c", str(concurrency)] if concurrency is not None else []
     command += ["-P", pool] if pool else []
     command += ["-Q", ",".join(queues)] if queues else []
     command += list(extra_args)

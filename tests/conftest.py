@@ -194,7 +194,7 @@ def start_workers(sandbox: ManagedProcess, log_dir: Path) -> Iterator[StartWorke
     started: list[ManagedProcess] = []
 
     def start(
-        count: int = 1, concurrency: int = 2, pool: str | None = None, **overrides: str
+        count: int = 1, concurrency: int | None = 2, pool: str | None = None, **overrides: str
     ) -> list[ManagedProcess]:
         for _ in range(count):
             name = f"extra-{uuid.uuid4().hex[:8]}"

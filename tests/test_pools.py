@@ -1,11 +1,15 @@
-"""The I/O-bound pools: ``-P threads`` and ``-P gevent`` run the same pipeline."""
+"""The pools: ``-P threads`` and ``-P gevent`` run the same pipeline; the prefork pool's
+size comes from ``REMIX_WORKER_CONCURRENCY`` unless ``-c`` is given."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from producers import enqueue_remix, wait_for_job
 from sandbox.control import SandboxControl
+from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, StartWorkers, unique_prompt
 from tests.helpers import accepted
 from worker.models import JobState
@@ -29,3 +33,21 @@ def test_io_pool_runs_the_pipeline(
 
     assert [r.state for r in records] == [JobState.SUCCEEDED] * JOBS
     assert [accepted(control, p) for p in prompts] == [1] * JOBS
+
+
+def pool_children(worker: ManagedProcess) -> int:
+    """How many processes the worker's main process has (its prefork pool)."""
+    pid = worker.popen.pid
+    return len((Path(f"/proc/{pid}/task/{pid}/children").read_text()).split())
+
+
+def test_a_worker_without_c_takes_its_pool_size_from_the_setting(
+    start_workers: StartWorkers,
+) -> None:
+    (worker,) = start_workers(1, concurrency=None, REMIX_WORKER_CONCURRENCY="3")
+    assert pool_children(worker) == 3
+
+
+def test_an_explicit_c_wins_over_the_setting(start_workers: StartWorkers) -> None:
+    (worker,) = start_workers(1, concurrency=1, REMIX_WORKER_CONCURRENCY="3")
+    assert pool_children(worker) == 1

@@ -93,6 +93,8 @@ def celery_config() -> dict[str, Any]:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # The pool size of a worker started without -c (which wins when given).
+        worker_concurrency=settings.worker_concurrency,
         broker_transport_options={
             # A message unacknowledged this long (its worker died) is delivered again;
             # no task may run longer (Settings.archive_step_s).

@@ -35,6 +35,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.cpu import default_concurrency
 from worker.fields import DEFAULT_TENANT, check_tenant
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -453,6 +454,9 @@ class Settings(BaseSettings):
     #: The broker's visibility timeout: a message unacknowledged this long (its worker
     #: died, or its task is still running) is delivered again, so no task may run longer.
     remix_broker_visibility_timeout_s: float = Field(120.0, gt=0)
+    #: Pool slots (prefork children) of a worker started without ``-c``; unset: the
+    #: container's CPU quota, rounded up, else the CPUs (``worker_concurrency``).
+    remix_worker_concurrency: int | None = Field(None, ge=1)
 
     ideogram_base_url: str | None = None
     ideogram_api_key: SecretStr | None = None
@@ -670,6 +674,12 @@ class Settings(BaseSettings):
     def spend_caps(self) -> list[tuple[int, float]]:
         """``REMIX_SPEND_CAP`` as ``[(accepted createTasks, window_seconds), ...]``."""
         return parse_spend_cap(self.remix_spend_cap)
+
+    @property
+    def worker_concurrency(self) -> int:
+        """``REMIX_WORKER_CONCURRENCY``, or the CPUs this process may use (its cgroup's
+        quota rounded up, else the CPU count; at least 1)."""
+        return self.remix_worker_concurrency or default_concurrency()
 
     @property
     def lease_s(self) -> float:
