@@ -10,8 +10,8 @@
 -- ARGV[3]  lease in seconds
 -- ARGV[4]  the number of tenant weights N; ARGV[5..4+2N]: tenant, weight (others weigh 1)
 -- ARGV[5+2N..]  the members of the granted moments, one per job to pick
--- Returns a flat list, six entries per picked job: job id, token, request JSON, priority,
--- tenant, the moment's member.
+-- Returns a flat list, six entries per picked job, as claim_due.lua's: job id, token,
+-- 'submit', request JSON, now, '0'.
 -- #include lines.lua
 local CLASSES = {'interactive', 'normal', 'bulk'}
 local MAX_SKIPPED = 1000
@@ -57,8 +57,8 @@ while grant <= #ARGV and skipped <= MAX_SKIPPED do
       '_grant', cjson.encode(ARGV[grant]))
     redis.call('ZADD', KEYS[1], now + lease, id)
     redis.call('HINCRBY', picks_key, class .. ':' .. tenant, 1)
-    for _, v in ipairs({id, tostring(token), redis.call('HGET', key, '_request') or '',
-        class, tenant, ARGV[grant]}) do
+    for _, v in ipairs({id, tostring(token), 'submit', redis.call('HGET', key, '_request') or '',
+        string.format('%.6f', now), '0'}) do
       table.insert(out, v)
     end
     grant = grant + 1

@@ -199,6 +199,24 @@ class Dispatch:
     resent: bool = False
 
 
+def dispatches(flat: Sequence[Any]) -> list[Dispatch]:
+    """The jobs a script handed out (``claim_due.lua``, ``pick.lua``): six entries each."""
+    handed = []
+    for i in range(0, len(flat), 6):
+        request = decode_text(flat[i + 3])
+        handed.append(
+            Dispatch(
+                job_id=decode_text(flat[i]),
+                token=int(flat[i + 1]),
+                phase=decode_text(flat[i + 2]),
+                request=json.loads(request) if request else None,
+                due=float(flat[i + 4]),
+                resent=decode_text(flat[i + 5]) == "1",
+            )
+        )
+    return handed
+
+
 @dataclass(frozen=True)
 class AttemptStart:
     """The answer to :meth:`JobStore.begin_attempt`.
@@ -545,20 +563,7 @@ class JobStore:
         """
         args = [keys.JOB_PREFIX, limit, lease_s, *_queue_heads(oldest_waiting), SEND_MARGIN_S]
         flat = self._claim_due(keys=[keys.SCHEDULE], args=args)
-        claimed = []
-        for i in range(0, len(flat), 6):
-            request = decode_text(flat[i + 3])
-            claimed.append(
-                Dispatch(
-                    job_id=decode_text(flat[i]),
-                    token=int(flat[i + 1]),
-                    phase=decode_text(flat[i + 2]),
-                    request=json.loads(request) if request else None,
-                    due=float(flat[i + 4]),
-                    resent=decode_text(flat[i + 5]) == "1",
-                )
-            )
-        return claimed
+        return dispatches(flat)
 
     def due_now(self, job_ids: Iterable[str]) -> int:
         """Make jobs of the schedule due at once: no message of theirs is on its way."""

@@ -9,7 +9,6 @@ out inside one): docs/design.md, "Sharing the key's send moments".
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from worker import keys
 from worker.fields import PRIORITIES
 from worker.lua import load_script
 from worker.settings import Settings
-from worker.store.jobs import Dispatch, Job, decode_text, encode_fields
+from worker.store.jobs import Dispatch, Job, decode_text, dispatches, encode_fields
 
 #: A job still in line at its submit deadline is handed out this long after it, to fail.
 DEADLINE_MARGIN_S = 1.0
@@ -91,20 +90,7 @@ class WaitingLines:
             *flat_weights,
             *grants,
         ]
-        flat = self._pick(keys=[keys.SCHEDULE], args=args)
-        picked = []
-        for i in range(0, len(flat), 6):
-            request = decode_text(flat[i + 2])
-            picked.append(
-                Dispatch(
-                    job_id=decode_text(flat[i]),
-                    token=int(flat[i + 1]),
-                    phase="submit",
-                    request=json.loads(request) if request else None,
-                    due=0.0,
-                )
-            )
-        return picked
+        return dispatches(self._pick(keys=[keys.SCHEDULE], args=args))
 
     def waiting(self, providers: Sequence[str]) -> dict[str, int]:
         """How many jobs wait in each provider's lines (one round trip)."""
