@@ -36,6 +36,12 @@ and uvicorn); the sandbox on 127.0.0.1. What each test shows:
 10. A hold after an upstream 429 (``Retry-After``, up to 300 s) tells every dispatcher not
     to ask for moments until it ends; ``remixq resume`` clears the hold but not what the
     dispatchers were told: the jobs in line wait out the old hold anyway.
+11. While the key is rotated (operations.md: workers rolled one at a time, each with its
+    own key's budget), a job picked with the old key's moment whose message a worker of the
+    new key takes is thrown back to its line, and the old key's moment stays taken for 5 s:
+    during a rotation about every other pick is wasted.
+12. design.md: a hold after a 429 "voids the moments granted before it"; a moment granted
+    before the hold is still used once the hold ends (it is refused only during it).
 """
 
 from __future__ import annotations
@@ -274,6 +280,41 @@ def test_attack_resume_after_a_429_hold_leaves_the_dispatchers_waiting(
         time.sleep(dispatcher.seconds_to_next_round(0.05))
 
     assert svc.store.get_internal(job_id, "_line") is None, "still in line 5 s after the resume"
+
+
+# ------------------------------------------------------------------ 11. key rotation
+
+
+@pytest.mark.policy
+def test_attack_during_a_key_rotation_a_picked_job_bounces_between_the_keys(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    old = make_services(upstream.url)
+    new = make_services(upstream.url, kie_api_key=f"sk-new-{uuid.uuid4().hex}")
+    assert old.api_key_id != new.api_key_id
+    (job_id,) = enqueue(old, "a")
+    (picked,) = pick_now(old)  # the old key's worker picked it, with its key's moment
+
+    step = submit_step(new, job_id, picked.token)  # a worker already rolled takes it
+
+    assert step != "budget", "thrown back to its line: the new key's budget was free"
+    assert old.limiter.usage().granted_unused == 0, "the old key's moment stays taken"
+
+
+# ------------------------------------------------------------------ 12. a 429 voids
+
+
+@pytest.mark.policy
+def test_attack_a_moment_granted_before_a_429_hold_is_used_after_it(
+    policy_redis: redis.Redis, upstream: SandboxServer
+) -> None:
+    svc = make_services(upstream.url)
+    (granted,) = svc.limiter.grant(1, 1).members
+    svc.limiter.block(0.3)  # an upstream 429 with Retry-After
+    while svc.limiter.blocked_until() > svc.limiter.now():
+        time.sleep(0.05)
+
+    assert not svc.limiter.consume(granted), "a moment granted before the 429 was used"
 
 
 # ------------------------------------------------------------------ 1. no worker
