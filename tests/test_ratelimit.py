@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -10,9 +11,11 @@ import redis
 
 from worker import keys
 from worker.limits import ratelimit
-from worker.limits.ratelimit import SharedRateLimiter
+from worker.limits.ratelimit import BURST_KEEPS, SharedRateLimiter
 
 LIMIT, WINDOW_S = 5, 2.0
+#: What one burst grants of an idle key: all but the moments it keeps for later arrivals.
+BURST = LIMIT - math.ceil(LIMIT * BURST_KEEPS)
 
 
 @pytest.fixture
@@ -36,8 +39,9 @@ def test_no_backlog_takes_every_free_moment_at_once(limiter: SharedRateLimiter) 
 
 
 def test_granted_and_unused_moments_count_against_the_limit(limiter: SharedRateLimiter) -> None:
-    first = limiter.grant(waiting=LIMIT, most=100)
-    assert len(first.members) == LIMIT
+    first = limiter.grant(waiting=BURST, most=100)
+    assert len(first.members) == BURST
+    assert len(limiter.grant(waiting=1, most=100).members) == 1  # the one kept free
     again = limiter.grant(waiting=LIMIT, most=100)
     assert again.members == [] and again.next_in > 0
 
@@ -82,7 +86,7 @@ def test_a_moment_not_used_in_time_is_void(
     time.sleep(0.3)
     assert not limiter.consume(member)
     assert limiter.usage().granted_unused == 0
-    assert len(limiter.grant(waiting=LIMIT, most=100).members) == LIMIT  # nothing was lost
+    assert len(limiter.grant(waiting=BURST, most=100).members) == BURST  # nothing was lost
 
 
 def test_an_upstream_429_holds_every_moment(limiter: SharedRateLimiter) -> None:
@@ -95,7 +99,7 @@ def test_an_upstream_429_holds_every_moment(limiter: SharedRateLimiter) -> None:
     assert limiter.grant(waiting=5, most=5).next_in >= 2.8
     assert limiter.usage().blocked_for > 2.5
     assert limiter.clear_block()
-    assert len(limiter.grant(waiting=5, most=5).members) == LIMIT
+    assert len(limiter.grant(waiting=BURST, most=5).members) == BURST
 
 
 def test_a_paused_key_grants_nothing(limiter: SharedRateLimiter) -> None:
@@ -103,7 +107,7 @@ def test_a_paused_key_grants_nothing(limiter: SharedRateLimiter) -> None:
     limiter.redis.hset(pause_key, "reason", "455")
     assert limiter.grant(waiting=5, most=5).members == []
     limiter.redis.delete(pause_key)
-    assert len(limiter.grant(waiting=5, most=5).members) == LIMIT
+    assert len(limiter.grant(waiting=BURST, most=5).members) == BURST
 
 
 def test_a_full_spend_cap_grants_nothing(limiter: SharedRateLimiter) -> None:
@@ -118,7 +122,7 @@ def test_a_pace_set_under_a_slower_limit_does_not_hold_a_faster_one(
 ) -> None:
     key_id = f"test-{uuid.uuid4().hex[:8]}"
     slow = SharedRateLimiter(redis_client, key_id, 20, 600.0)
-    assert len(slow.grant(waiting=20, most=20).members) == 20  # the pace runs 10 min ahead
+    assert len(slow.grant(waiting=18, most=20).members) == 18  # the pace runs 9 min ahead
     redis_client.delete(keys.rate_pending(key_id))  # as if those sends were long ago
     fast = SharedRateLimiter(redis_client, key_id, 100, 1.0)
     redis_client.delete(keys.rate_log(key_id))

@@ -355,11 +355,11 @@ def test_without_weights_every_tenant_weighs_one(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        ("svc-a=0", "tenant svc-a: the weight must be a number above 0, not '0'"),
-        ("svc-a=3,svc-b=-1", "tenant svc-b: the weight must be a number above 0"),
-        ("svc-a=heavy", "tenant svc-a: the weight must be a number above 0"),
-        ("svc-a=nan", "the weight must be a number above 0"),
-        ("svc-a=inf", "the weight must be a number above 0"),
+        ("svc-a=0", "tenant svc-a: the weight must be a number from 0.01 to 100, not '0'"),
+        ("svc-a=3,svc-b=-1", "tenant svc-b: the weight must be a number from 0.01 to 100"),
+        ("svc-a=heavy", "tenant svc-a: the weight must be a number from 0.01 to 100"),
+        ("svc-a=nan", "the weight must be a number from 0.01 to 100"),
+        ("svc-a=inf", "the weight must be a number from 0.01 to 100"),
         ("svc-a=1,svc-a=2", "tenant svc-a is named twice"),
         ("svc a=1", "entry 1: tenant: must be 1 to 64 letters"),
         ("svc-a=1,,svc-b=1", "entry 2 '' is not tenant=weight"),

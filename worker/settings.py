@@ -205,12 +205,17 @@ def _token_entry(position: int, entry: str) -> tuple[str, list[str]]:
     return tenant, tokens
 
 
+#: The weights ``REMIX_TENANT_WEIGHTS`` may give: at most 10,000 to 1 between tenants.
+TENANT_WEIGHT_RANGE = (0.01, 100.0)
+
+
 def parse_tenant_weights(text: str | None) -> dict[str, float]:
     """``"svc-a=3,svc-b=1"`` -> ``{"svc-a": 3.0, "svc-b": 1.0}`` (``REMIX_TENANT_WEIGHTS``).
 
     Blank or ``None``: no weights (every tenant weighs 1). Raises ``ValueError`` with one
-    line for an entry that is not ``tenant=weight``, a bad tenant name, a weight that is
-    not a finite number above 0, or a tenant named twice.
+    line for an entry that is not ``tenant=weight``, a bad tenant name, a weight outside
+    :data:`TENANT_WEIGHT_RANGE` (a tiny one would lift its class's shared pass beyond what
+    a float can add 1 to, ending equal turns), or a tenant named twice.
     """
     if text is None or not text.strip():
         return {}
@@ -227,9 +232,11 @@ def parse_tenant_weights(text: str | None) -> dict[str, float]:
             weight = float(raw)
         except ValueError:
             weight = math.nan
-        if not math.isfinite(weight) or weight <= 0:
+        low, high = TENANT_WEIGHT_RANGE
+        if not math.isfinite(weight) or not low <= weight <= high:
             raise ValueError(
-                f"tenant {tenant}: the weight must be a number above 0, not {raw[:20]!r}"
+                f"tenant {tenant}: the weight must be a number from {low:g} to {high:g}, "
+                f"not {raw[:20]!r}"
             )
         if tenant in weights:
             raise ValueError(f"tenant {tenant} is named twice")

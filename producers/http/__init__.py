@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -44,13 +44,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producers.http.callbacks import router as callbacks_router
 from producers.http.guard import GuardMiddleware, authorized
-from producers.http.jobs import ErrorResponse, bearer
+from producers.http.jobs import ErrorResponse, Tenant, bearer
 from producers.http.jobs import router as jobs_router
 from producers.http.longpoll import FinishedWatch
 from producers.http.metrics import LIVE_WORKER_S, fleet_registry
 from producers.http.uploads import router as uploads_router
 from worker import keys
 from worker.app import services
+from worker.fields import DEFAULT_TENANT
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
 from worker.settings import ConfigurationError, Settings, get_settings
@@ -300,6 +301,12 @@ async def _public_health(probe: HealthProbe) -> HealthStatus | JSONResponse:
     return HealthStatus(status="ok")
 
 
+#: What another tenant's token gets from ``/metrics``.
+OPERATOR_ONLY = (
+    "the fleet's metrics are the operator's: use a token of tenant default (a bare token)"
+)
+
+
 @app.get(
     "/metrics",
     tags=["operations"],
@@ -312,9 +319,13 @@ async def _public_health(probe: HealthProbe) -> HealthStatus | JSONResponse:
             "content": {"text/plain": {"schema": {"type": "string"}}},
         },
         401: {"model": ErrorResponse, "description": "no valid bearer token"},
+        403: {"model": ErrorResponse, "description": "a token of another tenant than default"},
         503: {"model": ErrorResponse, "description": "Redis is unavailable"},
     },
 )
-async def metrics() -> Response:
+async def metrics(tenant: Tenant) -> Response:
+    # The fleet's metrics name every tenant and the size of its line: the operator's.
+    if tenant != DEFAULT_TENANT:
+        raise HTTPException(403, OPERATOR_ONLY)
     body = await run_in_threadpool(generate_latest, METRICS_REGISTRY)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -80,6 +80,8 @@ class UploadedJob:
     """The form, read and checked: the request's fields, its options, its files."""
 
     def __init__(self, fields: dict[str, Any], blobs: FileBlobs) -> None:
+        #: The options given (a ``null`` one too: as in a JSON body, it is refused).
+        self.given = {name for name in JOB_OPTIONS if name in fields}
         self.options = {name: fields.pop(name, None) for name in JOB_OPTIONS}
         self.fields = fields
         self.blobs = blobs
@@ -96,7 +98,7 @@ class UploadedJob:
     @property
     def priority(self) -> str:
         value = self.options["priority"]
-        if value is None:
+        if "priority" not in self.given:
             return DEFAULT_PRIORITY
         try:
             return check_priority(value)
@@ -105,7 +107,7 @@ class UploadedJob:
             raise _invalid(["body", REQUEST_PART, "priority"], message) from None
 
     def refuse_tenant(self) -> None:
-        if self.options["tenant"] is not None:
+        if "tenant" in self.given:
             raise _invalid(["body", REQUEST_PART, "tenant"], TENANT_FROM_TOKEN)
 
 

@@ -18,6 +18,9 @@ from worker.upstreams.providers import configured_providers
 
 #: At most this many jobs picked per round trip.
 PICK_LIMIT = 500
+#: A round asks the budget again at least this often while jobs wait (a hold after a 429
+#: or a pause may end early: an operator's resume).
+RECHECK_S = 1.0
 
 
 class Picker:
@@ -54,7 +57,7 @@ class Picker:
         """Moments for up to ``waiting`` of ``provider``'s jobs, given to the next in line."""
         svc = self.svc.for_provider(provider)
         grants = svc.limiter.grant(waiting, PICK_LIMIT, svc.spend.windows)
-        self._next_at[provider] = time.monotonic() + grants.next_in
+        self._next_at[provider] = time.monotonic() + min(grants.next_in, RECHECK_S)
         if not grants.members:
             return []
         picked = svc.lines.pick(

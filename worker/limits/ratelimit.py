@@ -10,6 +10,7 @@ the moments go to jobs: docs/design.md, "Sharing the key's send moments".
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,24 @@ SEND_TOLERANCE_S = 0.05
 GRANT_VALID_S = 5.0
 #: No hold after a 429 is longer than this.
 MAX_BLOCK_S = 300.0
+#: A burst (every waiting job at once) leaves this share of the limit free, so that a job
+#: of a higher class arriving just after finds a moment instead of waiting a window.
+BURST_KEEPS = 0.1
+
+
+#: A granted moment's member is ``<key id><GRANT_KEY_END><unique>:<n>``.
+GRANT_KEY_END = "|"
+
+
+def key_of_grant(member: str) -> str:
+    """The id of the key whose budget a granted moment is of."""
+    return member.partition(GRANT_KEY_END)[0]
+
+
+def return_grant(client: redis.Redis, member: str) -> None:
+    """Give back a moment of any key (a worker without that key's settings met the job);
+    its pace is left as it is."""
+    client.zrem(keys.rate_pending(key_of_grant(member)), member)
 
 
 @dataclass(frozen=True)
@@ -64,8 +83,10 @@ class SharedRateLimiter:
         self._pace_key = keys.rate_pace(api_key_id)
         self._pause_key = keys.pause(api_key_id)
         self._spend_key = keys.spend_log(api_key_id)
+        self.api_key_id = api_key_id
         self._grant = load_script(client, "grant")
         self._consume = load_script(client, "consume")
+        self._give_back = load_script(client, "give_back")
         self._block = load_script(client, "block")
         self._usage = load_script(client, "usage")
 
@@ -102,7 +123,8 @@ class SharedRateLimiter:
                 waiting,
                 most,
                 GRANT_VALID_S,
-                uuid.uuid4().hex,
+                f"{self.api_key_id}{GRANT_KEY_END}{uuid.uuid4().hex}",
+                math.ceil(self.limit * BURST_KEEPS),
                 len(spend_caps),
                 *caps,
             ],
@@ -115,10 +137,15 @@ class SharedRateLimiter:
         keys_ = [self._log_key, self._pending_key, self._blocked_key]
         return int(self._consume(keys=keys_, args=[member, self.effective_window])) == 1
 
+    def owns(self, member: str) -> bool:
+        """Whether a granted moment is of this key's budget (not another key's, as in a
+        key rotation, when workers of both keys share the lines)."""
+        return key_of_grant(member) == self.api_key_id
+
     def give_back(self, members: Sequence[str]) -> None:
-        """Return granted moments that no job will use."""
+        """Return granted moments of this key that no job will use (their pace too)."""
         if members:
-            self.redis.zrem(self._pending_key, *members)
+            self._give_back(keys=[self._pending_key, self._pace_key], args=[self.period, *members])
 
     def now(self) -> float:
         """Redis's clock, which every moment is measured against."""
@@ -126,7 +153,9 @@ class SharedRateLimiter:
 
     def block(self, seconds: float) -> None:
         """Hold every send for ``seconds`` (at most :data:`MAX_BLOCK_S`)."""
-        self._block(keys=[self._blocked_key], args=[min(MAX_BLOCK_S, max(0.0, seconds))])
+        self._block(
+            keys=[self._blocked_key, self._pending_key], args=[min(MAX_BLOCK_S, max(0.0, seconds))]
+        )
 
     def blocked_until(self) -> float:
         """The moment (Redis clock) until which every send holds; 0 when none."""

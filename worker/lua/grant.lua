@@ -2,8 +2,9 @@
 -- of its budget allows now, counting the moments granted and not yet used (a grant is
 -- used by consume.lua, which logs the moment the request is really sent). None while the
 -- key is paused or blocked after an upstream 429, or while its spend cap is reached. When
--- more jobs wait than can go now, the moments are paced, one every window / limit, so
--- that a job arriving later waits for the next moment, not for the next window.
+-- more jobs wait than can go now (less a few moments kept free, ARGV[8]), the moments are
+-- paced, one every window / limit, so that a job arriving later waits for the next moment,
+-- not for the next window.
 --
 -- KEYS[1]  the key's log of sends (sorted set: member -> when it was sent)
 -- KEYS[2]  the moments granted and not yet used (sorted set: member -> when it expires)
@@ -18,7 +19,8 @@
 -- ARGV[5]  most moments to grant
 -- ARGV[6]  seconds a grant stays usable
 -- ARGV[7]  prefix of the new grants' members (unique per call)
--- ARGV[8]  the number N of spend cap windows; ARGV[9..8+2N]: spends allowed, window in s
+-- ARGV[8]  moments a burst leaves free (a job of a higher class arriving next finds one)
+-- ARGV[9]  the number N of spend cap windows; ARGV[10..9+2N]: spends allowed, window in s
 -- Returns {seconds until another moment may be granted, member, member, ...} as strings.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -33,8 +35,9 @@ if blocked > now then return {tostring(blocked - now)} end
 local sent, pending = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
 local free = limit - sent - pending
 local capped = false
-for i = 0, tonumber(ARGV[8]) - 1 do
-  local allowed, span = tonumber(ARGV[9 + 2 * i]), tonumber(ARGV[10 + 2 * i])
+local kept = tonumber(ARGV[8])
+for i = 0, tonumber(ARGV[9]) - 1 do
+  local allowed, span = tonumber(ARGV[10 + 2 * i]), tonumber(ARGV[11 + 2 * i])
   local spent = redis.call('ZCOUNT', KEYS[6], now - span, '+inf')
   if allowed - spent - pending < free then
     free = allowed - spent - pending
@@ -57,11 +60,13 @@ if free <= 0 or waiting <= 0 then return {tostring(next_free())} end
 local pace = tonumber(redis.call('GET', KEYS[4]) or '0')
 pace = math.max(math.min(pace, now + limit * period), now - period)
 local count = math.min(most, waiting, free)
-if waiting > free then
-  -- A backlog: one moment per period (and one period's worth of credit at most).
-  local paced = 0
-  while paced < count and pace + paced * period <= now do paced = paced + 1 end
-  count = paced
+local paced = waiting > free - kept
+if paced then
+  -- A backlog: one moment per period (and one period's worth of credit at most). A burst
+  -- leaves the pace alone, so the moments it kept free go to the next jobs at once.
+  local due = 0
+  while due < count and pace + due * period <= now do due = due + 1 end
+  count = due
 end
 local out = {''}
 for i = 1, count do
@@ -69,12 +74,12 @@ for i = 1, count do
   redis.call('ZADD', KEYS[2], now + valid, member)
   table.insert(out, member)
 end
-pace = pace + count * period
+if paced then pace = pace + count * period end
 redis.call('SET', KEYS[4], string.format('%.6f', pace), 'EX', math.ceil(window + 1))
 redis.call('EXPIRE', KEYS[2], math.ceil(valid + 1))
 sent, pending, free = sent, pending + count, free - count
 if free > 0 and waiting > count then
-  out[1] = tostring(math.max(0, pace - now))
+  out[1] = tostring(math.max(0, pace - now, 0.001))
 else
   out[1] = tostring(next_free())
 end

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, FleetPause, PauseState, RecentAnswers
-from worker.limits.ratelimit import SharedRateLimiter
+from worker.limits.ratelimit import SharedRateLimiter, return_grant
 from worker.limits.spendcap import EARLINESS_TOLERANCE_S, LATENESS_TOLERANCE_S
 from worker.services import Services
 from worker.store.jobs import GRANT_FIELD, LAST_ERROR_FIELD, SPEND_FIELD, Job, JobStore
@@ -74,6 +74,16 @@ def pause_gate(svc: Services, job: Job) -> Wait | None:
     return Wait(_jittered(until_probe), reason)
 
 
+def back_in_line_if_resumed(svc: Services, job: Job) -> bool:
+    """After a job was held for a pause: if the pause ended meanwhile (a resume or a probe
+    between this step's look at the pause and its hold, which released the held jobs
+    before this one was held), put it back in its line now instead of at its recheck."""
+    if svc.pause.state() is not None:
+        return False
+    wait = _back_in_line(svc, job)
+    return svc.lines.join(job, wait.seconds, **wait.fields) == 1
+
+
 def probe_key(svc: Services, reason: str) -> bool:
     """One cheap request that says whether the key can submit again (its provider's)."""
     try:
@@ -121,8 +131,17 @@ def line_gate(svc: Services, job: Job) -> Wait | None:
 
 
 def budget_gate(svc: Services, job: Job) -> Wait | None:
-    """Use the job's send moment now; one that is void sends the job back to its line."""
-    if job.grant is not None and svc.limiter.consume(job.grant):
+    """Use the job's send moment now; one that is void sends the job back to its line.
+
+    A moment of another key's budget (a key rotation: workers of both keys pick from the
+    same lines) is given back to that key, and the job, which won its turn, takes a moment
+    of this worker's key if one is free now.
+    """
+    grant = job.grant
+    if grant is not None and not svc.limiter.owns(grant):
+        return_grant(svc.broker, grant)
+        grant = next(iter(svc.limiter.grant(1, 1, svc.spend.windows).members), None)
+    if grant is not None and svc.limiter.consume(grant):
         return None
     svc.metrics.count("limiter_waits_total")
     return _back_in_line(svc, job)

@@ -33,9 +33,11 @@ from worker import keys
 from worker.fields import BlobRef
 from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.limits.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
+from worker.limits.ratelimit import return_grant
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
 from worker.policies.gates import (
+    back_in_line_if_resumed,
     budget_gate,
     hold_after_rate_limited,
     line_gate,
@@ -139,8 +141,8 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
             continue
         if wait.in_line:
             svc.lines.join(job, wait.seconds, **wait.fields)
-        else:
-            svc.store.park(job, wait.seconds, **wait.fields)
+        elif svc.store.park(job, wait.seconds, **wait.fields) and gate is pause_gate:
+            back_in_line_if_resumed(svc, job)
         return gate.__name__.removesuffix("_gate")
     send = _sender(svc, job, request)
     if isinstance(send, str):
@@ -151,6 +153,8 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
 def _not_configured_here(svc: Services, job: Job, exc: ProviderNotConfigured) -> str:
     """A job this worker cannot send: it waits for a worker of the fleet that can (one
     sent a heartbeat lately), or fails at once when there is none."""
+    if job.grant is not None:
+        return_grant(svc.broker, job.grant)  # this worker has not that key: give it back
     now = svc.clock.now()
     if svc.broker.zcount(keys.provider_workers(job.record.provider), now - LIVE_WORKER_S, "+inf"):
         wait = PROVIDER_ELSEWHERE_WAIT_S * random.uniform(0.5, 1.5)

@@ -217,6 +217,10 @@ def dispatches(flat: Sequence[Any]) -> list[Dispatch]:
     return handed
 
 
+def _owned(record: JobRecord, tenant: str | None) -> bool:
+    return tenant is None or record.tenant == tenant
+
+
 @dataclass(frozen=True)
 class AttemptStart:
     """The answer to :meth:`JobStore.begin_attempt`.
@@ -510,8 +514,10 @@ class JobStore:
             if gone:
                 self.redis.zrem(index, *gone)
             for entry, record in zip(entries, found, strict=True):
-                if record is None or record.state is not state:
-                    position = entry  # expired, or moved on between the two reads
+                if record is None or record.state is not state or not _owned(record, tenant):
+                    # Expired, moved on between the two reads, or an index entry left by
+                    # an expired record whose id another tenant's job took since.
+                    position = entry
                     continue
                 if len(records) == limit:
                     return records, position
