@@ -186,7 +186,7 @@ def test_attack_a_tiny_weight_ends_equal_turns_for_good(
 ) -> None:
     """A weight of 1e-16 lifted its class's pass beyond what a float can add 1 to, and
     from then on the tenant first by name took every moment: such weights are refused."""
-    with pytest.raises(ValueError, match="the weight must be a number from 0.01 to 100"):
+    with pytest.raises(ValueError, match=r"the weight must be a number from 0\.01 to 100"):
         make_services(upstream.url, remix_tenant_weights="archive=1e-16")
     svc = make_services(upstream.url, remix_tenant_weights="archive=0.01")
     enqueue(svc, "archive", n=2)
