@@ -431,6 +431,9 @@ class Settings(BaseSettings):
     remix_notify_allow_private: bool = False
     #: Log one JSON object per line (for a log pipeline); off: readable text lines.
     remix_log_json: bool = False
+    #: Task events for Flower (sent, received, started, done); off: Flower switches a
+    #: worker's on by itself within 5 s, and shows a queued job only once it is taken.
+    remix_task_events: bool = True
     #: How many times a completion webhook is tried before it is given up.
     remix_notify_max_attempts: int = Field(10, ge=1)
     #: Total time one webhook delivery may take, connecting included.

@@ -2,10 +2,14 @@
 
 With nothing to wait for upstream, every job is one createTask and one recordInfo, so
 the ratio is the share of raw Celery task throughput that whole jobs reach: what the
-pipeline's own bookkeeping (records, schedule, dispatcher, rate limiter) costs.
+pipeline's own bookkeeping (records, lines, schedule, dispatcher, rate limiter) costs.
+The pipeline runs twice, with Celery's task events for Flower (the default) and without
+(``REMIX_TASK_EVENTS=false``), so that their cost is measured in the same run.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from bench import naive
 from bench.report import Figure, ratio
@@ -13,10 +17,12 @@ from bench.sections.common import (
     CONCURRENCY,
     NO_RATE_LIMIT,
     Run,
+    Throughput,
     naive_throughput,
     pipeline_throughput,
 )
 from sandbox.control import SandboxControl
+from worker.app import services
 
 SECTION = "4 overhead"
 OVERHEAD_POLL_INITIAL_S = 0.05
@@ -25,22 +31,39 @@ NOOP_TIMEOUT_S = 120.0
 OVERHEAD_KEY = "pipeline, 0 s generation"
 
 
+def _without_task_events(measure: Callable[[], Throughput]) -> Throughput:
+    """``measure()`` with this producer sending no task-sent events (as its workers)."""
+    conf = services().publisher.app.conf
+    before = conf.task_send_sent_event
+    conf.task_send_sent_event = False
+    try:
+        return measure()
+    finally:
+        conf.task_send_sent_event = before
+
+
 def overhead_section(run: Run) -> list[Figure]:
     """Jobs/s of the pipeline with instant generation against Celery no-op tasks/s."""
     jobs = run.plan.overhead_jobs
     sandbox = run.stack.start_sandbox(["--generation-seconds", "0"])
     control = SandboxControl(sandbox.url or "")
     try:
+        settings = {
+            "KIE_RATE_LIMIT": NO_RATE_LIMIT,
+            "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
+        }
         pipeline = pipeline_throughput(
-            run,
-            sandbox,
-            control,
-            jobs=jobs,
-            label=OVERHEAD_KEY,
-            settings={
-                "KIE_RATE_LIMIT": NO_RATE_LIMIT,
-                "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
-            },
+            run, sandbox, control, jobs=jobs, label=OVERHEAD_KEY, settings=settings
+        )
+        quiet = _without_task_events(
+            lambda: pipeline_throughput(
+                run,
+                sandbox,
+                control,
+                jobs=jobs,
+                label=f"{OVERHEAD_KEY}, no task events",
+                settings={**settings, "REMIX_TASK_EVENTS": "false"},
+            )
         )
         baseline = naive_throughput(
             run, sandbox, control, send=naive.noop.delay, jobs=jobs, timeout=NOOP_TIMEOUT_S
@@ -57,6 +80,14 @@ def overhead_section(run: Run) -> list[Figure]:
             f"no-op: {baseline.rate:.1f} tasks/s",
             ratio(pipeline.rate, baseline.rate, percent=True),
             pipeline.note + f"; first poll after {OVERHEAD_POLL_INITIAL_S:g} s",
+        ),
+        Figure(
+            SECTION,
+            f"remixq pipeline without task events ({setup})",
+            f"{quiet.rate:.1f} jobs/s",
+            f"no-op: {baseline.rate:.1f} tasks/s",
+            ratio(quiet.rate, baseline.rate, percent=True),
+            quiet.note + "; REMIX_TASK_EVENTS=false on the workers and the producer",
         ),
         Figure(
             SECTION,
