@@ -52,6 +52,7 @@ from worker.app import services
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
 from worker.settings import ConfigurationError, Settings, get_settings
+from worker.store.connection import connect_async
 from worker.store.jobs import decode_text
 
 logger = logging.getLogger("producers.http")
@@ -121,7 +122,7 @@ class HealthProbe:
 
 
 def _probe_client(url: str) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(
+    return connect_async(
         url,
         socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
         socket_timeout=PROBE_TIMEOUT_S,
