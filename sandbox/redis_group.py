@@ -93,10 +93,10 @@ class RedisGroup:
         """SIGKILL one server (it loses what it had not passed on to a replica)."""
         self.servers[port].process.kill()
 
-    def restart(self, port: int) -> None:
-        """Start a killed server again on its port, empty and as it was first started (the
-        sentinels make it a replica of the current primary)."""
-        self._start_server(port)
+    def restart(self, port: int, replica_of: int | None = None) -> None:
+        """Start a killed server again on its port, empty: as a replica of ``replica_of``,
+        or as it was first started (a primary, until the sentinels convert it)."""
+        self._start_server(port, replica_of)
 
     def wait_for_new_primary(self, old: int, timeout: float) -> int:
         """Wait until every sentinel names a primary other than ``old`` and it takes writes;
@@ -141,7 +141,11 @@ class RedisGroup:
             server.process.kill()
 
     def _start_server(self, port: int, replica_of: int | None = None) -> RedisServer:
-        extra = ["--replicaof", LOOPBACK, str(replica_of)] if replica_of is not None else []
+        # A replica keeps the snapshot its primary sends in its directory: one per server.
+        data = self.directory / f"data-{port}"
+        data.mkdir(exist_ok=True)
+        extra = ["--dir", str(data)]
+        extra += ["--replicaof", LOOPBACK, str(replica_of)] if replica_of is not None else []
         server = start_redis(
             port,
             log_path=self.directory / f"redis-{port}.log",

@@ -239,3 +239,17 @@ def test_the_configuration_is_built_lazily_from_the_sentinel_settings(
         get_settings.cache_clear()
     assert config["broker_transport_options"]["master_name"] == "mymaster"
     assert config["broker_url"].startswith(f"sentinel://:{QUOTED}@10.0.0.1:26379/3;")
+
+
+def test_a_worker_s_broker_connections_ask_the_sentinels_on_every_reconnection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kombu.transport import redis as kombu_redis
+
+    from worker.store import connection
+
+    monkeypatch.setattr(kombu_redis.SentinelChannel, "connection_class", None)
+    connection.use_in_kombu()
+    assert kombu_redis.SentinelChannel.connection_class is connection._PrimaryConnection
+    primary = connect(GROUP, SentinelOptions())
+    assert primary.connection_pool.connection_class is connection._PrimaryConnection

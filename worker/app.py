@@ -177,6 +177,7 @@ def _start_worker(**_: Any) -> None:
         )
 
     broker_guard.install()
+    connection.use_in_kombu()
     set_worker_role()
     register_api_key(services())
     drop_stale_bindings(connection.connect(settings.redis_url))

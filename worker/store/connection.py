@@ -87,7 +87,9 @@ def connect(url: str, sentinel: SentinelOptions | None = None, **options: Any) -
         return redis.Redis.from_url(url, **options)
     group = _SentinelGroup.of(url, sentinel, options)
     manager = redis.sentinel.Sentinel(group.sentinels, sentinel_kwargs=group.sentinel_kwargs)
-    client: redis.Redis = manager.master_for(group.master, **group.primary)
+    client: redis.Redis = manager.master_for(
+        group.master, connection_class=_PrimaryConnection, **group.primary
+    )
     return client
 
 
@@ -101,7 +103,9 @@ def connect_async(
     manager = redis.asyncio.sentinel.Sentinel(
         group.sentinels, sentinel_kwargs=group.sentinel_kwargs
     )
-    client: redis.asyncio.Redis = manager.master_for(group.master, **group.primary)
+    client: redis.asyncio.Redis = manager.master_for(
+        group.master, connection_class=_AsyncPrimaryConnection, **group.primary
+    )
     return client
 
 
@@ -121,6 +125,43 @@ def celery_transport_options(url: str, sentinel: SentinelOptions) -> dict[str, A
     }
     group = _SentinelGroup.of(url, sentinel, timeouts)
     return {"master_name": group.master, "sentinel_kwargs": group.sentinel_kwargs}
+
+
+class _PrimaryConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the group's primary that asks the sentinels where it is on every
+    (re)connection.
+
+    redis-py's own reconnects the address it had when a command is retried
+    (redis/redis-py#3874): after a failover, the dead primary's, and once that one is
+    back, a replica, or an empty primary the sentinels have not converted yet, whose
+    answers are wrong and whose writes are dropped.
+    """
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self._sock is None:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _AsyncPrimaryConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """:class:`_PrimaryConnection` for asyncio."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+def use_in_kombu() -> None:
+    """Have the broker's connections (kombu's Sentinel transport) ask the sentinels on every
+    reconnection too (see :class:`_PrimaryConnection`); for worker processes."""
+    from kombu.transport import redis as kombu_redis
+
+    kombu_redis.SentinelChannel.connection_class = _PrimaryConnection
 
 
 @dataclass(frozen=True)
