@@ -22,6 +22,8 @@ import contextlib
 import statistics
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from bench.chaos import (
     _produce,
 )
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess, start_sandbox, start_worker
+from sandbox.launch import ManagedProcess, start_api, start_sandbox, start_worker
 from sandbox.redis_group import RedisGroup
 from worker.models import JobRecord, JobState
 from worker.redis_urls import SentinelOptions
@@ -51,6 +53,7 @@ INPUT = {"image_url": SOURCE_IMAGE, "reference_image_urls": [REFERENCE_IMAGE]}
 #: What a worker logs when it leaves its jobs to their lease after the job store changed.
 LEASE_NOTICE = "the job store restarted or failed over"
 PROMOTION_TIMEOUT_S = 60.0
+HEALTH_POLL_S = 0.25
 #: What ``make chaos`` sets ``REMIX_ACCEPT_WAIT_MS`` to in its second run.
 ACCEPT_WAIT_MS = 100
 #: ``make chaos`` enqueues its jobs over this long; the primary is killed halfway.
@@ -80,6 +83,8 @@ class FailoverOutcome:
     #: Bytes of the replication stream the old primary had and the promoted replica never got.
     replication_bytes_lost: int = 0
     rejoined_s: float = -1.0
+    #: How long the HTTP app's /healthz did not answer 200 after the kill.
+    healthz_degraded_s: float = 0.0
     #: Workers that logged leaving their jobs to the lease (the job store's run id changed).
     lease_notices: int = 0
     accept_wait_ms: int = 0
@@ -115,6 +120,7 @@ class FailoverFleet:
         self.settings = settings
         self.workers: list[ManagedProcess] = []
         self.sandbox: ManagedProcess | None = None
+        self.api: ManagedProcess | None = None
         self.group = RedisGroup(
             log_dir / "redis", password=self.password, sentinel_password=self.sentinel_password
         )
@@ -137,14 +143,20 @@ class FailoverFleet:
         )
         for _ in range(workers):
             self.start_worker()
+        self.api = start_api(self._redis_env(), log_path=self.log_dir / "api.log")
 
-    def start_worker(self) -> ManagedProcess:
-        name = f"failover-{uuid.uuid4().hex[:8]}"
-        env: dict[str, str | None] = {
+    def _redis_env(self) -> dict[str, str | None]:
+        return {
             "REDIS_URL": None,
             "RESULT_BACKEND_URL": None,
             "REDIS_URL_FILE": str(self.url_file),
             "REDIS_SENTINEL_PASSWORD_FILE": str(self.sentinel_password_file),
+        }
+
+    def start_worker(self) -> ManagedProcess:
+        name = f"failover-{uuid.uuid4().hex[:8]}"
+        env: dict[str, str | None] = {
+            **self._redis_env(),
             "KIE_API_KEY": self.api_key,
             "KIE_BASE_URL": self.sandbox.url if self.sandbox else "",
             **self.settings,
@@ -161,14 +173,54 @@ class FailoverFleet:
     def secrets(self) -> list[str]:
         return [self.api_key, self.password, self.sentinel_password]
 
+    def logs(self) -> list[Path]:
+        """The logs of the workers and the HTTP app."""
+        processes = [*self.workers, *([self.api] if self.api else [])]
+        return [path for process in processes if (path := process.log_path) is not None]
+
     def close(self) -> None:
-        for process in self.workers:
-            process.stop()
-        if self.sandbox is not None:
-            self.sandbox.stop()
+        for process in [*self.workers, self.sandbox, self.api]:
+            if process is not None:
+                process.stop()
         with contextlib.suppress(AttributeError):
             self.control.close()
         self.group.close()
+
+
+class HealthWatch:
+    """Asks the HTTP app's ``/healthz`` every :data:`HEALTH_POLL_S`, as a load balancer
+    would; remembers when it did not answer 200."""
+
+    def __init__(self, base_url: str) -> None:
+        self.url = f"{base_url}/healthz"
+        self.failures: list[float] = []
+        self.checks = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(HEALTH_POLL_S):
+            asked = time.monotonic()
+            self.checks += 1
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    status = answer.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                status = 0
+            if status != 200:
+                self.failures.append(asked)
+
+    def degraded_s(self, since: float) -> float:
+        """From the first answer other than 200 after ``since`` to the last one (0: none)."""
+        failed = [moment for moment in self.failures if moment >= since]
+        return failed[-1] - failed[0] + HEALTH_POLL_S if failed else 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
 
 
 def run_failover(
@@ -203,8 +255,11 @@ def run_failover(
         )
         producer.start()
         watcher = Watcher(fleet.group.url(), job_ids)
+        health = HealthWatch(fleet.api.url if fleet.api and fleet.api.url else "")
         lease = float(merged["KIE_REQUEST_DEADLINE_S"]) + 15
-        _fail_over(fleet, watcher, outcome, started + stretch_s / 2, lease)
+        killed_at = _fail_over(fleet, watcher, outcome, started + stretch_s / 2, lease)
+        health.stop()
+        outcome.healthz_degraded_s = health.degraded_s(killed_at)
         producer.join(timeout_s)
         while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
             time.sleep(SAMPLE_S)
@@ -220,8 +275,9 @@ def run_failover(
 
 def _fail_over(
     fleet: FailoverFleet, watcher: Watcher, outcome: FailoverOutcome, at: float, lease: float
-) -> None:
-    """SIGKILL the primary at ``at``; measure the promotion, the loss and the recovery."""
+) -> float:
+    """SIGKILL the primary at ``at``; measure the promotion, the loss and the recovery.
+    Returns the moment of the kill."""
     while time.monotonic() < at:
         time.sleep(SAMPLE_S)
         watcher.sample()
@@ -251,6 +307,7 @@ def _fail_over(
     moved = watcher.time_until_all_moved(promoted_at, unfinished, lease * 3)
     outcome.moved_again_s = -1.0 if moved is None else moved
     rejoin.join()
+    return killed_at
 
 
 def _rejoin(
@@ -349,11 +406,7 @@ def _judge(
 def _leaks(fleet: FailoverFleet) -> list[str]:
     """Every place that holds a fragment of a secret: the workers' logs, Redis keys and values."""
     parts = [part for secret in fleet.secrets() for part in _fragments(secret)]
-    found = [
-        str(path)
-        for w in fleet.workers
-        if (path := w.log_path) is not None and any(part in path.read_bytes() for part in parts)
-    ]
+    found = [str(path) for path in fleet.logs() if any(part in path.read_bytes() for part in parts)]
     api_key = _fragments(fleet.api_key)
     with fleet.group.client(fleet.group.primary_port()) as client:
         for key in client.scan_iter("*", count=1000):
@@ -393,6 +446,7 @@ def figures(outcome: FailoverOutcome) -> list[tuple[str, str]]:
             f"of the stream, {outcome.orphaned_tasks} accepted tasks in no record",
         ),
         (f"{name}: old primary back as a replica after", seconds(outcome.rejoined_s)),
+        (f"{name}: HTTP app's /healthz not 200 for", seconds(outcome.healthz_degraded_s)),
         (f"{name}: workers that left their jobs to the lease", str(outcome.lease_notices)),
         (
             f"{name}: recording an acceptance, median (without / with WAIT)",

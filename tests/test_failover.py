@@ -42,6 +42,8 @@ def test_a_failover_loses_no_job_and_pays_nothing_twice_unflagged(
     # The failover really happened under load, and the old primary came back as a replica.
     assert outcome.in_flight_at_kill > 0 and 0 < outcome.promotion_s < 15, outcome
     assert outcome.rejoined_s >= 0, outcome
+    # The HTTP app's readiness probe said so while there was no primary, then recovered.
+    assert 0 < outcome.healthz_degraded_s < LEASE_S, outcome
     # Every job moved again within a lease of the promotion (none waited forever) ...
     assert 0 <= outcome.moved_again_s <= LEASE_S + 10, (outcome.moved_again_s, outcome.stuck)
     # ... and the workers whose broker connection broke left their jobs to it, because
