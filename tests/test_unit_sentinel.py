@@ -253,3 +253,8 @@ def test_a_worker_s_broker_connections_ask_the_sentinels_on_every_reconnection(
     assert kombu_redis.SentinelChannel.connection_class is connection._PrimaryConnection
     primary = connect(GROUP, SentinelOptions())
     assert primary.connection_pool.connection_class is connection._PrimaryConnection
+
+
+def test_no_password_shows_in_the_parsed_url_or_the_options() -> None:
+    shown = repr(parse_sentinel_url(GROUP)) + repr(SentinelOptions("m", SENTINEL_PASSWORD))
+    assert PASSWORD not in shown and SENTINEL_PASSWORD not in shown

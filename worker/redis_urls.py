@@ -11,7 +11,7 @@ holds the URL, which may hold a password. See docs/operations.md, "Redis: durabi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 SENTINEL_SCHEME = "sentinel"
@@ -25,7 +25,7 @@ class SentinelOptions:
     """What a Sentinel URL leaves to the settings: the primary's name, the sentinels' password."""
 
     master: str = DEFAULT_SENTINEL_MASTER
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class SentinelUrl:
     sentinels: tuple[tuple[str, int], ...]
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def celery_url(self) -> str:
         """The URL for Celery's broker and result backend: the primary's credentials on the

@@ -164,7 +164,7 @@ def use_in_kombu() -> None:
     kombu_redis.SentinelChannel.connection_class = _PrimaryConnection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # it holds the passwords
 class _SentinelGroup:
     """A Sentinel URL and its settings as redis-py's ``Sentinel`` takes them."""
 
