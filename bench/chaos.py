@@ -12,6 +12,9 @@ fresh processes:
   SIGKILLs (each replaced), a restart of the job store's Redis (append-only file), and a
   broker outage of several seconds.
 
+Then the **failover** scenario of :mod:`bench.failover` (the Redis primary SIGKILLed,
+Sentinel promotes its replica), without and with ``REMIX_ACCEPT_WAIT_MS``.
+
 Every scenario checks: every job succeeded (lost = 0); the sandbox accepted each job's
 createTask once, except where it reports the answer as ambiguous (then the record must
 say ``possibly_paid_twice``); no secret in any log, Redis key or value, or result. With
@@ -32,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +211,6 @@ class Fleet:
             self.start_worker()
 
     def start_worker(self) -> ManagedProcess:
-        name = f"chaos-{uuid.uuid4().hex[:8]}"
         env = {
             "REDIS_URL": self.broker.url,
             "RESULT_BACKEND_URL": self.store.url,
@@ -216,12 +218,7 @@ class Fleet:
             "KIE_BASE_URL": self.sandbox.url or "",
             **WORKER_SETTINGS,
         }
-        process = start_worker(
-            env,
-            concurrency=self.concurrency,
-            hostname=f"{name}@%h",
-            log_path=self.log_dir / f"{name}.log",
-        )
+        process = start_named_worker(self.log_dir, "chaos", self.concurrency, env)
         self.workers.append(process)
         return process
 
@@ -268,6 +265,16 @@ class Fleet:
         self.control.close()
         for server in (self.broker, self.store):
             server.process.stop()
+
+
+def start_named_worker(
+    log_dir: Path, prefix: str, concurrency: int, env: Mapping[str, str | None]
+) -> ManagedProcess:
+    """A worker named ``<prefix>-<hex>@<host>``, logging to ``log_dir/<prefix>-<hex>.log``."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    return start_worker(
+        env, concurrency=concurrency, hostname=f"{name}@%h", log_path=log_dir / f"{name}.log"
+    )
 
 
 def _admin(url: str) -> redis.Redis:
@@ -399,16 +406,24 @@ def run_scenario(
         producer.start()
         watcher = Watcher(fleet.store.url, job_ids)
         _conduct(scenario, fleet, watcher, outcome, started)
-        producer.join(timeout_s)
-        while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
-            time.sleep(SAMPLE_S)
-            watcher.sample()
-        outcome.seconds = time.monotonic() - started
+        outcome.seconds = wait_for_all(producer, watcher, jobs, started, timeout_s)
         _judge(fleet, watcher, prompts, outcome)
     finally:
         configure()
         fleet.close()
     return outcome
+
+
+def wait_for_all(
+    producer: threading.Thread, watcher: Watcher, jobs: int, started: float, timeout_s: float
+) -> float:
+    """Wait until every job was enqueued and finished (or ``timeout_s`` from ``started``);
+    returns the seconds since ``started``."""
+    producer.join(timeout_s)
+    while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
+        time.sleep(SAMPLE_S)
+        watcher.sample()
+    return time.monotonic() - started
 
 
 def _produce(prompts: Sequence[str], job_ids: list[str], stretch_s: float) -> None:

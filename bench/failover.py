@@ -28,20 +28,24 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench.chaos import (
+    FAILOVER,
     REFERENCE_IMAGE,
     SAMPLE_S,
     SOURCE_IMAGE,
     WORKER_SETTINGS,
+    Outcome,
     Watcher,
     _dump,
     _fragments,
     _produce,
+    _signature,
+    start_named_worker,
+    wait_for_all,
 )
 from sandbox.control import SandboxControl
-from sandbox.launch import ManagedProcess, start_api, start_sandbox, start_worker
+from sandbox.launch import ManagedProcess, start_api, start_sandbox
 from sandbox.redis_group import RedisGroup
 from worker.models import JobRecord, JobState
 from worker.redis_urls import SentinelOptions
@@ -62,22 +66,16 @@ _STATE_RANK = {JobState.QUEUED: 0, JobState.SUBMITTED: 1, JobState.RUNNING: 2}
 
 
 @dataclass
-class FailoverOutcome:
+class FailoverOutcome(Outcome):
     """What one failover run measured (seconds are -1 when the thing never happened)."""
 
-    jobs: int
-    seconds: float = 0.0
-    states: Counter[str] = field(default_factory=Counter)
-    lost: int = 0
-    accepted_twice: int = 0
-    paid_twice_unflagged: int = 0
-    flagged_possibly_twice: int = 0
-    unknown_outcomes: int = 0
     #: Upstream tasks the sandbox accepted that no record names: acceptances the failover lost.
     orphaned_tasks: int = 0
     in_flight_at_kill: int = 0
     promotion_s: float = -1.0
     moved_again_s: float = -1.0
+    #: The jobs that moved again last after the promotion (for a look at their logs).
+    last_to_move: list[str] = field(default_factory=list)
     #: Records the new primary holds older than they were just before the kill.
     records_behind: int = 0
     #: Bytes of the replication stream the old primary had and the promoted replica never got.
@@ -90,19 +88,10 @@ class FailoverOutcome:
     accept_wait_ms: int = 0
     #: Median round trip of recording an acceptance, without and with ``WAIT``, in ms.
     accept_ms: tuple[float, float] = (0.0, 0.0)
-    leaks: list[str] = field(default_factory=list)
-    stuck: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return (
-            self.states == Counter({"succeeded": self.jobs})
-            and self.lost == 0
-            and self.paid_twice_unflagged == 0
-            and not self.leaks
-            and self.moved_again_s >= 0
-            and self.rejoined_s >= 0
-        )
+        return super().ok and self.moved_again_s >= 0 and self.rejoined_s >= 0
 
 
 class FailoverFleet:
@@ -154,19 +143,13 @@ class FailoverFleet:
         }
 
     def start_worker(self) -> ManagedProcess:
-        name = f"failover-{uuid.uuid4().hex[:8]}"
         env: dict[str, str | None] = {
             **self._redis_env(),
             "KIE_API_KEY": self.api_key,
             "KIE_BASE_URL": self.sandbox.url if self.sandbox else "",
             **self.settings,
         }
-        process = start_worker(
-            env,
-            concurrency=self.concurrency,
-            hostname=f"{name}@%h",
-            log_path=self.log_dir / f"{name}.log",
-        )
+        process = start_named_worker(self.log_dir, FAILOVER, self.concurrency, env)
         self.workers.append(process)
         return process
 
@@ -239,7 +222,8 @@ def run_failover(
 
     merged = {**WORKER_SETTINGS, **(settings or {})}
     fleet = FailoverFleet(log_dir, workers, concurrency, merged)
-    outcome = FailoverOutcome(jobs, accept_wait_ms=int(merged.get("REMIX_ACCEPT_WAIT_MS", 0)))
+    wait_ms = int(merged.get("REMIX_ACCEPT_WAIT_MS", 0))
+    outcome = FailoverOutcome(FAILOVER, jobs, accept_wait_ms=wait_ms)
     try:
         configure(
             redis_url=fleet.group.url(),
@@ -260,11 +244,7 @@ def run_failover(
         killed_at = _fail_over(fleet, watcher, outcome, started + stretch_s / 2, lease)
         health.stop()
         outcome.healthz_degraded_s = health.degraded_s(killed_at)
-        producer.join(timeout_s)
-        while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
-            time.sleep(SAMPLE_S)
-            watcher.sample()
-        outcome.seconds = time.monotonic() - started
+        outcome.seconds = wait_for_all(producer, watcher, jobs, started, timeout_s)
         _judge(fleet, watcher, prompts, outcome)
         outcome.accept_ms = _accept_cost(fleet)
     finally:
@@ -303,11 +283,28 @@ def _fail_over(
     group.restart(old, replica_of=new)
     rejoin = threading.Thread(target=_rejoin, args=(group, old, new, outcome, promoted_at, lease))
     rejoin.start()
-    unfinished = dict(watcher.signatures())
-    moved = watcher.time_until_all_moved(promoted_at, unfinished, lease * 3)
-    outcome.moved_again_s = -1.0 if moved is None else moved
+    moved = _moves(watcher, promoted_at, lease * 3)
+    outcome.moved_again_s = -1.0 if -1.0 in moved.values() else max(moved.values(), default=0.0)
+    outcome.last_to_move = sorted(moved, key=moved.__getitem__)[-3:]
     rejoin.join()
     return killed_at
+
+
+def _moves(watcher: Watcher, since: float, deadline_s: float) -> dict[str, float]:
+    """Seconds from ``since`` until each job unfinished then changed its record (or
+    finished); a job that did not within ``deadline_s`` is kept in ``watcher.stuck``."""
+    waiting = dict(watcher.signatures())
+    moved: dict[str, float] = {}
+    while waiting and time.monotonic() - since < deadline_s:
+        time.sleep(SAMPLE_S / 2)
+        now = watcher.sample()
+        for job_id in [j for j, seen in waiting.items() if _signature(now.get(j)) != seen]:
+            moved[job_id] = time.monotonic() - since
+            del waiting[job_id]
+    if waiting:
+        watcher.stuck.update({job_id: {"unmoved": seen} for job_id, seen in waiting.items()})
+        return {**moved, **dict.fromkeys(waiting, -1.0)}
+    return moved
 
 
 def _rejoin(
