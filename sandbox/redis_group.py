@@ -72,14 +72,7 @@ class RedisGroup:
 
     def client(self, port: int) -> redis.Redis:
         """A client of one server that fails at once instead of retrying."""
-        return redis.Redis(
-            LOOPBACK,
-            port,
-            password=self.password,
-            socket_timeout=2,
-            socket_connect_timeout=1,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return _direct(port, self.password)
 
     def primary_port(self) -> int:
         """The primary's port as the first sentinel that answers says."""
@@ -169,14 +162,7 @@ class RedisGroup:
         return "\n".join(lines)
 
     def _sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(
-            LOOPBACK,
-            port,
-            password=self.sentinel_password,
-            socket_timeout=1,
-            socket_connect_timeout=1,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return _direct(port, self.sentinel_password)
 
     def _named_primary(self, port: int) -> int | None:
         try:
@@ -197,6 +183,17 @@ class RedisGroup:
             and int(state["num-slaves"]) >= self.replicas
             and int(state["num-other-sentinels"]) >= self.sentinels - 1
         )
+
+
+def _direct(port: int, password: str | None) -> redis.Redis:
+    return redis.Redis(
+        LOOPBACK,
+        port,
+        password=password,
+        socket_timeout=2,
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _port(server: RedisServer) -> int:
