@@ -61,7 +61,7 @@ bench: venv
 	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench --write-docs; \
 	else echo "make bench: no benchmark yet (bench/__main__.py is missing)"; fi
 
-# The chaos suite, bigger than in the tests (1,000 jobs a scenario, about 5 minutes);
+# The chaos suite, bigger than in the tests (1,000 jobs a scenario, about 9 minutes);
 # its figures go to docs/reliability.md.
 chaos: venv
 	$(BIN)/python -m bench.chaos --write-docs

@@ -12,6 +12,9 @@ fresh processes:
   SIGKILLs (each replaced), a restart of the job store's Redis (append-only file), and a
   broker outage of several seconds.
 
+Then the **failover** scenario of :mod:`bench.failover` (the Redis primary SIGKILLed,
+Sentinel promotes its replica), without and with ``REMIX_ACCEPT_WAIT_MS``.
+
 Every scenario checks: every job succeeded (lost = 0); the sandbox accepted each job's
 createTask once, except where it reports the answer as ambiguous (then the record must
 say ``possibly_paid_twice``); no secret in any log, Redis key or value, or result. With
@@ -32,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ from sandbox.launch import (
 )
 from worker import keys
 from worker.models import JobRecord
+from worker.store.connection import connect
 from worker.store.jobs import ATTEMPT_FIELD, decode_text
 
 DEFAULT_DOCS = REPO_ROOT / "docs" / "reliability.md"
@@ -136,6 +140,8 @@ SCENARIOS = {
         stretch_s=150.0,
     ),
 }
+#: The scenario of :mod:`bench.failover` (the Redis primary fails over), run after these.
+FAILOVER = "failover"
 #: When each process fault happens, as a share of the scenario's stretch.
 EVENT_TIMES = {"kill-1": 0.12, "store": 0.32, "broker": 0.52, "kill-2": 0.75}
 
@@ -208,7 +214,6 @@ class Fleet:
             self.start_worker()
 
     def start_worker(self) -> ManagedProcess:
-        name = f"chaos-{uuid.uuid4().hex[:8]}"
         env = {
             "REDIS_URL": self.broker.url,
             "RESULT_BACKEND_URL": self.store.url,
@@ -216,12 +221,7 @@ class Fleet:
             "KIE_BASE_URL": self.sandbox.url or "",
             **WORKER_SETTINGS,
         }
-        process = start_worker(
-            env,
-            concurrency=self.concurrency,
-            hostname=f"{name}@%h",
-            log_path=self.log_dir / f"{name}.log",
-        )
+        process = start_named_worker(self.log_dir, "chaos", self.concurrency, env)
         self.workers.append(process)
         return process
 
@@ -270,6 +270,16 @@ class Fleet:
             server.process.stop()
 
 
+def start_named_worker(
+    log_dir: Path, prefix: str, concurrency: int, env: Mapping[str, str | None]
+) -> ManagedProcess:
+    """A worker named ``<prefix>-<hex>@<host>``, logging to ``log_dir/<prefix>-<hex>.log``."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    return start_worker(
+        env, concurrency=concurrency, hostname=f"{name}@%h", log_path=log_dir / f"{name}.log"
+    )
+
+
 def _admin(url: str) -> redis.Redis:
     """A client that fails at once instead of retrying (for PAUSE and SHUTDOWN)."""
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
@@ -313,7 +323,7 @@ class Watcher:
         from worker.store.jobs import JobStore
 
         self.job_ids = job_ids  # grows while the producer enqueues
-        self._client = redis.Redis.from_url(store_url, socket_timeout=2, socket_connect_timeout=1)
+        self._client = connect(store_url, socket_timeout=2, socket_connect_timeout=1)
         self._store = JobStore(self._client, ttl_s=86400)
         self.latest: dict[str, JobRecord | None] = {}
         self.stuck: dict[str, dict[str, Any]] = {}
@@ -399,16 +409,24 @@ def run_scenario(
         producer.start()
         watcher = Watcher(fleet.store.url, job_ids)
         _conduct(scenario, fleet, watcher, outcome, started)
-        producer.join(timeout_s)
-        while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
-            time.sleep(SAMPLE_S)
-            watcher.sample()
-        outcome.seconds = time.monotonic() - started
+        outcome.seconds = wait_for_all(producer, watcher, jobs, started, timeout_s)
         _judge(fleet, watcher, prompts, outcome)
     finally:
         configure()
         fleet.close()
     return outcome
+
+
+def wait_for_all(
+    producer: threading.Thread, watcher: Watcher, jobs: int, started: float, timeout_s: float
+) -> float:
+    """Wait until every job was enqueued and finished (or ``timeout_s`` from ``started``);
+    returns the seconds since ``started``."""
+    producer.join(timeout_s)
+    while watcher.finished() < jobs and time.monotonic() < started + timeout_s:
+        time.sleep(SAMPLE_S)
+        watcher.sample()
+    return time.monotonic() - started
 
 
 #: The tenants and priorities the jobs of a scenario take in turn.
@@ -617,7 +635,7 @@ def _counts(counter: Counter[str]) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(counter.items()))
 
 
-def markdown(outcomes: dict[str, Outcome], command: str, seconds: float) -> str:
+def markdown(rows: list[tuple[str, str]], command: str, seconds: float) -> str:
     lines = [
         LATEST_RUN_HEADING,
         "",
@@ -626,7 +644,7 @@ def markdown(outcomes: dict[str, Outcome], command: str, seconds: float) -> str:
         "| figure | value |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {value} |" for name, value in figures(outcomes)]
+    lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "Machine: " + "; ".join(f"{k} {v}" for k, v in machine_info()), ""]
     return "\n".join(lines)
 
@@ -644,11 +662,13 @@ def write_docs(text: str, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench import failover
+
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--only", action="append", choices=list(SCENARIOS))
+    parser.add_argument("--only", action="append", choices=[*SCENARIOS, FAILOVER])
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--write-docs", action="store_true")
@@ -656,11 +676,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     outcomes: dict[str, Outcome] = {}
+    failed_over: list[failover.FailoverOutcome] = []
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="remixq-chaos-") as tmp:
-        for name in args.only or list(SCENARIOS):
+        for name in args.only or [*SCENARIOS, FAILOVER]:
             log_dir = Path(tmp) / name
             log_dir.mkdir()
             print(f"chaos: {name}, {args.jobs} jobs ...", flush=True)
+            if name == FAILOVER:
+                failed_over += failover.run_both(args.jobs, log_dir, args.workers, args.concurrency)
+                continue
             outcomes[name] = run_scenario(
                 SCENARIOS[name],
                 args.jobs,
@@ -669,16 +693,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrency=args.concurrency,
             )
             print(f"chaos: {name} done in {outcomes[name].seconds:.0f} s", flush=True)
-    for name, value in figures(outcomes):
+    rows = figures(outcomes) + [row for o in failed_over for row in failover.figures(o)]
+    for name, value in rows:
         print(f"{name:<62} {value}")
     command = "python -m bench.chaos " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.write_docs:
-        write_docs(markdown(outcomes, command.strip(), time.monotonic() - started), args.docs)
+        write_docs(markdown(rows, command.strip(), time.monotonic() - started), args.docs)
     failed = [name for name, outcome in outcomes.items() if not outcome.ok]
+    failed += [f"{FAILOVER} (wait {o.accept_wait_ms} ms)" for o in failed_over if not o.ok]
     for name in failed:
         print(f"chaos: {name} FAILED: {outcomes[name].leaks or ''}", file=sys.stderr)
-    for name, outcome in outcomes.items():
-        for job_id, fields in outcome.stuck.items():
+    stuck = [(name, o.stuck) for name, o in outcomes.items()]
+    stuck += [(FAILOVER, o.stuck) for o in failed_over]
+    for name, jobs in stuck:
+        for job_id, fields in jobs.items():
             print(f"chaos: {name}: job {job_id} did not move: {fields}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 
 from sandbox.callbacks import is_local_url
 from sandbox.control import SandboxControl
+from worker.store.connection import connect
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_REDIS_PORT = 6379
@@ -137,11 +138,9 @@ def free_port() -> int:
 def redis_ping(url: str) -> bool:
     """Whether a Redis server answers PING at ``url``.
 
-    :param url: a ``redis://`` URL.
+    :param url: a Redis URL (``redis://``, or ``sentinel://`` for a group's primary).
     """
-    client = redis.Redis.from_url(
-        url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
-    )
+    client = connect(url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -163,6 +162,8 @@ def start_redis(
     append_only_dir: str | Path | None = None,
     log_path: str | Path | None = None,
     timeout: float = REDIS_START_TIMEOUT_S,
+    password: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RedisServer:
     """Start a private ``redis-server`` on 127.0.0.1 and wait until it answers PING.
 
@@ -172,17 +173,23 @@ def start_redis(
         (fsync on every write); None keeps nothing on disk.
     :param log_path: where its output goes; a temporary file when None.
     :param timeout: seconds to wait for it to answer.
+    :param password: its ``requirepass`` (and ``masterauth``, for when it is a replica).
+    :param extra_args: further ``redis-server`` options, e.g. ``["--replicaof", ...]``.
     :raises LaunchError: when Redis is not installed, the port is taken, or the server
         exits or does not answer in time (with its log's end).
     """
     if port is not None and _port_open(port):
         raise LaunchError(f"port {port} is already in use; stop what listens there or pick another")
     port = free_port() if port is None else port
-    url = f"redis://{LOOPBACK}:{port}/0"
+    auth = "" if password is None else f":{quote(password, safe='')}@"
+    url = f"redis://{auth}{LOOPBACK}:{port}/0"
     data_dir = None if append_only_dir is None else Path(append_only_dir)
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-    process = _spawn(_redis_command(port, data_dir), os.environ, log_path, "remixq-redis-")
+    command = _redis_command(port, data_dir) + list(extra_args)
+    if password is not None:
+        command += ["--requirepass", password, "--masterauth", password]
+    process = _spawn(command, os.environ, log_path, "remixq-redis-")
     _await_ready(process, lambda: redis_ping(url), timeout, f"redis-server on port {port}")
     return RedisServer(process, url)
 
@@ -197,6 +204,36 @@ def _redis_command(port: int, append_only_dir: Path | None) -> list[str]:
         return [*command, "--appendonly", "no"]
     command += ["--appendonly", "yes", "--appendfsync", "always"]
     return [*command, "--dir", str(append_only_dir)]
+
+
+def start_sentinel(
+    port: int,
+    config: str,
+    directory: Path,
+    *,
+    password: str | None = None,
+    timeout: float = REDIS_START_TIMEOUT_S,
+) -> RedisServer:
+    """Start ``redis-server --sentinel`` on 127.0.0.1 with ``config`` (its ``sentinel``
+    lines) and wait until it answers PING.
+
+    Its configuration file (which Sentinel rewrites as it learns) and its log are kept in
+    ``directory``. ``password`` is its own ``requirepass``.
+    """
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise LaunchError(REDIS_MISSING)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"sentinel-{port}.conf"
+    lines = [f"port {port}", f"bind {LOOPBACK}", f"dir {directory}", config]
+    lines += [] if password is None else [f"requirepass {password}"]
+    path.write_text("\n".join(lines) + "\n")
+    auth = "" if password is None else f":{quote(password, safe='')}@"
+    url = f"redis://{auth}{LOOPBACK}:{port}/0"
+    log_path = directory / f"sentinel-{port}.log"
+    process = _spawn([executable, str(path), "--sentinel"], os.environ, log_path, "")
+    _await_ready(process, lambda: redis_ping(url), timeout, f"redis-sentinel on port {port}")
+    return RedisServer(process, url)
 
 
 def ensure_redis(

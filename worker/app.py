@@ -84,8 +84,7 @@ def celery_config() -> dict[str, Any]:
     """The Celery configuration, built from the settings when Celery first needs it."""
     settings = get_settings()
     return dict(
-        broker_url=settings.redis_url,
-        result_backend=settings.backend_url,
+        **celery_redis_config(settings),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -95,17 +94,6 @@ def celery_config() -> dict[str, Any]:
         worker_prefetch_multiplier=1,
         # The pool size of a worker started without -c (which wins when given).
         worker_concurrency=settings.worker_concurrency,
-        broker_transport_options={
-            # A message unacknowledged this long (its worker died) is delivered again;
-            # no task may run longer (Settings.archive_step_s).
-            "visibility_timeout": settings.remix_broker_visibility_timeout_s,
-            "unacked_restore_interval": RESTORE_INTERVAL_S,
-            "unacked_restore_throttle": 1,
-            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
-            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
-            "health_check_interval": BROKER_HEALTH_CHECK_S,
-            "retry_on_timeout": True,
-        },
         redis_socket_timeout=BROKER_SOCKET_TIMEOUT_S,
         redis_socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
         redis_retry_on_timeout=True,
@@ -133,6 +121,30 @@ def celery_config() -> dict[str, Any]:
         worker_send_task_events=settings.remix_task_events,
         task_send_sent_event=settings.remix_task_events,
         worker_hijack_root_logger=True,
+    )
+
+
+def celery_redis_config(settings: Settings) -> dict[str, Any]:
+    """Where the broker and the result backend are, as Celery takes it: their URLs, and
+    with a ``sentinel://`` URL the primary's name and the sentinels' options."""
+    return dict(
+        broker_url=connection.celery_url(settings.redis_url),
+        broker_transport_options={
+            # A message unacknowledged this long (its worker died) is delivered again;
+            # no task may run longer (Settings.archive_step_s).
+            "visibility_timeout": settings.remix_broker_visibility_timeout_s,
+            "unacked_restore_interval": RESTORE_INTERVAL_S,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+            "health_check_interval": BROKER_HEALTH_CHECK_S,
+            "retry_on_timeout": True,
+            **connection.celery_transport_options(settings.redis_url, settings.sentinel),
+        },
+        result_backend=connection.celery_url(settings.backend_url),
+        result_backend_transport_options=connection.celery_transport_options(
+            settings.backend_url, settings.sentinel
+        ),
     )
 
 
@@ -168,9 +180,10 @@ def _start_worker(**_: Any) -> None:
         )
 
     broker_guard.install()
+    connection.use_in_kombu()
     set_worker_role()
     register_api_key(services())
-    drop_stale_bindings(redis.Redis.from_url(settings.redis_url))
+    drop_stale_bindings(connection.connect(settings.redis_url))
 
 
 @worker_ready.connect
@@ -178,7 +191,7 @@ def _warn_about_eviction(**_: Any) -> None:
     """Job records have a TTL: a ``volatile-*`` (or ``allkeys-*``) policy evicts them."""
     settings = get_settings()
     for url in dict.fromkeys((settings.redis_url, settings.backend_url)):
-        policy = eviction_policy(redis.Redis.from_url(url, socket_timeout=5))
+        policy = eviction_policy(connection.connect(url, socket_timeout=5))
         if policy not in (None, "noeviction"):
             logger.warning(
                 "Redis maxmemory-policy is %s: under memory pressure it may evict job "
@@ -262,8 +275,8 @@ def configure(**overrides: Any) -> Settings:
     set_overrides(**overrides)
     _reset()
     settings = get_settings()
-    app.conf.broker_url = settings.redis_url
-    app.conf.result_backend = settings.backend_url
+    for name, value in celery_redis_config(settings).items():
+        app.conf[name] = value
     _forget_celery_connections(app)
     return settings
 

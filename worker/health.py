@@ -17,6 +17,7 @@ import redis
 from worker import keys
 from worker.fleet.dispatcher import LIVE_WORKER_S
 from worker.settings import ConfigurationError, get_settings
+from worker.store.connection import connect
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -41,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
-    client = redis.Redis.from_url(
-        url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S
-    )
+    client = connect(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
     try:
         live = fresh_heartbeats(client, args.host, args.max_age)
     except (redis.RedisError, OSError) as exc:

@@ -37,6 +37,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.cpu import default_concurrency
 from worker.fields import DEFAULT_TENANT, check_tenant
+from worker.redis_urls import (
+    SentinelOptions,
+    check_master_name,
+    is_sentinel_url,
+    parse_sentinel_url,
+    url_passwords,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 RATE_LIMIT_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d+)?\s*(s|sec|m|min|h|d)?\s*$")
@@ -60,7 +67,10 @@ SECRET_NAMES = (
     "ideogram_api_key",
     "remix_api_tokens",
     "remix_notify_hmac_key",
+    "redis_sentinel_password",
 )
+#: The Redis URLs, which may hold a password: each may also be read from ``<NAME>_FILE``.
+URL_FILE_NAMES = ("redis_url", "result_backend_url")
 #: boto3's secret environment variables: redacted like the settings' secrets.
 AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: The relay's task states (lower case) onto the poll policy's; see ``IDEOGRAM_STATE_MAP``.
@@ -106,10 +116,14 @@ def parse_state_map(text: str) -> dict[str, str]:
 
 
 def check_redis_url(value: str) -> str:
-    """A ``redis://``, ``rediss://`` or ``unix://`` URL with a valid port and database."""
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL with a valid port and database, or a
+    ``sentinel://`` one (:func:`worker.redis_urls.parse_sentinel_url`)."""
+    if is_sentinel_url(value):
+        parse_sentinel_url(value)
+        return value.strip()
     parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        raise ValueError("must be a redis://, rediss://, unix:// or sentinel:// URL")
     try:
         parts.port  # noqa: B018 - raises for a port out of range
     except ValueError:
@@ -293,6 +307,19 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _file_variable(data: dict[str, Any], name: str) -> str | None:
+    """The path ``<NAME>_FILE`` gives (None when unset); refused when blank or when
+    ``<NAME>`` is set too."""
+    path = data.get(f"{name}_file")
+    if path is None:
+        return None
+    if _blank(path):
+        raise ValueError(f"{name.upper()}_FILE is set but empty; name a file or unset it")
+    if data.get(name) is not None:
+        raise ValueError(f"{name.upper()} and {name.upper()}_FILE are both set; set only one")
+    return str(path).strip()
+
+
 def check_archive_url(value: str) -> str:
     """``file:///absolute/dir`` or ``s3://bucket[/prefix]``; raises ``ValueError`` otherwise.
 
@@ -373,6 +400,13 @@ class Settings(BaseSettings):
 
     redis_url: str = DEFAULT_REDIS_URL
     result_backend_url: str | None = None
+    #: With a ``sentinel://`` URL: the primary's name in Sentinel, and the sentinels' own
+    #: password (their ``requirepass``; the primary's is in the URL).
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+    #: After recording an accepted upstream task, wait this long at most for a Redis
+    #: replica to have it (``WAIT``), so that a failover right after cannot lose it; 0: off.
+    remix_accept_wait_ms: int = Field(0, ge=0, le=10000)
 
     kie_api_key: SecretStr | None = None
     kie_base_url: str = "https://api.kie.ai"
@@ -488,6 +522,10 @@ class Settings(BaseSettings):
     ideogram_api_key_file: str | None = None
     remix_api_tokens_file: str | None = None
     remix_notify_hmac_key_file: str | None = None
+    redis_sentinel_password_file: str | None = None
+    #: Paths of files holding ``REDIS_URL`` or ``RESULT_BACKEND_URL`` (with a password).
+    redis_url_file: str | None = None
+    result_backend_url_file: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -497,16 +535,13 @@ class Settings(BaseSettings):
             return data
         data = dict(data)
         for name in SECRET_NAMES:
-            path = data.get(f"{name}_file")
-            if path is None:
-                continue
-            if _blank(path):
-                raise ValueError(f"{name.upper()}_FILE is set but empty; name a file or unset it")
-            if data.get(name) is not None:
-                raise ValueError(
-                    f"{name.upper()} and {name.upper()}_FILE are both set; set only one"
-                )
-            data[name] = _secret_from_file(name, str(path).strip())
+            path = _file_variable(data, name)
+            if path is not None:
+                data[name] = _secret_from_file(name, path)
+        for name in URL_FILE_NAMES:
+            path = _file_variable(data, name)
+            if path is not None:
+                data[name] = read_secret_file(name, path).strip()
         return data
 
     @field_validator(
@@ -515,6 +550,7 @@ class Settings(BaseSettings):
         "ideogram_api_key",
         "remix_api_tokens",
         "remix_notify_hmac_key",
+        "redis_sentinel_password",
         mode="before",
     )
     @classmethod
@@ -534,6 +570,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         return None if value is None else check_redis_url(value)
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _check_master_name(cls, value: str) -> str:
+        return check_master_name(value)
 
     @field_validator("kie_callback_url")
     @classmethod
@@ -676,6 +717,14 @@ class Settings(BaseSettings):
         return self.result_backend_url or self.redis_url
 
     @property
+    def sentinel(self) -> SentinelOptions:
+        """What a ``sentinel://`` URL leaves to the settings (see :mod:`worker.redis_urls`)."""
+        password = self.redis_sentinel_password
+        return SentinelOptions(
+            self.redis_sentinel_master, None if password is None else password.get_secret_value()
+        )
+
+    @property
     def rate_limit(self) -> tuple[int, float]:
         """``KIE_RATE_LIMIT`` as ``(requests, window_seconds)``."""
         return parse_rate_limit(self.kie_rate_limit)
@@ -747,15 +796,14 @@ class Settings(BaseSettings):
             self.kie_webhook_hmac_key,
             self.ideogram_api_key,
             self.remix_notify_hmac_key,
+            self.redis_sentinel_password,
         )
         values = [secret.get_secret_value() for secret in found if secret is not None]
         values += self.api_tokens()
         # The archive's S3 credentials are boto3's, not settings, but just as secret.
         values += [os.environ[name] for name in AWS_SECRET_VARIABLES if os.environ.get(name)]
         for url in (self.redis_url, self.backend_url):
-            password = urlsplit(url).password
-            if password:
-                values.append(unquote(password))
+            values += url_passwords(url)
         return values
 
 

@@ -55,6 +55,7 @@ from worker.fields import DEFAULT_TENANT
 from worker.logs import install_log_format
 from worker.redaction import Redactor, install_log_redaction
 from worker.settings import ConfigurationError, Settings, get_settings
+from worker.store.connection import connect_async
 from worker.store.jobs import decode_text
 
 logger = logging.getLogger("producers.http")
@@ -124,7 +125,7 @@ class HealthProbe:
 
 
 def _probe_client(url: str) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(
+    return connect_async(
         url,
         socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
         socket_timeout=PROBE_TIMEOUT_S,

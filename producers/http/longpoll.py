@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from worker import keys
 from worker.app import services
 from worker.models import JobRecord
+from worker.store.connection import connect_async
 
 logger = logging.getLogger("producers.http.longpoll")
 
@@ -137,7 +138,7 @@ class FinishedWatch:
             await asyncio.sleep(delay)
 
     async def _listen(self) -> None:
-        client = redis.asyncio.Redis.from_url(
+        client = connect_async(
             self._url,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             health_check_interval=HEALTH_CHECK_S,

@@ -66,6 +66,9 @@ HELP = {
     ),
     "unknown_outcomes_total": "createTask requests whose answer was lost after sending",
     "possibly_paid_twice_total": "Jobs sent again after an unknown outcome and accepted",
+    "accepts_unreplicated_total": (
+        "Accepted upstream tasks no Redis replica acknowledged in time (REMIX_ACCEPT_WAIT_MS)"
+    ),
     "lease_resends_total": "Jobs sent again because their step was lost",
     "notify_total": "Completion webhook tries, by outcome",
     "notify_lease_resends_total": "Completion webhooks sent again after a lost delivery",

@@ -363,7 +363,23 @@ def _accept(
         fields: dict[str, Any] = {RELAY_RESULTS_FIELD: results}
         svc.store.update(job_id, **fields)
     first_poll = first_poll_s(svc.settings, callbacks=svc.profile.calls_back)
-    return svc.store.accept(job_id, attempt_id, task_id, first_poll)
+    wait_ms = svc.settings.remix_accept_wait_ms
+    if not wait_ms:
+        return svc.store.accept(job_id, attempt_id, task_id, first_poll)
+    outcome, replicas = svc.store.accept_replicated(
+        job_id, attempt_id, task_id, first_poll, wait_ms
+    )
+    if replicas < 1:
+        svc.metrics.incr("accepts_unreplicated_total")
+        logger.warning(
+            "job %s: no Redis replica acknowledged upstream task %s within %d ms; a failover "
+            "now may lose its record",
+            job_id,
+            task_id,
+            wait_ms,
+            extra=job_fields(job_id, upstream_task_id=task_id),
+        )
+    return outcome
 
 
 def record_acceptance(

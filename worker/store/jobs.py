@@ -97,6 +97,21 @@ def _decode_fields(raw: dict[Any, Any] | Sequence[Any]) -> dict[str, Any]:
     return {decode_text(k): json.loads(v) for k, v in pairs}
 
 
+def _accept_call(
+    job_id: str, attempt_id: str, task_id: str, poll_in: float, ttl_s: int
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``accept.lua``."""
+    job_keys = [
+        keys.job(job_id),
+        keys.SCHEDULE,
+        keys.task(task_id),
+        keys.state_index(JobState.QUEUED),
+        keys.state_index(JobState.SUBMITTED),
+        keys.WAITING,
+    ]
+    return job_keys, [job_id, attempt_id, task_id, poll_in, ttl_s]
+
+
 def _record_from(fields: dict[str, Any]) -> JobRecord:
     return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
 
@@ -736,16 +751,25 @@ class JobStore:
 
     def accept(self, job_id: str, attempt_id: str, task_id: str, poll_in: float) -> str:
         """Record an accepted upstream task (see ``accept.lua`` for the answers)."""
-        args = [job_id, attempt_id, task_id, poll_in, self.ttl_s]
-        job_keys = [
-            keys.job(job_id),
-            keys.SCHEDULE,
-            keys.task(task_id),
-            keys.state_index(JobState.QUEUED),
-            keys.state_index(JobState.SUBMITTED),
-            keys.WAITING,
-        ]
+        job_keys, args = _accept_call(job_id, attempt_id, task_id, poll_in, self.ttl_s)
         return decode_text(self._accept(keys=job_keys, args=args))
+
+    def accept_replicated(
+        self, job_id: str, attempt_id: str, task_id: str, poll_in: float, wait_ms: int
+    ) -> tuple[str, int]:
+        """:meth:`accept`, then wait up to ``wait_ms`` for a replica to have it (``WAIT``).
+
+        Returns the answer and how many replicas acknowledged. Both go in one pipeline, so
+        a connection lost before the acknowledgement (the primary died) sends both again
+        to the server the client reconnects to: after a failover, the new primary. The
+        acceptance is recorded again there if the old primary had not passed it on.
+        """
+        job_keys, args = _accept_call(job_id, attempt_id, task_id, poll_in, self.ttl_s)
+        pipe = self.redis.pipeline(transaction=False)
+        self._accept(keys=job_keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", 1, wait_ms)
+        outcome, replicas = pipe.execute()
+        return decode_text(outcome), int(replicas)
 
     # ------------------------------------------------------------------ jobs held by a pause
 
