@@ -88,7 +88,9 @@ def test_a_tokens_file_that_mixes_up_tenants_stops_the_app(
     assert_refused_in_one_line(code, output, "REMIX_API_TOKENS_FILE", (reason,))
 
 
-@pytest.mark.parametrize(("raw", "reason"), [("svc-a=0", "above 0"), ("svc-a=-2", "above 0")])
+@pytest.mark.parametrize(
+    ("raw", "reason"), [("svc-a=0", "from 0.01 to 100"), ("svc-a=-2", "from 0.01 to 100")]
+)
 def test_a_weight_of_zero_or_below_stops_the_app(tmp_path: Path, raw: str, reason: str) -> None:
     code, output = run_app({"REMIX_TENANT_WEIGHTS": raw}, tmp_path)
     assert_refused_in_one_line(code, output, "REMIX_TENANT_WEIGHTS", (reason,))
