@@ -63,6 +63,8 @@ HEARTBEAT_FORGET_S = 3600.0
 PRUNE_S = 600.0
 #: A worker whose last heartbeat is older than this no longer counts its slots.
 LIVE_WORKER_S = 3 * HEARTBEAT_S
+#: Submit messages a slot of the fleet may have waiting for it (picks stop beyond).
+PICKS_PER_SLOT = 4
 #: How often jobs of a provider no worker of this one's can send are looked at.
 ORPHAN_CHECK_S = 2.0
 
@@ -218,6 +220,13 @@ class Dispatcher:
             )
         self._store_run_id = run_id
 
+    def _submit_room(self) -> int:
+        """How many jobs may be picked now: a send moment is void if its step does not
+        start within ``GRANT_VALID_S``, so no more are picked than the live fleet's slots
+        can soon take (:data:`PICKS_PER_SLOT` each, less the submits already queued)."""
+        queued = int(self.svc.broker.llen(SUBMIT_QUEUE))
+        return self.fleet_slots * PICKS_PER_SLOT - queued
+
     def _store_settled(self) -> bool:
         """Whether picking is safe: not within a lease of a change of the job store's
         server. A failover may have lost a pick, so the job is back in its line while the
@@ -279,7 +288,10 @@ class Dispatcher:
             return 0
         sent = 0
         for provider in providers:
-            picked = self.picker.pick(provider, self.waiting[provider])
+            room = self._submit_room()
+            if room <= 0:
+                break
+            picked = self.picker.pick(provider, self.waiting[provider], room)
             if picked:
                 self._send(picked)
                 sent += len(picked)

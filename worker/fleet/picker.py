@@ -53,10 +53,11 @@ class Picker:
         members = [f"none:{uuid.uuid4().hex}:{i}" for i in range(min(waiting, PICK_LIMIT))]
         return self.svc.lines.pick(provider, members, {}, self.svc.settings.lease_s)
 
-    def pick(self, provider: str, waiting: int) -> list[Dispatch]:
-        """Moments for up to ``waiting`` of ``provider``'s jobs, given to the next in line."""
+    def pick(self, provider: str, waiting: int, room: int = PICK_LIMIT) -> list[Dispatch]:
+        """Moments for up to ``waiting`` of ``provider``'s jobs, given to the next in line;
+        at most ``room`` (what the fleet can start before the moments go stale)."""
         svc = self.svc.for_provider(provider)
-        grants = svc.limiter.grant(waiting, PICK_LIMIT, svc.spend.windows)
+        grants = svc.limiter.grant(waiting, min(PICK_LIMIT, room), svc.spend.windows)
         self._next_at[provider] = time.monotonic() + min(grants.next_in, RECHECK_S)
         if not grants.members:
             return []

@@ -23,7 +23,7 @@ from worker.store.clock import server_time
 
 #: A send may reach the upstream this much later than the moment it was logged at (a
 #: busy host); the windows are widened by as much.
-SEND_TOLERANCE_S = 0.05
+SEND_TOLERANCE_S = 0.08
 #: A granted moment not used within this long is void (its job's step was lost or late;
 #: the job goes back to its place in line).
 GRANT_VALID_S = 5.0

@@ -1,5 +1,6 @@
 """What a submit must pass before it may send createTask: the key's pause, a send moment
-of its budget (given to the job by the lines, :mod:`worker.store.lines`), its spend cap.
+of its budget (given to the job by the lines, :mod:`worker.store.lines`; used only once
+the attempt is open, :func:`use_send_moment`), its spend cap.
 
 Each gate answers ``None`` (go on) or a :class:`Wait`: park the job in the schedule for
 that long, or put it back in its line (``in_line``). A wait is not a retry: it spends no
@@ -130,8 +131,10 @@ def line_gate(svc: Services, job: Job) -> Wait | None:
     return _back_in_line(svc, job)
 
 
-def budget_gate(svc: Services, job: Job) -> Wait | None:
-    """Use the job's send moment now; one that is void sends the job back to its line.
+def use_send_moment(svc: Services, job: Job) -> bool:
+    """Use the job's send moment now, just before createTask goes out (its attempt is
+    open), so that the budget's log holds the real send time; False when it is void
+    (late, given back, or the key was blocked since).
 
     A moment of another key's budget (a key rotation: workers of both keys pick from the
     same lines) is given back to that key, and the job, which won its turn, takes a moment
@@ -142,9 +145,15 @@ def budget_gate(svc: Services, job: Job) -> Wait | None:
         return_grant(svc.broker, grant)
         grant = next(iter(svc.limiter.grant(1, 1, svc.spend.windows).members), None)
     if grant is not None and svc.limiter.consume(grant):
-        return None
+        return True
     svc.metrics.count("limiter_waits_total")
-    return _back_in_line(svc, job)
+    return False
+
+
+def back_in_line(svc: Services, job: Job) -> None:
+    """Put the job back in its line, at its place (its send moment was void)."""
+    wait = _back_in_line(svc, job)
+    svc.lines.join(job, wait.seconds, **wait.fields)
 
 
 def _back_in_line(svc: Services, job: Job) -> Wait:
@@ -176,6 +185,8 @@ def spend_gate(svc: Services, job: Job) -> Wait | None:
     member, reservation = cap.reserve(EARLINESS_TOLERANCE_S, replacing=held["id"] if held else None)
     if not reservation.reserved:
         svc.metrics.count("spend_cap_waits_total")
+        if job.grant is not None:
+            return_grant(svc.broker, job.grant)  # its moment is for a job that may spend
         wait = _back_in_line(svc, job)
         return Wait(wait.seconds, {**wait.fields, SPEND_FIELD: None}, in_line=True)
     svc.metrics.count("spend_reservations_total")

@@ -37,14 +37,15 @@ from worker.limits.ratelimit import return_grant
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
 from worker.policies.gates import (
+    back_in_line,
     back_in_line_if_resumed,
-    budget_gate,
     hold_after_rate_limited,
     line_gate,
     pause_gate,
     refund_spend,
     spend_gate,
     trip_pause,
+    use_send_moment,
 )
 from worker.policies.outcome import fail_job, finish_job
 from worker.policies.poll_schedule import first_poll_s
@@ -135,7 +136,7 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return _not_configured_here(svc, job, exc)
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
-    for gate in (pause_gate, line_gate, budget_gate, spend_gate):
+    for gate in (pause_gate, line_gate, spend_gate):
         wait = gate(svc, job)
         if wait is None:
             continue
@@ -286,6 +287,14 @@ def _attempt(svc: Services, job: Job, send: Sender) -> str:
         return "attempt_open" if opened.status == "open" else "await_callback"
     if opened.status != "ok":
         return opened.status
+    if not use_send_moment(svc, job):
+        # Nothing was sent: close the attempt as if it had never been opened.
+        svc.store.end_attempt(
+            job.job_id, attempt_id, unknown=False, submit_attempts=job.record.submit_attempts
+        )
+        refund_spend(svc, opened.spend)
+        back_in_line(svc, job)
+        return "budget"
     note(attempt=job.record.submit_attempts + 1)
     started = time.monotonic()
     try:
