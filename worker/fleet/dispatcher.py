@@ -51,7 +51,7 @@ CLAIM_LIMIT = 500
 #: Pause between two looks at the schedule when nothing was due.
 TICK_S = 0.05
 #: The shortest pause between two rounds when a send moment is about to come.
-MIN_WAIT_S = 0.002
+MIN_WAIT_S = 0.01
 #: Pause after a failed round (Redis or the broker unreachable).
 ERROR_PAUSE_S = 1.0
 QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, NOTIFY_QUEUE, ARCHIVE_QUEUE)
@@ -64,7 +64,7 @@ PRUNE_S = 600.0
 #: A worker whose last heartbeat is older than this no longer counts its slots.
 LIVE_WORKER_S = 3 * HEARTBEAT_S
 #: Submit messages a slot of the fleet may have waiting for it (picks stop beyond).
-PICKS_PER_SLOT = 4
+PICKS_PER_SLOT = 10
 #: How often jobs of a provider no worker of this one's can send are looked at.
 ORPHAN_CHECK_S = 2.0
 
@@ -290,6 +290,7 @@ class Dispatcher:
         for provider in providers:
             room = self._submit_room()
             if room <= 0:
+                self.picker.wait(providers, TICK_S)  # the fleet is busy: look again later
                 break
             picked = self.picker.pick(provider, self.waiting[provider], room)
             if picked:

@@ -53,6 +53,11 @@ class Picker:
         members = [f"none:{uuid.uuid4().hex}:{i}" for i in range(min(waiting, PICK_LIMIT))]
         return self.svc.lines.pick(provider, members, {}, self.svc.settings.lease_s)
 
+    def wait(self, providers: list[str], seconds: float) -> None:
+        """Ask no budget for ``providers`` for ``seconds`` (the fleet has no room now)."""
+        for provider in providers:
+            self._next_at[provider] = time.monotonic() + seconds
+
     def pick(self, provider: str, waiting: int, room: int = PICK_LIMIT) -> list[Dispatch]:
         """Moments for up to ``waiting`` of ``provider``'s jobs, given to the next in line;
         at most ``room`` (what the fleet can start before the moments go stale)."""

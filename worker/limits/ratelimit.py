@@ -26,7 +26,7 @@ from worker.store.clock import server_time
 SEND_TOLERANCE_S = 0.08
 #: A granted moment not used within this long is void (its job's step was lost or late;
 #: the job goes back to its place in line).
-GRANT_VALID_S = 5.0
+GRANT_VALID_S = 10.0
 #: No hold after a 429 is longer than this.
 MAX_BLOCK_S = 300.0
 #: A burst (every waiting job at once) leaves this share of the limit free, so that a job
