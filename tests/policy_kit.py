@@ -179,3 +179,34 @@ def run_steps(svc: Services, job_id: str, timeout: float = 15.0) -> list[str]:
         step = poll_step if record.upstream_task_id else submit_step
         steps.append(step(svc, job_id, token_of(svc, job_id)))
     return steps
+
+
+def enqueue_lined(
+    svc: Services, tenant: str = "default", priority: str = "normal", n: int = 1
+) -> list[str]:
+    """Create ``n`` jobs of ``tenant`` and ``priority``, waiting in their line, in order."""
+    ids = []
+    for _ in range(n):
+        job_id = uuid.uuid4().hex
+        request = {"prompt": f"lines {job_id[:8]}", **INPUT}
+        svc.store.create(
+            job_id, request, due_in=backstop_s(svc.settings), tenant=tenant, priority=priority
+        )
+        ids.append(job_id)
+    return ids
+
+
+def pick_next(svc: Services, n: int) -> list[str]:
+    """The ids of the next ``n`` jobs the lines give send moments to (unused ones given back)."""
+    grants = svc.limiter.grant(n, n)
+    picked = svc.lines.pick(
+        svc.provider, grants.members, svc.settings.tenant_weights, svc.settings.lease_s
+    )
+    svc.limiter.give_back(grants.members[len(picked) :])
+    return [d.job_id for d in picked]
+
+
+def tenant_of(svc: Services, job_id: str) -> str:
+    record = svc.store.get(job_id)
+    assert record is not None
+    return record.tenant

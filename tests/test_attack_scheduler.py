@@ -63,7 +63,7 @@ from sandbox.images import render_png
 from sandbox.launch import ManagedProcess, start_api
 from sandbox.server import SandboxServer
 from tests.conftest import REMIX_INPUT, TEST_REDIS_URL, StartWorkers, unique_prompt
-from tests.policy_kit import INPUT, make_services, pick_now
+from tests.policy_kit import enqueue_lined, make_services, pick_next, pick_now, tenant_of
 from tests.relay_kit import RELAY, RELAY_API_KEY, enqueue_relay_job
 from worker import keys
 from worker.app import services
@@ -73,39 +73,8 @@ from worker.models import JobState
 from worker.policies.gates import resume_key
 from worker.policies.submit import submit_step
 from worker.services import Services
-from worker.store.lines import backstop_s
 
 RUN = uuid.uuid4().hex[:8]
-
-
-def enqueue(
-    svc: Services, tenant: str = "default", priority: str = "normal", n: int = 1
-) -> list[str]:
-    ids = []
-    for _ in range(n):
-        job_id = uuid.uuid4().hex
-        request = {"prompt": f"attack {job_id[:8]}", **INPUT}
-        svc.store.create(
-            job_id, request, due_in=backstop_s(svc.settings), tenant=tenant, priority=priority
-        )
-        ids.append(job_id)
-    return ids
-
-
-def pick(svc: Services, n: int) -> list[str]:
-    """The ids of the next ``n`` jobs the lines give moments to (as in test_policy_lines)."""
-    grants = svc.limiter.grant(n, n)
-    picked = svc.lines.pick(
-        svc.provider, grants.members, svc.settings.tenant_weights, svc.settings.lease_s
-    )
-    svc.limiter.give_back(grants.members[len(picked) :])
-    return [d.job_id for d in picked]
-
-
-def tenant_of(svc: Services, job_id: str) -> str:
-    record = svc.store.get(job_id)
-    assert record is not None
-    return record.tenant
 
 
 def send_all(svc: Services, job_ids: list[str]) -> None:
@@ -136,12 +105,12 @@ def test_attack_an_interactive_job_waits_a_window_behind_a_bulk_burst(
 ) -> None:
     svc = make_services(upstream.url, kie_rate_limit="10/2s")  # one moment per 0.2 s
     period = svc.limiter.period
-    bulk = enqueue(svc, "batcher", "bulk", 9)
+    bulk = enqueue_lined(svc, "batcher", "bulk", 9)
     burst = [d.job_id for d in pick_now(svc)]  # the key was idle: all nine at once
     assert burst == bulk
     send_all(svc, burst)
 
-    (urgent,) = enqueue(svc, "web", "interactive")
+    (urgent,) = enqueue_lined(svc, "web", "interactive")
     waited = seconds_until_picked(svc, urgent, 4.0)
 
     # tenants.md: a bulk batch holds no place an interactive job must wait behind;
@@ -160,7 +129,7 @@ def test_attack_moments_given_back_still_push_the_pace(
 ) -> None:
     svc = make_services(upstream.url, kie_rate_limit="10/2s")  # one moment per 0.2 s
     period = svc.limiter.period
-    first = enqueue(svc, "t", n=3)
+    first = enqueue_lined(svc, "t", n=3)
     # Three dispatchers read the lines' count (3) in the same round, then each asks.
     waiting = svc.lines.waiting(["kie"])["kie"]
     pickers = [Picker(make_services(upstream.url, kie_rate_limit="10/2s")) for _ in range(3)]
@@ -168,7 +137,7 @@ def test_attack_moments_given_back_still_push_the_pace(
     assert picked == first  # the other two pickers gave their moments back
     send_all(svc, picked)
 
-    enqueue(svc, "t", n=30)  # a backlog: 30 waiting, 7 of the 10 moments free
+    enqueue_lined(svc, "t", n=30)  # a backlog: 30 waiting, 7 of the 10 moments free
     waited = seconds_until_picked(svc, None, 4.0)
 
     # Three sends push the pace three periods at most; six given back push it six more.
@@ -189,12 +158,12 @@ def test_attack_a_tiny_weight_ends_equal_turns_for_good(
     with pytest.raises(ValueError, match=r"the weight must be a number from 0\.01 to 100"):
         make_services(upstream.url, remix_tenant_weights="archive=1e-16")
     svc = make_services(upstream.url, remix_tenant_weights="archive=0.01")
-    enqueue(svc, "archive", n=2)
-    assert len(pick(svc, 2)) == 2  # alone in its class: its pass becomes the class's
-    enqueue(svc, "a", n=10)
-    enqueue(svc, "b", n=10)
+    enqueue_lined(svc, "archive", n=2)
+    assert len(pick_next(svc, 2)) == 2  # alone in its class: its pass becomes the class's
+    enqueue_lined(svc, "a", n=10)
+    enqueue_lined(svc, "b", n=10)
 
-    turns = Counter(tenant_of(svc, j) for j in pick(svc, 10))
+    turns = Counter(tenant_of(svc, j) for j in pick_next(svc, 10))
     assert turns == {"a": 5, "b": 5}, turns
 
 
@@ -206,7 +175,7 @@ def test_attack_a_pause_ending_during_a_step_strands_its_job_outside_its_line(
     policy_redis: redis.Redis, upstream: SandboxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc = make_services(upstream.url)
-    (job_id,) = enqueue(svc, "a")
+    (job_id,) = enqueue_lined(svc, "a")
     (picked,) = pick_now(svc)
     svc.pause.pause_by_operator("maintenance")
     hold = svc.store.hold
@@ -246,7 +215,7 @@ def test_attack_a_message_taken_by_a_worker_of_another_provider_keeps_the_keys_m
         kie_rate_limit="1/2s",
     )
     Dispatcher(kie).heartbeat()  # a kie worker is live
-    first, second = enqueue(kie, "a", n=2)
+    first, second = enqueue_lined(kie, "a", n=2)
     (picked,) = pick_now(kie)
     assert picked.job_id == first
 
@@ -268,7 +237,7 @@ def test_attack_resume_after_a_429_hold_leaves_the_dispatchers_waiting(
     svc = make_services(upstream.url)
     dispatcher = Dispatcher(svc)  # one worker's dispatcher, long-lived as in the worker
     svc.limiter.block(120)  # an upstream 429 said Retry-After: 120
-    (job_id,) = enqueue(svc, "a")
+    (job_id,) = enqueue_lined(svc, "a")
     dispatcher.tick()  # the budget says: nothing before the hold ends
     assert svc.store.get_internal(job_id, "_line") is not None
 
@@ -291,7 +260,7 @@ def test_attack_during_a_key_rotation_a_picked_job_bounces_between_the_keys(
     old = make_services(upstream.url)
     new = make_services(upstream.url, kie_api_key=f"sk-new-{uuid.uuid4().hex}")
     assert old.api_key_id != new.api_key_id
-    (job_id,) = enqueue(old, "a")
+    (job_id,) = enqueue_lined(old, "a")
     (picked,) = pick_now(old)  # the old key's worker picked it, with its key's moment
 
     step = submit_step(new, job_id, picked.token)  # a worker already rolled takes it

@@ -7,7 +7,6 @@ a priority, first in first out inside a tenant's line; nothing lost or taken twi
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -15,12 +14,19 @@ import pytest
 import redis
 
 from sandbox.server import SandboxServer
-from tests.policy_kit import INPUT, give_moment, make_services, submit_now, token_of
+from tests.policy_kit import (
+    enqueue_lined,
+    give_moment,
+    make_services,
+    pick_next,
+    submit_now,
+    tenant_of,
+    token_of,
+)
 from worker import keys
 from worker.limits import ratelimit
 from worker.policies.submit import submit_step
 from worker.services import Services
-from worker.store.lines import backstop_s
 
 pytestmark = pytest.mark.policy
 
@@ -30,45 +36,15 @@ def lined(upstream: SandboxServer, **overrides: Any) -> Services:
     return make_services(upstream.url, kie_rate_limit="1000/1s", **overrides)
 
 
-def enqueue(
-    svc: Services, tenant: str = "default", priority: str = "normal", n: int = 1
-) -> list[str]:
-    ids = []
-    for _ in range(n):
-        job_id = uuid.uuid4().hex
-        request = {"prompt": f"lines {job_id[:8]}", **INPUT}
-        svc.store.create(
-            job_id, request, due_in=backstop_s(svc.settings), tenant=tenant, priority=priority
-        )
-        ids.append(job_id)
-    return ids
-
-
-def pick(svc: Services, n: int) -> list[str]:
-    """The ids of the next ``n`` jobs the lines give send moments to."""
-    grants = svc.limiter.grant(n, n)
-    picked = svc.lines.pick(
-        svc.provider, grants.members, svc.settings.tenant_weights, svc.settings.lease_s
-    )
-    svc.limiter.give_back(grants.members[len(picked) :])
-    return [d.job_id for d in picked]
-
-
-def tenant_of(svc: Services, job_id: str) -> str:
-    record = svc.store.get(job_id)
-    assert record is not None
-    return record.tenant
-
-
 def test_priorities_are_strict_and_each_line_is_first_in_first_out(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
     svc = lined(upstream)
-    bulk = enqueue(svc, "a", "bulk", 3)
-    normal = enqueue(svc, "a", "normal", 2)
-    interactive = enqueue(svc, "b", "interactive", 2)
+    bulk = enqueue_lined(svc, "a", "bulk", 3)
+    normal = enqueue_lined(svc, "a", "normal", 2)
+    interactive = enqueue_lined(svc, "b", "interactive", 2)
 
-    assert pick(svc, 7) == interactive + normal + bulk
+    assert pick_next(svc, 7) == interactive + normal + bulk
     assert svc.lines.waiting(["kie"]) == {"kie": 0}
 
 
@@ -76,15 +52,15 @@ def test_equal_tenants_take_turns_and_weights_share_the_moments(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
     svc = lined(upstream, remix_tenant_weights="heavy=3")
-    enqueue(svc, "heavy", n=40)
-    enqueue(svc, "light", n=40)
-    first = Counter(tenant_of(svc, j) for j in pick(svc, 20))
+    enqueue_lined(svc, "heavy", n=40)
+    enqueue_lined(svc, "light", n=40)
+    first = Counter(tenant_of(svc, j) for j in pick_next(svc, 20))
     assert first == {"heavy": 15, "light": 5}
 
-    enqueue(svc, "x", n=10)
-    enqueue(svc, "y", n=10)
+    enqueue_lined(svc, "x", n=10)
+    enqueue_lined(svc, "y", n=10)
     even = lined(upstream)  # another worker's settings: every tenant weighs 1 there
-    turns = Counter(tenant_of(svc, j) for j in pick(even, 16))
+    turns = Counter(tenant_of(svc, j) for j in pick_next(even, 16))
     assert turns == {"heavy": 4, "light": 4, "x": 4, "y": 4}
 
 
@@ -92,11 +68,11 @@ def test_a_tenant_that_comes_back_after_idling_earns_no_credit(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
     svc = lined(upstream)
-    enqueue(svc, "steady", n=30)
-    assert len(pick(svc, 10)) == 10  # steady alone: its pass runs ahead
-    enqueue(svc, "newcomer", n=10)
+    enqueue_lined(svc, "steady", n=30)
+    assert len(pick_next(svc, 10)) == 10  # steady alone: its pass runs ahead
+    enqueue_lined(svc, "newcomer", n=10)
 
-    turns = [tenant_of(svc, j) for j in pick(svc, 10)]
+    turns = [tenant_of(svc, j) for j in pick_next(svc, 10)]
     # Turns from the class's virtual time (the newcomer may go first), not ten in a row.
     assert turns.count("newcomer") in (5, 6)
     newcomer_runs = "".join("n" if t == "newcomer" else " " for t in turns).split()
@@ -108,8 +84,8 @@ def test_cancelled_jobs_leave_their_line_and_take_no_moment(
 ) -> None:
     """A tenant whose jobs are all cancelled while it holds the next pick."""
     svc = lined(upstream)
-    gone = enqueue(svc, "a", n=3)
-    kept = enqueue(svc, "b", n=2)
+    gone = enqueue_lined(svc, "a", n=3)
+    kept = enqueue_lined(svc, "b", n=2)
     for job_id in gone:
         assert svc.store.cancel(job_id) == "cancelled"
     assert svc.lines.waiting(["kie"]) == {"kie": 2}
@@ -124,13 +100,13 @@ def test_a_burst_arriving_while_another_tenant_is_sent_shares_from_then_on(
     policy_redis: redis.Redis, upstream: SandboxServer
 ) -> None:
     svc = lined(upstream)
-    (first,) = enqueue(svc, "a")
+    (first,) = enqueue_lined(svc, "a")
     assert give_moment(svc) == [first]
-    enqueue(svc, "b", n=6)  # b's burst arrives while a's job is being sent
-    enqueue(svc, "a", n=6)
+    enqueue_lined(svc, "b", n=6)  # b's burst arrives while a's job is being sent
+    enqueue_lined(svc, "a", n=6)
     assert submit_step(svc, first, token_of(svc, first)) == "accepted"
 
-    turns = [tenant_of(svc, j) for j in pick(svc, 6)]
+    turns = [tenant_of(svc, j) for j in pick_next(svc, 6)]
     assert Counter(turns) == {"a": 3, "b": 3}
 
 
@@ -141,13 +117,13 @@ def test_a_job_whose_moment_was_lost_goes_back_to_its_place(
     out again, its moment is void, and it is the next of its line, not the last."""
     monkeypatch.setattr(ratelimit, "GRANT_VALID_S", 0.2)
     svc = lined(upstream)
-    head, *rest = enqueue(svc, "a", n=4)
-    assert pick(svc, 1) == [head]
+    head, *rest = enqueue_lined(svc, "a", n=4)
+    assert pick_next(svc, 1) == [head]
     svc.store.update(head, due_in=0)  # its lease ran out
     (again,) = [d for d in svc.store.claim_due(10, 30) if d.job_id == head]
     time.sleep(0.3)  # the grant expired meanwhile
     assert submit_step(svc, head, again.token) == "budget"  # its moment is void: back in line
-    assert pick(svc, 2) == [head, rest[0]]
+    assert pick_next(svc, 2) == [head, rest[0]]
 
 
 def test_a_held_job_released_goes_back_in_priority_order(
@@ -156,8 +132,8 @@ def test_a_held_job_released_goes_back_in_priority_order(
     """A paused key with mixed classes waiting: all resume in priority order."""
     svc = lined(upstream)
     svc.pause.pause_by_operator("maintenance")
-    bulk = enqueue(svc, "a", "bulk", 2)
-    interactive = enqueue(svc, "b", "interactive", 2)
+    bulk = enqueue_lined(svc, "a", "bulk", 2)
+    interactive = enqueue_lined(svc, "b", "interactive", 2)
     for job_id in bulk + interactive:
         assert submit_now(svc, job_id) == "pause"
     assert svc.lines.waiting(["kie"]) == {"kie": 4}  # they keep their places
@@ -166,7 +142,7 @@ def test_a_held_job_released_goes_back_in_priority_order(
     from worker.policies.gates import resume_key
 
     assert resume_key(svc.store, svc.pause, svc.limiter, svc.api_key_id, 600.0)
-    assert pick(svc, 4) == interactive + bulk
+    assert pick_next(svc, 4) == interactive + bulk
 
 
 def test_the_fleet_view_and_metrics_show_each_tenants_line(
@@ -183,9 +159,9 @@ def test_the_fleet_view_and_metrics_show_each_tenants_line(
     svc = lined(upstream)
     monkeypatch.setattr(fleet, "services", lambda: svc)
     monkeypatch.setattr(metrics, "services", lambda: svc)
-    enqueue(svc, "a", "bulk", 3)
-    enqueue(svc, "b", "interactive", 2)
-    assert len(pick(svc, 3)) == 3  # b's two, then one of a's
+    enqueue_lined(svc, "a", "bulk", 3)
+    enqueue_lined(svc, "b", "interactive", 2)
+    assert len(pick_next(svc, 3)) == 3  # b's two, then one of a's
     time.sleep(0.05)
 
     rows = {(r["priority"], r["tenant"]): r for r in fleet.tenant_lines()}
