@@ -275,7 +275,8 @@ def test_a_job_finishes_within_a_second_of_its_generation_and_is_never_polled(
     accepted_at = min(stats["accepted_at"], key=lambda t: abs(t - (record.submitted_at or 0)))
     generated_at = accepted_at + GENERATION_S
     assert 0 <= record.finished_at - generated_at < CALLBACK_LATENCY_S
-    assert stats["record_requests"] == 0 and stats["callbacks_sent"] == 1
+    # This job's callback (one of an earlier test's job may come meanwhile), never a poll.
+    assert stats["record_requests"] == 0 and stats["callbacks_sent"] >= 1
     assert accepted(control, prompt) == 1
     assert counted(before, metrics(redis_client)).get("callbacks_total:valid") == 1
     assert redis_client.zscore(keys.SCHEDULE, job_id) is None

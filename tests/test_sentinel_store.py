@@ -16,9 +16,8 @@ import pytest
 from sandbox.redis_group import RedisGroup
 from sandbox.server import SandboxServer
 from tests.helpers import wait_until
-from tests.policy_kit import INPUT, make_services, new_job
+from tests.policy_kit import INPUT, make_services, new_job, submit_now
 from worker.models import JobState
-from worker.policies.submit import submit_step
 from worker.redis_urls import SentinelOptions
 from worker.services import Services
 from worker.store.connection import redis_client
@@ -72,7 +71,7 @@ def test_a_submit_step_counts_an_acceptance_no_replica_acknowledged(
 
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="worker.policies.submit"):
-        assert submit_step(svc, job_id, 0) == "accepted"
+        assert submit_now(svc, job_id) == "accepted"
 
     assert time.monotonic() - started >= WAIT_MS / 1000
     record = svc.store.get(job_id)
@@ -88,7 +87,7 @@ def test_without_the_setting_an_acceptance_does_not_wait(
     job_id, _ = new_job(svc)
 
     started = time.monotonic()
-    assert submit_step(svc, job_id, 0) == "accepted"
+    assert submit_now(svc, job_id) == "accepted"
 
     assert time.monotonic() - started < WAIT_MS / 1000
     assert svc.broker.hget("remixq:metrics", "accepts_unreplicated_total") is None
