@@ -278,7 +278,8 @@ def test_a_job_finishes_within_a_second_of_its_generation_and_is_never_polled(
     # This job's callback (one of an earlier test's job may come meanwhile), never a poll.
     assert stats["record_requests"] == 0 and stats["callbacks_sent"] >= 1
     assert accepted(control, prompt) == 1
-    assert counted(before, metrics(redis_client)).get("callbacks_total:valid") == 1
+    # At least this job's (an earlier test's job may still finish meanwhile).
+    assert counted(before, metrics(redis_client)).get("callbacks_total:valid", 0) >= 1
     assert redis_client.zscore(keys.SCHEDULE, job_id) is None
 
 
