@@ -79,10 +79,7 @@ def back_in_line_if_resumed(svc: Services, job: Job) -> bool:
     """After a job was held for a pause: if the pause ended meanwhile (a resume or a probe
     between this step's look at the pause and its hold, which released the held jobs
     before this one was held), put it back in its line now instead of at its recheck."""
-    if svc.pause.state() is not None:
-        return False
-    wait = _back_in_line(svc, job)
-    return svc.lines.join(job, wait.seconds, **wait.fields) == 1
+    return svc.pause.state() is None and back_in_line(svc, job)
 
 
 def probe_key(svc: Services, reason: str) -> bool:
@@ -150,10 +147,11 @@ def use_send_moment(svc: Services, job: Job) -> bool:
     return False
 
 
-def back_in_line(svc: Services, job: Job) -> None:
-    """Put the job back in its line, at its place (its send moment was void)."""
+def back_in_line(svc: Services, job: Job) -> bool:
+    """Put the job back in its line, at its place; False when it may not wait there (it
+    finished, was accepted, or a newer message owns it)."""
     wait = _back_in_line(svc, job)
-    svc.lines.join(job, wait.seconds, **wait.fields)
+    return svc.lines.join(job, wait.seconds, **wait.fields) == 1
 
 
 def _back_in_line(svc: Services, job: Job) -> Wait:
