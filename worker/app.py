@@ -162,6 +162,7 @@ app.add_defaults(celery_config)
 # Named by string, as Celery's own steps are: the fleet's steps need no import of this module.
 app.steps["worker"].add("worker.fleet.steps:DispatcherStep")
 app.steps["consumer"].add("worker.fleet.steps:BrokerConnectionStep")
+app.steps["consumer"].add("worker.fleet.steps:EventBatchStep")
 
 
 @worker_init.connect

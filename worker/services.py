@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import states
+from celery.backends.base import BaseKeyValueStoreBackend
 
 from worker.limits.pause import FleetPause
 from worker.limits.ratelimit import SharedRateLimiter
@@ -65,13 +66,25 @@ class CeleryResults:
         self.app = app
 
     def store(self, record: JobRecord) -> None:
-        if record.state is JobState.SUCCEEDED:
-            self.app.backend.store_result(
-                record.job_id, record.model_dump(mode="json"), states.SUCCESS
-            )
+        result: Any = record.model_dump(mode="json")
+        state = states.SUCCESS
+        if record.state is not JobState.SUCCEEDED:
+            result = JobFailed(record.fail_code or record.state.value, record.fail_msg or "")
+            state = states.FAILURE
+        backend = self.app.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):
+            backend.store_result(record.job_id, result, state)
             return
-        failure = JobFailed(record.fail_code or record.state.value, record.fail_msg or "")
-        self.app.backend.store_result(record.job_id, failure, states.FAILURE)
+        # Celery's store_result first reads the stored result, so that a lost task never
+        # overwrites a SUCCESS. A job finishes once (update.lua), so that read would be a
+        # round trip for nothing on every job; the write is Celery's own.
+        meta = backend._get_result_meta(
+            result=backend.encode_result(result, state), state=state, traceback=None, request=None
+        )
+        meta["task_id"] = record.job_id
+        backend._set_with_state(
+            backend.get_key_for_task(record.job_id), backend.encode(meta), state
+        )
 
 
 @dataclass

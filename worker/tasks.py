@@ -9,7 +9,6 @@ once its lease runs out, so no message needs to survive for the job to go on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -84,8 +83,9 @@ def remix_submit(
         tenant if _valid(check_tenant, tenant) else DEFAULT_TENANT,
         priority if _valid(check_priority, priority) else DEFAULT_PRIORITY,
     )
-    with recording_outcomes() as outcomes:
-        step = _submit(services(), job_id, request, dispatch, problem, owner)
+    svc = services()
+    with recording_outcomes() as outcomes, svc.metrics.batched():
+        step = _submit(svc, job_id, request, dispatch, problem, owner)
     return reported({"job_id": job_id, "step": step}, outcomes)
 
 
@@ -254,8 +254,9 @@ def remix_poll(self: Task, jobs: list[list[Any]]) -> dict[str, str]:
     Returns each job's step (Flower's result column); raises :class:`JobsFailed`, once
     the whole batch is done, when it failed any job.
     """
-    with recording_outcomes() as outcomes:
-        steps = _poll_batch(services(), jobs)
+    svc = services()
+    with recording_outcomes() as outcomes, svc.metrics.batched():
+        steps = _poll_batch(svc, jobs)
     return reported(steps, outcomes)
 
 
@@ -289,17 +290,7 @@ def _due_again(svc: Services, jobs: list[list[Any]]) -> None:
 
 def _record_lateness(svc: Services, late_by: list[float]) -> None:
     """Keep a sample of how late polls start after they were due (for the benchmark)."""
-    if not late_by:
-        return
-    with contextlib.suppress(*REDIS_ERRORS):
-        _push_lateness(svc, late_by)
-
-
-def _push_lateness(svc: Services, late_by: list[float]) -> None:
-    pipe = svc.store.redis.pipeline(transaction=False)
-    pipe.lpush(keys.POLL_LATENESS, *(f"{seconds:.4f}" for seconds in late_by))
-    pipe.ltrim(keys.POLL_LATENESS, 0, POLL_LATENESS_SAMPLES - 1)
-    pipe.execute()
+    svc.metrics.sample(keys.POLL_LATENESS, late_by, POLL_LATENESS_SAMPLES)
 
 
 @app.task(name=NOTIFY_TASK, bind=True, ignore_result=True)

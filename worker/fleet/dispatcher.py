@@ -223,9 +223,12 @@ class Dispatcher:
     def _submit_room(self) -> int:
         """How many jobs may be picked now: a send moment is void if its step does not
         start within ``GRANT_VALID_S``, so no more are picked than the live fleet's slots
-        can soon take (:data:`PICKS_PER_SLOT` each, less the submits already queued)."""
+        can soon take (:data:`PICKS_PER_SLOT` each, less the submits already queued).
+        None while more than half of that is queued: a busy fleet's dispatcher then picks
+        many jobs in one round rather than one or two in every round."""
         queued = int(self.svc.broker.llen(SUBMIT_QUEUE))
-        return self.fleet_slots * PICKS_PER_SLOT - queued
+        capacity = self.fleet_slots * PICKS_PER_SLOT
+        return 0 if queued > capacity // 2 else capacity - queued
 
     def _store_settled(self) -> bool:
         """Whether picking is safe: not within a lease of a change of the job store's

@@ -7,11 +7,16 @@ worker's app. See docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 from celery import bootsteps
 
 from worker.fleet.dispatcher import QUEUES, Dispatcher, DispatcherThread
+
+#: How long a worker's task events may wait to be sent together, and how many at most.
+EVENT_FLUSH_S = 0.05
+EVENT_BATCH_MAX = 500
 
 
 class DispatcherStep(bootsteps.StartStopStep):
@@ -60,6 +65,48 @@ class BrokerConnectionStep(bootsteps.StartStopStep):
         thread = _dispatcher_of(parent)
         if thread is not None:
             thread.broker_lost()
+
+
+class EventBatchStep(bootsteps.StartStopStep):
+    """Sends the worker's task events (received, started, done) in batches, at most
+    :data:`EVENT_FLUSH_S` late.
+
+    Celery buffers them but publishes the buffer on the next turn of the event loop,
+    which under load is one PUBLISH for every event or two; gathered for a few
+    milliseconds, one PUBLISH carries dozens (Flower reads the batch as it reads one).
+    See docs/benchmarks.md, section 4.
+    """
+
+    requires: ClassVar[set[str]] = {"celery.worker.consumer.events:Events"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.flush_pending = False
+
+    def start(self, parent: Any) -> None:
+        dispatcher, hub = getattr(parent, "event_dispatcher", None), getattr(parent, "hub", None)
+        if dispatcher is None or hub is None or dispatcher.on_send_buffered is None:
+            return
+        self.flush_pending = False
+
+        def flush() -> None:
+            self.flush_pending = False
+            parent._flush_events()
+
+        def flush_soon() -> None:
+            if not self.flush_pending:
+                self.flush_pending = True
+                hub.call_later(EVENT_FLUSH_S, flush)
+
+        dispatcher.on_send_buffered = flush_soon
+        dispatcher.buffer_limit = EVENT_BATCH_MAX
+
+    def stop(self, parent: Any) -> None:
+        # Before Celery's Events step closes the dispatcher, which drops its buffer.
+        with contextlib.suppress(Exception):
+            parent._flush_events()
+
+    shutdown = stop
 
 
 def _dispatcher_of(consumer: Any) -> DispatcherThread | None:

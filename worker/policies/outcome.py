@@ -16,7 +16,7 @@ from worker.logs import job_fields
 from worker.models import JobState
 from worker.services import Services
 from worker.store.blobs import BlobStoreError, refs_in
-from worker.store.jobs import REQUEST_FIELD, read_record
+from worker.store.jobs import REQUEST_FIELD
 from worker.task_outcomes import note_outcome
 
 logger = logging.getLogger("worker.jobs")
@@ -24,10 +24,10 @@ logger = logging.getLogger("worker.jobs")
 
 def finish_job(svc: Services, job_id: str, state: JobState, **fields: Any) -> bool:
     """Move a job to ``state``; False (and nothing changed) when it had already finished."""
-    if not svc.store.finish(job_id, state, **fields):
+    # The record read with the write gives the result and the request (its source files).
+    changed, found = svc.store.finish_reading(job_id, state, **fields)
+    if not changed:
         return False
-    # One read gives the record (for the result) and the request (its source files).
-    found = read_record(svc.store.redis, job_id)
     record, stored = found if found is not None else (None, {})
     delete_blobs(svc, job_id, stored.get(REQUEST_FIELD))
     note_outcome(job_id, state, fields)

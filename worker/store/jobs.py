@@ -659,7 +659,18 @@ class JobStore:
         **fields: Any,
     ) -> int:
         """Write ``fields`` (and move to ``state``); see ``update.lua`` for the answer."""
-        args: list[Any] = [
+        args = self._update_args(job_id, state, token, due_in, fields)
+        return int(self._update(keys=self._finishing_keys(job_id), args=args))
+
+    def _update_args(
+        self,
+        job_id: str,
+        state: JobState | None,
+        token: int | None,
+        due_in: float | None,
+        fields: dict[str, Any],
+    ) -> list[Any]:
+        return [
             job_id,
             self.ttl_s,
             state.value if state else "",
@@ -669,7 +680,6 @@ class JobStore:
             "1" if self.archive else "",
             *encode_fields(fields),
         ]
-        return int(self._update(keys=self._finishing_keys(job_id), args=args))
 
     @staticmethod
     def _finishing_keys(job_id: str) -> list[str]:
@@ -694,6 +704,29 @@ class JobStore:
     def finish(self, job_id: str, state: JobState, **fields: Any) -> bool:
         """Move a job to a final state; False (nothing changed) when it had finished."""
         return self.update(job_id, state, **fields) == 1
+
+    def finish_reading(
+        self, job_id: str, state: JobState, **fields: Any
+    ) -> tuple[bool, tuple[JobRecord, dict[str, Any]] | None]:
+        """:meth:`finish`, and the record as it is then (:func:`read_record`), in one
+        round trip."""
+        job_keys = self._finishing_keys(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(
+            self._update.sha,
+            len(job_keys),
+            *job_keys,
+            *self._update_args(job_id, state, None, None, fields),
+        )
+        pipe.hgetall(keys.job(job_id))
+        try:
+            answer, raw = pipe.execute()
+        except redis.exceptions.NoScriptError:  # the update did not run: load it and do both
+            return self.finish(job_id, state, **fields), read_record(self.redis, job_id)
+        if not raw:
+            return int(answer) == 1, None
+        decoded = _decode_fields(raw)
+        return int(answer) == 1, (_record_from(decoded), decoded)
 
     def set_internal(self, job_id: str, name: str, value: Any) -> bool:
         """Write one internal field unless the job has finished."""

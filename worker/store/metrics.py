@@ -7,6 +7,8 @@ prefork children need no Prometheus multiprocess mode. See docs/operations.md.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import redis
 
@@ -31,32 +33,70 @@ class Metrics:
     worker processes need no Prometheus multiprocess mode. A counter name may carry one
     label after a colon (``create_task_total:429``). Counting is best effort: a Redis
     error while counting never costs a job.
+
+    Inside :meth:`batched` (a task step), :meth:`count`, :meth:`observe` and
+    :meth:`sample` are written together when the step ends, in one round trip.
     """
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Write what is counted inside together at the end (best effort, like counting)."""
+        if getattr(self._local, "pipe", None) is not None:  # the outer batch writes it
+            yield
+            return
+        pipe = self._local.pipe = self.redis.pipeline(transaction=False)
+        try:
+            yield
+        finally:
+            self._local.pipe = None
+            if len(pipe):
+                with contextlib.suppress(redis.RedisError):
+                    pipe.execute()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[redis.client.Pipeline]:
+        """The current batch's pipeline, or one of its own sent at once."""
+        batch = getattr(self._local, "pipe", None)
+        if batch is not None:
+            yield batch
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        yield pipe
+        with contextlib.suppress(redis.RedisError):
+            pipe.execute()
 
     def incr(self, name: str, amount: int = 1) -> None:
+        """Count now, whatever the batch; a Redis error is raised."""
         self.redis.hincrby(keys.METRICS, name, amount)
 
     def count(self, name: str, amount: int = 1) -> None:
         """Like :meth:`incr`, but a Redis error is swallowed (for hot paths)."""
-        with contextlib.suppress(redis.RedisError):
-            self.incr(name, amount)
+        with self._writing() as pipe:
+            pipe.hincrby(keys.METRICS, name, amount)
 
     def observe(self, name: str, seconds: float, *, counting: str | None = None) -> None:
         """Add one observation to histogram ``name`` (one of :data:`HISTOGRAMS`), and
         count ``counting`` too in the same round trip."""
         bounds = HISTOGRAMS[name]
         bucket = next((repr(b) for b in bounds if seconds <= b), "+Inf")
-        with contextlib.suppress(redis.RedisError):
-            pipe = self.redis.pipeline(transaction=False)
+        with self._writing() as pipe:
             if counting is not None:
                 pipe.hincrby(keys.METRICS, counting, 1)
             pipe.hincrby(keys.histogram(name), bucket, 1)
             pipe.hincrbyfloat(keys.histogram(name), "sum", max(0.0, seconds))
             pipe.hincrby(keys.histogram(name), "count", 1)
-            pipe.execute()
+
+    def sample(self, key: str, values: Sequence[float], keep: int) -> None:
+        """Keep ``values`` at the head of the list ``key``, which holds the ``keep`` latest."""
+        if not values:
+            return
+        with self._writing() as pipe:
+            pipe.lpush(key, *(f"{value:.4f}" for value in values))
+            pipe.ltrim(key, 0, keep - 1)
 
     def read(self) -> dict[str, int]:
         return {decode_text(k): int(v) for k, v in self.redis.hgetall(keys.METRICS).items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -53,12 +54,24 @@ class Publisher:
     def __init__(self, app: Celery, clock: Clock) -> None:
         self.app = app
         self.clock = clock
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def producer(self) -> Iterator[Any]:
-        """One pooled broker producer for several messages."""
+        """One pooled broker producer for several messages, whose ``task-sent`` events
+        go out together once they are sent (one PUBLISH, not one per message)."""
         with self.app.producer_or_acquire() as producer:
-            yield producer
+            self._local.events = events = SentEvents()
+            try:
+                yield producer
+            finally:
+                self._local.events = None
+                events.send(self.app, producer)
+
+    def _options(self) -> dict[str, Any]:
+        """What every message of this thread's current :meth:`producer` is sent with."""
+        events = getattr(self._local, "events", None)
+        return {} if events is None else {"event_dispatcher": events}
 
     def send_each(
         self,
@@ -101,6 +114,7 @@ class Publisher:
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=_submit_repr(job_id, request, token),
             headers={SENT_AT_HEADER: self.clock.now()},
+            **self._options(),
         )
 
     def announce(self, jobs: Sequence[tuple[str, Any]]) -> None:
@@ -110,25 +124,30 @@ class Publisher:
         (the job is queued; Flower learns of it when it is sent)."""
         if not jobs or not self.app.conf.task_send_sent_event:
             return
+        events = SentEvents()
+        for job_id, request in jobs:
+            events.publish(
+                "task-sent",
+                {
+                    "uuid": job_id,
+                    "root_id": job_id,
+                    "parent_id": None,
+                    "name": SUBMIT_TASK,
+                    "args": "()",
+                    "kwargs": _submit_repr(job_id, request, 0),
+                    "retries": 0,
+                    "eta": None,
+                    "expires": None,
+                    "queue": SUBMIT_QUEUE,
+                    "exchange": "",
+                    "routing_key": SUBMIT_QUEUE,
+                },
+                None,
+            )
         try:
-            with self.app.events.default_dispatcher() as dispatcher:
-                for job_id, request in jobs:
-                    dispatcher.send(
-                        "task-sent",
-                        uuid=job_id,
-                        root_id=job_id,
-                        parent_id=None,
-                        name=SUBMIT_TASK,
-                        args="()",
-                        kwargs=_submit_repr(job_id, request, 0),
-                        retries=0,
-                        eta=None,
-                        expires=None,
-                        queue=SUBMIT_QUEUE,
-                        exchange="",
-                        routing_key=SUBMIT_QUEUE,
-                    )
-        except Exception as exc:  # the broker is away: nothing is lost but the event
+            with self.app.producer_or_acquire() as producer:
+                events.send(self.app, producer)
+        except Exception as exc:  # the broker is away: nothing is lost but the events
             logger.debug("no task-sent event for %d new job(s): %s", len(jobs), exc)
 
     def poll(
@@ -143,6 +162,7 @@ class Publisher:
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=poll_repr(jobs),
             headers={SENT_AT_HEADER: self.clock.now()},
+            **self._options(),
         )
 
     def notify(
@@ -157,6 +177,7 @@ class Publisher:
             retry_policy=PUBLISH_RETRY_POLICY,
             kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
             headers={SENT_AT_HEADER: self.clock.now()},
+            **self._options(),
         )
 
     def archive(self, job_id: str, token: int, *, producer: Any = None, retry: bool = True) -> None:
@@ -168,7 +189,42 @@ class Publisher:
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             headers={SENT_AT_HEADER: self.clock.now()},
+            **self._options(),
         )
+
+
+class SentEvents:
+    """The ``task-sent`` events of several messages, sent as one ``task.multi`` batch.
+
+    Celery's ``send_task`` hands each message's event to the ``event_dispatcher`` it is
+    given, whose :meth:`publish` would send it at once; this one keeps it. Flower reads a
+    batch as it reads single events. Best effort, like Celery's own: an event the broker
+    refuses is dropped, never the message.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **_: Any) -> None:
+        self.events.append((type, dict(fields)))
+
+    def send(self, app: Celery, producer: Any) -> None:
+        if not self.events:
+            return
+        events, self.events = self.events, []
+        try:
+            with app.events.Dispatcher(
+                producer.connection,
+                channel=producer.channel,
+                buffer_while_offline=False,
+                buffer_group=["task"],
+                buffer_limit=len(events) + 1,
+            ) as dispatcher:
+                for type, fields in events:
+                    dispatcher.send(type, **fields)
+                dispatcher.flush(errors=False)
+        except Exception as exc:
+            logger.debug("%d task-sent event(s) not sent: %s", len(events), exc)
 
 
 #: Most characters of the prompt shown with a submit in Flower (whole words, then "…").

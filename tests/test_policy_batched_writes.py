@@ -1,0 +1,216 @@
+"""Writes a step gathers into fewer round trips keep their behaviour: a step's counts land
+together when it ends, a job's finish and the read of its record are one round trip, a
+result is Celery's own, the ``task-sent`` events of many messages are one PUBLISH, and a
+busy fleet's submits are picked in batches."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from tests.policy_kit import enqueue_lined, new_job
+from worker import keys
+from worker.fleet.dispatcher import PICKS_PER_SLOT, Dispatcher
+from worker.fleet.steps import EVENT_FLUSH_S, EventBatchStep
+from worker.models import JobState
+from worker.services import Services
+from worker.store.publisher import SUBMIT_QUEUE
+
+
+def _reads(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_reads_processed"])
+
+
+def test_a_steps_counts_are_written_together_when_it_ends(svc: Services) -> None:
+    client = svc.store.redis
+    with svc.metrics.batched():
+        svc.metrics.count("batched_total")
+        svc.metrics.observe("record_info_seconds", 0.2, counting="record_info_total:200")
+        svc.metrics.sample(keys.POLL_LATENESS, [0.5, 0.25, 0.125, 1.0], keep=3)
+        assert client.hget(keys.METRICS, "batched_total") is None
+        assert not client.exists(keys.POLL_LATENESS)
+        before = _reads(client)
+    # One request for the whole batch, plus the INFO that reads the count.
+    assert _reads(client) - before == 2
+    assert svc.metrics.read()["batched_total"] == 1
+    assert svc.metrics.read()["record_info_total:200"] == 1
+    assert svc.metrics.read_histogram("record_info_seconds")[2] == 1
+    # The latest first, the oldest beyond ``keep`` dropped.
+    assert client.lrange(keys.POLL_LATENESS, 0, -1) == [b"1.0000", b"0.1250", b"0.2500"]
+
+
+def test_a_nested_batch_is_written_by_the_outer_one_and_counts_outside_at_once(
+    svc: Services,
+) -> None:
+    with svc.metrics.batched():
+        with svc.metrics.batched():
+            svc.metrics.count("inner_total")
+        assert svc.metrics.read().get("inner_total") is None
+    assert svc.metrics.read()["inner_total"] == 1
+    svc.metrics.count("alone_total", 2)
+    assert svc.metrics.read()["alone_total"] == 2
+
+
+def test_a_batch_that_redis_refuses_costs_the_step_nothing(svc: Services) -> None:
+    dead = redis.Redis(host="127.0.0.1", port=9, socket_connect_timeout=0.2)
+    offline = type(svc.metrics)(dead)
+    with offline.batched():
+        offline.count("lost_total")
+        offline.observe("job_seconds", 1.0)
+
+
+def test_finish_reading_moves_the_job_once_and_gives_its_record(svc: Services) -> None:
+    job_id, prompt = new_job(svc)
+    changed, found = svc.store.finish_reading(
+        job_id, JobState.FAILED, fail_code="timeout", fail_msg="late"
+    )
+    assert changed and found is not None
+    record, fields = found
+    assert record.state is JobState.FAILED and record.fail_code == "timeout"
+    assert fields["_request"]["prompt"] == prompt
+    again, found_again = svc.store.finish_reading(job_id, JobState.SUCCEEDED)
+    assert not again
+    assert found_again is not None and found_again[0].state is JobState.FAILED
+
+
+def test_finish_reading_works_on_a_server_that_lost_its_scripts(svc: Services) -> None:
+    job_id, _ = new_job(svc)
+    svc.store.redis.script_flush()
+    changed, found = svc.store.finish_reading(job_id, JobState.SUCCEEDED)
+    assert changed and found is not None and found[0].state is JobState.SUCCEEDED
+    assert svc.store.get(job_id).state is JobState.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_a_result_is_what_celery_reads_for_success_and_failure(svc: Services) -> None:
+    app = svc.publisher.app
+    done, _ = new_job(svc)
+    svc.store.finish(done, JobState.SUCCEEDED, result_urls=["https://example.com/a.png"])
+    failed, _ = new_job(svc)
+    svc.store.finish(failed, JobState.FAILED, fail_code="content_policy", fail_msg="no")
+    for job_id in (done, failed):
+        svc.results.store(svc.store.get(job_id))  # type: ignore[arg-type]
+
+    success = AsyncResult(done, app=app)
+    assert success.state == "SUCCESS"
+    assert success.result["result_urls"] == ["https://example.com/a.png"]
+    failure = AsyncResult(failed, app=app)
+    assert failure.state == "FAILURE"
+    assert "content_policy" in str(failure.result)
+
+
+@pytest.fixture
+def events(svc: Services) -> Iterator[redis.client.PubSub]:
+    """Every message on the Celery events channels of the policy database."""
+    svc.publisher.app.conf.task_send_sent_event = True
+    pubsub = svc.store.redis.pubsub()
+    pubsub.psubscribe("*celeryev*")
+    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+    yield pubsub
+    pubsub.close()
+
+
+def _published(pubsub: redis.client.PubSub) -> list[tuple[str, Any]]:
+    """``(channel, decoded body)`` of each message published so far."""
+    found = []
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message and message["type"] == "pmessage":
+            envelope = json.loads(message["data"])
+            body = json.loads(base64.b64decode(envelope["body"]))
+            found.append((message["channel"].decode(), body))
+    return found
+
+
+def test_the_messages_of_one_producer_send_their_task_sent_events_in_one_publish(
+    svc: Services, events: redis.client.PubSub
+) -> None:
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    with svc.publisher.producer() as producer:
+        for job_id in ids:
+            svc.publisher.notify(job_id, 1, "https://hooks.example", producer=producer)
+
+    published = _published(events)
+    assert len(published) == 1
+    channel, body = published[0]
+    assert channel.endswith("task.multi")
+    assert [event["type"] for event in body] == ["task-sent"] * 3
+    assert {event["name"] for event in body} == {"remix.notify"}
+
+
+def test_new_jobs_are_announced_to_flower_in_one_publish(
+    svc: Services, events: redis.client.PubSub
+) -> None:
+    jobs = [(uuid.uuid4().hex, {"prompt": f"job {n}"}) for n in range(4)]
+    svc.publisher.announce(jobs)
+
+    published = _published(events)
+    assert len(published) == 1
+    _, body = published[0]
+    assert [event["uuid"] for event in body] == [job_id for job_id, _ in jobs]
+    assert all(event["type"] == "task-sent" and event["name"] == "remix.submit" for event in body)
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any]] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.later.append((delay, callback))
+
+
+def test_a_workers_task_events_are_flushed_once_per_short_wait() -> None:
+    flushes: list[int] = []
+    consumer = SimpleNamespace(
+        event_dispatcher=SimpleNamespace(on_send_buffered=lambda: None),
+        hub=_Hub(),
+        _flush_events=lambda: flushes.append(1),
+    )
+    step = EventBatchStep(consumer)
+    step.start(consumer)
+    for _ in range(5):
+        consumer.event_dispatcher.on_send_buffered()
+    assert [delay for delay, _ in consumer.hub.later] == [EVENT_FLUSH_S]
+
+    consumer.hub.later[0][1]()
+    assert flushes == [1]
+    consumer.event_dispatcher.on_send_buffered()
+    assert len(consumer.hub.later) == 2
+
+    step.shutdown(consumer)  # what is still buffered goes before Celery closes it
+    assert flushes == [1, 1]
+
+
+def _tick_until_quiet(dispatcher: Dispatcher, rounds: int = 5) -> None:
+    """Rounds until the picker may ask its budget again (the wait after a full queue)."""
+    for _ in range(rounds):
+        dispatcher.tick()
+        time.sleep(dispatcher.seconds_to_next_round(0.06))
+
+
+def test_a_busy_fleet_is_given_jobs_in_batches_not_one_per_round(svc: Services) -> None:
+    enqueue_lined(svc, n=40)
+    dispatcher = Dispatcher(svc, 1)  # one slot: room for PICKS_PER_SLOT queued submits
+    _tick_until_quiet(dispatcher)
+    broker = svc.broker
+    assert broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT
+
+    # The worker takes a few: more than half is still queued, so nothing is picked yet.
+    for _ in range(PICKS_PER_SLOT // 2 - 1):
+        broker.rpop(SUBMIT_QUEUE)
+    _tick_until_quiet(dispatcher)
+    assert broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT // 2 + 1
+
+    # One more, and the queue is filled up again in one round.
+    broker.rpop(SUBMIT_QUEUE)
+    _tick_until_quiet(dispatcher)
+    assert broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT
