@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -189,3 +191,75 @@ def test_an_answer_just_under_the_cap_is_read() -> None:
     answer = _answer(body, "Content-Type: application/json", f"Content-Length: {len(body)}")
     with raw_http_server(answer) as url:
         assert _client(url).record_info("t1").param == filler
+
+
+# ------------------------------------------------------------------ the environment
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a task record and keeps its request line and headers."""
+
+    seen: list[tuple[str, dict[str, str]]]
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, dict(self.headers.items())))
+        body = json.dumps(RECORD).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    seen: list[tuple[str, dict[str, str]]] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_proxy_named_by_the_environment_carries_the_upstream_requests(
+    recorder: tuple[str, list[tuple[str, dict[str, str]]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, seen = recorder
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = _client("http://upstream.example")
+    for _ in range(2):  # the second request reads the environment from the first's
+        assert client.record_info("t1").state == "generating"
+    assert [path for path, _ in seen] == [
+        "http://upstream.example/api/v1/jobs/recordInfo?taskId=t1"
+    ] * 2
+    assert seen[0][1]["Authorization"] == f"Bearer {KEY.get_secret_value()}"
+
+
+def test_no_proxy_from_the_environment_still_exempts_a_host(
+    recorder: tuple[str, list[tuple[str, dict[str, str]]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, seen = recorder
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert _client(url).record_info("t1").state == "generating"
+    assert [path for path, _ in seen] == ["/api/v1/jobs/recordInfo?taskId=t1"]
+
+
+def test_a_netrc_login_never_replaces_the_bearer_token(
+    recorder: tuple[str, list[tuple[str, dict[str, str]]]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    url, seen = recorder
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert _client(url).record_info("t1").state == "generating"
+    assert seen[0][1]["Authorization"] == f"Bearer {KEY.get_secret_value()}"
