@@ -111,13 +111,13 @@ def celery_config() -> dict[str, Any]:
         },
         result_expires=settings.remix_job_ttl_s,
         # Task events, so that Flower sees every job (REMIX_TASK_EVENTS, on by default): a
-        # worker sends three per task (received, started, succeeded or failed), one
-        # PUBLISH each on the celeryev fanout channel, which Redis drops when no Flower
-        # listens. Flower would switch them on by itself, but only every 5 s: the tasks of
-        # a worker just (re)started would be missing. Whoever publishes a message
-        # (enqueue_remix, the HTTP app, a worker's dispatcher) also sends its "task-sent"
-        # event, one more PUBLISH per message, so that a queued job shows in Flower
-        # (PENDING) before a worker takes it. Their cost: docs/benchmarks.md, section 4.
+        # worker sends three per task (received, started, succeeded or failed). Flower
+        # would switch them on by itself, but only every 5 s: the tasks of a worker just
+        # (re)started would be missing. Whoever publishes a message (enqueue_remix, the
+        # HTTP app, a worker's dispatcher) also sends its "task-sent" event, so that a
+        # queued job shows in Flower (PENDING) before a worker takes it. Both go out in
+        # batches (worker.fleet.steps.EventBatchStep, worker.store.publisher.SentEvents).
+        # Their cost: docs/benchmarks.md, section 4.
         worker_send_task_events=settings.remix_task_events,
         task_send_sent_event=settings.remix_task_events,
         worker_hijack_root_logger=True,
