@@ -13,7 +13,7 @@ from sandbox.launch import ManagedProcess
 from tests.conftest import REMIX_INPUT, unique_prompt
 from tests.helpers import accepted, create_requests, wait_until
 from worker.app import services
-from worker.limits.pause import RUN_MIN_COUNT
+from worker.limits.pause import RUN_IN_A_ROW
 from worker.models import JobState
 from worker.store.jobs import RETRIES_FIELD
 
@@ -71,7 +71,7 @@ def test_maintenance_pauses_every_worker_and_resumes_by_probe(control: SandboxCo
 
     # Before the pause: each job's first try, and at most a run's worth of 455s more.
     assert sum(create_requests(control, p) for p in prompts) == sent
-    assert sent <= len(prompts) + RUN_MIN_COUNT
+    assert sent <= len(prompts) + RUN_IN_A_ROW
     for job_id in job_ids:
         assert get_job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
         assert not services().store.get_internal(job_id, RETRIES_FIELD)

@@ -30,7 +30,7 @@ OPERATOR_PAUSE_RECHECK_S = 60.0
 WAKE_JITTER_S = 1.0
 #: Jobs released when a pause ends become due over this many seconds.
 RELEASE_SPREAD_S = 2.0
-#: Hold of the whole key per 429 in a run of 429s that came without ``Retry-After``.
+#: Hold of the whole key per 429 of a run of 429s that came without ``Retry-After``.
 RATE_LIMITED_RUN_HOLD_S = 2.0
 #: A job held by the spend cap past its submit deadline wakes this long after it, to fail.
 DEADLINE_WAKE_MARGIN_S = 1.0
@@ -221,10 +221,18 @@ def hold_after_rate_limited(svc: Services, error: RateLimitedError, recent: Rece
     """An upstream 429 despite the budget: hold every worker when it is more than a stray.
 
     A ``Retry-After`` is the upstream's word for the whole key and is honoured (capped).
-    Without one, a single 429 among successes only backs off its own job; a run of 429s
-    (someone else is spending the key's budget) holds the fleet for a growing while.
+    Without one, a stray 429 among successes only backs off its own job; a run of 429s
+    (someone else is spending the key's budget) holds the fleet for a while that grows
+    with the run (not with the strays the window held before it).
     """
     if error.retry_after is not None:
         svc.limiter.block(error.retry_after)
     elif recent.rate_limited_run:
-        svc.limiter.block(RATE_LIMITED_RUN_HOLD_S * recent.rate_limited)
+        run = recent.rate_limited_run_length
+        svc.limiter.block(RATE_LIMITED_RUN_HOLD_S * run)
+        logger.warning(
+            "upstream answered 429 %d times in a run: every worker holds sends for this key "
+            "for %.0fs (or until `remixq resume`)",
+            run,
+            RATE_LIMITED_RUN_HOLD_S * run,
+        )
