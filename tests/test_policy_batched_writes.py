@@ -17,13 +17,14 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from tests.policy_kit import enqueue_lined, new_job
+from tests.policy_kit import enqueue_lined, new_job, submit_now, token_of
 from worker import keys
 from worker.fleet.dispatcher import PICKS_PER_SLOT, Dispatcher
 from worker.fleet.steps import EVENT_FLUSH_S, EventBatchStep
 from worker.models import JobState
 from worker.services import Services
 from worker.store.publisher import SUBMIT_QUEUE
+from worker.tasks import _poll_batch
 
 
 def _reads(client: redis.Redis) -> int:
@@ -214,3 +215,47 @@ def test_a_busy_fleet_is_given_jobs_in_batches_not_one_per_round(svc: Services) 
     broker.rpop(SUBMIT_QUEUE)
     _tick_until_quiet(dispatcher)
     assert broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT
+
+
+def test_begin_many_begins_each_step_as_begin_does_in_one_round_trip(svc: Services) -> None:
+    first, _ = new_job(svc)
+    second, _ = new_job(svc)
+    svc.store.finish(second, JobState.FAILED, fail_code="x", fail_msg="y")
+    steps = [(first, token_of(svc, first)), (first, 99), (second, 0), ("no-such-job", 0)]
+    svc.store.begin_many([("no-such-job", 0)], svc.settings.lease_s)  # scripts loaded
+    before = _reads(svc.store.redis)
+    begun = svc.store.begin_many(steps, svc.settings.lease_s)
+    assert _reads(svc.store.redis) - before == 2  # the pipeline and the INFO reading it
+    assert [status for status, _ in begun] == ["ok", "stale", "finished", "missing"]
+    assert begun[0][1] is not None and begun[0][1].job_id == first
+
+    svc.store.redis.script_flush()
+    assert [s for s, _ in svc.store.begin_many([(first, token_of(svc, first))], 30.0)] == ["ok"]
+
+
+def test_a_poll_batch_begins_its_jobs_together_and_polls_each(svc: Services) -> None:
+    ids = [new_job(svc)[0] for _ in range(3)]
+    for job_id in ids:
+        assert submit_now(svc, job_id) == "accepted"
+    time.sleep(0.8)  # the sandbox's generations (0.5 s) end; each job's first poll is due
+    due = [d for d in svc.store.claim_due(10, svc.settings.lease_s) if d.job_id in ids]
+    assert len(due) == 3
+    other, _ = new_job(svc)
+    batch = [[d.job_id, d.token, d.due] for d in due] + [[other, "not a token", 0.0]]
+
+    steps = _poll_batch(svc, batch)
+
+    assert steps == {**dict.fromkeys(ids, "succeeded"), other: "stale"}
+    assert all(svc.store.get(job_id).polls == 1 for job_id in ids)  # type: ignore[union-attr]
+
+
+def test_a_success_is_counted_for_the_breakers_with_the_steps_writes(svc: Services) -> None:
+    svc.pause.note_answer("455")
+    svc.pause.note_answer("455")
+    with svc.metrics.batched():
+        svc.pause.note_success(svc.metrics)
+        svc.store.redis.script_flush()  # the server forgot the script meanwhile
+        assert svc.pause.note_answer("455").maintenance_in_a_row == 3
+    # Counted at the end of the step: the run of 455s is broken.
+    assert svc.pause.note_answer("455").maintenance_in_a_row == 1
+    assert svc.pause.note_answer("other").other == 2

@@ -264,13 +264,24 @@ def _poll_batch(svc: Services, jobs: list[list[Any]]) -> dict[str, str]:
     started = time.monotonic()
     late_by: list[float] = []
     steps: dict[str, str] = {}
+    try:
+        # One round trip begins every step of the batch (a poll a deadline cuts still
+        # counts as one in the record).
+        begun = svc.store.begin_many(
+            [(str(job_id), _token(token)) for job_id, token, _ in jobs],
+            svc.settings.lease_s,
+            poll=True,
+        )
+    except REDIS_ERRORS as exc:
+        logger.warning("poll batch: Redis unavailable (%s); the schedule sends it again", exc)
+        return steps
     for index, (job_id, token, due) in enumerate(jobs):
         if time.monotonic() - started > svc.settings.kie_request_deadline_s:
             _due_again(svc, jobs[index:])
             break
         late = svc.clock.now() - float(due)
         try:
-            steps[str(job_id)] = step = poll_step(svc, str(job_id), int(token))
+            steps[str(job_id)] = step = poll_step(svc, str(job_id), _token(token), begun[index])
             if step in POLLED:
                 late_by.append(late)
         except REDIS_ERRORS as exc:
@@ -281,6 +292,14 @@ def _poll_batch(svc: Services, jobs: list[list[Any]]) -> dict[str, str]:
             steps[str(job_id)] = "error"
     _record_lateness(svc, late_by)
     return steps
+
+
+def _token(value: Any) -> int:
+    """A poll's dispatch token; one no job holds (its step is stale) when unreadable."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _due_again(svc: Services, jobs: list[list[Any]]) -> None:

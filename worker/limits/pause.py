@@ -18,6 +18,7 @@ from worker import keys
 from worker.lua import load_script
 from worker.store.clock import server_time
 from worker.store.jobs import decode_text
+from worker.store.metrics import Metrics
 
 OPERATOR = "operator"
 #: Each failed probe doubles the delay before the next one, up to this.
@@ -137,6 +138,16 @@ class FleetPause:
             args=[ANSWER_WINDOW_S, uuid.uuid4().hex, kind],
         )
         return RecentAnswers(*(int(c) for c in counts))
+
+    def note_success(self, writes: Metrics) -> None:
+        """Count a createTask answer that is no 455 nor 429 when its recent counts are not
+        needed: with ``writes``' batch of the step, best effort."""
+        index = ANSWER_KINDS.index("other")
+        writes.best_effort(
+            self._answers,
+            [self._answer_keys[index], *self._answer_keys, *self._streak_keys],
+            [ANSWER_WINDOW_S, uuid.uuid4().hex, "other"],
+        )
 
     def claim_probe(self) -> bool:
         """True for exactly one caller once the next probe is due."""

@@ -54,17 +54,22 @@ _RANK = {JobState.QUEUED: 0, JobState.SUBMITTED: 1, JobState.RUNNING: 2}
 POLLED = frozenset({"succeeded", "failed", "pending", "poll_error", "timeout"})
 
 
-def poll_step(svc: Services, job_id: str, token: int) -> str:
+def poll_step(
+    svc: Services, job_id: str, token: int, begun: tuple[str, Job | None] | None = None
+) -> str:
     """One step of the poll policy; returns what happened (for logs and tests).
 
+    ``begun``: what :meth:`~worker.store.jobs.JobStore.begin` answered for this step, when
+    the caller began it (a poll batch begins all its jobs in one round trip).
     Every line logged during the step carries the job's fields (:mod:`worker.logs`).
     """
     with job_context(job_id):
-        return _poll_step(svc, job_id, token)
+        if begun is None:
+            begun = svc.store.begin(job_id, token, svc.settings.lease_s, poll=True)
+        return _poll_step(svc, job_id, *begun)
 
 
-def _poll_step(svc: Services, job_id: str, token: int) -> str:
-    status, job = svc.store.begin(job_id, token, svc.settings.lease_s, poll=True)
+def _poll_step(svc: Services, job_id: str, status: str, job: Job | None) -> str:
     if job is None:
         return status
     task_id = job.record.upstream_task_id

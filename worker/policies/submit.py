@@ -412,7 +412,7 @@ def record_acceptance(
         outcome = retrying(_accept, svc, job_id, attempt_id, task_id, results)
     except Exception as exc:
         raise AcceptedButUnrecorded(job_id, attempt_id, task_id) from exc
-    _note_answer(svc, "other")
+    svc.pause.note_success(svc.metrics)
     if outcome in ("accepted_after_unknown", "extra"):
         svc.metrics.incr("possibly_paid_twice_total")
         logger.warning(

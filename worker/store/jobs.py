@@ -116,6 +116,14 @@ def _record_from(fields: dict[str, Any]) -> JobRecord:
     return JobRecord.model_validate({k: v for k, v in fields.items() if k in _RECORD_FIELDS})
 
 
+def _begun(reply: list[Any]) -> tuple[str, Job | None]:
+    """``begin.lua``'s answer: ``("ok", job)`` or ``(reason, None)``."""
+    status = decode_text(reply[0])
+    if status != "ok":
+        return status, None
+    return status, Job.from_fields(_decode_fields(reply[1:]))
+
+
 def read_record(client: redis.Redis, job_id: str) -> tuple[JobRecord, dict[str, Any]] | None:
     """The public record and every field (internal ones too, decoded); None: no such job."""
     raw = client.hgetall(keys.job(job_id))
@@ -643,11 +651,21 @@ class JobStore:
         ``poll``: a poll step, which counts the job's poll when it has a task to ask about.
         """
         args = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
-        reply = self._begin(keys=[keys.job(job_id), keys.SCHEDULE], args=args)
-        status = decode_text(reply[0])
-        if status != "ok":
-            return status, None
-        return status, Job.from_fields(_decode_fields(reply[1:]))
+        return _begun(self._begin(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
+
+    def begin_many(
+        self, steps: Sequence[tuple[str, int]], lease_s: float, *, poll: bool = False
+    ) -> list[tuple[str, Job | None]]:
+        """:meth:`begin` for each ``(job id, token)``, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, token in steps:
+            args: list[Any] = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
+            pipe.evalsha(self._begin.sha, 2, keys.job(job_id), keys.SCHEDULE, *args)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:  # none of them ran: load it, begin each
+            return [self.begin(job_id, token, lease_s, poll=poll) for job_id, token in steps]
+        return [_begun(reply) for reply in replies]
 
     def update(
         self,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from worker import keys
 from worker.store.jobs import decode_text
@@ -49,13 +51,26 @@ class Metrics:
             yield
             return
         pipe = self._local.pipe = self.redis.pipeline(transaction=False)
+        scripts: list[tuple[int, Script, Sequence[str], Sequence[Any]]] = []
+        self._local.scripts = scripts
         try:
             yield
         finally:
             self._local.pipe = None
             if len(pipe):
                 with contextlib.suppress(redis.RedisError):
-                    pipe.execute()
+                    _rerun_unloaded(pipe.execute(raise_on_error=False), scripts)
+
+    def best_effort(self, script: Script, script_keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Run ``script`` (on this Redis) when its answer is not needed: with the batch's
+        writes in one, else now. A Redis error is swallowed, as for counting."""
+        batch = getattr(self._local, "pipe", None)
+        if batch is None or script.registered_client is not self.redis:
+            with contextlib.suppress(redis.RedisError):
+                script(keys=script_keys, args=args)
+            return
+        batch.evalsha(script.sha, len(script_keys), *script_keys, *args)
+        self._local.scripts.append((len(batch) - 1, script, script_keys, args))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[redis.client.Pipeline]:
@@ -110,3 +125,13 @@ class Metrics:
             cumulative += int(raw.get(bound, 0))
             buckets.append((bound, cumulative))
         return buckets, float(raw.get("sum", 0.0)), int(raw.get("count", 0))
+
+
+def _rerun_unloaded(
+    replies: list[Any], scripts: list[tuple[int, Script, Sequence[str], Sequence[Any]]]
+) -> None:
+    """Run again, loading it first, each script of a batch that the server did not know
+    (it restarted, or failed over, since the script was loaded)."""
+    for index, script, script_keys, args in scripts:
+        if isinstance(replies[index], redis.exceptions.NoScriptError):
+            script(keys=script_keys, args=args)
