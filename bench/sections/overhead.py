@@ -3,8 +3,9 @@
 With nothing to wait for upstream, every job is one createTask and one recordInfo, so
 the ratio is the share of raw Celery task throughput that whole jobs reach: what the
 pipeline's own bookkeeping (records, lines, schedule, dispatcher, rate limiter) costs.
-The pipeline runs twice, with Celery's task events for Flower (the default) and without
-(``REMIX_TASK_EVENTS=false``), so that their cost is measured in the same run.
+The pipeline runs with Celery's task events for Flower (the default) and without
+(``REMIX_TASK_EVENTS=false``), so that their cost is measured in the same run; each of the
+three runs twice, in turn, and the best of each is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from worker.app import services
 
 SECTION = "4 overhead"
 OVERHEAD_POLL_INITIAL_S = 0.05
+#: Each of the three runs this many times, in turn; the best of each is kept (on two
+#: shared cores, one run can be slowed by anything else the machine does).
+ROUNDS = 2
 NOOP_TIMEOUT_S = 120.0
 #: Label of the upstream counts this section keeps for section 5.
 OVERHEAD_KEY = "pipeline, 0 s generation"
@@ -47,15 +51,15 @@ def overhead_section(run: Run) -> list[Figure]:
     jobs = run.plan.overhead_jobs
     sandbox = run.stack.start_sandbox(["--generation-seconds", "0"])
     control = SandboxControl(sandbox.url or "")
-    try:
-        settings = {
-            "KIE_RATE_LIMIT": NO_RATE_LIMIT,
-            "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
-        }
-        pipeline = pipeline_throughput(
+    settings = {
+        "KIE_RATE_LIMIT": NO_RATE_LIMIT,
+        "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
+    }
+    measures: dict[str, Callable[[], Throughput]] = {
+        "pipeline": lambda: pipeline_throughput(
             run, sandbox, control, jobs=jobs, label=OVERHEAD_KEY, settings=settings
-        )
-        quiet = _without_task_events(
+        ),
+        "quiet": lambda: _without_task_events(
             lambda: pipeline_throughput(
                 run,
                 sandbox,
@@ -64,13 +68,20 @@ def overhead_section(run: Run) -> list[Figure]:
                 label=f"{OVERHEAD_KEY}, no task events",
                 settings={**settings, "REMIX_TASK_EVENTS": "false"},
             )
-        )
-        baseline = naive_throughput(
+        ),
+        "baseline": lambda: naive_throughput(
             run, sandbox, control, send=naive.noop.delay, jobs=jobs, timeout=NOOP_TIMEOUT_S
-        )
+        ),
+    }
+    rounds: dict[str, list[Throughput]] = {name: [] for name in measures}
+    try:
+        for _ in range(ROUNDS):
+            for name, measure in measures.items():
+                rounds[name].append(measure())
     finally:
         control.close()
         run.stack.stop([sandbox])
+    pipeline, quiet, baseline = (max(rounds[name], key=lambda t: t.rate) for name in measures)
     setup = f"{jobs} jobs, 1 worker x {CONCURRENCY}, 0 s generation"
     return [
         Figure(
@@ -79,7 +90,7 @@ def overhead_section(run: Run) -> list[Figure]:
             f"{pipeline.rate:.1f} jobs/s",
             f"no-op: {baseline.rate:.1f} tasks/s",
             ratio(pipeline.rate, baseline.rate, percent=True),
-            pipeline.note + f"; first poll after {OVERHEAD_POLL_INITIAL_S:g} s",
+            pipeline.note + f"; best of {ROUNDS}; first poll after {OVERHEAD_POLL_INITIAL_S:g} s",
         ),
         Figure(
             SECTION,
@@ -87,7 +98,8 @@ def overhead_section(run: Run) -> list[Figure]:
             f"{quiet.rate:.1f} jobs/s",
             f"no-op: {baseline.rate:.1f} tasks/s",
             ratio(quiet.rate, baseline.rate, percent=True),
-            quiet.note + "; REMIX_TASK_EVENTS=false on the workers and the producer",
+            quiet.note
+            + f"; best of {ROUNDS}; REMIX_TASK_EVENTS=false on the workers and the producer",
         ),
         Figure(
             SECTION,
@@ -95,6 +107,6 @@ def overhead_section(run: Run) -> list[Figure]:
             f"{baseline.rate:.1f} tasks/s",
             "",
             "",
-            baseline.note,
+            baseline.note + f"; best of {ROUNDS}",
         ),
     ]
