@@ -264,34 +264,53 @@ def _poll_batch(svc: Services, jobs: list[list[Any]]) -> dict[str, str]:
     started = time.monotonic()
     late_by: list[float] = []
     steps: dict[str, str] = {}
+    entries = _entries(jobs)
     try:
         # One round trip begins every step of the batch (a poll a deadline cuts still
-        # counts as one in the record).
+        # counts as one in the record). Polls start until KIE_REQUEST_DEADLINE_S after
+        # this, so each lease is that much longer: the last poll begun has a whole lease.
         begun = svc.store.begin_many(
-            [(str(job_id), _token(token)) for job_id, token, _ in jobs],
-            svc.settings.lease_s,
+            [(job_id, token) for job_id, token, _ in entries],
+            svc.settings.lease_s + svc.settings.kie_request_deadline_s,
             poll=True,
         )
     except REDIS_ERRORS as exc:
         logger.warning("poll batch: Redis unavailable (%s); the schedule sends it again", exc)
         return steps
-    for index, (job_id, token, due) in enumerate(jobs):
+    for index, (job_id, token, due) in enumerate(entries):
         if time.monotonic() - started > svc.settings.kie_request_deadline_s:
-            _due_again(svc, jobs[index:])
+            _due_again(svc, entries[index:])
             break
-        late = svc.clock.now() - float(due)
+        late = None if due is None else svc.clock.now() - due
         try:
-            steps[str(job_id)] = step = poll_step(svc, str(job_id), _token(token), begun[index])
-            if step in POLLED:
+            steps[job_id] = step = poll_step(svc, job_id, token, begun[index])
+            if step in POLLED and late is not None:
                 late_by.append(late)
         except REDIS_ERRORS as exc:
             logger.warning("poll batch: Redis unavailable (%s); the schedule sends it again", exc)
             break
         except Exception:
             logger.exception("job %s: unexpected error in a poll step", job_id)
-            steps[str(job_id)] = "error"
+            steps[job_id] = "error"
     _record_lateness(svc, late_by)
     return steps
+
+
+def _entries(jobs: Any) -> list[tuple[str, int, float | None]]:
+    """The batch's ``(job id, token, due time)`` triples. An entry that is no triple is
+    left out (a job it names comes back after its lease) and never costs the others; an
+    unreadable token is one no job holds, an unreadable due time is not sampled."""
+    entries: list[tuple[str, int, float | None]] = []
+    malformed = 0
+    for entry in jobs if isinstance(jobs, (list, tuple)) else ():
+        if isinstance(entry, (list, tuple)) and len(entry) == 3:
+            job_id, token, due = entry
+            entries.append((str(job_id), _token(token), _due(due)))
+        else:
+            malformed += 1
+    if malformed or not isinstance(jobs, (list, tuple)):
+        logger.warning("poll batch: %d malformed entries left out", max(malformed, 1))
+    return entries
 
 
 def _token(value: Any) -> int:
@@ -302,9 +321,16 @@ def _token(value: Any) -> int:
         return -1
 
 
-def _due_again(svc: Services, jobs: list[list[Any]]) -> None:
-    for job_id, token, _ in jobs:
-        svc.store.update(str(job_id), token=int(token), due_in=0.0)
+def _due(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _due_again(svc: Services, entries: list[tuple[str, int, float | None]]) -> None:
+    for job_id, token, _ in entries:
+        svc.store.update(job_id, token=token, due_in=0.0)
 
 
 def _record_lateness(svc: Services, late_by: list[float]) -> None:
