@@ -20,10 +20,10 @@ from celery.result import AsyncResult
 from tests.policy_kit import enqueue_lined, new_job, submit_now, token_of
 from worker import keys
 from worker.fleet.dispatcher import PICKS_PER_SLOT, Dispatcher
-from worker.fleet.steps import EVENT_FLUSH_S, EventBatchStep
+from worker.fleet.steps import EventBatchStep
 from worker.models import JobState
 from worker.services import Services
-from worker.store.publisher import SUBMIT_QUEUE
+from worker.store.publisher import EVENT_FLUSH_S, SUBMIT_QUEUE
 from worker.tasks import _poll_batch
 
 
@@ -132,14 +132,18 @@ def _published(pubsub: redis.client.PubSub) -> list[tuple[str, Any]]:
     return found
 
 
-def test_the_messages_of_one_producer_send_their_task_sent_events_in_one_publish(
+def test_the_task_sent_events_of_a_dispatchers_rounds_go_out_in_one_publish(
     svc: Services, events: redis.client.PubSub
 ) -> None:
     ids = [uuid.uuid4().hex for _ in range(3)]
-    with svc.publisher.producer() as producer:
-        for job_id in ids:
+    for job_id in ids:  # three rounds of a dispatcher, each sending one message
+        with svc.publisher.producer() as producer:
             svc.publisher.notify(job_id, 1, "https://hooks.example", producer=producer)
+    svc.publisher.flush_events()
+    assert _published(events) == []  # held until the oldest has waited EVENT_FLUSH_S
 
+    time.sleep(EVENT_FLUSH_S)
+    svc.publisher.flush_events()
     published = _published(events)
     assert len(published) == 1
     channel, body = published[0]

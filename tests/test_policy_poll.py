@@ -170,6 +170,9 @@ class _Recorder:
 
         return contextlib.nullcontext()
 
+    def flush_events(self, **_: object) -> None:
+        pass
+
     def submit(self, job_id: str, request: object, token: int, **_: object) -> None:
         if self.broken:
             raise ConnectionRefusedError("broker down")

@@ -155,6 +155,7 @@ class Dispatcher:
         if time.monotonic() - self._last_prune >= PRUNE_S:
             self._last_prune = time.monotonic()
             self.svc.store.prune_indexes(self.svc.settings.record_lifetime_s)
+        self.svc.publisher.flush_events()  # the task-sent events of earlier rounds
         due, self.waiting = due_schedules(self.svc.store.redis, PROVIDERS)
         wanted = self.picker.wanted(self.waiting)
         orphans = self.picker.orphans(self.waiting)
@@ -487,6 +488,9 @@ class DispatcherThread:
                 continue
             if sent < CLAIM_LIMIT:
                 self._stop.wait(dispatcher.seconds_to_next_round(TICK_S))
+        if dispatcher is not None:
+            with contextlib.suppress(Exception):  # best effort, as every task event
+                dispatcher.svc.publisher.flush_events(now=True)
 
     def _resend_stranded(self, dispatcher: Dispatcher) -> None:
         """After an outage this thread or the consumer saw: send the jobs it stranded."""

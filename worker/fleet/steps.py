@@ -13,10 +13,7 @@ from typing import Any, ClassVar
 from celery import bootsteps
 
 from worker.fleet.dispatcher import QUEUES, Dispatcher, DispatcherThread
-
-#: How long a worker's task events may wait to be sent together, and how many at most.
-EVENT_FLUSH_S = 0.05
-EVENT_BATCH_MAX = 500
+from worker.store.publisher import EVENT_BATCH_MAX, EVENT_FLUSH_S
 
 
 class DispatcherStep(bootsteps.StartStopStep):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +37,9 @@ ARCHIVE_QUEUE = "archive"
 #: Message header holding when the message was sent (fleet clock), so the dispatcher can
 #: tell whether a job's message may still be waiting behind it.
 SENT_AT_HEADER = "remixq_sent_at"
+#: How long task events may wait to be sent together, and how many at most.
+EVENT_FLUSH_S = 0.05
+EVENT_BATCH_MAX = 500
 #: A publish that fails is tried again this much before the caller hears of it (the
 #: schedule sends the job later in any case).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
@@ -58,20 +62,44 @@ class Publisher:
 
     @contextlib.contextmanager
     def producer(self) -> Iterator[Any]:
-        """One pooled broker producer for several messages, whose ``task-sent`` events
-        go out together once they are sent (one PUBLISH, not one per message)."""
+        """One pooled broker producer for several messages. Their ``task-sent`` events
+        go out together (one PUBLISH, not one per message), with those of this thread's
+        earlier messages, once the oldest has waited :data:`EVENT_FLUSH_S`; a thread
+        that sends often calls :meth:`flush_events` when it has nothing to send."""
         with self.app.producer_or_acquire() as producer:
-            self._local.events = events = SentEvents()
+            events = self._local.events = self._pending()
+            self._local.collecting = True
             try:
                 yield producer
             finally:
-                self._local.events = None
+                self._local.collecting = False
+                if events.due():
+                    events.send(self.app, producer)
+
+    def flush_events(self, *, now: bool = False) -> None:
+        """Send this thread's held ``task-sent`` events if the oldest has waited long
+        enough (``now``: whatever their age). Best effort, as every event."""
+        events = self._pending()
+        if not events.events or not (now or events.due()):
+            return
+        try:
+            with self.app.producer_or_acquire() as producer:
                 events.send(self.app, producer)
+        except Exception as exc:  # the broker is away: nothing is lost but the events
+            logger.debug("%d task-sent event(s) not sent: %s", len(events.events), exc)
+            events.events.clear()
+
+    def _pending(self) -> SentEvents:
+        events: SentEvents | None = getattr(self._local, "pending", None)
+        if events is None:
+            events = self._local.pending = SentEvents()
+        return events
 
     def _options(self) -> dict[str, Any]:
         """What every message of this thread's current :meth:`producer` is sent with."""
-        events = getattr(self._local, "events", None)
-        return {} if events is None else {"event_dispatcher": events}
+        if not getattr(self._local, "collecting", False):
+            return {}
+        return {"event_dispatcher": self._pending()}
 
     def send_each(
         self,
@@ -204,9 +232,20 @@ class SentEvents:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self._first_at = 0.0
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any, **_: Any) -> None:
+        if not self.events:
+            self._first_at = time.monotonic()
         self.events.append((type, dict(fields)))
+
+    def due(self) -> bool:
+        """Whether the held events should go now: the oldest has waited long enough, or
+        there are many."""
+        if not self.events:
+            return False
+        waited = time.monotonic() - self._first_at
+        return waited >= EVENT_FLUSH_S or len(self.events) >= EVENT_BATCH_MAX
 
     def send(self, app: Celery, producer: Any) -> None:
         if not self.events:
