@@ -311,13 +311,17 @@ def test_kill_9_mid_download_then_archive_and_webhook_still_happen(
 ) -> None:
     """(It held.) The whole worker (process group) is SIGKILLed while its slot is
     mid-download; another worker finishes archiving (broker redelivery or the lease) and
-    the webhook, which waited for archiving, is delivered once with ``done``."""
+    the webhook, which waited for archiving, is delivered once with ``done``.
+
+    The visibility timeout is the shortest the 5 s download deadline allows (5 s + 60 s),
+    so the broker hands the message on after about 65 s rather than the lease's 95 s."""
     from tests.webhook_receiver import receiver
 
     env = {
         "REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(),
         "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
-        "REMIX_ARCHIVE_TIMEOUT_S": "10",
+        "REMIX_BROKER_VISIBILITY_TIMEOUT_S": "65",
+        "REMIX_ARCHIVE_TIMEOUT_S": "5",
         "REMIX_NOTIFY_ALLOW_PRIVATE": "1",
     }
     with receiver() as hooks:
