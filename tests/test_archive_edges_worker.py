@@ -255,7 +255,7 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
     healthy). Now that fleet is reported (every worker's log, ``remixq status``'s
     ``queues_without_workers``), and the README's split (``-Q notify,archive``) delivers."""
     from sandbox.launch import start_worker
-    from tests.conftest import TEST_REDIS_URL, worker_env
+    from tests.conftest import TEST_REDIS_URL, stop_all, worker_env
     from tests.webhook_receiver import receiver
     from worker.app import configure
 
@@ -297,8 +297,7 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
             unconsumed = fleet_status()["queues_without_workers"]
     finally:
         configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
-        for process in started:
-            process.stop()
+        stop_all(started)
     assert delivered, (record.archive if record else None, record.notification if record else None)
     assert unconsumed == []
 
