@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 # pytest-xdist workers of make test, each with its own Redis and sandbox; a module's tests
 # stay on one worker (loadfile), in the order tests/schedule_kit.py gives (slowest first).
-TEST_WORKERS ?= 3
+# Four on two cores: most integration tests wait on processes, sleeps and leases, not CPU.
+TEST_WORKERS ?= 4
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 FAST_WORKERS ?= 4
 HOST ?= 127.0.0.1

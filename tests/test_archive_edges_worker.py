@@ -255,7 +255,7 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
     healthy). Now that fleet is reported (every worker's log, ``remixq status``'s
     ``queues_without_workers``), and the README's split (``-Q notify,archive``) delivers."""
     from sandbox.launch import start_worker
-    from tests.conftest import TEST_REDIS_URL, worker_env
+    from tests.conftest import TEST_REDIS_URL, stop_all, worker_env
     from tests.webhook_receiver import receiver
     from worker.app import configure
 
@@ -297,8 +297,7 @@ def test_the_readme_queue_split_with_archiving_still_delivers_webhooks(
             unconsumed = fleet_status()["queues_without_workers"]
     finally:
         configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
-        for process in started:
-            process.stop()
+        stop_all(started)
     assert delivered, (record.archive if record else None, record.notification if record else None)
     assert unconsumed == []
 
@@ -311,13 +310,17 @@ def test_kill_9_mid_download_then_archive_and_webhook_still_happen(
 ) -> None:
     """(It held.) The whole worker (process group) is SIGKILLed while its slot is
     mid-download; another worker finishes archiving (broker redelivery or the lease) and
-    the webhook, which waited for archiving, is delivered once with ``done``."""
+    the webhook, which waited for archiving, is delivered once with ``done``.
+
+    The visibility timeout is the shortest the 5 s download deadline allows (5 s + 60 s),
+    so the broker hands the message on after about 65 s rather than the lease's 95 s."""
     from tests.webhook_receiver import receiver
 
     env = {
         "REMIX_ARCHIVE_URL": (tmp_path / "archive").as_uri(),
         "REMIX_ARCHIVE_ALLOW_PRIVATE": "1",
-        "REMIX_ARCHIVE_TIMEOUT_S": "10",
+        "REMIX_BROKER_VISIBILITY_TIMEOUT_S": "65",
+        "REMIX_ARCHIVE_TIMEOUT_S": "5",
         "REMIX_NOTIFY_ALLOW_PRIVATE": "1",
     }
     with receiver() as hooks:

@@ -37,7 +37,7 @@ from sandbox.launch import (
     start_sandbox,
     start_worker,
 )
-from tests.conftest import REMIX_INPUT, SECRET_API_KEY, unique_prompt, worker_env
+from tests.conftest import REMIX_INPUT, SECRET_API_KEY, WORKER_ARGS, unique_prompt, worker_env
 from tests.helpers import accepted, create_requests, wait_until
 from tests.test_policy_callbacks import write_commands
 from worker import keys
@@ -165,6 +165,7 @@ def worker(
         concurrency=2,
         hostname=f"{name}@%h",
         log_path=log_dir / f"{name}.log",
+        extra_args=WORKER_ARGS,
     )
     yield process
     process.stop()
@@ -526,6 +527,7 @@ def _kill_right_after_acceptance(
         concurrency=1,
         hostname=f"{name}@%h",
         log_path=log_dir / f"{name}.log",
+        extra_args=WORKER_ARGS,
     )
     try:
         job_id, prompt = enqueue("callback-kill", seconds=seconds)
@@ -544,6 +546,7 @@ def _kill_right_after_acceptance(
         concurrency=1,
         hostname=f"{name}@%h",
         log_path=log_dir / f"{name}.log",
+        extra_args=WORKER_ARGS,
     )
     return job_id, prompt, survivor
 

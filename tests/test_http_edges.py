@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from producers import cancel_job
 from sandbox.launch import ManagedProcess, free_port, start_api, start_redis
 from tests.conftest import REMIX_INPUT, TEST_REDIS_URL
 from worker.net.outbound import Guard, Refused, check_url
@@ -84,6 +85,10 @@ def test_a_batch_of_1000_valid_non_ascii_prompts_is_not_refused_413(client: http
     )
     # 422 would be acceptable too (validation); 413 refuses a legitimate body by its size.
     assert answer.status_code != 413, (answer.text[:200], len(raw))
+    # No 1,000 queued jobs left behind: the next module's workers on this Redis would spend
+    # longer than its jobs' submit deadline failing them first.
+    for job in answer.json().get("jobs", []) if answer.status_code == 202 else []:
+        cancel_job(job["job_id"])
 
 
 # ------------------------------------------------------------------ 2. Idempotency-Key header

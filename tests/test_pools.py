@@ -25,11 +25,10 @@ def test_io_pool_runs_the_pipeline(
     control.configure(faults={500: 0.2}, fault_endpoints=["createTask", "recordInfo"])
     start_workers(1, concurrency=20, pool=pool)
     prompts = [unique_prompt(f"{pool}-{i}") for i in range(JOBS)]
+    # All in at once, so that the pool runs them side by side (not one job after another).
+    job_ids = [enqueue_remix(prompt=p, **REMIX_INPUT) for p in prompts]  # type: ignore[arg-type]
 
-    records = [
-        wait_for_job(enqueue_remix(prompt=p, **REMIX_INPUT), timeout=60)  # type: ignore[arg-type]
-        for p in prompts
-    ]
+    records = [wait_for_job(job_id, timeout=60) for job_id in job_ids]
 
     assert [r.state for r in records] == [JobState.SUCCEEDED] * JOBS
     assert [accepted(control, p) for p in prompts] == [1] * JOBS

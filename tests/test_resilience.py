@@ -47,7 +47,7 @@ from sandbox.launch import (
     start_sandbox,
     start_worker,
 )
-from tests.conftest import FAST_SETTINGS, REMIX_INPUT, unique_prompt
+from tests.conftest import FAST_SETTINGS, REMIX_INPUT, WORKER_ARGS, stop_all, unique_prompt
 from tests.helpers import accepted, create_requests, start_snapshot_redis, wait_until
 from tests.policy_kit import make_services, new_job, pick_now, submit_now
 from worker import keys
@@ -240,7 +240,11 @@ class Fleet:
         for _ in range(count):
             name = f"resilience-{uuid.uuid4().hex[:8]}"
             process = start_worker(
-                env, concurrency=2, hostname=f"{name}@%h", log_path=self.log_dir / f"{name}.log"
+                env,
+                concurrency=2,
+                hostname=f"{name}@%h",
+                log_path=self.log_dir / f"{name}.log",
+                extra_args=WORKER_ARGS,
             )
             self.workers.append(process)
             started.append(process)
@@ -250,8 +254,7 @@ class Fleet:
         return ", ".join(str(w.log_path) for w in self.workers)
 
     def stop_all(self) -> None:
-        for process in self.workers:
-            process.stop()
+        stop_all(self.workers)
 
 
 @pytest.fixture
