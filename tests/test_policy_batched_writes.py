@@ -263,3 +263,24 @@ def test_a_success_is_counted_for_the_breakers_with_the_steps_writes(svc: Servic
     # Counted at the end of the step: the run of 455s is broken.
     assert svc.pause.note_answer("455").maintenance_in_a_row == 1
     assert svc.pause.note_answer("other").other == 2
+
+
+def test_a_submit_step_begins_and_reads_its_keys_pause_in_one_round_trip(
+    svc: Services,
+) -> None:
+    job_id, _ = new_job(svc)
+    svc.store.begin_reading("no-such-job", 0, 30.0, svc.pause.key)  # scripts loaded
+    token = token_of(svc, job_id)
+    before = _reads(svc.store.redis)
+    status, job, fields = svc.store.begin_reading(job_id, token, 30.0, svc.pause.key)
+    assert _reads(svc.store.redis) - before == 2  # the pipeline and the INFO reading it
+    assert status == "ok" and job is not None and fields == {}
+
+    assert svc.pause.trip("455", "maintenance")
+    svc.store.redis.script_flush()
+    status, job, fields = svc.store.begin_reading(
+        job_id, token_of(svc, job_id), 30.0, svc.pause.key
+    )
+    paused = svc.pause.state_of(fields)
+    assert status == "ok" and paused is not None and paused.reason == "455"
+    assert paused == svc.pause.state()

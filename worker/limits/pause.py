@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -111,7 +112,11 @@ class FleetPause:
         self._answers = load_script(client, "answers")
 
     def state(self) -> PauseState | None:
-        raw = self.redis.hgetall(self.key)
+        return self.state_of(self.redis.hgetall(self.key))
+
+    @staticmethod
+    def state_of(raw: dict[Any, Any]) -> PauseState | None:
+        """The pause a read of its hash (:attr:`key`) found; None: not paused."""
         if not raw:
             return None
         fields = {decode_text(k): decode_text(v) for k, v in raw.items()}

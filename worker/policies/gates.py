@@ -56,9 +56,9 @@ def _jittered(seconds: float, spread: float = WAKE_JITTER_S) -> float:
 # ------------------------------------------------------------------ the pause
 
 
-def pause_gate(svc: Services, job: Job) -> Wait | None:
-    """Hold the job while submissions are paused for the key; probe when it is due."""
-    state = svc.pause.state()
+def pause_gate(svc: Services, job: Job, state: PauseState | None) -> Wait | None:
+    """Hold the job while submissions are paused for the key (``state``: its pause, as
+    just read); probe when it is due."""
     if state is None:
         return None
     if not state.by_operator and svc.pause.claim_probe() and probe_key(svc, state.reason):

@@ -37,6 +37,7 @@ from worker.limits.ratelimit import return_grant
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
 from worker.policies.gates import (
+    Wait,
     back_in_line,
     back_in_line_if_resumed,
     hold_after_rate_limited,
@@ -119,9 +120,18 @@ def submit_step(svc: Services, job_id: str, token: int) -> str:
 
 
 def _submit_step(svc: Services, job_id: str, token: int) -> str:
-    status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    # The default key's pause is read with the begin, in one round trip, when both live
+    # in the same Redis (a job of another provider reads its own below).
+    read_along = svc.pause.redis is svc.store.redis
+    if read_along:
+        status, job, pause_fields = svc.store.begin_reading(
+            job_id, token, svc.settings.lease_s, svc.pause.key
+        )
+    else:
+        status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
     if job is None:
         return status
+    default_pause_key = svc.pause.key
     note(upstream_task_id=job.record.upstream_task_id, attempt=job.record.submit_attempts or None)
     if job.record.upstream_task_id:
         svc.store.park(job, 0.0)  # accepted meanwhile: the schedule polls it now
@@ -136,15 +146,22 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return _not_configured_here(svc, job, exc)
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
-    for gate in (pause_gate, line_gate, spend_gate):
-        wait = gate(svc, job)
+    known = read_along and svc.pause.key == default_pause_key
+    paused = svc.pause.state_of(pause_fields) if known else svc.pause.state()
+    gates: tuple[tuple[str, Callable[[], Wait | None]], ...] = (
+        ("pause", lambda: pause_gate(svc, job, paused)),
+        ("line", lambda: line_gate(svc, job)),
+        ("spend", lambda: spend_gate(svc, job)),
+    )
+    for name, gate in gates:
+        wait = gate()
         if wait is None:
             continue
         if wait.in_line:
             svc.lines.join(job, wait.seconds, **wait.fields)
-        elif svc.store.park(job, wait.seconds, **wait.fields) and gate is pause_gate:
+        elif svc.store.park(job, wait.seconds, **wait.fields) and name == "pause":
             back_in_line_if_resumed(svc, job)
-        return gate.__name__.removesuffix("_gate")
+        return name
     send = _sender(svc, job, request)
     if isinstance(send, str):
         return send

@@ -653,6 +653,22 @@ class JobStore:
         args = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
         return _begun(self._begin(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
 
+    def begin_reading(
+        self, job_id: str, token: int, lease_s: float, other: str
+    ) -> tuple[str, Job | None, dict[Any, Any]]:
+        """:meth:`begin` (of a submit step), and the hash ``other`` of the same Redis
+        read in the same round trip (what a step looks at next: its key's pause)."""
+        args: list[Any] = [job_id, token, lease_s, self.ttl_s, ""]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.evalsha(self._begin.sha, 2, keys.job(job_id), keys.SCHEDULE, *args)
+        pipe.hgetall(other)
+        try:
+            reply, fields = pipe.execute()
+        except redis.exceptions.NoScriptError:  # the begin did not run: load it, then both
+            status, job = self.begin(job_id, token, lease_s)
+            return status, job, self.redis.hgetall(other)
+        return (*_begun(reply), fields)
+
     def begin_many(
         self, steps: Sequence[tuple[str, int]], lease_s: float, *, poll: bool = False
     ) -> list[tuple[str, Job | None]]:
