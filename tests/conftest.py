@@ -86,6 +86,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     redis_kit.stop(config)
 
 
+@pytest.fixture
+def restore_producer() -> Iterator[None]:
+    """For a scenario that points this process at Redis servers of its own: point it back
+    at the test Redis after."""
+    from worker.app import configure
+
+    yield None
+    url = redis_kit.url(redis_kit.MAIN)
+    configure(redis_url=url, result_backend_url=url)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the tests that start processes, then put the slowest modules first."""

@@ -8,25 +8,14 @@ see :mod:`bench.chaos`, which ``make chaos`` runs bigger. About three minutes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.chaos import SCENARIOS, WORKER_SETTINGS, run_scenario
-from tests.conftest import TEST_REDIS_URL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOBS = 200
-
-
-@pytest.fixture
-def restore_producer() -> Iterator[None]:
-    """The scenario points this process at its own Redis servers; point it back after."""
-    from worker.app import configure
-
-    yield None
-    configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
 
 
 def test_no_job_lost_none_paid_twice_unflagged_no_secret_leaked(

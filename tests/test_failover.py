@@ -6,28 +6,17 @@ processes and the sandbox; see :mod:`bench.failover`, which ``make chaos`` runs 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.failover import run_failover
-from tests.conftest import TEST_REDIS_URL
 
 pytestmark = [pytest.mark.integration]
 JOBS = 40
 #: A short request deadline, so a short lease (4 + 15 s): the run stays well under a minute.
 SETTINGS = {"KIE_REQUEST_DEADLINE_S": "4", "KIE_READ_TIMEOUT_S": "3"}
 LEASE_S = 19.0
-
-
-@pytest.fixture
-def restore_producer() -> Iterator[None]:
-    """The scenario points this process at its own Redis group; point it back after."""
-    from worker.app import configure
-
-    yield None
-    configure(redis_url=TEST_REDIS_URL, result_backend_url=TEST_REDIS_URL)
 
 
 def test_a_failover_loses_no_job_and_pays_nothing_twice_unflagged(

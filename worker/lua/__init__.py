@@ -8,6 +8,7 @@ is replaced by that file's text (functions shared by scripts, such as ``side_wor
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -17,6 +18,17 @@ import redis
 def load_script(client: redis.Redis, name: str) -> Any:
     """Register ``<name>.lua`` with ``client`` (it is sent by SHA, loaded once per server)."""
     return client.register_script(script_text(name))
+
+
+def queue_by_sha(pipe: Any, script: Any, script_keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue ``script`` on the pipeline ``pipe`` by its SHA alone.
+
+    redis-py's own way (``script(keys=..., args=..., client=pipe)``) first asks the server
+    whether it knows the script, one more round trip for each pipeline. The caller instead
+    runs the script again by itself (which loads it) when the pipeline answers
+    ``NoScriptError``: then the server knew none of it, and nothing of it ran.
+    """
+    pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
 
 
 def script_text(name: str) -> str:

@@ -32,7 +32,7 @@ from tenacity import (
 from worker import keys
 from worker.fields import BlobRef
 from worker.fleet.dispatcher import LIVE_WORKER_S
-from worker.limits.pause import MAX_PROBE_INTERVAL_S, RecentAnswers
+from worker.limits.pause import MAX_PROBE_INTERVAL_S, PauseState, RecentAnswers
 from worker.limits.ratelimit import return_grant
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
@@ -120,18 +120,9 @@ def submit_step(svc: Services, job_id: str, token: int) -> str:
 
 
 def _submit_step(svc: Services, job_id: str, token: int) -> str:
-    # The default key's pause is read with the begin, in one round trip, when both live
-    # in the same Redis (a job of another provider reads its own below).
-    read_along = svc.pause.redis is svc.store.redis
-    if read_along:
-        status, job, pause_fields = svc.store.begin_reading(
-            job_id, token, svc.settings.lease_s, svc.pause.key
-        )
-    else:
-        status, job = svc.store.begin(job_id, token, svc.settings.lease_s)
+    status, job, pause_read = _begin(svc, job_id, token)
     if job is None:
         return status
-    default_pause_key = svc.pause.key
     note(upstream_task_id=job.record.upstream_task_id, attempt=job.record.submit_attempts or None)
     if job.record.upstream_task_id:
         svc.store.park(job, 0.0)  # accepted meanwhile: the schedule polls it now
@@ -146,8 +137,7 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
         return _not_configured_here(svc, job, exc)
     if _past_submit_deadline(svc, job):
         return _end_past_submit_deadline(svc, job)
-    known = read_along and svc.pause.key == default_pause_key
-    paused = svc.pause.state_of(pause_fields) if known else svc.pause.state()
+    paused = _pause_state(svc, pause_read)
     gates: tuple[tuple[str, Callable[[], Wait | None]], ...] = (
         ("pause", lambda: pause_gate(svc, job, paused)),
         ("line", lambda: line_gate(svc, job)),
@@ -166,6 +156,26 @@ def _submit_step(svc: Services, job_id: str, token: int) -> str:
     if isinstance(send, str):
         return send
     return _attempt(svc, job, send)
+
+
+PauseRead = tuple[str, dict[Any, Any]]
+
+
+def _begin(svc: Services, job_id: str, token: int) -> tuple[str, Job | None, PauseRead | None]:
+    """Begin the step; the default key's pause (its key and fields) is read along, in the
+    same round trip, when both live in one Redis."""
+    if svc.pause.redis is not svc.store.redis:
+        return (*svc.store.begin(job_id, token, svc.settings.lease_s), None)
+    key = svc.pause.key
+    status, job, fields = svc.store.begin_reading(job_id, token, svc.settings.lease_s, key)
+    return status, job, (key, fields)
+
+
+def _pause_state(svc: Services, read: PauseRead | None) -> PauseState | None:
+    """The pause of the job's key: the one read along when it is that key's, else read now."""
+    if read is not None and read[0] == svc.pause.key:
+        return svc.pause.state_of(read[1])
+    return svc.pause.state()
 
 
 def _not_configured_here(svc: Services, job: Job, exc: ProviderNotConfigured) -> str:

@@ -33,7 +33,7 @@ from worker.fields import (
     check_priority,
     check_tenant,
 )
-from worker.lua import load_script
+from worker.lua import load_script, queue_by_sha
 from worker.models import PROVIDER, JobRecord, JobState, upstream_model
 
 REQUEST_FIELD = "_request"
@@ -650,17 +650,28 @@ class JobStore:
         Reasons: ``missing``, ``finished``, ``stale`` (a newer message owns the job).
         ``poll``: a poll step, which counts the job's poll when it has a task to ask about.
         """
-        args = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
-        return _begun(self._begin(keys=[keys.job(job_id), keys.SCHEDULE], args=args))
+        job_keys, args = self._begin_call(job_id, token, lease_s, poll)
+        return _begun(self._begin(keys=job_keys, args=args))
+
+    def _begin_call(
+        self, job_id: str, token: int, lease_s: float, poll: bool
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``begin.lua``."""
+        return [keys.job(job_id), keys.SCHEDULE], [
+            job_id,
+            token,
+            lease_s,
+            self.ttl_s,
+            "poll" if poll else "",
+        ]
 
     def begin_reading(
         self, job_id: str, token: int, lease_s: float, other: str
     ) -> tuple[str, Job | None, dict[Any, Any]]:
         """:meth:`begin` (of a submit step), and the hash ``other`` of the same Redis
         read in the same round trip (what a step looks at next: its key's pause)."""
-        args: list[Any] = [job_id, token, lease_s, self.ttl_s, ""]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.evalsha(self._begin.sha, 2, keys.job(job_id), keys.SCHEDULE, *args)
+        queue_by_sha(pipe, self._begin, *self._begin_call(job_id, token, lease_s, False))
         pipe.hgetall(other)
         try:
             reply, fields = pipe.execute()
@@ -675,8 +686,7 @@ class JobStore:
         """:meth:`begin` for each ``(job id, token)``, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, token in steps:
-            args: list[Any] = [job_id, token, lease_s, self.ttl_s, "poll" if poll else ""]
-            pipe.evalsha(self._begin.sha, 2, keys.job(job_id), keys.SCHEDULE, *args)
+            queue_by_sha(pipe, self._begin, *self._begin_call(job_id, token, lease_s, poll))
         try:
             replies = pipe.execute()
         except redis.exceptions.NoScriptError:  # none of them ran: load it, begin each
@@ -744,14 +754,9 @@ class JobStore:
     ) -> tuple[bool, tuple[JobRecord, dict[str, Any]] | None]:
         """:meth:`finish`, and the record as it is then (:func:`read_record`), in one
         round trip."""
-        job_keys = self._finishing_keys(job_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.evalsha(
-            self._update.sha,
-            len(job_keys),
-            *job_keys,
-            *self._update_args(job_id, state, None, None, fields),
-        )
+        args = self._update_args(job_id, state, None, None, fields)
+        queue_by_sha(pipe, self._update, self._finishing_keys(job_id), args)
         pipe.hgetall(keys.job(job_id))
         try:
             answer, raw = pipe.execute()

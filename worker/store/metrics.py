@@ -15,6 +15,7 @@ import redis
 from redis.commands.core import Script
 
 from worker import keys
+from worker.lua import queue_by_sha
 from worker.store.jobs import decode_text
 
 #: Bucket bounds (seconds) of the upstream request latency histograms.
@@ -69,7 +70,7 @@ class Metrics:
             with contextlib.suppress(redis.RedisError):
                 script(keys=script_keys, args=args)
             return
-        batch.evalsha(script.sha, len(script_keys), *script_keys, *args)
+        queue_by_sha(batch, script, script_keys, args)
         self._local.scripts.append((len(batch) - 1, script, script_keys, args))
 
     @contextlib.contextmanager

@@ -67,7 +67,7 @@ class Publisher:
         earlier messages, once the oldest has waited :data:`EVENT_FLUSH_S`; a thread
         that sends often calls :meth:`flush_events` when it has nothing to send."""
         with self.app.producer_or_acquire() as producer:
-            events = self._local.events = self._pending()
+            events = self._pending()
             self._local.collecting = True
             try:
                 yield producer
