@@ -6,7 +6,10 @@ busy fleet's submits are picked in batches."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,9 +20,18 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
+from tests.conftest import worker_env
 from tests.policy_kit import enqueue_lined, new_job, submit_now, token_of
 from worker import keys
-from worker.fleet.dispatcher import PICKS_PER_SLOT, Dispatcher
+from worker.fleet import dispatcher as dispatcher_module
+from worker.fleet.dispatcher import (
+    DRAIN_READING_S,
+    DRAIN_SMOOTHING,
+    PICKS_PER_SLOT,
+    QUEUE_AHEAD_S,
+    Dispatcher,
+    QueueDrain,
+)
 from worker.fleet.steps import EventBatchStep
 from worker.models import JobState
 from worker.services import Services
@@ -284,3 +296,102 @@ def test_a_submit_step_begins_and_reads_its_keys_pause_in_one_round_trip(
     paused = svc.pause.state_of(fields)
     assert status == "ok" and paused is not None and paused.reason == "455"
     assert paused == svc.pause.state()
+
+
+def test_the_drain_rate_comes_from_readings_far_enough_apart() -> None:
+    drain = QueueDrain()
+    drain.observe(20, now=100.0)
+    drain.pushed(10)  # 30 queued after this dispatcher's round
+    drain.observe(5, now=100.0 + DRAIN_READING_S / 2)  # too close: no reading yet
+    assert drain.rate is None and drain.within(1.0) == 0
+    drain.observe(10, now=101.0)  # 20 taken in one second
+    assert drain.rate == pytest.approx(20.0)
+    drain.observe(10, now=102.0)  # none taken: the fleet slowed down
+    assert drain.rate == pytest.approx(20.0 * (1 - DRAIN_SMOOTHING))
+    drain.observe(0, now=102.25)  # ran dry: at least 40 a second
+    assert drain.rate == pytest.approx(40.0)
+    assert drain.within(QUEUE_AHEAD_S) == int(40.0 * QUEUE_AHEAD_S)
+
+
+def test_a_fleet_that_drains_its_queue_fast_may_have_more_queued(
+    svc: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher_module, "QUEUE_AHEAD_S", 1.0)  # however slow this machine
+    enqueue_lined(svc, n=150)
+    dispatcher = Dispatcher(svc, 1)
+    dispatcher.tick()
+    assert svc.broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT  # the rate is not known yet
+
+    svc.broker.delete(SUBMIT_QUEUE)  # the worker took them all...
+    time.sleep(DRAIN_READING_S)  # ...within this: the next round reads a rate
+    dispatcher.tick()
+    rate = dispatcher._submit_drain.rate
+    assert rate is not None and rate > PICKS_PER_SLOT
+    assert svc.broker.llen(SUBMIT_QUEUE) == int(rate)
+
+
+def test_announcing_new_jobs_sends_nothing_in_the_enqueues_path(
+    svc: Services, events: redis.client.PubSub
+) -> None:
+    first = [(uuid.uuid4().hex, {"prompt": "first"})]
+    then = [(uuid.uuid4().hex, {"prompt": f"then {n}"}) for n in range(2)]
+    before = _reads(svc.store.redis)
+    svc.publisher.announce(first)
+    svc.publisher.announce(then)
+    assert _reads(svc.store.redis) - before == 1  # the INFO that reads the count: no PUBLISH
+
+    published = _published(events)  # sent by the process's announcer, in one PUBLISH
+    assert len(published) == 1
+    assert [event["uuid"] for event in published[0][1]] == [j for j, _ in first + then]
+
+
+def test_jobs_announced_just_before_the_process_exits_are_announced(
+    svc: Services, events: redis.client.PubSub
+) -> None:
+    job_id = uuid.uuid4().hex
+    script = (
+        "from worker.app import services\n"
+        f"services().publisher.announce([({job_id!r}, {{'prompt': 'last words'}})])\n"
+    )
+    env = worker_env(
+        "http://127.0.0.1:9",
+        REDIS_URL=svc.settings.redis_url,
+        RESULT_BACKEND_URL=svc.settings.redis_url,
+    )
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    published = _published(events)
+    assert [event["uuid"] for _, body in published for event in body] == [job_id]
+
+
+def test_a_dispatchers_round_is_one_round_trip_for_all_its_messages(svc: Services) -> None:
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    with svc.publisher.batch() as producer:  # the connection and the exchange, once
+        svc.publisher.submit("warm-up", {"prompt": "x"}, 1, producer=producer)
+    svc.broker.delete(SUBMIT_QUEUE)
+    before = _reads(svc.broker)
+    with svc.publisher.batch() as producer:
+        for job_id in ids:
+            svc.publisher.submit(job_id, {"prompt": "x"}, 1, producer=producer)
+        assert svc.broker.llen(SUBMIT_QUEUE) == 0  # held until the round ends
+    assert _reads(svc.broker) - before == 2 + 1  # the LLEN above, the round, this INFO
+    assert svc.broker.llen(SUBMIT_QUEUE) == len(ids)
+
+
+def test_a_round_whose_publish_fails_makes_all_its_jobs_due_again(
+    svc: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = enqueue_lined(svc, n=3)
+    dispatcher = Dispatcher(svc, 2)
+
+    @contextlib.contextmanager
+    def failing_batch() -> Iterator[Any]:
+        with svc.publisher.producer() as producer:
+            yield producer
+        raise redis.ConnectionError("the round trip broke; any message may be delivered")
+
+    monkeypatch.setattr(svc.publisher, "batch", failing_batch)
+    with pytest.raises(redis.ConnectionError):
+        dispatcher.tick()
+    now = svc.clock.now()
+    due = [svc.store.scheduled(job_id) for job_id in ids]
+    assert all(at is not None and at <= now for at in due), due

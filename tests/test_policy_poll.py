@@ -170,6 +170,8 @@ class _Recorder:
 
         return contextlib.nullcontext()
 
+    batch = producer
+
     def flush_events(self, **_: object) -> None:
         pass
 

@@ -7,7 +7,14 @@ import logging
 
 import pytest
 
-from worker.redaction import REDACTED, RedactingFilter, Redactor, install_log_redaction
+from worker.redaction import (
+    MIN_FRAGMENT,
+    REDACTED,
+    RedactingFilter,
+    Redactor,
+    install_log_redaction,
+    redactor_for,
+)
 from worker.upstreams.errors import excerpt
 
 SECRET = "sk-redact-0123456789abcdefABCDEF"
@@ -82,3 +89,16 @@ def test_a_secret_in_an_argument_is_redacted_keeping_the_arguments_shape() -> No
     assert isinstance(record.args, tuple) and len(record.args) == 5
     assert record.args[4] == 200 and SECRET[:12] not in record.getMessage()
     assert REDACTED in record.getMessage()
+
+
+@pytest.mark.parametrize("offset", range(MIN_FRAGMENT))
+@pytest.mark.parametrize("start", range(4))
+def test_a_fragment_is_found_at_every_alignment_of_the_text(offset: int, start: int) -> None:
+    secret = "sk-live-0123456789abcdefXYZ"
+    fragment = secret[start : start + MIN_FRAGMENT]
+    text = "." * offset + fragment + "~" * offset
+    assert Redactor([secret]).redact(text) == "." * offset + REDACTED + "~" * offset
+
+
+def test_the_redactor_of_an_upstreams_secrets_is_made_once() -> None:
+    assert redactor_for(("a-secret-value", None)) is redactor_for(("a-secret-value", None))

@@ -8,6 +8,7 @@ records, the traceback text included. Why: docs/design.md, "Secrets".
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -16,6 +17,10 @@ from typing import Any
 REDACTED = "[redacted]"
 #: Runs at least this long that also stand in a secret are redacted.
 MIN_FRAGMENT = 8
+#: Every run of MIN_FRAGMENT characters holds a whole block of this many that starts at a
+#: multiple of it, so a text none of whose such blocks stands in a secret holds no fragment
+#: (most texts: they are ruled out in a quarter of the lookups).
+_BLOCK = MIN_FRAGMENT // 2
 
 
 def _shapes(secret: str) -> set[str]:
@@ -43,6 +48,9 @@ class Redactor:
             for shape in self._shapes
             for i in range(len(shape) - MIN_FRAGMENT + 1)
         }
+        self._blocks = {
+            shape[i : i + _BLOCK] for shape in self._shapes for i in range(len(shape) - _BLOCK + 1)
+        }
 
     def __bool__(self) -> bool:
         return bool(self._shapes)
@@ -52,7 +60,13 @@ class Redactor:
             return text
         for shape in self._shapes:
             text = text.replace(shape, REDACTED)
-        return self._redact_fragments(text) if self._fragments else text
+        return self._redact_fragments(text) if self._may_hold_fragment(text) else text
+
+    def _may_hold_fragment(self, text: str) -> bool:
+        if not self._fragments:
+            return False
+        aligned = range(0, len(text) - _BLOCK + 1, _BLOCK)
+        return not self._blocks.isdisjoint(text[i : i + _BLOCK] for i in aligned)
 
     def _redact_fragments(self, text: str) -> str:
         marked = bytearray(len(text))
@@ -76,7 +90,13 @@ class Redactor:
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with every secret (and escaped form or long fragment of one) redacted."""
-    return Redactor(secrets).redact(text)
+    return redactor_for(tuple(secrets)).redact(text)
+
+
+@functools.lru_cache(maxsize=64)
+def redactor_for(secrets: tuple[str | None, ...]) -> Redactor:
+    """The :class:`Redactor` of ``secrets``, made once (every upstream answer needs one)."""
+    return Redactor(secrets)
 
 
 class RedactingFilter(logging.Filter):

@@ -67,6 +67,50 @@ LIVE_WORKER_S = 3 * HEARTBEAT_S
 PICKS_PER_SLOT = 10
 #: How often jobs of a provider no worker of this one's can send are looked at.
 ORPHAN_CHECK_S = 2.0
+#: Weight of the newest reading in the estimate of how fast the fleet takes submits, and
+#: the shortest time one reading spans (a burst between two close rounds is no rate).
+DRAIN_SMOOTHING = 0.3
+DRAIN_READING_S = 0.2
+#: A fleet that takes submits faster than :data:`PICKS_PER_SLOT` per slot lasts may have
+#: this many seconds of them queued (still far within a send moment's ``GRANT_VALID_S``).
+QUEUE_AHEAD_S = 0.25
+
+
+class QueueDrain:
+    """How fast the fleet takes messages off one queue, from the lengths a dispatcher reads
+    and the messages it pushes in between; so that a fleet that runs through its queued
+    submits within a round may have more queued. Other dispatchers' pushes only make the
+    estimate lower.
+    """
+
+    def __init__(self) -> None:
+        self._seen: tuple[float, int] | None = None
+        #: Messages per second, once two readings told it.
+        self.rate: float | None = None
+
+    def observe(self, length: int, now: float) -> None:
+        """The queue is ``length`` long at ``now`` (monotonic seconds)."""
+        if self._seen is not None:
+            at, before = self._seen
+            if now - at < DRAIN_READING_S:
+                return
+            sample = max(0, before - length) / (now - at)
+            if self.rate is None:
+                self.rate = sample
+            elif length == 0:  # it ran dry: the fleet could have taken more
+                self.rate = max(self.rate, sample)
+            else:
+                self.rate += DRAIN_SMOOTHING * (sample - self.rate)
+        self._seen = (now, length)
+
+    def pushed(self, count: int) -> None:
+        """This dispatcher has just pushed ``count`` messages onto the queue."""
+        if self._seen is not None:
+            self._seen = (self._seen[0], self._seen[1] + count)
+
+    def within(self, seconds: float) -> int:
+        """How many messages the fleet takes in ``seconds`` at the rate seen (0: unknown)."""
+        return int(self.rate * seconds) if self.rate else 0
 
 
 class Dispatcher:
@@ -92,6 +136,7 @@ class Dispatcher:
         self._store_changed_at: float | None = None
         self.picker = Picker(svc)
         self._next_orphan_check = time.monotonic() + HEARTBEAT_S
+        self._submit_drain = QueueDrain()
         #: Jobs waiting in each provider's lines, as the last round read them.
         self.waiting: dict[str, int] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -224,11 +269,13 @@ class Dispatcher:
     def _submit_room(self) -> int:
         """How many jobs may be picked now: a send moment is void if its step does not
         start within ``GRANT_VALID_S``, so no more are picked than the live fleet's slots
-        can soon take (:data:`PICKS_PER_SLOT` each, less the submits already queued).
-        None while more than half of that is queued: a busy fleet's dispatcher then picks
-        many jobs in one round rather than one or two in every round."""
+        can soon take (:data:`PICKS_PER_SLOT` each, or what it takes in
+        :data:`QUEUE_AHEAD_S` if more, less the submits already queued). None while more
+        than half of that is queued: a busy fleet's dispatcher then picks many jobs in one
+        round rather than one or two in every round."""
         queued = int(self.svc.broker.llen(SUBMIT_QUEUE))
-        capacity = self.fleet_slots * PICKS_PER_SLOT
+        self._submit_drain.observe(queued, time.monotonic())
+        capacity = max(self.fleet_slots * PICKS_PER_SLOT, self._submit_drain.within(QUEUE_AHEAD_S))
         return 0 if queued > capacity // 2 else capacity - queued
 
     def _store_settled(self) -> bool:
@@ -334,27 +381,26 @@ class Dispatcher:
         return len(claimed)
 
     def _send(self, claimed: list[Dispatch]) -> None:
-        """Publish the claimed jobs' messages; the unsent ones are due again at once."""
-        unsent = {d.job_id for d in claimed}
+        """Publish the claimed jobs' messages in one round trip; if it fails, they are all
+        due again at once rather than after the lease (a copy delivered anyway is dropped
+        as stale by its dispatch token)."""
         try:
-            self._publish(claimed, unsent)
+            self._publish(claimed)
         except BaseException:
-            # The broker refused: make the rest due again at once rather than after the lease.
-            self.svc.store.due_now(unsent)
+            self.svc.store.due_now({d.job_id for d in claimed})
             raise
 
-    def _publish(self, claimed: list[Dispatch], unsent: set[str]) -> None:
+    def _publish(self, claimed: list[Dispatch]) -> None:
         publisher = self.svc.publisher
         polls = [d for d in claimed if d.phase == "poll"]
-        with publisher.producer() as producer:
+        with publisher.batch() as producer:
             for item in claimed:
                 if item.phase == "submit":
                     publisher.submit(item.job_id, item.request, item.token, producer=producer)
-                    unsent.discard(item.job_id)
             for start in range(0, len(polls), POLL_BATCH_SIZE):
                 batch = polls[start : start + POLL_BATCH_SIZE]
                 publisher.poll([(d.job_id, d.token, d.due) for d in batch], producer=producer)
-                unsent.difference_update(d.job_id for d in batch)
+        self._submit_drain.pushed(len(claimed) - len(polls))
 
 
 #: The schedules a dispatcher round hands out from: jobs' steps, webhooks, archiving.

@@ -1,13 +1,14 @@
 """HTTP sessions whose requests have a total deadline, not only per-read timeouts.
 
-``requests`` (and urllib3 under it) bound each socket operation: a server that sends one
+urllib3 (and ``requests`` over it) bounds each socket operation: a server that sends one
 byte every few seconds keeps a request alive for as long as it likes. A createTask
 request must end well within the job's lease (``worker.settings.Settings.lease_s``), or
 another worker could decide its outcome is unknown while it is still running. No
 maintained client offers a hard total deadline for blocking calls that works in prefork,
 thread and gevent pools alike, hence this small piece:
 
-* the session's connections register themselves with the request being made
+* the connections of :class:`UpstreamSession` (the upstream clients' session) and of the
+  outbound guard register themselves with the request being made
   (:class:`_GuardedConnectionMixin`), and
 * one daemon thread per process (:class:`_Reaper`) shuts down the socket of any request
   still running at its deadline, which makes the blocked read fail at once.
@@ -29,9 +30,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from requests.utils import get_environ_proxies
+import urllib3
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_auth_from_url, get_environ_proxies
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -188,56 +188,76 @@ class _GuardedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = GuardedHTTPSConnection
 
 
-class _GuardedAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool,
-            "https": _GuardedHTTPSPool,
-        }
+class UpstreamSession:
+    """Requests to an upstream over urllib3 pools whose connections honour :func:`deadline`.
 
-
-class _UpstreamSession(requests.Session):
-    """A session that reads the environment's proxy and CA bundle settings once per host.
-
-    ``requests`` reads them (every variable of the environment, for the proxies) on every
-    request, which is a tenth of what a busy worker spends on a request; and it would
-    read ``~/.netrc``, whose login would replace the bearer token. So ``trust_env`` is off,
-    and the same settings are read here, once for each ``scheme://host:port``.
+    urllib3 directly, not ``requests``: for the small JSON requests of a busy worker,
+    ``requests``' cookie, hook and settings merging per request was a sixth of a worker
+    process's time. What of it the upstreams need is kept: the environment's proxy
+    (``HTTP(S)_PROXY``, ``NO_PROXY``) and CA bundle (``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE``, else certifi's), read once for each ``scheme://host:port``; never
+    ``~/.netrc``, whose login would replace the bearer token; no retry and no redirect
+    followed (the caller decides both).
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.trust_env = False
-        self._from_env: dict[str, tuple[dict[str, str], str | None]] = {}
+        #: Sent with every request (the bearer token lives here only).
+        self.headers: dict[str, str] = {}
+        self._managers: dict[str, urllib3.PoolManager] = {}
 
-    def merge_environment_settings(
-        self, url: str | bytes | None, proxies: Any, stream: Any, verify: Any, cert: Any
-    ) -> Any:
-        text = url.decode() if isinstance(url, bytes) else url or ""
-        env_proxies, bundle = self._settings_for(text)
-        proxies = dict(proxies or {})
-        for scheme, proxy in env_proxies.items():
-            proxies.setdefault(scheme, proxy)
-        if (verify is True or verify is None) and bundle:
-            verify = bundle
-        return super().merge_environment_settings(text, proxies, stream, verify, cert)
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        timeout: tuple[float, float],
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send one request; the answer's body is left to read (``preload_content`` off)."""
+        return self._manager_for(url).urlopen(
+            method,
+            url,
+            body=body,
+            headers={**self.headers, **(headers or {})},
+            retries=False,
+            redirect=False,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            preload_content=False,
+            decode_content=True,
+        )
 
-    def _settings_for(self, url: str) -> tuple[dict[str, str], str | None]:
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.clear()
+        self._managers.clear()
+
+    def _manager_for(self, url: str) -> urllib3.PoolManager:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        found = self._from_env.get(origin)
-        if found is None:
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            found = self._from_env[origin] = (get_environ_proxies(url), bundle)
-        return found
+        manager = self._managers.get(origin)
+        if manager is None:
+            manager = self._managers[origin] = _pool_manager(url, parts.scheme)
+        return manager
 
 
-def guarded_session() -> requests.Session:
-    """A ``requests`` session whose requests honour :func:`deadline` (and that reads the
-    environment's proxies and CA bundle once per host, never ``~/.netrc``)."""
-    session = _UpstreamSession()
-    adapter = _GuardedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def _pool_manager(url: str, scheme: str) -> urllib3.PoolManager:
+    """The pools for ``url``'s origin: through the environment's proxy for it, if any."""
+    bundle = (
+        os.environ.get("REQUESTS_CA_BUNDLE")
+        or os.environ.get("CURL_CA_BUNDLE")
+        or DEFAULT_CA_BUNDLE_PATH
+    )
+    proxies = get_environ_proxies(url)
+    proxy = proxies.get(scheme) or proxies.get("all")
+    manager: urllib3.PoolManager
+    if proxy:
+        username, password = get_auth_from_url(proxy)
+        auth = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else {}
+        manager = urllib3.ProxyManager(
+            proxy, proxy_headers=auth, cert_reqs="CERT_REQUIRED", ca_certs=bundle
+        )
+    else:
+        manager = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=bundle)
+    manager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+    return manager

@@ -12,11 +12,14 @@ job id and its archive token.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -40,6 +43,12 @@ SENT_AT_HEADER = "remixq_sent_at"
 #: How long task events may wait to be sent together, and how many at most.
 EVENT_FLUSH_S = 0.05
 EVENT_BATCH_MAX = 500
+#: The broker connection of :meth:`Publisher.batch`: a round trip is never sent twice by
+#: the client on its own (a retried pipeline could deliver every message of it twice).
+BATCH_TRANSPORT = {"retry_on_timeout": False}
+#: Most Redis commands of one batch's round trip (a dispatcher round sends at most
+#: a few hundred messages).
+BATCH_MAX_COMMANDS = 2000
 #: A publish that fails is tried again this much before the caller hears of it (the
 #: schedule sends the job later in any case).
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.4}
@@ -50,6 +59,9 @@ logger = logging.getLogger("worker.publisher")
 class Publisher:
     """Publishes the pipeline's messages through ``app``'s broker.
 
+    Each is sent ``ignore_result`` as its task is declared: else Celery's result backend
+    would subscribe to each message's result channel here, where nothing waits for one.
+
     Parameters:
         app: the Celery app whose broker the messages go to.
         clock: the fleet's clock, for each message's send time.
@@ -59,6 +71,7 @@ class Publisher:
         self.app = app
         self.clock = clock
         self._local = threading.local()
+        self._announcer = Announcer(app)
 
     @contextlib.contextmanager
     def producer(self) -> Iterator[Any]:
@@ -76,18 +89,43 @@ class Publisher:
                 if events.due():
                     events.send(self.app, producer)
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Any]:
+        """A producer whose messages go out together, in one round trip, when the block
+        ends (a dispatcher's round: a publish per message was most of its time). A failed
+        round trip raises, and then any of the messages may have been delivered or not:
+        the caller makes them all due again, and a copy delivered anyway is dropped as
+        stale by its dispatch token.
+
+        The connection is this thread's own, without the broker's retry on timeout: kombu
+        batches only where a round trip is never sent twice on its own.
+        """
+        producer = getattr(self._local, "batch_producer", None)
+        if producer is None:
+            connection = self.app.connection_for_write(transport_options=BATCH_TRANSPORT)
+            producer = self._local.batch_producer = self.app.amqp.Producer(connection)
+        events = self._pending()
+        self._local.collecting = True
+        try:
+            with producer.batch(max_size=BATCH_MAX_COMMANDS):
+                yield producer
+        except BaseException:
+            self._local.batch_producer = None  # a broken connection is not used again
+            with contextlib.suppress(Exception):
+                producer.connection.release()
+            raise
+        finally:
+            self._local.collecting = False
+            if events.due():
+                events.send(self.app, producer)
+
     def flush_events(self, *, now: bool = False) -> None:
         """Send this thread's held ``task-sent`` events if the oldest has waited long
         enough (``now``: whatever their age). Best effort, as every event."""
         events = self._pending()
         if not events.events or not (now or events.due()):
             return
-        try:
-            with self.app.producer_or_acquire() as producer:
-                events.send(self.app, producer)
-        except Exception as exc:  # the broker is away: nothing is lost but the events
-            logger.debug("%d task-sent event(s) not sent: %s", len(events.events), exc)
-            events.events.clear()
+        events.send_pooled(self.app)
 
     def _pending(self) -> SentEvents:
         events: SentEvents | None = getattr(self._local, "pending", None)
@@ -140,6 +178,7 @@ class Publisher:
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
+            ignore_result=True,
             kwargsrepr=_submit_repr(job_id, request, token),
             headers={SENT_AT_HEADER: self.clock.now()},
             **self._options(),
@@ -148,35 +187,33 @@ class Publisher:
     def announce(self, jobs: Sequence[tuple[str, Any]]) -> None:
         """Tell Flower (a ``task-sent`` event each) of new jobs ``(job_id, request)`` that
         wait in line: their ``remix.submit`` is sent only when a send moment picks them, and
-        until then Flower would not know them. Best effort: a broker error is not raised
-        (the job is queued; Flower learns of it when it is sent)."""
+        until then Flower would not know them. The events go out at most
+        :data:`EVENT_FLUSH_S` later, with those of the other jobs enqueued meanwhile
+        (:class:`Announcer`). Best effort: a broker error is not raised (the job is queued;
+        Flower learns of it when it is sent)."""
         if not jobs or not self.app.conf.task_send_sent_event:
             return
-        events = SentEvents()
-        for job_id, request in jobs:
-            events.publish(
-                "task-sent",
-                {
-                    "uuid": job_id,
-                    "root_id": job_id,
-                    "parent_id": None,
-                    "name": SUBMIT_TASK,
-                    "args": "()",
-                    "kwargs": _submit_repr(job_id, request, 0),
-                    "retries": 0,
-                    "eta": None,
-                    "expires": None,
-                    "queue": SUBMIT_QUEUE,
-                    "exchange": "",
-                    "routing_key": SUBMIT_QUEUE,
-                },
-                None,
-            )
-        try:
-            with self.app.producer_or_acquire() as producer:
-                events.send(self.app, producer)
-        except Exception as exc:  # the broker is away: nothing is lost but the events
-            logger.debug("no task-sent event for %d new job(s): %s", len(jobs), exc)
+        self._announcer.add(
+            {
+                "uuid": job_id,
+                "root_id": job_id,
+                "parent_id": None,
+                "name": SUBMIT_TASK,
+                "args": "()",
+                "kwargs": _submit_repr(job_id, request, 0),
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "queue": SUBMIT_QUEUE,
+                "exchange": "",
+                "routing_key": SUBMIT_QUEUE,
+            }
+            for job_id, request in jobs
+        )
+
+    def flush_announcements(self) -> None:
+        """Send the held ``task-sent`` events of new jobs now (as at the process's exit)."""
+        self._announcer.flush()
 
     def poll(
         self, jobs: Sequence[tuple[str, int, float]], *, producer: Any = None, retry: bool = True
@@ -188,6 +225,7 @@ class Publisher:
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
+            ignore_result=True,
             kwargsrepr=poll_repr(jobs),
             headers={SENT_AT_HEADER: self.clock.now()},
             **self._options(),
@@ -203,6 +241,7 @@ class Publisher:
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
+            ignore_result=True,
             kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
             headers={SENT_AT_HEADER: self.clock.now()},
             **self._options(),
@@ -216,6 +255,7 @@ class Publisher:
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
+            ignore_result=True,
             headers={SENT_AT_HEADER: self.clock.now()},
             **self._options(),
         )
@@ -247,6 +287,18 @@ class SentEvents:
         waited = time.monotonic() - self._first_at
         return waited >= EVENT_FLUSH_S or len(self.events) >= EVENT_BATCH_MAX
 
+    def send_pooled(self, app: Celery) -> None:
+        """:meth:`send` over a producer of ``app``'s pool; a broker that is away drops the
+        events (nothing else is lost)."""
+        if not self.events:
+            return
+        try:
+            with app.producer_or_acquire() as producer:
+                self.send(app, producer)
+        except Exception as exc:
+            logger.debug("%d task-sent event(s) not sent: %s", len(self.events), exc)
+            self.events.clear()
+
     def send(self, app: Celery, producer: Any) -> None:
         if not self.events:
             return
@@ -264,6 +316,59 @@ class SentEvents:
                 dispatcher.flush(errors=False)
         except Exception as exc:
             logger.debug("%d task-sent event(s) not sent: %s", len(events), exc)
+
+
+class Announcer:
+    """The ``task-sent`` events of a process's new jobs, sent together by a daemon thread
+    :data:`EVENT_FLUSH_S` after the first of them: one PUBLISH for every job a producer
+    enqueued meanwhile, and none in the enqueue's own path (a PUBLISH per enqueue was half
+    of what an enqueue cost). Events still held when the process exits are sent then; a
+    forked process starts with none of its parent's (nor its lock, maybe held at the fork).
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._forked()
+        forked = weakref.WeakMethod(self._forked)
+        os.register_at_fork(after_in_child=lambda: (method := forked()) and method())
+
+    def _forked(self) -> None:
+        """A fresh start: nothing held, no thread yet (a forked child has neither)."""
+        self._started = False
+        self._lock = threading.Lock()
+        self._held = SentEvents()
+        self._wake = threading.Event()
+
+    def add(self, events: Iterable[dict[str, Any]]) -> None:
+        """Hold the ``task-sent`` events ``events`` (their fields) for the next send."""
+        with self._lock:
+            self._start_once()
+            for fields in events:
+                self._held.publish("task-sent", fields, None)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send what is held now. Best effort, as every event."""
+        with self._lock:
+            held, self._held = self._held, SentEvents()
+            self._wake.clear()
+        held.send_pooled(self.app)
+
+    def _start_once(self) -> None:
+        """Start this process's sending thread (called with the lock held)."""
+        if self._started:
+            return
+        self._started = True
+        thread = threading.Thread(target=self._run, name="remixq-announcer", daemon=True)
+        thread.start()
+        atexit.register(self.flush)
+
+    def _run(self) -> None:
+        wake = self._wake
+        while True:
+            wake.wait()
+            time.sleep(EVENT_FLUSH_S)  # the jobs enqueued meanwhile go in the same PUBLISH
+            self.flush()
 
 
 #: Most characters of the prompt shown with a submit in Flower (whole words, then "…").

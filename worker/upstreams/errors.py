@@ -219,7 +219,7 @@ def _cause_chain(exc: BaseException) -> Iterable[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _never_sent(exc: requests.ConnectionError) -> bool:
+def _never_sent(exc: Exception) -> bool:
     """Whether the connection failed before any byte of the request could be sent."""
     return any(
         isinstance(e, urllib3.exceptions.NewConnectionError | ConnectionRefusedError)
@@ -227,27 +227,34 @@ def _never_sent(exc: requests.ConnectionError) -> bool:
     )
 
 
-def error_for_exception(exc: requests.RequestException, where: str) -> UpstreamError:
-    """The typed error for a failed ``requests`` call (every subclass lands in a family).
+def error_for_exception(exc: Exception, where: str) -> UpstreamError:
+    """The typed error for a failed request (every exception of urllib3, ``requests`` or
+    of building the request lands in a family).
 
     Parameters:
-        exc: what ``requests`` raised.
+        exc: what the transport raised.
         where: the base URL, for the message (never a header or a body).
     """
     name = type(exc).__name__
-    if isinstance(exc, requests.ConnectTimeout):
+    u3 = urllib3.exceptions
+    if isinstance(exc, u3.NewConnectionError):  # before its base class, ConnectTimeoutError
+        return NetworkError(f"cannot connect to {where} ({name})", ambiguous=False)
+    if isinstance(exc, requests.ConnectTimeout | u3.ConnectTimeoutError):
         return NetworkError(f"connect timeout to {where}", ambiguous=False)
-    if isinstance(exc, requests.ReadTimeout):
+    if isinstance(exc, requests.ReadTimeout | u3.ReadTimeoutError):
         return NetworkError(f"no answer from {where} in time", ambiguous=True)
-    if isinstance(exc, requests.ConnectionError):
+    garbled = (ChunkedEncodingError, ContentDecodingError, u3.DecodeError, u3.IncompleteRead)
+    if isinstance(exc, (*garbled, u3.InvalidChunkLength)):
+        return NetworkError(f"answer from {where} cut off or garbled ({name})", ambiguous=True)
+    if isinstance(exc, requests.ConnectionError | u3.ProtocolError | u3.SSLError | u3.ProxyError):
         if _never_sent(exc):
             return NetworkError(f"cannot connect to {where} ({name})", ambiguous=False)
         return NetworkError(f"connection to {where} broke ({name})", ambiguous=True)
-    if isinstance(exc, ChunkedEncodingError | ContentDecodingError):
-        return NetworkError(f"answer from {where} cut off or garbled ({name})", ambiguous=True)
     if isinstance(exc, InvalidJSONError):
         return RequestBuildError(f"request body is not JSON-serialisable ({name})")
-    # InvalidHeader, InvalidURL, MissingSchema, TooManyRedirects, ... : a setting is wrong.
+    if isinstance(exc, u3.HTTPError | OSError) and not isinstance(exc, u3.LocationValueError):
+        return NetworkError(f"connection to {where} broke ({name})", ambiguous=True)
+    # InvalidHeader, InvalidURL, a bad header value, ... : a setting is wrong.
     # Their text may quote a header (the key), so only the class name is kept.
     return RequestBuildError(f"request to {where} could not be made ({name})")
 

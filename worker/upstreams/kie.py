@@ -23,16 +23,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
-import requests
+import urllib3
 from pydantic import SecretStr
+from requests.utils import get_encoding_from_headers
+from urllib3 import encode_multipart_formdata
 
-from worker.net.deadline import deadline, guarded_session
-from worker.redaction import Redactor
+from worker.net.deadline import UpstreamSession, deadline
+from worker.redaction import redactor_for
 from worker.upstreams.errors import (
     MAX_RETRY_AFTER_S,
     BadAnswerError,
     NetworkError,
+    RequestBuildError,
     ServerError,
     UpstreamError,
     error_for_code,
@@ -179,26 +183,26 @@ def redirect_error(status: int) -> UpstreamError:
     return error_for_code(status, message + "; set the base URL to the final address")
 
 
-def oversized_error(response: requests.Response) -> UpstreamError:
+def oversized_error(response: urllib3.BaseHTTPResponse) -> UpstreamError:
     """The error for an answer longer than :data:`MAX_ANSWER_BYTES` (not read in full)."""
-    status = response.status_code
+    status = response.status
     message = f"answer (HTTP {status}) longer than {MAX_ANSWER_BYTES} bytes, not read"
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
     return unreadable_error(status, message, retry_after)
 
 
-def read_capped(response: requests.Response, cap: int = MAX_ANSWER_BYTES) -> bytes | None:
+def read_capped(response: urllib3.BaseHTTPResponse, cap: int = MAX_ANSWER_BYTES) -> bytes | None:
     """The body of a streamed answer, or None when it is longer than ``cap`` bytes.
 
     A declared ``Content-Length`` over the cap is refused before any of the body is read;
     otherwise reading stops at most :data:`READ_CHUNK_BYTES` past the cap (decoded bytes,
     so a compressed body cannot expand past it either).
     """
-    declared = response.headers.get("Content-Length", "").strip()
+    declared = (response.headers.get("Content-Length") or "").strip()
     if declared.isascii() and declared.isdigit() and int(declared) > cap:
         return None
     body = bytearray()
-    for chunk in response.iter_content(READ_CHUNK_BYTES):
+    for chunk in response.stream(READ_CHUNK_BYTES):
         body += chunk
         if len(body) > cap:
             return None
@@ -212,7 +216,7 @@ def error_from_response(
 
     Pure function of the response parts, so it is unit-tested with plain data.
     """
-    redactor = Redactor(secrets)
+    redactor = redactor_for(secrets)
     retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
     try:
         body = json.loads(body_text)
@@ -242,37 +246,76 @@ def _known_encoding(name: str | None) -> str:
 
 
 Interpret = Callable[[int, str, Any], tuple[UpstreamError | None, Any]]
+#: Answers that redirect: never followed (see :func:`call_upstream`).
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def encode_request(
+    *,
+    json_body: Any = None,
+    params: dict[str, str] | None = None,
+    fields: dict[str, str] | None = None,
+    files: dict[str, tuple[str, bytes, str]] | None = None,
+) -> tuple[str, bytes | None, dict[str, str]]:
+    """The query, body and content type of a request: a JSON body, or a multipart form
+    (``fields`` first, then ``files``: name -> (file name, bytes, content type)).
+
+    :raises RequestBuildError: a JSON body that is not JSON-serialisable.
+    """
+    query = "?" + urlencode(params) if params else ""
+    if files is not None or fields is not None:
+        parts: list[tuple[str, Any]] = [*(fields or {}).items(), *(files or {}).items()]
+        body, content_type = encode_multipart_formdata(parts)
+        return query, body, {"Content-Type": content_type}
+    if json_body is None:
+        return query, None, {}
+    try:
+        text = json.dumps(json_body, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise RequestBuildError(
+            f"request body is not JSON-serialisable ({type(exc).__name__})"
+        ) from None
+    return query, text.encode("utf-8"), {"Content-Type": "application/json"}
 
 
 def call_upstream(
-    session: requests.Session,
+    session: UpstreamSession,
     method: str,
     base_url: str,
     path: str,
     timing: tuple[tuple[float, float], float],
     interpret: Interpret,
-    **kwargs: Any,
+    **request: Any,
 ) -> Any:
     """One request within a total deadline; ``interpret`` (status, text, headers) turns
     the answer into ``(error, data)``. Returns the data or raises a typed error.
 
     Shared by every upstream client (kie.ai, its File Upload API, the legacy relay).
-    ``timing`` is ``((connect, read) timeouts, total seconds)``.
+    ``timing`` is ``((connect, read) timeouts, total seconds)``; ``request`` is what
+    :func:`encode_request` takes.
     """
     where = base_url + path
     timeout, total = timing
+    query, body, headers = encode_request(**request)
     try:
         with deadline(total) as limit:
             # A redirect is never followed: its target would be fetched outside the
             # outbound guard, and its answer quoted in a job's error.
             response = session.request(
-                method, where, timeout=timeout, stream=True, allow_redirects=False, **kwargs
+                method, where + query, timeout=timeout, body=body, headers=headers
             )
-            with response:  # an answer not read to its end closes its connection
-                if response.is_redirect:
-                    raise redirect_error(response.status_code)
+            try:
+                if response.status in REDIRECT_STATUSES and "Location" in response.headers:
+                    raise redirect_error(response.status)
                 content = read_capped(response)
-    except requests.RequestException as exc:
+            except BaseException:
+                response.close()  # an answer not read to its end closes its connection
+                raise
+            if content is None:
+                response.close()
+            else:
+                response.release_conn()
+    except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
         if limit.expired:
             raise _deadline_error(where, total) from None
         raise error_for_exception(exc, base_url) from None
@@ -280,8 +323,9 @@ def call_upstream(
         raise oversized_error(response)
     # An answer read in full counts even if the deadline passed meanwhile: for
     # createTask it holds a task id we must not throw away.
-    text = content.decode(_known_encoding(response.encoding), errors="replace")
-    error, data = interpret(response.status_code, text, response.headers)
+    encoding = get_encoding_from_headers(response.headers)
+    text = content.decode(_known_encoding(encoding), errors="replace")
+    error, data = interpret(response.status, text, response.headers)
     if error is not None and limit.expired:
         raise _deadline_error(where, total)  # cut off by the deadline, not a real answer
     if error is not None:
@@ -318,7 +362,7 @@ class KieClient:
         self._secrets: tuple[str | None, ...] = (api_key.get_secret_value(), *secrets)
         self._timeout = (connect_timeout, read_timeout)
         self._deadline = request_deadline
-        self._session = guarded_session()
+        self._session = UpstreamSession()
         self._session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
         self._session.headers["Accept"] = "application/json"
 
@@ -333,7 +377,7 @@ class KieClient:
         payload: dict[str, Any] = {"model": MODEL, "input": task_input}
         if callback_url:
             payload["callBackUrl"] = callback_url
-        data = self._call("POST", CREATE_TASK_PATH, json=payload)
+        data = self._call("POST", CREATE_TASK_PATH, json_body=payload)
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not isinstance(task_id, str | int) or isinstance(task_id, bool) or not str(task_id):
             raise BadAnswerError("createTask answer lacks data.taskId")

@@ -34,8 +34,8 @@ class KieUploadClient(KieClient):
         answer = self._call(
             "POST",
             UPLOAD_PATH,
+            fields={"uploadPath": UPLOAD_FOLDER, "fileName": file_name},
             files={"file": (file_name, data, content_type)},
-            data={"uploadPath": UPLOAD_FOLDER, "fileName": file_name},
         )
         return parse_download_url(answer)
 

@@ -31,8 +31,8 @@ from urllib.parse import quote
 from pydantic import SecretStr
 
 from worker.fields import BlobRef
-from worker.net.deadline import guarded_session
-from worker.redaction import Redactor
+from worker.net.deadline import UpstreamSession
+from worker.redaction import redactor_for
 from worker.upstreams.errors import (
     BadAnswerError,
     MaintenanceError,
@@ -87,7 +87,7 @@ def relay_error_from_response(
     decides when it is not 200; in a 200 answer a ``code`` other than 0 is an error:
     429 and 455 are refusals, any other may hide work done, so it is ambiguous.
     """
-    redactor = Redactor(secrets)
+    redactor = redactor_for(secrets)
     retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
     try:
         body = json.loads(text)
@@ -196,7 +196,7 @@ class IdeogramClient:
         self._secrets: tuple[str | None, ...] = (api_key.get_secret_value(), *secrets)
         self._remix_timing = ((connect_timeout, read_timeout), request_deadline)
         self._status_timing = ((connect_timeout, status_read_timeout), status_deadline)
-        self._session = guarded_session()
+        self._session = UpstreamSession()
         self._session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
         self._session.headers["Accept"] = "application/json"
 
