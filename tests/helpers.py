@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import socket
 import struct
@@ -100,7 +101,7 @@ def raw_http_server(
         with conn:
             conn.settimeout(5)
             with contextlib.suppress(OSError):
-                _read_request(conn)
+                read_request(conn)
                 answer(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -113,12 +114,13 @@ def raw_http_server(
         thread.join(5)
 
 
-def _read_request(conn: socket.socket) -> None:
+def read_request(conn: socket.socket) -> bool:
+    """Read one request, head and body, off ``conn``; False when the client closed it."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(4096)
         if not chunk:
-            return
+            return False
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = 0
@@ -128,6 +130,52 @@ def _read_request(conn: socket.socket) -> None:
             length = int(value.strip())
     while len(body) < length:
         body += conn.recv(4096)
+    return True
+
+
+class TaskRecordHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a task record (:data:`TASK_RECORD`) and keeps its request
+    line and headers in ``seen`` (give each server a subclass with a list of its own)."""
+
+    seen: list[tuple[str, dict[str, str]]]
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, dict(self.headers.items())))
+        body = json.dumps(TASK_RECORD).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def task_record_server(
+    wrap: Callable[[socket.socket], socket.socket] | None = None,
+) -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """A :class:`TaskRecordHandler` server on 127.0.0.1: ``(its URL, what it saw)``.
+
+    :param wrap: turns the listening socket into another (a TLS one, say).
+    """
+    seen: list[tuple[str, dict[str, str]]] = []
+    handler = type("Handler", (TaskRecordHandler,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if wrap is not None:
+        server.socket = wrap(server.socket)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scheme = "http" if wrap is None else "https"
+    try:
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+#: A recordInfo answer: task ``t1``, still generating.
+TASK_RECORD = {"code": 200, "msg": "success", "data": {"taskId": "t1", "state": "generating"}}
 
 
 def redis_value(client: redis.Redis, key: bytes) -> bytes:

@@ -8,6 +8,8 @@ looks at the record, the schedule and the sandbox's counters.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -210,3 +212,27 @@ def tenant_of(svc: Services, job_id: str) -> str:
     record = svc.store.get(job_id)
     assert record is not None
     return record.tenant
+
+
+@pytest.fixture
+def events(svc: Services) -> Iterator[redis.client.PubSub]:
+    """Every message on the Celery events channels (task events, any database)."""
+    svc.publisher.app.conf.task_send_sent_event = True
+    pubsub = svc.store.redis.pubsub()
+    pubsub.psubscribe("*celeryev*")
+    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+    yield pubsub
+    pubsub.close()
+
+
+def published(pubsub: redis.client.PubSub, wait_s: float = 0.5) -> list[tuple[str, Any]]:
+    """``(channel, decoded body)`` of each message published within ``wait_s``."""
+    found = []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message and message["type"] == "pmessage":
+            envelope = json.loads(message["data"])
+            body = json.loads(base64.b64decode(envelope["body"]))
+            found.append((message["channel"].decode(), body))
+    return found

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tests.helpers import raw_http_server
+from tests.helpers import raw_http_server, task_record_server
 from worker.fields import BlobRef
 from worker.upstreams.errors import (
     BadAnswerError,
@@ -196,33 +195,10 @@ def test_an_answer_just_under_the_cap_is_read() -> None:
 # ------------------------------------------------------------------ the environment
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with a task record and keeps its request line and headers."""
-
-    seen: list[tuple[str, dict[str, str]]]
-
-    def do_GET(self) -> None:
-        self.seen.append((self.path, dict(self.headers.items())))
-        body = json.dumps(RECORD).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 @pytest.fixture
 def recorder() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
-    seen: list[tuple[str, dict[str, str]]] = []
-    handler = type("Handler", (_Recorder,), {"seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with task_record_server() as found:
+        yield found
 
 
 def test_a_proxy_named_by_the_environment_carries_the_upstream_requests(

@@ -5,11 +5,7 @@ busy fleet's submits are picked in batches."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +16,8 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from tests.conftest import worker_env
 from tests.policy_kit import enqueue_lined, new_job, submit_now, token_of
+from tests.policy_kit import published as _published
 from worker import keys
 from worker.fleet import dispatcher as dispatcher_module
 from worker.fleet.dispatcher import (
@@ -118,30 +114,6 @@ def test_a_result_is_what_celery_reads_for_success_and_failure(svc: Services) ->
     failure = AsyncResult(failed, app=app)
     assert failure.state == "FAILURE"
     assert "content_policy" in str(failure.result)
-
-
-@pytest.fixture
-def events(svc: Services) -> Iterator[redis.client.PubSub]:
-    """Every message on the Celery events channels of the policy database."""
-    svc.publisher.app.conf.task_send_sent_event = True
-    pubsub = svc.store.redis.pubsub()
-    pubsub.psubscribe("*celeryev*")
-    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
-    yield pubsub
-    pubsub.close()
-
-
-def _published(pubsub: redis.client.PubSub) -> list[tuple[str, Any]]:
-    """``(channel, decoded body)`` of each message published so far."""
-    found = []
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.1)
-        if message and message["type"] == "pmessage":
-            envelope = json.loads(message["data"])
-            body = json.loads(base64.b64decode(envelope["body"]))
-            found.append((message["channel"].decode(), body))
-    return found
 
 
 def test_the_task_sent_events_of_a_dispatchers_rounds_go_out_in_one_publish(
@@ -343,24 +315,6 @@ def test_announcing_new_jobs_sends_nothing_in_the_enqueues_path(
     published = _published(events)  # sent by the process's announcer, in one PUBLISH
     assert len(published) == 1
     assert [event["uuid"] for event in published[0][1]] == [j for j, _ in first + then]
-
-
-def test_jobs_announced_just_before_the_process_exits_are_announced(
-    svc: Services, events: redis.client.PubSub
-) -> None:
-    job_id = uuid.uuid4().hex
-    script = (
-        "from worker.app import services\n"
-        f"services().publisher.announce([({job_id!r}, {{'prompt': 'last words'}})])\n"
-    )
-    env = worker_env(
-        "http://127.0.0.1:9",
-        REDIS_URL=svc.settings.redis_url,
-        RESULT_BACKEND_URL=svc.settings.redis_url,
-    )
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
-    published = _published(events)
-    assert [event["uuid"] for _, body in published for event in body] == [job_id]
 
 
 def test_a_dispatchers_round_is_one_round_trip_for_all_its_messages(svc: Services) -> None:

@@ -31,7 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
-from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_auth_from_url, get_environ_proxies
+from requests.utils import (
+    DEFAULT_CA_BUNDLE_PATH,
+    get_auth_from_url,
+    get_environ_proxies,
+    prepend_scheme_if_needed,
+)
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -157,6 +162,13 @@ class _GuardedConnectionMixin:
 
     sock: socket.socket | None
 
+    def _new_conn(self) -> socket.socket:
+        # At once, before a proxy's tunnel is set up over it: a proxy that answers its
+        # CONNECT slowly is cut at the deadline too.
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        _attach(sock)
+        return sock
+
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         _attach(self.sock)
@@ -248,16 +260,23 @@ def _pool_manager(url: str, scheme: str) -> urllib3.PoolManager:
         or os.environ.get("CURL_CA_BUNDLE")
         or DEFAULT_CA_BUNDLE_PATH
     )
+    # A bundle may be a file or a directory of hashed certificates, as requests takes it.
+    trust: dict[str, Any] = (
+        {"ca_cert_dir": bundle} if os.path.isdir(bundle) else {"ca_certs": bundle}
+    )
     proxies = get_environ_proxies(url)
     proxy = proxies.get(scheme) or proxies.get("all")
     manager: urllib3.PoolManager
     if proxy:
+        proxy = prepend_scheme_if_needed(
+            proxy, "http"
+        )  # "host:port" means http://, as requests reads it
         username, password = get_auth_from_url(proxy)
         auth = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else {}
         manager = urllib3.ProxyManager(
-            proxy, proxy_headers=auth, cert_reqs="CERT_REQUIRED", ca_certs=bundle
+            proxy, proxy_headers=auth, cert_reqs="CERT_REQUIRED", **trust
         )
     else:
-        manager = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=bundle)
+        manager = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", **trust)
     manager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
     return manager

@@ -336,6 +336,7 @@ class Announcer:
         """A fresh start: nothing held, no thread yet (a forked child has neither)."""
         self._started = False
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
         self._held = SentEvents()
         self._wake = threading.Event()
 
@@ -348,11 +349,13 @@ class Announcer:
         self._wake.set()
 
     def flush(self) -> None:
-        """Send what is held now. Best effort, as every event."""
-        with self._lock:
-            held, self._held = self._held, SentEvents()
-            self._wake.clear()
-        held.send_pooled(self.app)
+        """Send what is held now, after a send under way (so that the flush at exit waits
+        for the thread's). Best effort, as every event."""
+        with self._sending:
+            with self._lock:
+                held, self._held = self._held, SentEvents()
+                self._wake.clear()
+            held.send_pooled(self.app)
 
     def _start_once(self) -> None:
         """Start this process's sending thread (called with the lock held)."""

@@ -10,6 +10,7 @@ they are shortened.
 from __future__ import annotations
 
 import enum
+import ssl
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -220,9 +221,15 @@ def _cause_chain(exc: BaseException) -> Iterable[BaseException]:
 
 
 def _never_sent(exc: Exception) -> bool:
-    """Whether the connection failed before any byte of the request could be sent."""
+    """Whether the connection failed before any byte of the request could be sent (the
+    server was not reached, or its certificate was refused)."""
     return any(
-        isinstance(e, urllib3.exceptions.NewConnectionError | ConnectionRefusedError)
+        isinstance(
+            e,
+            urllib3.exceptions.NewConnectionError
+            | ConnectionRefusedError
+            | ssl.SSLCertVerificationError,
+        )
         for e in _cause_chain(exc)
     )
 

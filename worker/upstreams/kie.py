@@ -236,12 +236,15 @@ def error_from_response(
 
 
 def _known_encoding(name: str | None) -> str:
-    """The answer's declared charset when Python knows it, else UTF-8."""
+    """The answer's declared charset when Python knows it as a text encoding, else UTF-8
+    (a codec such as ``rot13`` or ``base64`` is no charset)."""
     if name:
         try:
-            return codecs.lookup(name).name
+            info = codecs.lookup(name)
         except LookupError:
-            pass
+            return "utf-8"
+        if getattr(info, "_is_text_encoding", True):
+            return info.name
     return "utf-8"
 
 
