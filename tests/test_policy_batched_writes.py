@@ -21,10 +21,13 @@ from tests.policy_kit import published as _published
 from worker import keys
 from worker.fleet import dispatcher as dispatcher_module
 from worker.fleet.dispatcher import (
+    DRAIN_FORGET_S,
     DRAIN_READING_S,
     DRAIN_SMOOTHING,
+    MAX_ROOM_FACTOR,
+    MIN_WAIT_S,
     PICKS_PER_SLOT,
-    QUEUE_AHEAD_S,
+    TICK_S,
     Dispatcher,
     QueueDrain,
 )
@@ -275,17 +278,46 @@ def test_the_drain_rate_comes_from_readings_far_enough_apart() -> None:
     drain.observe(20, now=100.0)
     drain.pushed(10)  # 30 queued after this dispatcher's round
     drain.observe(5, now=100.0 + DRAIN_READING_S / 2)  # too close: no reading yet
-    assert drain.rate is None and drain.within(1.0) == 0
+    assert drain.rate is None and drain.seconds_until(30, 10, TICK_S) == TICK_S
     drain.observe(10, now=101.0)  # 20 taken in one second
     assert drain.rate == pytest.approx(20.0)
     drain.observe(10, now=102.0)  # none taken: the fleet slowed down
     assert drain.rate == pytest.approx(20.0 * (1 - DRAIN_SMOOTHING))
     drain.observe(0, now=102.25)  # ran dry: at least 40 a second
     assert drain.rate == pytest.approx(40.0)
-    assert drain.within(QUEUE_AHEAD_S) == int(40.0 * QUEUE_AHEAD_S)
+    assert drain.seconds_until(12, 10, TICK_S) == pytest.approx(2 / 40.0)
+    assert drain.seconds_until(1000, 10, TICK_S) == TICK_S  # never longer than a round
+    assert drain.seconds_until(10, 10, TICK_S) == MIN_WAIT_S
 
 
-def test_a_fleet_that_drains_its_queue_fast_may_have_more_queued(
+def test_a_fleet_that_drains_its_queue_fast_is_looked_at_again_sooner(svc: Services) -> None:
+    enqueue_lined(svc, n=60)
+    dispatcher = Dispatcher(svc, 2)
+    dispatcher.tick()
+    capacity = 2 * PICKS_PER_SLOT
+    assert svc.broker.llen(SUBMIT_QUEUE) == capacity
+
+    time.sleep(DRAIN_READING_S)
+    for _ in range(capacity // 2 - 1):  # the fleet took almost half within the reading
+        svc.broker.rpop(SUBMIT_QUEUE)
+    assert dispatcher.tick() == 0  # more than half is still queued: nothing picked...
+    assert svc.broker.llen(SUBMIT_QUEUE) == capacity // 2 + 1
+    # ...and the next look comes when half is left at that rate, well within a round.
+    assert dispatcher.seconds_to_next_round(TICK_S) < TICK_S
+
+
+def test_the_drain_rate_is_forgotten_when_nothing_was_queued_to_take() -> None:
+    drain = QueueDrain()
+    drain.observe(10, now=100.0)
+    drain.observe(0, now=101.0)
+    assert drain.rate == pytest.approx(10.0)
+    drain.observe(0, now=101.0 + DRAIN_FORGET_S / 2)  # an empty queue tells nothing...
+    assert drain.rate == pytest.approx(10.0)
+    drain.observe(0, now=101.0 + DRAIN_FORGET_S * 1.5)  # ...and after a while, no rate
+    assert drain.rate is None and drain.within(1.0) == 0
+
+
+def test_a_fleet_that_drains_its_queue_fast_may_have_more_queued_within_a_bound(
     svc: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(dispatcher_module, "QUEUE_AHEAD_S", 1.0)  # however slow this machine
@@ -294,12 +326,12 @@ def test_a_fleet_that_drains_its_queue_fast_may_have_more_queued(
     dispatcher.tick()
     assert svc.broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT  # the rate is not known yet
 
-    svc.broker.delete(SUBMIT_QUEUE)  # the worker took them all...
-    time.sleep(DRAIN_READING_S)  # ...within this: the next round reads a rate
+    svc.broker.delete(SUBMIT_QUEUE)  # the worker took them all within the reading
+    time.sleep(DRAIN_READING_S)
     dispatcher.tick()
     rate = dispatcher._submit_drain.rate
-    assert rate is not None and rate > PICKS_PER_SLOT
-    assert svc.broker.llen(SUBMIT_QUEUE) == int(rate)
+    assert rate is not None and rate * 1.0 > PICKS_PER_SLOT * MAX_ROOM_FACTOR
+    assert svc.broker.llen(SUBMIT_QUEUE) == PICKS_PER_SLOT * MAX_ROOM_FACTOR
 
 
 def test_announcing_new_jobs_sends_nothing_in_the_enqueues_path(

@@ -71,20 +71,25 @@ ORPHAN_CHECK_S = 2.0
 #: the shortest time one reading spans (a burst between two close rounds is no rate).
 DRAIN_SMOOTHING = 0.3
 DRAIN_READING_S = 0.2
-#: A fleet that takes submits faster than :data:`PICKS_PER_SLOT` per slot lasts may have
-#: this many seconds of them queued (still far within a send moment's ``GRANT_VALID_S``).
+#: The estimate is forgotten when no reading told anything for this long (an empty queue
+#: tells nothing: a hold or a pause may have stopped the picks meanwhile).
+DRAIN_FORGET_S = 2.0
+#: A fleet that takes its submits faster may have this many seconds of them queued,
+#: beyond :data:`PICKS_PER_SLOT`, up to :data:`MAX_ROOM_FACTOR` times that.
 QUEUE_AHEAD_S = 0.25
+MAX_ROOM_FACTOR = 3
 
 
 class QueueDrain:
     """How fast the fleet takes messages off one queue, from the lengths a dispatcher reads
-    and the messages it pushes in between; so that a fleet that runs through its queued
-    submits within a round may have more queued. Other dispatchers' pushes only make the
-    estimate lower.
+    and the messages it pushes in between; so that a busy fleet's dispatcher looks again
+    when the queue is about half drained, not a fixed tick later. Other dispatchers'
+    pushes only make the estimate lower (and the wait longer, never beyond a tick).
     """
 
     def __init__(self) -> None:
         self._seen: tuple[float, int] | None = None
+        self._told_at = 0.0
         #: Messages per second, once two readings told it.
         self.rate: float | None = None
 
@@ -94,6 +99,12 @@ class QueueDrain:
             at, before = self._seen
             if now - at < DRAIN_READING_S:
                 return
+            self._seen = (now, length)
+            if before == 0:  # nothing to take: no reading
+                if now - self._told_at > DRAIN_FORGET_S:
+                    self.rate = None
+                return
+            self._told_at = now
             sample = max(0, before - length) / (now - at)
             if self.rate is None:
                 self.rate = sample
@@ -111,6 +122,13 @@ class QueueDrain:
     def within(self, seconds: float) -> int:
         """How many messages the fleet takes in ``seconds`` at the rate seen (0: unknown)."""
         return int(self.rate * seconds) if self.rate else 0
+
+    def seconds_until(self, length: int, target: int, default: float) -> float:
+        """When the queue, ``length`` long now, is down to ``target`` at the rate seen
+        (``default`` before the rate is known), within [``MIN_WAIT_S``, ``default``]."""
+        if not self.rate:
+            return default
+        return min(default, max(MIN_WAIT_S, (length - target) / self.rate))
 
 
 class Dispatcher:
@@ -266,17 +284,26 @@ class Dispatcher:
             )
         self._store_run_id = run_id
 
-    def _submit_room(self) -> int:
-        """How many jobs may be picked now: a send moment is void if its step does not
-        start within ``GRANT_VALID_S``, so no more are picked than the live fleet's slots
-        can soon take (:data:`PICKS_PER_SLOT` each, or what it takes in
-        :data:`QUEUE_AHEAD_S` if more, less the submits already queued). None while more
-        than half of that is queued: a busy fleet's dispatcher then picks many jobs in one
-        round rather than one or two in every round."""
+    def _submit_room(self) -> tuple[int, float]:
+        """How many jobs may be picked now, and if none, how long until there may be.
+
+        A send moment is void if its step does not start within ``GRANT_VALID_S``, so no
+        more are picked than the live fleet's slots can soon take (:data:`PICKS_PER_SLOT`
+        each, or what it took in :data:`QUEUE_AHEAD_S` lately if more, up to
+        :data:`MAX_ROOM_FACTOR` times that; less the submits already queued). None while
+        more than half of that is
+        queued: a busy fleet's dispatcher then picks many jobs in one round rather than one
+        or two in every round, and looks again when about half is left at the rate the
+        fleet takes them (:class:`QueueDrain`), not a whole tick later, when a fast fleet
+        has run dry."""
         queued = int(self.svc.broker.llen(SUBMIT_QUEUE))
         self._submit_drain.observe(queued, time.monotonic())
-        capacity = max(self.fleet_slots * PICKS_PER_SLOT, self._submit_drain.within(QUEUE_AHEAD_S))
-        return 0 if queued > capacity // 2 else capacity - queued
+        floor = self.fleet_slots * PICKS_PER_SLOT
+        ahead = min(self._submit_drain.within(QUEUE_AHEAD_S), floor * MAX_ROOM_FACTOR)
+        capacity = max(floor, ahead)
+        if queued > capacity // 2:
+            return 0, self._submit_drain.seconds_until(queued, capacity // 2, TICK_S)
+        return capacity - queued, 0.0
 
     def _store_settled(self) -> bool:
         """Whether picking is safe: not within a lease of a change of the job store's
@@ -339,9 +366,9 @@ class Dispatcher:
             return 0
         sent = 0
         for provider in providers:
-            room = self._submit_room()
+            room, wait = self._submit_room()
             if room <= 0:
-                self.picker.wait(providers, TICK_S)  # the fleet is busy: look again later
+                self.picker.wait(providers, wait)  # the fleet is busy: look again later
                 break
             picked = self.picker.pick(provider, self.waiting[provider], room)
             if picked:
