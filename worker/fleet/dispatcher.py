@@ -95,15 +95,16 @@ class QueueDrain:
 
     def observe(self, length: int, now: float) -> None:
         """The queue is ``length`` long at ``now`` (monotonic seconds)."""
-        if self._seen is not None:
-            at, before = self._seen
-            if now - at < DRAIN_READING_S:
-                return
-            self._seen = (now, length)
-            if before == 0:  # nothing to take: no reading
-                if now - self._told_at > DRAIN_FORGET_S:
-                    self.rate = None
-                return
+        previous, self._seen = self._seen, (now, length)
+        if previous is None:
+            return
+        at, before = previous
+        if now - at < DRAIN_READING_S:
+            self._seen = previous  # too close to tell: the reading goes on
+        elif before == 0:  # nothing to take: no reading
+            if now - self._told_at > DRAIN_FORGET_S:
+                self.rate = None
+        else:
             self._told_at = now
             sample = max(0, before - length) / (now - at)
             if self.rate is None:
@@ -112,7 +113,6 @@ class QueueDrain:
                 self.rate = max(self.rate, sample)
             else:
                 self.rate += DRAIN_SMOOTHING * (sample - self.rate)
-        self._seen = (now, length)
 
     def pushed(self, count: int) -> None:
         """This dispatcher has just pushed ``count`` messages onto the queue."""
@@ -291,11 +291,10 @@ class Dispatcher:
         more are picked than the live fleet's slots can soon take (:data:`PICKS_PER_SLOT`
         each, or what it took in :data:`QUEUE_AHEAD_S` lately if more, up to
         :data:`MAX_ROOM_FACTOR` times that; less the submits already queued). None while
-        more than half of that is
-        queued: a busy fleet's dispatcher then picks many jobs in one round rather than one
-        or two in every round, and looks again when about half is left at the rate the
-        fleet takes them (:class:`QueueDrain`), not a whole tick later, when a fast fleet
-        has run dry."""
+        more than half of that is queued: a busy fleet's dispatcher then picks many jobs in
+        one round rather than one or two in every round, and looks again when about half is
+        left at the rate the fleet takes them (:class:`QueueDrain`), not a whole tick later,
+        when a fast fleet has run dry."""
         queued = int(self.svc.broker.llen(SUBMIT_QUEUE))
         self._submit_drain.observe(queued, time.monotonic())
         floor = self.fleet_slots * PICKS_PER_SLOT

@@ -79,15 +79,8 @@ class Publisher:
         go out together (one PUBLISH, not one per message), with those of this thread's
         earlier messages, once the oldest has waited :data:`EVENT_FLUSH_S`; a thread
         that sends often calls :meth:`flush_events` when it has nothing to send."""
-        with self.app.producer_or_acquire() as producer:
-            events = self._pending()
-            self._local.collecting = True
-            try:
-                yield producer
-            finally:
-                self._local.collecting = False
-                if events.due():
-                    events.send(self.app, producer)
+        with self.app.producer_or_acquire() as producer, self._collecting(producer):
+            yield producer
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Any]:
@@ -104,16 +97,23 @@ class Publisher:
         if producer is None:
             connection = self.app.connection_for_write(transport_options=BATCH_TRANSPORT)
             producer = self._local.batch_producer = self.app.amqp.Producer(connection)
-        events = self._pending()
-        self._local.collecting = True
         try:
-            with producer.batch(max_size=BATCH_MAX_COMMANDS):
+            with self._collecting(producer), producer.batch(max_size=BATCH_MAX_COMMANDS):
                 yield producer
         except BaseException:
             self._local.batch_producer = None  # a broken connection is not used again
             with contextlib.suppress(Exception):
                 producer.connection.release()
             raise
+
+    @contextlib.contextmanager
+    def _collecting(self, producer: Any) -> Iterator[None]:
+        """Hold the ``task-sent`` events of the messages sent meanwhile; send them (with
+        this thread's earlier ones) over ``producer`` at the end if the oldest is due."""
+        events = self._pending()
+        self._local.collecting = True
+        try:
+            yield
         finally:
             self._local.collecting = False
             if events.due():
@@ -170,18 +170,14 @@ class Publisher:
         kwargs: dict[str, Any] = {"request": request, "job_id": job_id, "dispatch": token}
         if provider != DEFAULT_PROVIDER:  # kie.ai's messages stay as they always were
             kwargs["provider"] = provider
-        self.app.send_task(
+        self._send(
             SUBMIT_TASK,
-            kwargs=kwargs,
+            SUBMIT_QUEUE,
+            kwargs,
+            producer,
+            retry,
             task_id=job_id,
-            queue=SUBMIT_QUEUE,
-            producer=producer,
-            retry=retry,
-            retry_policy=PUBLISH_RETRY_POLICY,
-            ignore_result=True,
             kwargsrepr=_submit_repr(job_id, request, token),
-            headers={SENT_AT_HEADER: self.clock.now()},
-            **self._options(),
         )
 
     def announce(self, jobs: Sequence[tuple[str, Any]]) -> None:
@@ -211,52 +207,44 @@ class Publisher:
             for job_id, request in jobs
         )
 
-    def flush_announcements(self) -> None:
-        """Send the held ``task-sent`` events of new jobs now (as at the process's exit)."""
-        self._announcer.flush()
-
     def poll(
         self, jobs: Sequence[tuple[str, int, float]], *, producer: Any = None, retry: bool = True
     ) -> None:
-        self.app.send_task(
-            POLL_TASK,
-            kwargs={"jobs": [list(job) for job in jobs]},
-            queue=POLL_QUEUE,
-            producer=producer,
-            retry=retry,
-            retry_policy=PUBLISH_RETRY_POLICY,
-            ignore_result=True,
-            kwargsrepr=poll_repr(jobs),
-            headers={SENT_AT_HEADER: self.clock.now()},
-            **self._options(),
-        )
+        kwargs = {"jobs": [list(job) for job in jobs]}
+        self._send(POLL_TASK, POLL_QUEUE, kwargs, producer, retry, kwargsrepr=poll_repr(jobs))
 
     def notify(
         self, job_id: str, token: int, receiver: str, *, producer: Any = None, retry: bool = True
     ) -> None:
-        self.app.send_task(
-            NOTIFY_TASK,
-            kwargs={"job_id": job_id, "dispatch": token, "receiver": receiver},
-            queue=NOTIFY_QUEUE,
-            producer=producer,
-            retry=retry,
-            retry_policy=PUBLISH_RETRY_POLICY,
-            ignore_result=True,
-            kwargsrepr=repr({"job_id": job_id, "dispatch": token, "receiver": receiver}),
-            headers={SENT_AT_HEADER: self.clock.now()},
-            **self._options(),
-        )
+        kwargs = {"job_id": job_id, "dispatch": token, "receiver": receiver}
+        self._send(NOTIFY_TASK, NOTIFY_QUEUE, kwargs, producer, retry, kwargsrepr=repr(kwargs))
 
     def archive(self, job_id: str, token: int, *, producer: Any = None, retry: bool = True) -> None:
+        kwargs = {"job_id": job_id, "dispatch": token}
+        self._send(ARCHIVE_TASK, ARCHIVE_QUEUE, kwargs, producer, retry)
+
+    def _send(
+        self,
+        name: str,
+        queue: str,
+        kwargs: dict[str, Any],
+        producer: Any,
+        retry: bool,
+        **options: Any,
+    ) -> None:
+        """``send_task`` as every message of the pipeline is sent: with its send time, the
+        publish retry policy, ``ignore_result`` (see the class), and its ``task-sent``
+        event held when a :meth:`producer` or :meth:`batch` block collects them."""
         self.app.send_task(
-            ARCHIVE_TASK,
-            kwargs={"job_id": job_id, "dispatch": token},
-            queue=ARCHIVE_QUEUE,
+            name,
+            kwargs=kwargs,
+            queue=queue,
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             ignore_result=True,
             headers={SENT_AT_HEADER: self.clock.now()},
+            **options,
             **self._options(),
         )
 
