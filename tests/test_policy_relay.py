@@ -8,7 +8,10 @@ sandbox's relay endpoint received.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,12 +22,15 @@ import requests
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.policy_kit import API_KEY, make_services, new_job, run_steps, sent, submit_now, token_of
-from tests.relay_kit import RELAY, RELAY_API_KEY, new_relay_job
+from tests.relay_kit import RELAY, RELAY_API_KEY, new_relay_job, relay_payload
 from worker import keys
+from worker.fleet.dispatcher import TICK_S, Dispatcher
 from worker.models import JobState
 from worker.policies.poll import poll_step
 from worker.services import Services
 from worker.store.blobs import put
+from worker.store.lines import backstop_s
+from worker.store.publisher import SUBMIT_QUEUE
 from worker.upstreams.errors import UnexpectedCodeError
 
 pytestmark = pytest.mark.policy
@@ -314,3 +320,30 @@ def test_relay_jobs_are_polled_normally_when_kie_callbacks_are_on(
     initial = svc.settings.remix_poll_initial_s
     assert due is not None and due <= svc.clock.now() + initial + 0.1
     assert "callback" not in str(relay_stats(relay_upstream)["relay_last_request"])
+
+
+def test_a_busy_kie_line_does_not_keep_relay_jobs_waiting(
+    policy_redis: redis.Redis, relay_upstream: SandboxServer
+) -> None:
+    svc = relay_services(relay_upstream, kie_rate_limit="1000/1s")
+    for _ in range(300):
+        new_job(svc)
+    dispatcher = Dispatcher(svc, 2)
+    sent_ids: set[str] = set()
+
+    def rounds(count: int) -> None:  # a busy fleet: it takes 5 submits between rounds
+        for _ in range(count):
+            dispatcher.tick()
+            time.sleep(dispatcher.seconds_to_next_round(TICK_S))
+            for body in svc.broker.lrange(SUBMIT_QUEUE, 0, -1):
+                kwargs = json.loads(base64.b64decode(json.loads(body)["body"]))[1]
+                sent_ids.add(kwargs["job_id"])
+            svc.broker.ltrim(SUBMIT_QUEUE, 0, -6)
+
+    rounds(4)  # the fleet is busy with kie's line when the relay jobs come
+    relay_ids = {uuid.uuid4().hex for _ in range(5)}
+    for job_id in relay_ids:  # waiting in the relay's line, as enqueued
+        payload, _ = relay_payload(svc, f"relay {job_id}")
+        svc.store.create(job_id, payload, due_in=backstop_s(svc.settings), provider=RELAY)
+    rounds(10)
+    assert relay_ids <= sent_ids, f"{len(relay_ids - sent_ids)} relay jobs still waiting"

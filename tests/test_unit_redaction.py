@@ -102,3 +102,11 @@ def test_a_fragment_is_found_at_every_alignment_of_the_text(offset: int, start: 
 
 def test_the_redactor_of_an_upstreams_secrets_is_made_once() -> None:
     assert redactor_for(("a-secret-value", None)) is redactor_for(("a-secret-value", None))
+
+
+def test_fields_given_as_extra_are_redacted_whatever_their_name_or_type() -> None:
+    record = logging.LogRecord("worker", logging.INFO, __file__, 1, "calling", None, None)
+    vars(record).update({"data": {"kwargs": f"key={SECRET}"}, 7: f"{SECRET}\n", "count": 3})
+    assert RedactingFilter(Redactor([SECRET])).filter(record)
+    assert SECRET[:8] not in str(vars(record))
+    assert vars(record)["count"] == 3 and REDACTED in vars(record)[7]

@@ -144,7 +144,7 @@ class RedactingFilter(logging.Filter):
             text = value if isinstance(value, str) else str(value)
             redacted = self.redactor.redact(text)
             if redacted != text:
-                setattr(record, name, redacted)
+                fields[name] = redacted  # an extra's name need not be a string
 
     def _redact_message(self, record: logging.LogRecord, redacted: str) -> None:
         """Redact the format string and each argument, keeping the arguments' shape.

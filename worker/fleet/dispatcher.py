@@ -150,6 +150,7 @@ class Dispatcher:
         self._last_heartbeat = float("-inf")
         self._last_prune = time.monotonic()
         self._failing: set[str] = set()
+        self._first_picker: str | None = None
         self._store_run_id: str | None = None
         self._store_changed_at: float | None = None
         self.picker = Picker(svc)
@@ -364,7 +365,7 @@ class Dispatcher:
         if not providers or not self._store_settled():
             return 0
         sent = 0
-        for provider in providers:
+        for provider in self._in_turn(providers):
             room, wait = self._submit_room()
             if room <= 0:
                 self.picker.wait(providers, wait)  # the fleet is busy: look again later
@@ -372,8 +373,18 @@ class Dispatcher:
             picked = self.picker.pick(provider, self.waiting[provider], room)
             if picked:
                 self._send(picked)
+                self._first_picker = self._first_picker if sent else provider
                 sent += len(picked)
         return sent
+
+    def _in_turn(self, providers: list[str]) -> list[str]:
+        """``providers`` starting after the one that picked first last time: on a busy
+        fleet the first asked may take all the room, so a fixed order would keep the
+        others' lines waiting."""
+        if self._first_picker not in providers:
+            return providers
+        after = providers.index(self._first_picker) + 1
+        return providers[after:] + providers[:after]
 
     def _hand_out_orphans(self, providers: list[str]) -> int:
         """Jobs of providers that no live worker can send are handed out to fail (checked
