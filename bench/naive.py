@@ -9,7 +9,8 @@ The app uses Celery's defaults (early acknowledgement, prefetch multiplier 4) an
 own queue, so it can share a broker with the pipeline without taking its messages.
 Both tasks return the moment they finished, which the benchmark reads back from the
 result backend. Configuration comes from the same environment variables as the
-pipeline: ``REDIS_URL``, ``RESULT_BACKEND_URL``, ``KIE_BASE_URL``, ``KIE_API_KEY``.
+pipeline: ``REDIS_URL``, ``RESULT_BACKEND_URL``, ``KIE_BASE_URL``, ``KIE_API_KEY``;
+``NAIVE_TASK_EVENTS=1`` makes the worker send Celery's task events (as ``-E`` does).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import requests
 from celery import Celery
 
 NAIVE_QUEUE = "naive"
+#: The environment variable that switches the worker's task events on.
+TASK_EVENTS_VARIABLE = "NAIVE_TASK_EVENTS"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BASE_URL = "http://127.0.0.1:8090"
 MODEL = "ideogram/character-remix"
@@ -50,6 +53,7 @@ app.conf.update(
     accept_content=["json"],
     task_default_queue=NAIVE_QUEUE,
     broker_connection_retry_on_startup=True,
+    worker_send_task_events=os.environ.get(TASK_EVENTS_VARIABLE) == "1",
 )
 
 

@@ -378,12 +378,15 @@ def naive_throughput(
     jobs: int,
     timeout: float,
     label: str | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Throughput:
     """One naive worker (concurrency 2) runs ``jobs`` tasks sent by ``send``."""
     stack = run.stack
     stack.flush()
     control.reset()
-    workers = stack.start_workers(sandbox, 1, concurrency=CONCURRENCY, settings={}, naive=True)
+    workers = stack.start_workers(
+        sandbox, 1, concurrency=CONCURRENCY, settings=settings or {}, naive=True
+    )
     try:
         started = time.time()
         ids = [send().id for _ in range(jobs)]

@@ -4,8 +4,9 @@ With nothing to wait for upstream, every job is one createTask and one recordInf
 the ratio is the share of raw Celery task throughput that whole jobs reach: what the
 pipeline's own bookkeeping (records, lines, schedule, dispatcher, rate limiter) costs.
 The pipeline runs with Celery's task events for Flower (the default) and without
-(``REMIX_TASK_EVENTS=false``), so that their cost is measured in the same run; each of the
-three runs three times, in turn, and the best of each is kept.
+(``REMIX_TASK_EVENTS=false``), and the no-op task with Celery's defaults (no events) and
+with its worker's events, so that what the events cost each is measured in the same run; each of the
+four runs three times, in turn, and the best of each is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench import naive
+from bench.naive import TASK_EVENTS_VARIABLE
 from bench.report import Figure, ratio
 from bench.sections.common import (
     CONCURRENCY,
@@ -72,6 +74,15 @@ def overhead_section(run: Run) -> list[Figure]:
         "baseline": lambda: naive_throughput(
             run, sandbox, control, send=naive.noop.delay, jobs=jobs, timeout=NOOP_TIMEOUT_S
         ),
+        "baseline with events": lambda: naive_throughput(
+            run,
+            sandbox,
+            control,
+            send=naive.noop.delay,
+            jobs=jobs,
+            timeout=NOOP_TIMEOUT_S,
+            settings={TASK_EVENTS_VARIABLE: "1"},
+        ),
     }
     rounds: dict[str, list[Throughput]] = {name: [] for name in measures}
     try:
@@ -81,7 +92,9 @@ def overhead_section(run: Run) -> list[Figure]:
     finally:
         control.close()
         run.stack.stop([sandbox])
-    pipeline, quiet, baseline = (max(rounds[name], key=lambda t: t.rate) for name in measures)
+    pipeline, quiet, baseline, eventful = (
+        max(rounds[name], key=lambda t: t.rate) for name in measures
+    )
     setup = f"{jobs} jobs, 1 worker x {CONCURRENCY}, 0 s generation"
     return [
         Figure(
@@ -107,6 +120,24 @@ def overhead_section(run: Run) -> list[Figure]:
             f"{baseline.rate:.1f} tasks/s",
             "",
             "",
-            baseline.note + f"; best of {ROUNDS}",
+            baseline.note + f"; best of {ROUNDS}; Celery's defaults: no task events",
+        ),
+        Figure(
+            SECTION,
+            f"remixq pipeline ({setup}) against a no-op task with task events",
+            f"{pipeline.rate:.1f} jobs/s",
+            f"no-op with events: {eventful.rate:.1f} tasks/s",
+            ratio(pipeline.rate, eventful.rate, percent=True),
+            "both workers send Celery's task events, as Flower needs them (the pipeline "
+            "also sends each message's task-sent event, the no-op's producer does not)",
+        ),
+        Figure(
+            SECTION,
+            f"Celery no-op task with task events, same Redis ({jobs} tasks)",
+            f"{eventful.rate:.1f} tasks/s",
+            "",
+            "",
+            eventful.note + f"; best of {ROUNDS}; worker_send_task_events on, as "
+            "`celery worker -E` or Flower's enable_events",
         ),
     ]
