@@ -618,9 +618,11 @@ def test_trickle_stops_quietly_when_the_client_goes(
     with socket.create_connection((server.host, server.port), timeout=5) as connection:
         connection.sendall(head.encode() + payload)
         assert connection.recv(4096).startswith(b"HTTP/1.1 200 ")
-    handlers = [
-        thread for thread in set(threading.enumerate()) - before if "process_request" in thread.name
-    ]
+        handlers = [  # found while the connection is open: once closed, it may end at once
+            thread
+            for thread in set(threading.enumerate()) - before
+            if "process_request" in thread.name
+        ]
     assert len(handlers) == 1
     handlers[0].join(timeout=1.0)
     assert not handlers[0].is_alive(), "the handler kept trickling to a closed connection"
