@@ -4,9 +4,9 @@ With nothing to wait for upstream, every job is one createTask and one recordInf
 the ratio is the share of raw Celery task throughput that whole jobs reach: what the
 pipeline's own bookkeeping (records, lines, schedule, dispatcher, rate limiter) costs.
 The pipeline runs with Celery's task events for Flower (the default) and without
-(``REMIX_TASK_EVENTS=false``), and the no-op task with Celery's defaults (no events) and
-with its worker's events, so that what the events cost each is measured in the same run; each of the
-four runs three times, in turn, and the best of each is kept.
+(``REMIX_TASK_EVENTS=false``), the no-op task with Celery's defaults (no events) and with
+its worker's events, so that what the events cost each is measured in the same run. Each
+of the four runs :data:`ROUNDS` times, in turn, and the best of each is kept.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from worker.app import services
 
 SECTION = "4 overhead"
 OVERHEAD_POLL_INITIAL_S = 0.05
-#: Each of the three runs this many times, in turn; the best of each is kept (on two
+#: Each of the four runs this many times, in turn; the best of each is kept (on two
 #: shared cores, one run can be slowed by anything else the machine does).
 ROUNDS = 3
 NOOP_TIMEOUT_S = 120.0

@@ -373,7 +373,8 @@ class Dispatcher:
             picked = self.picker.pick(provider, self.waiting[provider], room)
             if picked:
                 self._send(picked)
-                self._first_picker = self._first_picker if sent else provider
+                if not sent:
+                    self._first_picker = provider
                 sent += len(picked)
         return sent
 

@@ -256,7 +256,8 @@ def _declared_on(producer: Any, queue: Any) -> dict[str, Any]:
     Celery asks to declare a message's queue at every publish; kombu skips a queue its
     connection declared, but only after binding a copy of it, which was a tenth of a
     dispatcher's publish. A new connection starts with nothing declared, so each still
-    declares every queue before its first message to it.
+    declares every queue before its first message to it. (kombu's ``declaration_cached``
+    looks the queue itself up in that set, which holds the queues' hashes.)
     """
     declared = getattr(getattr(producer, "connection", None), "declared_entities", None)
     if queue is None or not declared or hash(queue) not in declared:
