@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from producers.http.guard import (
     BATCH_BODY_MAX,
+    BODY_CAPS,
     JOB_BODY_MAX,
     OTHER_BODY_MAX,
     authorized,
@@ -109,6 +110,15 @@ def test_each_route_has_its_body_cap() -> None:
     assert body_cap("POST", "/v1/jobs:batch") == BATCH_BODY_MAX
     assert body_cap("POST", "/v1/jobs/abc/cancel") == OTHER_BODY_MAX
     assert body_cap("POST", "/v1/callbacks/kie") is None  # the route caps its own
+
+
+def test_every_body_cap_names_a_route_the_app_serves() -> None:
+    """A renamed route keeps its cap (else its bodies would be held to 4 KiB)."""
+    from producers.http import app
+
+    paths = app.openapi()["paths"]
+    served = {(method.upper(), path) for path, operations in paths.items() for method in operations}
+    assert set(BODY_CAPS) <= served, set(BODY_CAPS) - served
 
 
 def test_a_batch_of_1000_full_prompts_fits_its_cap() -> None:

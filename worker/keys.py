@@ -7,7 +7,8 @@ server. The Lua scripts in ``worker/lua`` receive these keys as ``KEYS``; the on
 derives itself are a job's hash from ``JOB_PREFIX`` (in ``claim_due.lua`` and
 ``claim_notify.lua``), a webhook receiver's keys from ``NOTIFY_RECEIVER_PREFIX`` and
 ``NOTIFY_BUSY_PREFIX`` (in ``claim_notify.lua``), and a tenant's state indexes from the
-prefix a job's record holds (:func:`tenant_index_prefix`, in ``tenant_state.lua``), which
+prefix a job's record holds (:func:`tenant_index_prefix`, in ``tenant_state.lua``) and the
+waiting lines' keys from :data:`LINES_PREFIX` (in ``lines.lua`` and ``pick.lua``), which
 is fine on the single Redis server the pipeline runs on.
 """
 
@@ -197,7 +198,7 @@ def provider_workers(provider: str) -> str:
 #: ``passes`` (hash: ``<priority>`` -> the class's virtual time, ``<priority>:<tenant>`` ->
 #: an idle tenant's last pass), ``count`` (jobs waiting in every line) and
 #: ``picks:<minute>`` (hash: ``<priority>:<tenant>`` -> jobs picked in that minute).
-#: ``lines.lua`` derives these names from the prefix and the job's fields.
+#: ``lines.lua`` and ``pick.lua`` derive these names from the prefix and the job's fields.
 LINES_PREFIX = PREFIX + "lines:"
 
 

@@ -51,11 +51,21 @@ DRAIN_MAX = 32 * 1024 * 1024
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 #: Routes under this prefix authenticate themselves and cap their own bodies.
 SELF_GUARDED_PREFIX = "/v1/callbacks/"
+#: The routes that take a body, as the job routers declare them (under ``API_PREFIX``).
+API_PREFIX = "/v1"
+JOBS_ROUTE = f"{API_PREFIX}/jobs"
+BATCH_ROUTE = f"{JOBS_ROUTE}:batch"
+UPLOAD_ROUTE = f"{JOBS_ROUTE}:upload"
 BODY_CAPS = {
-    ("POST", "/v1/jobs"): JOB_BODY_MAX,
-    ("POST", "/v1/jobs:batch"): BATCH_BODY_MAX,
-    ("POST", "/v1/jobs:upload"): UPLOAD_BODY_MAX,
+    ("POST", JOBS_ROUTE): JOB_BODY_MAX,
+    ("POST", BATCH_ROUTE): BATCH_BODY_MAX,
+    ("POST", UPLOAD_ROUTE): UPLOAD_BODY_MAX,
 }
+
+
+def job_location(job_id: str) -> str:
+    """The ``Location`` of a job just enqueued: its ``GET`` route."""
+    return f"{JOBS_ROUTE}/{job_id}"
 
 
 def body_cap(method: str, path: str) -> int | None:

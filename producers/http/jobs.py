@@ -40,7 +40,14 @@ from producers.api import (
     enqueue_many_validated,
     enqueue_validated,
 )
-from producers.http.guard import tenant_of
+from producers.http.guard import (
+    API_PREFIX,
+    BATCH_ROUTE,
+    JOBS_ROUTE,
+    UPLOAD_ROUTE,
+    job_location,
+    tenant_of,
+)
 from producers.http.longpoll import (
     MAX_WAIT_S,
     FinishedWatch,
@@ -69,8 +76,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_CURSOR_CHARS = 512
 MAX_JOB_ID_CHARS = 200
-#: The route that takes source images as files.
-UPLOAD_ROUTE = "/v1/jobs:upload"
 #: Upstreams whose source image can only be a file (refused by the JSON route).
 FILE_ONLY_PROVIDERS = ("ideogram-remix",)
 #: ``Retry-After`` of a ``429`` (the tenant's waiting jobs are at their limit) is the time
@@ -87,7 +92,7 @@ bearer = HTTPBearer(
     auto_error=False,
     description="One of the tokens of REMIX_API_TOKENS (required only when it is set).",
 )
-router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
+router = APIRouter(prefix=API_PREFIX, tags=["jobs"], dependencies=[Depends(bearer)])
 
 
 def caller_tenant(request: Request) -> str:
@@ -350,7 +355,7 @@ IdempotencyKeyHeader = Annotated[
 
 
 @router.post(
-    "/jobs",
+    JOBS_ROUTE.removeprefix(API_PREFIX),
     status_code=202,
     response_model=JobRecord,
     summary="Enqueue a remix job",
@@ -374,7 +379,7 @@ async def create_job(
         ) from None
     except QueueFull as exc:
         raise queue_full(exc) from None
-    response.headers["Location"] = f"/v1/jobs/{record.job_id}"
+    response.headers["Location"] = job_location(record.job_id)
     response.status_code = 202 if created else 200
     return record
 
@@ -452,7 +457,7 @@ def _enqueue_batch(jobs: list[JobRequest], tenant: str) -> tuple[list[JobRecord]
 
 
 @router.post(
-    "/jobs:batch",
+    BATCH_ROUTE.removeprefix(API_PREFIX),
     status_code=202,
     response_model=BatchResponse,
     summary="Enqueue up to 1,000 jobs at once: all of them or none",

@@ -22,10 +22,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producers.api import FileBlobs, enqueue_request, file_blob
-from producers.http.guard import UPLOAD_BODY_MAX
+from producers.http.guard import API_PREFIX, UPLOAD_BODY_MAX, UPLOAD_ROUTE, job_location
 from producers.http.jobs import (
     TENANT_FROM_TOKEN,
-    UPLOAD_ROUTE,
     IdempotencyKeyHeader,
     Stored,
     Tenant,
@@ -49,7 +48,7 @@ from worker.models import (
 from worker.store.blobs import BlobStoreError, BlobStoreFull
 from worker.store.jobs import QueueFull
 
-router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(bearer)])
+router = APIRouter(prefix=API_PREFIX, tags=["jobs"], dependencies=[Depends(bearer)])
 
 #: Reference files one request may carry.
 #: Text parts read before the form is refused (one is used; the others are named in a 422).
@@ -198,7 +197,7 @@ def _sans_ids(request: Any) -> Any:
 
 
 @router.post(
-    UPLOAD_ROUTE.removeprefix("/v1"),
+    UPLOAD_ROUTE.removeprefix(API_PREFIX),
     status_code=202,
     response_model=JobRecord,
     summary="Enqueue a remix job with its source images as files (multipart)",
@@ -232,6 +231,6 @@ async def upload_job(
         raise HTTPException(503, str(exc)) from None
     except QueueFull as exc:
         raise queue_full(exc) from None
-    response.headers["Location"] = f"/v1/jobs/{record.job_id}"
+    response.headers["Location"] = job_location(record.job_id)
     response.status_code = 202 if created else 200
     return record

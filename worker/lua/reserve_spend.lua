@@ -1,7 +1,7 @@
 -- Reserve the earliest moment at which one more createTask keeps every window of the
--- key's spend cap within its limit (a sliding log of spend reservations, like the rate
--- budget's in reserve.lua but with several windows), unless that moment is further ahead
--- than the caller may wait. A reservation that is replaced (its moment passed unused) is
+-- key's spend cap within its limit (one sliding log of spend reservations, checked
+-- against each of the cap's windows), unless that moment is further ahead than the
+-- caller may wait. A reservation that is replaced (its moment passed unused) is
 -- removed first, in the same step, so that a job never holds two.
 --
 -- KEYS[1]  the key's log of spend reservations (sorted set: member -> moment)

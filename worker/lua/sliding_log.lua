@@ -1,6 +1,6 @@
--- Not a script: what reserve.lua (the rate budget) and reserve_spend.lua (the spend cap)
--- include (a line `-- #include sliding_log.lua`, replaced by this text when the script is
--- loaded): a sliding log of reserved moments in a sorted set (member -> moment).
+-- Not a script: what reserve_spend.lua (the spend cap) includes (a line
+-- `-- #include sliding_log.lua`, replaced by this text when the script is loaded): a
+-- sliding log of reserved moments in a sorted set (member -> moment).
 -- KEYS and ARGV: none of its own; every key and value comes from its caller.
 
 -- The earliest moment, not before `at`, at which one more reservation keeps every window
