@@ -7,6 +7,7 @@ import pytest
 from worker.policies.retry import (
     SUBMIT_ACTIONS,
     Action,
+    key_hold_delay,
     poll_error_delay,
     side_work_try,
     submit_action,
@@ -52,3 +53,20 @@ def test_a_poll_error_honours_retry_after_up_to_the_longest_poll() -> None:
     assert poll_error_delay(2.0, None, settings) == 2.0
     assert poll_error_delay(2.0, 10.0, settings) == 10.0
     assert poll_error_delay(2.0, 300.0, settings) == 30.0
+
+
+def test_a_job_held_for_its_key_backs_off_within_the_retry_bounds() -> None:
+    settings = load_settings(remix_retry_base_s=1, remix_retry_max_s=30)
+    first = [key_hold_delay(0, settings) for _ in range(200)]
+    late = [key_hold_delay(20, settings) for _ in range(200)]
+    assert all(0 <= d <= 1 for d in first)
+    assert all(0 <= d <= 30 for d in late) and max(late) > 1  # grown, up to the cap
+
+
+def test_a_402_of_the_job_alone_waits_like_a_pause_probe() -> None:
+    """From REMIX_PAUSE_PROBE_S at least, growing up to five minutes."""
+    settings = load_settings(remix_pause_probe_s=5, remix_retry_max_s=30)
+    first = [key_hold_delay(0, settings, alone=True) for _ in range(200)]
+    late = [key_hold_delay(20, settings, alone=True) for _ in range(200)]
+    assert all(d == 5 for d in first)
+    assert all(5 <= d <= 300 for d in late) and max(late) > 30

@@ -3,7 +3,8 @@
 * :data:`SUBMIT_ACTIONS`, the family -> action table of a createTask (the families are
   :class:`worker.upstreams.errors.Family`; a ``Retry-After`` is capped where it is parsed,
   :data:`worker.upstreams.errors.MAX_RETRY_AFTER_S`);
-* :func:`full_jitter`, the backoff every step uses, and :func:`submit_retry_delay`;
+* :func:`full_jitter`, the backoff every step uses, :func:`submit_retry_delay` and
+  :func:`key_hold_delay` (a job held for its key);
 * :func:`poll_error_delay`, a recordInfo error (a job accepted upstream is polled again);
 * :func:`side_work_try`, one try of a completion webhook or an archive copy.
 
@@ -17,6 +18,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from worker.limits.pause import MAX_PROBE_INTERVAL_S
 from worker.settings import Settings
 from worker.upstreams.errors import Family, UpstreamError
 
@@ -70,6 +72,16 @@ def submit_retry_delay(retries: int, settings: Settings, retry_after: float | No
         cap=settings.remix_retry_max_s,
         floor=retry_after or 0.0,
     )
+
+
+def key_hold_delay(holds: int, settings: Settings, *, alone: bool = False) -> float:
+    """The wait of a job held for its key (a 402 or a 455; no retry spent), after
+    ``holds`` earlier holds. ``alone``: a 402 that is the job's own (the key has credits),
+    retried like a pause probe, from ``REMIX_PAUSE_PROBE_S`` doubling up to 5 minutes."""
+    if alone:
+        probe = settings.remix_pause_probe_s
+        return full_jitter(holds, base=probe, cap=MAX_PROBE_INTERVAL_S, floor=probe)
+    return full_jitter(holds, base=settings.remix_retry_base_s, cap=settings.remix_retry_max_s)
 
 
 def poll_error_delay(next_delay: float, retry_after: float | None, settings: Settings) -> float:

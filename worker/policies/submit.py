@@ -32,7 +32,7 @@ from tenacity import (
 from worker import keys
 from worker.fields import BlobRef
 from worker.fleet.dispatcher import LIVE_WORKER_S
-from worker.limits.pause import MAX_PROBE_INTERVAL_S, PauseState, RecentAnswers
+from worker.limits.pause import PauseState, RecentAnswers
 from worker.limits.ratelimit import return_grant
 from worker.logs import job_context, job_fields, note
 from worker.models import InvalidRequestError, JobState, RemixRequest, validate_request
@@ -52,8 +52,8 @@ from worker.policies.outcome import fail_job, finish_job
 from worker.policies.poll_schedule import first_poll_s
 from worker.policies.retry import (
     Action,
-    full_jitter,
     gives_up,
+    key_hold_delay,
     submit_action,
     submit_retry_delay,
 )
@@ -515,22 +515,18 @@ def _hold_for_key(
     more than the balance): it waits alone, with a long growing backoff, rather than pause
     the fleet again; its submit deadline ends it with 402 if it never fits.
     """
-    settings = svc.settings
     fields: dict[str, Any] = {GRANT_FIELD: None}
-    base, cap, floor = settings.remix_retry_base_s, settings.remix_retry_max_s, 0.0
     outcome = "held"
     if isinstance(exc, InsufficientCreditsError):
         if job.refused_402 and _key_has_credits(svc):
-            # Like a probe: from REMIX_PAUSE_PROBE_S, doubling up to 5 minutes.
-            base = floor = settings.remix_pause_probe_s
-            cap, outcome = MAX_PROBE_INTERVAL_S, "held_alone"
+            outcome = "held_alone"
         else:
             trip_pause(svc, exc.code, message)
         fields[REFUSED_402_FIELD] = job.refused_402 + 1
     elif recent is not None and recent.maintenance_run:
         trip_pause(svc, exc.code, message)
     holds = (svc.store.increment(job.job_id, HOLDS_FIELD) or 1) - 1
-    delay = full_jitter(holds, base=base, cap=cap, floor=floor)
+    delay = key_hold_delay(holds, svc.settings, alone=outcome == "held_alone")
     svc.store.park(job, delay, **fields)
     logger.warning("job %s: %s %s; held %.1fs (no retry spent)", job.job_id, what, exc, delay)
     return outcome
