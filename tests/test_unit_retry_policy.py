@@ -64,9 +64,11 @@ def test_a_job_held_for_its_key_backs_off_within_the_retry_bounds() -> None:
 
 
 def test_a_402_of_the_job_alone_waits_like_a_pause_probe() -> None:
-    """From REMIX_PAUSE_PROBE_S at least, growing up to five minutes."""
+    """From REMIX_PAUSE_PROBE_S, growing up to five minutes (the cap wins over a longer probe)."""
     settings = load_settings(remix_pause_probe_s=5, remix_retry_max_s=30)
     first = [key_hold_delay(0, settings, alone=True) for _ in range(200)]
     late = [key_hold_delay(20, settings, alone=True) for _ in range(200)]
     assert all(d == 5 for d in first)
     assert all(5 <= d <= 300 for d in late) and max(late) > 30
+    longer_probe = load_settings(remix_pause_probe_s=600)
+    assert key_hold_delay(0, longer_probe, alone=True) == 300
