@@ -57,6 +57,18 @@ def overhead_section(run: Run) -> list[Figure]:
         "KIE_RATE_LIMIT": NO_RATE_LIMIT,
         "REMIX_POLL_INITIAL_S": f"{OVERHEAD_POLL_INITIAL_S:g}",
     }
+
+    def noop(worker_settings: dict[str, str]) -> Throughput:
+        return naive_throughput(
+            run,
+            sandbox,
+            control,
+            send=naive.noop.delay,
+            jobs=jobs,
+            timeout=NOOP_TIMEOUT_S,
+            settings=worker_settings,
+        )
+
     measures: dict[str, Callable[[], Throughput]] = {
         "pipeline": lambda: pipeline_throughput(
             run, sandbox, control, jobs=jobs, label=OVERHEAD_KEY, settings=settings
@@ -71,18 +83,8 @@ def overhead_section(run: Run) -> list[Figure]:
                 settings={**settings, "REMIX_TASK_EVENTS": "false"},
             )
         ),
-        "baseline": lambda: naive_throughput(
-            run, sandbox, control, send=naive.noop.delay, jobs=jobs, timeout=NOOP_TIMEOUT_S
-        ),
-        "baseline with events": lambda: naive_throughput(
-            run,
-            sandbox,
-            control,
-            send=naive.noop.delay,
-            jobs=jobs,
-            timeout=NOOP_TIMEOUT_S,
-            settings={TASK_EVENTS_VARIABLE: "1"},
-        ),
+        "baseline": lambda: noop({}),
+        "baseline with events": lambda: noop({TASK_EVENTS_VARIABLE: "1"}),
     }
     rounds: dict[str, list[Throughput]] = {name: [] for name in measures}
     try:

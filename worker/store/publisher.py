@@ -259,10 +259,9 @@ def _declared_on(producer: Any, queue: Any) -> dict[str, Any]:
     declares every queue before its first message to it. (kombu's ``declaration_cached``
     looks the queue itself up in that set, which holds the queues' hashes.)
     """
-    declared = getattr(getattr(producer, "connection", None), "declared_entities", None)
-    if queue is None or not declared or hash(queue) not in declared:
+    if producer is None or queue is None:  # no producer: Celery takes one of its own
         return {}
-    return {"declare": []}
+    return {"declare": []} if hash(queue) in producer.connection.declared_entities else {}
 
 
 class SentEvents:
